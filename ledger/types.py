@@ -98,6 +98,12 @@ class TransferStatus(enum.IntEnum):
     exists_with_different_result = 28  # reserved
     account_exists_with_different_fields = 29
     pending_transfers_full = 30  # HOLDS_PENDING_MAX reached
+    # Appended codes: checked where their rule belongs (flags_unknown with the other flag checks,
+    # id_must_not_be_negative with the other id checks), not at their number.
+    flags_unknown = 31  # a flag bit outside TransferFlags
+    timeout_must_not_be_negative = 32
+    reference_too_long = 33  # more than REFERENCE_LENGTH_MAX characters
+    id_must_not_be_negative = 34
 
 
 class AccountStatus(enum.IntEnum):
@@ -108,6 +114,11 @@ class AccountStatus(enum.IntEnum):
     currency_invalid = 4
     flags_are_mutually_exclusive = 5
     accounts_full = 6
+    # Appended codes: checked where their rule belongs, not at their number.
+    id_must_not_be_negative = 7
+    id_must_not_be_too_large = 8
+    kind_invalid = 9  # not an AccountKind
+    flags_unknown = 10  # a flag bit outside AccountFlags
 
 
 class AccountSpec(msgspec.Struct, frozen=True, array_like=True):

@@ -1,0 +1,253 @@
+"""Participants that move money: the collateral debit and user hold as one linked ledger batch, and
+reversals. Each submits exactly one ledger batch whose `app` bytes carry the journal record, so the
+decision and its money movement reach the disk in one write-ahead log record.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from authsrv.hotpath.context import ADVICES, CREDITS, INQUIRIES, AuthContext, Kind, Vote
+from authsrv.hotpath.journal import AuthJournal, AuthRecord, encode_record, id_bytes
+from authsrv.hotpath.outcome import Outcome, is_approval, response_code
+from authsrv.hotpath.steps import TransferCode, auth_code_for, derived_id
+from authsrv.iso.currency import alpha_to_numeric
+from authsrv.iso.fields import build_field54
+from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
+
+log = logging.getLogger("authsrv.hotpath")
+
+_FAILURES_FUNDS = frozenset({TransferStatus.exceeds_credits, TransferStatus.exceeds_debits})
+_HELD = TransferFlags.pending
+_LINK = TransferFlags.linked
+
+
+def journal_record(ctx: AuthContext) -> AuthRecord:
+    """The journal record for a decided context (approval or decline)."""
+    request = ctx.request
+    return AuthRecord(
+        key=ctx.key,
+        original_key=ctx.original_key,
+        timestamp_ns=ctx.now_ns,
+        mti=request.mti,
+        processing_code=request.processing_code,
+        outcome=int(ctx.outcome),
+        response_code=response_code(ctx.outcome),
+        auth_code=ctx.auth_code,
+        field54=ctx.field54,
+        field44=ctx.field44,
+        card_id=ctx.card.card_id if ctx.card is not None else 0,
+        rrn=request.rrn,
+        amount=ctx.reversal_amount if ctx.original is not None else ctx.amount,
+        currency=ctx.currency,
+        user_hold=id_bytes(ctx.user_hold_id),
+        collateral_hold=id_bytes(ctx.collateral_hold_id),
+        posted=ctx.posted,
+        reverses=ctx.original.key if ctx.original is not None else "",
+        cause=ctx.cause,
+        stand_in=ctx.stand_in,
+        request_amount=request.amount,
+    )
+
+
+class MoveFunds:
+    """Collateral debit (partner deposit or credit) and the user-fund hold, linked: both or neither.
+
+    0100 holds, 0200 posts at once, 0120/0220 do the same forced (the network already approved).
+    Credits (refund, payment) are posted to the user at once. An inquiry moves nothing.
+    """
+
+    name = "funds"
+
+    def __init__(self, ledger, index, journal: AuthJournal, hold_timeout_s) -> None:
+        self._ledger = ledger  # ledger.durable.DurableLedger
+        self._index = index
+        self._journal = journal
+        self._hold_timeout_s = hold_timeout_s  # callable: MCC -> seconds
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        if ctx.processing in INQUIRIES:
+            ctx.outcome = Outcome.approved
+            ctx.field54 = self._field54(ctx)
+            return Vote.done
+        transfers = self._transfers(ctx)
+        if transfers is None:
+            return Vote.aborted
+        ctx.auth_code = auth_code_for(transfers[-1].id)
+        result, seq = self._ledger.submit(
+            Batch(timestamp_ns=ctx.now_ns, transfers=tuple(transfers)),
+            finish=lambda result: self._decide(ctx, transfers, result.transfer_results),
+        )
+        ctx.seq = seq
+        return Vote.prepared if is_approval(ctx.outcome) else Vote.aborted
+
+    def _decide(self, ctx: AuthContext, transfers, results) -> bytes:
+        """Runs right after the ledger applied the batch, before the log record is written."""
+        failed = [(spec, status) for spec, status in zip(transfers, results) if status is not TransferStatus.created
+                  and status is not TransferStatus.linked_event_failed and status is not TransferStatus.exists]
+        if not failed:
+            ctx.outcome = Outcome.approved
+            ctx.field54 = self._field54(ctx)
+        else:
+            spec, status = failed[0]
+            collateral = spec.code == TransferCode.collateral
+            if status in _FAILURES_FUNDS:
+                ctx.outcome = Outcome.insufficient_collateral if collateral else Outcome.insufficient_funds
+                ctx.cause = "collateral" if collateral else "user balance"
+            else:
+                log.error("ledger refused a hot-path transfer: %s", status.name)
+                ctx.outcome, ctx.cause = Outcome.internal_error, f"ledger {status.name}"
+            ctx.auth_code = ""
+            ctx.user_hold_id = ctx.collateral_hold_id = 0
+        record = journal_record(ctx)
+        self._journal.add(record)
+        return encode_record(record)
+
+    def _transfers(self, ctx: AuthContext) -> list[TransferSpec] | None:
+        card, partner, amount = ctx.card, ctx.partner, ctx.amount
+        settlement = self._index.settlement_account(ctx.currency)
+        if settlement is None:
+            ctx.decline(Outcome.not_permitted, f"no settlement account in {ctx.currency}")
+            return None
+        code = TransferCode.purchase if ctx.processing != "01" else TransferCode.cash
+        if ctx.processing in CREDITS:
+            code = TransferCode.refund if ctx.processing == "20" else TransferCode.payment
+            uid = derived_id(ctx.key, b"user")
+            ctx.posted = True
+            return [TransferSpec(uid, settlement, card.balance_account_id, amount, code=code,
+                                 reference=ctx.request.rrn)]
+        forced = TransferFlags.forced if ctx.kind in ADVICES else TransferFlags.none
+        held = ctx.kind in (Kind.authorization, Kind.advice_hold)
+        flags = forced | (_HELD if held else TransferFlags.none)
+        timeout_s = self._hold_timeout_s(ctx.request.mcc) if held else 0
+        transfers = []
+        if partner is not None and partner.collateral != "none":
+            collateral = partner.collateral_account_ids.get(ctx.currency)
+            usage = partner.collateral_usage_account_ids.get(ctx.currency)
+            if collateral is None or usage is None:
+                if ctx.kind not in ADVICES:
+                    ctx.decline(Outcome.collateral_not_found, f"no collateral in {ctx.currency}")
+                    return None
+            else:
+                cid = derived_id(ctx.key, b"collateral")
+                transfers.append(TransferSpec(cid, collateral, usage, amount, flags=flags | _LINK,
+                                              timeout_s=timeout_s, code=TransferCode.collateral,
+                                              reference=ctx.request.rrn))
+                ctx.collateral_hold_id = cid if held else 0
+        uid = derived_id(ctx.key, b"user")
+        transfers.append(TransferSpec(uid, card.balance_account_id, settlement, amount, flags=flags,
+                                      timeout_s=timeout_s, code=code, reference=ctx.request.rrn))
+        ctx.user_hold_id = uid if held else 0
+        ctx.posted = not held
+        return transfers
+
+    def _field54(self, ctx: AuthContext) -> str:
+        balance = self._ledger.ledger.balance(ctx.card.balance_account_id)
+        available = balance.available if balance is not None else 0
+        return build_field54(available, alpha_to_numeric(ctx.card.currency))
+
+
+class FindOriginal:
+    """Field 90 names the original; an unknown original is 25 for a 0400 and acknowledged for 0420."""
+
+    name = "original"
+
+    def __init__(self, journal: AuthJournal) -> None:
+        self._journal = journal
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        found = self._journal.find_original("|".join(ctx.request.original.key))
+        if found is None:
+            if ctx.kind is Kind.reversal_advice:
+                ctx.outcome, ctx.cause = Outcome.approved, "reversal advice for an unknown original: ignored"
+                return Vote.done
+            return ctx.decline(Outcome.original_not_found)
+        ctx.original = found
+        return Vote.prepared
+
+
+class Reverse:
+    """Release what is still held (or credit back what was posted), fully or down to field 95."""
+
+    name = "reverse"
+
+    def __init__(self, ledger, index, journal: AuthJournal) -> None:
+        self._ledger = ledger
+        self._index = index
+        self._journal = journal
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        original = ctx.original
+        ctx.outcome = Outcome.approved
+        ctx.currency = original.currency
+        if not is_approval(Outcome(original.outcome)) or original.processing_code[:2] in INQUIRIES:
+            ctx.cause = "original was not approved: nothing to release"
+            return Vote.done
+        release = self._release_amount(ctx)
+        if release <= 0:
+            ctx.cause = "nothing left to release"
+            return Vote.done
+        transfers = self._transfers(ctx, release)
+        result, seq = self._ledger.submit(
+            Batch(timestamp_ns=ctx.now_ns, transfers=tuple(transfers)),
+            finish=lambda result: self._record(ctx, release, result.transfer_results),
+        )
+        ctx.seq = seq
+        return Vote.prepared
+
+    def _release_amount(self, ctx: AuthContext) -> int:
+        original, request = ctx.original, ctx.request
+        outstanding = original.amount - original.reversed_amount
+        if request.replacement_amount is None:
+            target = 0
+        elif original.request_amount and original.request_amount != original.amount:
+            # field 95 is in the transaction currency: scale it to what the balance was charged
+            target = request.replacement_amount * original.amount // original.request_amount
+        else:
+            target = request.replacement_amount
+        release = outstanding - target
+        if original.user_hold_id:
+            hold = self._ledger.ledger.hold(original.user_hold_id)
+            release = min(release, hold.remaining if hold is not None else 0)
+        return release
+
+    def _transfers(self, ctx: AuthContext, release: int) -> list[TransferSpec]:
+        original = ctx.original
+        rrn = ctx.request.rrn
+        if original.user_hold_id:
+            specs = []
+            if original.collateral_hold_id:
+                specs.append(TransferSpec(derived_id(ctx.key, b"collateral"), 0, 0, release,
+                                          flags=TransferFlags.void_pending | _LINK,
+                                          pending_id=original.collateral_hold_id,
+                                          code=TransferCode.collateral_release, reference=rrn))
+            specs.append(TransferSpec(derived_id(ctx.key, b"user"), 0, 0, release,
+                                      flags=TransferFlags.void_pending, pending_id=original.user_hold_id,
+                                      code=TransferCode.reversal, reference=rrn))
+            return specs
+        # posted at once (0200): move the money back
+        card = self._index.card_by_id(original.card_id)
+        settlement = self._index.settlement_account(original.currency)
+        specs = []
+        partner = self._index.partner(card.partner)
+        if partner is not None and partner.collateral != "none":
+            collateral = partner.collateral_account_ids.get(original.currency)
+            usage = partner.collateral_usage_account_ids.get(original.currency)
+            if collateral is not None and usage is not None:
+                specs.append(TransferSpec(derived_id(ctx.key, b"collateral"), usage, collateral, release,
+                                          flags=_LINK | TransferFlags.forced,
+                                          code=TransferCode.collateral_release, reference=rrn))
+        specs.append(TransferSpec(derived_id(ctx.key, b"user"), settlement, card.balance_account_id, release,
+                                  flags=TransferFlags.forced, code=TransferCode.reversal, reference=rrn))
+        return specs
+
+    def _record(self, ctx: AuthContext, release: int, results) -> bytes:
+        if all(status in (TransferStatus.created, TransferStatus.exists) for status in results):
+            ctx.reversal_amount = release
+        else:
+            log.error("reversal refused by the ledger: %s", [status.name for status in results])
+            ctx.reversal_amount = 0
+            ctx.cause = "ledger refused the release"
+        record = journal_record(ctx)
+        self._journal.add(record)
+        return encode_record(record)

@@ -1,0 +1,212 @@
+"""The authorization switch: decode, run the participants for the message class, answer.
+
+The whole hot path, in order (jPOS TransactionManager style; each participant does one job):
+
+    0100/0200  duplicate -> card -> status -> expiry -> cvc2 -> pin -> amount -> [limits] -> funds -> [external]
+    0120/0220  duplicate -> card -> amount -> funds                      (forced: cannot be declined)
+    0400/0420  duplicate -> original -> reverse                          (0420: always acknowledged)
+    0800       sign-on / sign-off / echo
+
+`[limits]` (spend controls) and `[external]` (the partner's external balance) are the slots later
+work fills. Everything here is synchronous: the only await of an authorization is the write-ahead
+log's group commit, which the connection's writer does for a whole group of responses at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+
+from authsrv import cardsec
+from authsrv.hotpath.context import AuthContext, Kind, KIND_BY_MTI, Vote
+from authsrv.hotpath.funds import FindOriginal, MoveFunds, Reverse, journal_record
+from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch, encode_record
+from authsrv.hotpath.outcome import Outcome, is_approval, response_code
+from authsrv.hotpath.steps import (
+    TransferCode,
+    derived_id,
+    CheckCardStatus,
+    CheckCvc2,
+    CheckExpiry,
+    CheckPin,
+    DetectDuplicate,
+    LookupCard,
+    ResolveAmount,
+)
+from authsrv.iso import codec
+from authsrv.iso.framing import frame
+from authsrv.iso.request import FormatError, NetworkRequest, parse_request, response_doc
+from ledger.types import Batch, TransferFlags, TransferSpec
+
+log = logging.getLogger("authsrv.hotpath")
+
+NETWORK_CODES = {"001": "sign-on", "002": "sign-off", "301": "echo"}
+STEP_TIMING_SAMPLE_MASK = 15  # time each step on 1 request in 16: the timer calls cost more than some steps
+
+
+@attrs.define(slots=True)
+class Outgoing:
+    """A response waiting for its log record to be durable (seq 0: nothing to wait for)."""
+
+    data: bytes
+    seq: int
+    received_ns: int
+    deadline_ns: int
+    mti: str
+    code: str
+    ctx: AuthContext | None = None  # kept for approvals: compensated if the commit misses the budget
+
+
+class Switch:
+    def __init__(self, *, ledger, index, store, keys, journal: AuthJournal, metrics, budget_ms: int,
+                 hold_timeout_s) -> None:
+        self._ledger = ledger
+        self._journal = journal
+        self._metrics = metrics
+        self._budget_ns = budget_ms * 1_000_000
+        vault = cardsec.PanVault(keys)
+        duplicate = DetectDuplicate(journal)
+        card = LookupCard(vault, index)
+        amount = ResolveAmount()
+        funds = MoveFunds(ledger, index, journal, hold_timeout_s)
+        checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, store))
+        reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal))
+        self._pipelines = {
+            Kind.authorization: (duplicate, card, *checks, amount, funds),
+            Kind.financial: (duplicate, card, *checks, amount, funds),
+            Kind.advice_hold: (duplicate, card, amount, funds),
+            Kind.advice_post: (duplicate, card, amount, funds),
+            Kind.reversal: reversal,
+            Kind.reversal_advice: reversal,
+        }
+        self._requests = 0
+
+    # entry point: one frame in, at most one response out
+    def handle(self, payload: bytes, received_ns: int) -> Outgoing | None:
+        try:
+            doc = codec.decode(payload)
+        except codec.IsoDecodeError as error:
+            self._metrics.decode_errors.inc()
+            log.warning("undecodable ISO 8583 message: %s", error)  # IsoDecodeError never carries card data
+            partial = error.partial
+            if "11" in partial and "37" in partial and str(partial.get("t", "")).isdigit():
+                return self._plain(partial, partial["t"], "30", received_ns)  # the client can match a 30
+            return None
+        mti = doc.get("t", "")
+        try:
+            request = parse_request(doc)
+        except FormatError as error:
+            code = "12" if error.field == 0 else "30"
+            log.info("refused %s: field %s: %s", mti, error.field, error.reason)
+            return self._plain(doc, mti, code, received_ns)
+        if isinstance(request, NetworkRequest):
+            return self._plain(doc, mti, "00" if request.network_code in NETWORK_CODES else "12", received_ns)
+        kind = KIND_BY_MTI.get(mti)
+        if kind is None:
+            return self._plain(doc, mti, "12", received_ns)
+        ctx = self._context(request, kind, received_ns)
+        self._run(self._pipelines[kind], ctx)
+        return self._answer(ctx)
+
+    def _context(self, request, kind: Kind, received_ns: int) -> AuthContext:
+        return AuthContext(
+            request=request,
+            kind=kind,
+            received_ns=received_ns,
+            deadline_ns=received_ns + self._budget_ns,
+            now_ns=time.time_ns(),
+            key="|".join(request.duplicate_key),
+            original_key="|".join(request.original_key),
+            processing=request.processing_code[:2],
+        )
+
+    def _run(self, participants, ctx: AuthContext) -> None:
+        self._requests += 1
+        timed = (self._requests & STEP_TIMING_SAMPLE_MASK) == 0
+        prepared = []
+        for participant in participants:
+            started = time.perf_counter_ns()
+            if started > ctx.deadline_ns:
+                ctx.stand_in = True
+                ctx.decline(Outcome.partner_unavailable, f"budget exceeded before {participant.name}")
+                break
+            vote = participant.prepare(ctx)
+            if timed:
+                self._metrics.step_seconds[participant.name].observe((time.perf_counter_ns() - started) / 1e9)
+            prepared.append(participant)
+            if vote is not Vote.prepared:
+                break
+        else:
+            ctx.outcome = ctx.outcome or Outcome.approved
+        if not is_approval(ctx.outcome) or ctx.duplicate_of is not None:
+            for participant in reversed(prepared):
+                abort = getattr(participant, "abort", None)
+                if abort is not None:
+                    abort(ctx)
+
+    def _answer(self, ctx: AuthContext) -> Outgoing:
+        request = ctx.request
+        if ctx.duplicate_of is not None:
+            self._metrics.duplicates.inc()
+            record, seq = ctx.duplicate_of, self._ledger.last_seq  # the original may still be committing
+        elif ctx.seq:
+            record, seq = self._journal.get(ctx.key), ctx.seq
+        else:
+            # decided without moving money: journal it (not awaited: a decline needs no durability)
+            record = journal_record(ctx)
+            self._journal.add(record)
+            _, seq = self._ledger.submit(app_only_batch(ctx.now_ns, record))
+            seq = seq if is_approval(ctx.outcome) else 0
+        response_mti = _response_mti(request.mti)
+        data = frame(codec.encode(_response(request.raw, response_mti, record)))
+        # Only a hold can be compensated by a void; other approvals wait for the commit however long.
+        keep = ctx if ctx.seq and ctx.kind is Kind.authorization and ctx.user_hold_id else None
+        return Outgoing(data, seq, ctx.received_ns, ctx.deadline_ns, request.mti, record.response_code, keep)
+
+    def _plain(self, doc: dict, mti: str, code: str, received_ns: int) -> Outgoing:
+        response_mti = _response_mti(mti) if len(mti) == 4 and mti.isdigit() else "0810"
+        data = frame(codec.encode(response_doc(doc, response_mti, code)))
+        return Outgoing(data, 0, received_ns, received_ns + self._budget_ns, mti, code)
+
+    def stand_in(self, outgoing: Outgoing) -> Outgoing:
+        """The commit missed the budget: release the hold and answer 91 instead of the approval."""
+        ctx = outgoing.ctx
+        assert ctx is not None and outgoing.seq
+        transfers = []
+        for hold_id in (ctx.collateral_hold_id, ctx.user_hold_id):
+            if hold_id:
+                transfers.append(_void(hold_id, ctx.key))
+        ctx.outcome, ctx.cause, ctx.stand_in = Outcome.partner_unavailable, "commit missed the budget", True
+        ctx.auth_code, ctx.field54 = "", ""
+        record = journal_record(ctx)
+        self._journal.add(record)
+        self._ledger.submit(Batch(timestamp_ns=time.time_ns(), transfers=tuple(transfers), app=encode_record(record)))
+        data = frame(codec.encode(_response(ctx.request.raw, _response_mti(ctx.request.mti), record)))
+        self._metrics.stand_in.inc()
+        return Outgoing(data, 0, outgoing.received_ns, outgoing.deadline_ns, outgoing.mti, record.response_code)
+
+
+def _void(hold_id: int, key: str) -> TransferSpec:
+    return TransferSpec(derived_id(f"{key}|{hold_id}", b"standin"), 0, 0, 0, flags=TransferFlags.void_pending,
+                        pending_id=hold_id, code=TransferCode.reversal)
+
+
+def _response_mti(mti: str) -> str:
+    """0100 -> 0110, 0101 (repeat) -> 0110, 0120 -> 0130, 0420 -> 0430, 0800 -> 0810."""
+    function = mti[2]
+    if function in "02468":
+        function = str(int(function) + 1)
+    return f"{mti[:2]}{function}0"
+
+
+def _response(raw: dict, response_mti: str, record: AuthRecord) -> dict:
+    doc = response_doc(raw, response_mti, record.response_code)
+    if record.auth_code and is_approval(Outcome(record.outcome)):
+        doc["38"] = record.auth_code
+    if record.field54:
+        doc["54"] = record.field54
+    if record.field44:
+        doc["44"] = record.field44
+    return doc

@@ -1,0 +1,203 @@
+"""Hot-path participants, jPOS style: each does one job, votes, and compensates where it must.
+
+A participant keeps only its collaborators; per-request data lives in AuthContext. `prepare`
+returns a Vote; `abort` (where present) undoes the participant's effect and must tolerate being
+called twice. The order they run in is in authsrv/hotpath/pipeline.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+
+from authsrv import cardsec
+from authsrv.hotpath.context import ADVICES, CREDITS, DEBITS, INQUIRIES, AuthContext, Vote
+from authsrv.hotpath.journal import AuthJournal
+from authsrv.hotpath.outcome import LOCK_REASON_PIN_TRIES_EXCEEDED, LOCK_REASONS, PIN_TRIES_MAX, Outcome
+from authsrv.store.index import CardStatus
+
+log = logging.getLogger("authsrv.hotpath")
+
+HOLD_ID_BYTES = 12  # hot-path transfer ids are < 2**96; management transfers use ids >= 2**100
+AUTH_CODE_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class TransferCode:
+    """Ledger transfer `code` values written by the hot path. Never renumber."""
+
+    purchase = 1
+    cash = 2
+    refund = 3
+    payment = 4
+    collateral = 5
+    reversal = 6
+    collateral_release = 7
+    completion = 8
+
+
+def derived_id(key: str, role: bytes) -> int:
+    """A transfer id derived from the request's duplicate key: a retry maps to the same id."""
+    digest = hashlib.blake2b(key.encode(), digest_size=HOLD_ID_BYTES, person=role).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def auth_code_for(transfer_id: int) -> str:
+    code = []
+    for _ in range(6):
+        transfer_id, digit = divmod(transfer_id, 36)
+        code.append(AUTH_CODE_ALPHABET[digit])
+    return "".join(code)
+
+
+def current_yymm(now_ns: int) -> str:
+    tm = time.gmtime(now_ns // 10**9)
+    return f"{tm.tm_year % 100:02d}{tm.tm_mon:02d}"
+
+
+class DetectDuplicate:
+    """Same MTI class, field 32, 11, 7 and 37: answer as before, with no second effect."""
+
+    name = "duplicate"
+
+    def __init__(self, journal: AuthJournal) -> None:
+        self._journal = journal
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        original = self._journal.get(ctx.key)
+        if original is None:
+            return Vote.prepared
+        ctx.duplicate_of = original
+        return Vote.done
+
+
+class LookupCard:
+    name = "card"
+
+    def __init__(self, vault: cardsec.PanVault, index) -> None:
+        self._vault = vault
+        self._index = index
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        card = self._index.card_by_pan_index(self._vault.index(ctx.request.pan))
+        if card is None:
+            if ctx.kind in ADVICES:
+                ctx.outcome, ctx.cause = Outcome.approved, "advice for an unknown card: no effect"
+                return Vote.done
+            return ctx.decline(Outcome.card_not_found)
+        ctx.card = card
+        ctx.partner = self._index.partner(card.partner)
+        return Vote.prepared
+
+
+class CheckCardStatus:
+    """Removed, locked (8 reasons, field 44 action code), or a physical card not yet activated."""
+
+    name = "status"
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        card = ctx.card
+        if card.status is CardStatus.active or ctx.kind in ADVICES:
+            return Vote.prepared
+        if card.status is CardStatus.removed:
+            return ctx.decline(Outcome.card_removed)
+        if card.status is CardStatus.locked:
+            outcome, action_code, _ = LOCK_REASONS[card.lock_reason]
+            ctx.field44 = action_code
+            return ctx.decline(outcome, f"lock reason {card.lock_reason}")
+        return ctx.decline(Outcome.card_not_activated)
+
+
+class CheckExpiry:
+    name = "expiry"
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        if ctx.kind in ADVICES:
+            return Vote.prepared
+        sent = ctx.request.expiry_yymm
+        if sent is not None and sent != ctx.card.expiry_yymm:
+            return ctx.decline(Outcome.card_expired, "expiry does not match the card")
+        if ctx.card.expiry_yymm < current_yymm(ctx.now_ns):
+            return ctx.decline(Outcome.card_expired)
+        return Vote.prepared
+
+
+class CheckCvc2:
+    """Field 48 subelement 92 against the CVC2 derived under the CVK; the CVC2 is never stored."""
+
+    name = "cvc2"
+
+    def __init__(self, keys: cardsec.CardKeys) -> None:
+        self._cvk = keys.cvk
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        sent = ctx.request.cvc2
+        if sent is None or ctx.kind in ADVICES:
+            return Vote.prepared
+        expected = cardsec.cvc2(ctx.request.pan, ctx.card.expiry_yymm, self._cvk)
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            return ctx.decline(Outcome.wrong_cvc2)
+        return Vote.prepared
+
+
+class CheckPin:
+    """Field 52 (ISO 9564 format 0 under the ZPK) against the stored PIN verification value.
+
+    The third wrong PIN in a row locks the card with reason 6 and answers 75.
+    """
+
+    name = "pin"
+
+    def __init__(self, keys: cardsec.CardKeys, store) -> None:
+        self._zpk = keys.zpk
+        self._pvk = keys.pvk
+        self._store = store
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        block = ctx.request.pin_block
+        if block is None or ctx.kind in ADVICES:
+            return Vote.prepared
+        card, pan = ctx.card, ctx.request.pan
+        pin = cardsec.decrypt_pin_block(block, pan, self._zpk)
+        if pin is not None and card.pvv and cardsec.verify_pin(pan, pin, card.pvv, self._pvk):
+            if card.wrong_pin_count:
+                self._store.reset_wrong_pin(card.card_id)
+            return Vote.prepared
+        # Rare path: the counter must survive a restart, so it goes to the store at once.
+        count = self._store.record_wrong_pin(card.card_id)
+        if count >= PIN_TRIES_MAX:
+            self._store.lock_card(card.card_id, LOCK_REASON_PIN_TRIES_EXCEEDED)
+            ctx.field44 = LOCK_REASONS[LOCK_REASON_PIN_TRIES_EXCEEDED][1]
+            return ctx.decline(Outcome.card_pin_tries_exceeded, "third wrong PIN: card locked")
+        return ctx.decline(Outcome.wrong_pin)
+
+
+class ResolveAmount:
+    """Processing code, amount and currency; the billing amount (fields 6/51) when present."""
+
+    name = "amount"
+
+    def prepare(self, ctx: AuthContext) -> Vote:
+        request = ctx.request
+        if ctx.processing not in DEBITS and ctx.processing not in CREDITS and ctx.processing not in INQUIRIES:
+            return ctx.decline(Outcome.unsupported_transaction, f"processing code {ctx.processing}")
+        if request.billing_amount is not None and request.billing_currency is not None:
+            ctx.amount, ctx.currency = request.billing_amount, request.billing_currency
+        else:
+            ctx.amount, ctx.currency = request.amount, request.currency
+        if ctx.processing in INQUIRIES:
+            return Vote.prepared
+        if ctx.amount <= 0:
+            return self._refuse(ctx, Outcome.invalid_amount, "amount must be positive")
+        if ctx.currency != ctx.card.currency:
+            # Conversion with a rates table arrives with the FX work; until then: not permitted.
+            return self._refuse(ctx, Outcome.currency_mismatch, f"{ctx.currency} on a {ctx.card.currency} balance")
+        return Vote.prepared
+
+    @staticmethod
+    def _refuse(ctx: AuthContext, outcome: Outcome, cause: str) -> Vote:
+        if ctx.kind in ADVICES:  # an advice cannot be declined: acknowledge, record, move nothing
+            ctx.outcome, ctx.cause = Outcome.approved, f"advice not applied: {cause}"
+            return Vote.done
+        return ctx.decline(outcome, cause)

@@ -1,0 +1,117 @@
+"""Prometheus metrics and the plain-HTTP metrics listener (/metrics, /healthz, /readyz).
+
+The listener runs in its own thread (prometheus-client's threaded server pattern): rendering a
+scrape takes milliseconds, and inside the trio loop it would stall every authorization for that long
+(STACK.md). Hot-path children are pre-bound: `.labels()` on every call costs twice the observe.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+STEP_BUCKETS_S = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01, 0.1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _StepHistograms(dict):
+    def __init__(self, family: Histogram) -> None:
+        super().__init__()
+        self._family = family
+
+    def __missing__(self, step: str):
+        child = self[step] = self._family.labels(step=step)
+        return child
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self._requests = Counter("authsrv_iso_requests", "ISO 8583 requests answered, by request MTI and field 39",
+                                 ["mti", "code"], registry=r)
+        self._request_children: dict[tuple[str, str], object] = {}
+        self.latency = Histogram("authsrv_iso_request_seconds",
+                                 "Receipt to response written, including the durable commit",
+                                 buckets=LATENCY_BUCKETS_S, registry=r)
+        self.step_seconds = _StepHistograms(Histogram(
+            "authsrv_hotpath_step_seconds", "Time in each hot-path participant (sampled 1 in 16)", ["step"],
+            buckets=STEP_BUCKETS_S, registry=r))
+        self.in_flight = Gauge("authsrv_iso_in_flight", "Requests decided but not yet answered", registry=r)
+        self.connections = Gauge("authsrv_iso_connections", "Open ISO 8583 connections", registry=r)
+        self.decode_errors = Counter("authsrv_iso_decode_errors", "Frames that could not be decoded", registry=r)
+        self.framing_errors = Counter("authsrv_iso_framing_errors", "Connections closed for broken framing",
+                                      registry=r)
+        self.duplicates = Counter("authsrv_iso_duplicates", "Duplicate requests answered from the journal",
+                                  registry=r)
+        self.stand_in = Counter("authsrv_stand_in_decisions", "Stand-in decisions (budget or partner)", registry=r)
+        self.wal_fsync_seconds = Histogram("authsrv_wal_fsync_seconds", "Write-ahead log group write + fsync",
+                                           buckets=LATENCY_BUCKETS_S, registry=r)
+        self.wal_batch_records = Histogram("authsrv_wal_batch_records", "Records per group commit",
+                                           buckets=BATCH_BUCKETS, registry=r)
+        self.holds_pending = Gauge("authsrv_ledger_holds_pending", "Pending holds in the ledger", registry=r)
+        self.holds_expired = Counter("authsrv_ledger_holds_expired", "Holds released by expiry", registry=r)
+        self.journal_records = Gauge("authsrv_journal_records", "Authorization records kept for duplicates",
+                                     registry=r)
+        self.snapshot_seconds = Histogram("authsrv_ledger_snapshot_seconds", "Time to write a ledger snapshot",
+                                          buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30), registry=r)
+        self.ready = Gauge("authsrv_ready", "1 when recovery is finished and the ISO listener is open", registry=r)
+
+    def answered(self, mti: str, code: str, seconds: float) -> None:
+        child = self._request_children.get((mti, code))
+        if child is None:
+            child = self._request_children[(mti, code)] = self._requests.labels(mti=mti, code=code)
+        child.inc()
+        self.latency.observe(seconds)
+
+    def on_wal_commit(self, records: int, size_bytes: int, seconds: float) -> None:
+        del size_bytes
+        self.wal_batch_records.observe(records)
+        self.wal_fsync_seconds.observe(seconds)
+
+
+class MetricsServer:
+    """/metrics, /healthz (the process is up), /readyz (recovery done and the ISO listener open)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.ready = False
+        registry, server_ref = metrics.registry, self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n", "text/plain")
+                elif path == "/readyz":
+                    ok = server_ref.ready
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"starting\n", "text/plain")
+                else:
+                    self._reply(404, b"not found\n", "text/plain")
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

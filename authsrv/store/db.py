@@ -1,0 +1,1015 @@
+"""The management store: partners, programs, users, balances, cards, admins in `DIR/store.db`.
+
+SQLite in WAL mode, `synchronous=FULL`: a management change the API has answered survives a power
+cut. sqlite-utils creates the schema and does bulk inserts; single-row paths use plain SQL (a
+sqlite-utils `upsert` costs 10x a plain statement, /work/shared/STACK.md).
+
+Never stored: a clear PAN (only `pan_enc`, AES-GCM, and `pan_index`, a keyed HMAC, plus first 6 and
+last 4 digits), a CVV (recomputed from the CVK when needed) or a PIN (only its Visa PVV).
+
+Ledger accounts are allocated here (`ledger_accounts` is the id allocator and the record of what
+each account is for) and created in the ledger by the caller afterwards. Order matters: the store
+commits first, so a crash in between leaves an account the store knows and the ledger lacks, which
+the server re-creates at startup from `all_ledger_accounts()` (account creation is idempotent). The
+other order could reuse an id the ledger already holds for something else.
+
+Threads: one connection (`check_same_thread=False`) serialized by one re-entrant lock, so the
+trio thread (hot-path PIN counters) and worker threads (REST) can share the store. A write method
+called inside `transaction()` joins it; index updates wait for the outermost commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import enum
+import fcntl
+import functools
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import sqlite_utils
+
+from authsrv.store.index import (
+    IRREVERSIBLE_LOCK_REASONS,
+    PAN_INDEX_LENGTH,
+    CardIndex,
+    CardState,
+    CardStatus,
+    LockReason,
+    PartnerState,
+)
+from ledger.types import AMOUNT_MAX, ID_MAX, AccountFlags, AccountKind, AccountSpec
+
+SCHEMA_VERSION = 1
+STORE_FILE_NAME = "store.db"
+LOCK_FILE_NAME = ".lock"
+BUSY_TIMEOUT_MS = 5_000
+# Transfer ids: the authorization hot path derives its ids below 2**100; management transfers
+# (funding, reloads, seeding) take 2**100 + n from the `sequences` counter, so they never meet.
+MANAGEMENT_TRANSFER_ID_BASE = 2**100
+MANAGEMENT_TRANSFER_SEQUENCE = "management_transfer"
+TRANSFER_ID_ALLOCATION_MAX = 10_000_000  # one call reserves at most this many ids
+SYSTEM_OWNER = ""  # ledger_accounts.owner of system accounts (settlement, funding)
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_N_MAX = 2**20  # a tampered hash must not make verification eat the machine
+SCRYPT_SALT_BYTES = 16
+SCRYPT_KEY_BYTES = 32
+DATA_DIR_BUSY_MESSAGE = "the server is running; stop it or use the admin API"
+
+
+class ManagementTransferCode(enum.IntEnum):
+    """Ledger transfer `code` of management transfers. The hot path uses 1..99. Never renumber."""
+
+    user_funding = 101  # funding -> user balance (reload, seed)
+    collateral_funding = 102  # funding -> partner deposit / credit collateral
+    user_withdrawal = 103  # user balance -> funding
+
+
+class StoreError(Exception):
+    """The store file is unusable (wrong schema version) or a write broke a uniqueness rule."""
+
+
+class StoreConflict(StoreError):
+    """A row with this key already exists."""
+
+
+class DataDirBusy(Exception):
+    """Another process (normally the server) holds `DIR/.lock`."""
+
+
+class Role(enum.StrEnum):
+    """Admin roles of the reference documents' role table."""
+
+    admin = "Admin"
+    manager = "Manager"
+    employee = "Employee"
+
+
+class PartnerBalanceType(enum.StrEnum):
+    deposit = "DEPOSIT"
+    credit = "CREDIT"
+
+
+COLLATERAL_KINDS: Mapping[str, tuple[AccountKind, PartnerBalanceType]] = {
+    "deposit": (AccountKind.partner_deposit, PartnerBalanceType.deposit),
+    "credit": (AccountKind.partner_credit, PartnerBalanceType.credit),
+}
+
+
+@attrs.frozen
+class PartnerRow:
+    name: str
+    balance_mode: str
+    collateral: str
+    created_at: str
+
+
+@attrs.frozen
+class ProgramRow:
+    config_id: str
+    partner: str
+    bin: str
+    card_type: str
+    currency: str
+    expiry_years: int
+    fees_json: str = "{}"
+    limits_json: str = "{}"
+
+
+@attrs.frozen
+class UserRow:
+    id: int
+    partner: str
+    first_name: str
+    last_name: str
+    phone: str
+    email: str
+    birth_date: str
+    state: str
+    kyc: str
+    wpin_hash: str  # hash_secret() of the wallet PIN; '' = no customer login
+    created_at: str
+
+
+USER_UPDATABLE_FIELDS = frozenset(
+    {"first_name", "last_name", "phone", "email", "birth_date", "state", "kyc", "wpin_hash"}
+)
+
+
+@attrs.frozen
+class BalanceRow:
+    id: int
+    user_id: int
+    partner: str
+    currency: str
+    ledger_account_id: int
+    status: str
+    created_at: str
+
+
+@attrs.frozen
+class CardRow:
+    id: int
+    user_id: int
+    balance_id: int
+    partner: str
+    config_id: str
+    card_type: str
+    pan_index: bytes
+    pan_enc: bytes
+    pan_first6: str
+    pan_last4: str
+    expiry_yymm: str
+    status: CardStatus
+    lock_reason: int
+    wrong_pin_count: int
+    pvv: str
+    created_at: str
+
+
+@attrs.frozen
+class NewCard:
+    """What a caller supplies to create a card; the store assigns id and created_at."""
+
+    user_id: int
+    balance_id: int
+    config_id: str
+    card_type: str
+    pan_index: bytes = attrs.field(validator=lambda _, __, value: _check_pan_index(value))
+    pan_enc: bytes
+    pan_first6: str
+    pan_last4: str
+    expiry_yymm: str
+    status: CardStatus
+    pvv: str = ""
+
+
+@attrs.frozen
+class AdminRow:
+    username: str
+    role: Role
+    password_hash: str
+
+
+@attrs.frozen
+class PartnerBalanceRow:
+    partner: str
+    type: PartnerBalanceType
+    currency: str
+    ledger_account_id: int
+    low_threshold: int
+
+
+def _check_pan_index(value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != PAN_INDEX_LENGTH:
+        raise ValueError(f"pan_index must be {PAN_INDEX_LENGTH} bytes")
+
+
+def utc_now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- secrets at rest -------------------------------------------------------------------------------
+
+
+def hash_secret(secret: str) -> str:
+    """scrypt with a random salt, as a self-describing string `scrypt$N$r$p$salt$key` (base64)."""
+    salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+    key = hashlib.scrypt(
+        secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=SCRYPT_KEY_BYTES
+    )
+    return "$".join(
+        ["scrypt", str(SCRYPT_N), str(SCRYPT_R), str(SCRYPT_P), _b64(salt), _b64(key)]
+    )
+
+
+def verify_secret(stored: str, secret: str) -> bool:
+    """Constant-time check of `secret` against `hash_secret` output; False for a malformed hash."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return False
+    try:
+        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+        salt, expected = _unb64(parts[4]), _unb64(parts[5])
+    except ValueError:
+        return False
+    if not (2 <= n <= SCRYPT_N_MAX and 1 <= r <= 32 and 1 <= p <= 16 and 1 <= len(expected) <= 64):
+        return False
+    key = hashlib.scrypt(
+        secret.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected), maxmem=256 * n * r + 2**20
+    )
+    return hmac.compare_digest(key, expected)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+# -- the data-directory lock -----------------------------------------------------------------------
+
+
+class DataDirLock:
+    """An exclusive `flock` on `DIR/.lock`: held by the server while it runs, and by offline
+    commands (seed) that must not change the store and ledger under a running server."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, data_dir: Path) -> DataDirLock:
+        path = Path(data_dir) / LOCK_FILE_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusy(DATA_DIR_BUSY_MESSAGE) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DataDirLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._index: CardIndex | None = None
+        self._after_commit: list[Callable[[], None]] = []
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False) -> Store:
+        """Open `store.db` (or `DIR/store.db` when given the data directory); with create=True
+        make the schema if the file is new."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / STORE_FILE_NAME
+        if not create and not path.exists():
+            raise StoreError(f"{path}: not found (run `authsrv init` first)")
+        if not path.exists():
+            # Encrypted PANs and PVVs: owner only. SQLite gives its -wal and -shm files this mode too.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        assert mode == "wal", mode
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        store = cls(conn)
+        try:
+            store._check_or_create_schema(create=create)
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One `BEGIN IMMEDIATE` transaction; nested calls join the outermost one.
+
+        IMMEDIATE takes the write lock at once, so ids read with `_next_id` inside stay free
+        until commit."""
+        with self._lock:
+            if self._conn.in_transaction:
+                yield
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                self._after_commit.clear()
+                raise
+            pending, self._after_commit = self._after_commit, []
+            for update in pending:
+                update()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store lock (e.g. while building the index, so no change slips in between)."""
+        with self._lock:
+            yield
+
+    def _on_commit(self, update: Callable[[], None]) -> None:
+        """Run `update` (an index change) once the current transaction has committed."""
+        assert self._conn.in_transaction
+        self._after_commit.append(update)
+
+    def _next_id(self, table: str) -> int:
+        assert self._conn.in_transaction, "ids are only stable under the write lock"
+        (last,) = self._conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()
+        return int(last) + 1
+
+    def next_ids(self, table: str, count: int) -> range:
+        """Reserve `count` consecutive row ids of `table` for a bulk insert in this transaction."""
+        assert table in ("users", "balances", "cards", "ledger_accounts")
+        assert count >= 0
+        first = self._next_id(table)
+        return range(first, first + count)
+
+    def insert_rows(self, table: str, rows: Iterable[Mapping[str, Any]], *, batch_size: int = 500) -> None:
+        """Bulk insert inside the current transaction (sqlite-utils `insert_all`, savepointed)."""
+        assert self._conn.in_transaction
+        self.db[table].insert_all(rows, batch_size=batch_size)
+
+    # -- schema ------------------------------------------------------------------------------------
+
+    def _check_or_create_schema(self, *, create: bool) -> None:
+        if "meta" in self.db.table_names():
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version != SCHEMA_VERSION:
+                raise StoreError(f"store schema version {version}, this build needs {SCHEMA_VERSION}")
+            return
+        if not create:
+            raise StoreError("store.db has no schema (not created by `authsrv init`)")
+        with self.transaction():
+            _create_schema(self.db)
+            self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    # -- partners ----------------------------------------------------------------------------------
+
+    def add_partner(self, name: str, *, balance_mode: str, collateral: str) -> PartnerRow:
+        row = PartnerRow(name, balance_mode, collateral, utc_now_iso())
+        with self.transaction():
+            try:
+                self._conn.execute(
+                    "INSERT INTO partners (name, balance_mode, collateral, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    attrs.astuple(row),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(f"partner {name!r} already exists") from None
+            self._on_commit(lambda: self._refresh_partner(name))
+        return row
+
+    def get_partner(self, name: str) -> PartnerRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT name, balance_mode, collateral, created_at FROM partners WHERE name = ?",
+                (name,),
+            ).fetchone()
+        return PartnerRow(*found) if found else None
+
+    def list_partners(self) -> list[PartnerRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT name, balance_mode, collateral, created_at FROM partners ORDER BY name"
+            ).fetchall()
+        return [PartnerRow(*row) for row in rows]
+
+    def set_partner_modes(self, name: str, *, balance_mode: str, collateral: str) -> None:
+        """Follow a changed `[partners.NAME]` table (the config file is what operators edit)."""
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE partners SET balance_mode = ?, collateral = ? WHERE name = ?",
+                (balance_mode, collateral, name),
+            ).rowcount
+            assert updated == 1, f"no partner {name!r}"
+            self._on_commit(lambda: self._refresh_partner(name))
+
+    # -- card programs -----------------------------------------------------------------------------
+
+    def add_program(self, program: ProgramRow) -> None:
+        assert program.card_type in ("virtual", "physical", "digital_first")
+        assert program.bin.isdigit() and 6 <= len(program.bin) <= 8
+        with self.transaction():
+            try:
+                self._conn.execute(
+                    "INSERT INTO programs (config_id, partner, bin, card_type, currency,"
+                    " expiry_years, fees_json, limits_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    attrs.astuple(program),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(f"card program {program.config_id!r} already exists") from None
+
+    def get_program(self, config_id: str) -> ProgramRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT config_id, partner, bin, card_type, currency, expiry_years, fees_json,"
+                " limits_json FROM programs WHERE config_id = ?",
+                (config_id,),
+            ).fetchone()
+        return ProgramRow(*found) if found else None
+
+    # -- ledger accounts ---------------------------------------------------------------------------
+
+    def ensure_system_accounts(self, currency: str) -> list[AccountSpec]:
+        """The settlement and funding accounts of `currency`, allocated on first use."""
+        with self.transaction():
+            settlement = self._ensure_account(AccountKind.settlement, currency, SYSTEM_OWNER)
+            funding = self._ensure_account(AccountKind.funding, currency, SYSTEM_OWNER)
+            if self._index is not None:
+                index = self._index
+                self._on_commit(lambda: index.put_settlement_account(currency, settlement.id))
+                self._on_commit(lambda: index.put_funding_account(currency, funding.id))
+        return [settlement, funding]
+
+    def ensure_partner_accounts(self, partner: str, currency: str) -> list[AccountSpec]:
+        """A partner's accounts in `currency`: its collateral (deposit or credit, never below zero)
+        with the `collateral_usage` counterparty, and its fee income. Allocated on first use."""
+        with self.transaction():
+            row = self.get_partner(partner)
+            assert row is not None, f"no partner {partner!r}"
+            specs = []
+            if row.collateral in COLLATERAL_KINDS:
+                kind, balance_type = COLLATERAL_KINDS[row.collateral]
+                collateral = self._ensure_account(
+                    kind, currency, partner, AccountFlags.debits_must_not_exceed_credits
+                )
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO partner_balances (partner, type, currency,"
+                    " ledger_account_id, low_threshold) VALUES (?, ?, ?, ?, 0)",
+                    (partner, str(balance_type), currency, collateral.id),
+                )
+                specs.append(collateral)
+            specs.append(self._ensure_account(AccountKind.collateral_usage, currency, partner))
+            specs.append(self._ensure_account(AccountKind.fee_income, currency, partner))
+            self._on_commit(lambda: self._refresh_partner(partner))
+        return specs
+
+    def ledger_account(self, kind: AccountKind, currency: str, owner: str) -> AccountSpec | None:
+        """A system (owner '') or partner account; None when never allocated."""
+        assert kind != AccountKind.user_balance, "user balances are found through their balance"
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT id, currency, kind, flags, user_data FROM ledger_accounts"
+                " WHERE kind = ? AND currency = ? AND owner = ?",
+                (int(kind), currency, owner),
+            ).fetchone()
+        return _account_spec(found) if found else None
+
+    def all_ledger_accounts(self) -> list[AccountSpec]:
+        """Every account the store has allocated, so the server can re-create any the ledger lacks."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, currency, kind, flags, user_data FROM ledger_accounts ORDER BY id"
+            ).fetchall()
+        return [_account_spec(row) for row in rows]
+
+    def partner_balances(self, partner: str | None = None) -> list[PartnerBalanceRow]:
+        query = "SELECT partner, type, currency, ledger_account_id, low_threshold FROM partner_balances"
+        with self._lock:
+            if partner is None:
+                rows = self._conn.execute(query + " ORDER BY partner, currency").fetchall()
+            else:
+                rows = self._conn.execute(
+                    query + " WHERE partner = ? ORDER BY currency", (partner,)
+                ).fetchall()
+        return [PartnerBalanceRow(p, PartnerBalanceType(t), c, a, low) for p, t, c, a, low in rows]
+
+    def set_partner_balance_threshold(self, ledger_account_id: int, low_threshold: int) -> None:
+        assert 0 <= low_threshold <= AMOUNT_MAX
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE partner_balances SET low_threshold = ? WHERE ledger_account_id = ?",
+                (low_threshold, ledger_account_id),
+            ).rowcount
+            assert updated == 1, f"no partner balance on account {ledger_account_id}"
+
+    def allocate_transfer_ids(self, count: int) -> range:
+        """Reserve `count` management transfer ids (2**100 + n), never handed out twice."""
+        assert 1 <= count <= TRANSFER_ID_ALLOCATION_MAX
+        with self.transaction():
+            (last,) = self._conn.execute(
+                "UPDATE sequences SET value = value + ? WHERE name = ? RETURNING value",
+                (count, MANAGEMENT_TRANSFER_SEQUENCE),
+            ).fetchone()
+        first = MANAGEMENT_TRANSFER_ID_BASE + last - count + 1
+        assert first > MANAGEMENT_TRANSFER_ID_BASE and first + count - 1 <= ID_MAX
+        return range(first, first + count)
+
+    def _ensure_account(
+        self, kind: AccountKind, currency: str, owner: str, flags: AccountFlags = AccountFlags.none
+    ) -> AccountSpec:
+        assert self._conn.in_transaction
+        assert len(currency) == 3 and currency.isalpha() and currency.isupper(), currency
+        existing = self.ledger_account(kind, currency, owner)
+        if existing is not None:
+            assert existing.flags == flags, f"{kind.name} {currency} {owner!r} has other flags"
+            return existing
+        spec = AccountSpec(id=self._next_id("ledger_accounts"), currency=currency, kind=kind, flags=flags)
+        self._insert_account(spec, owner)
+        return spec
+
+    def _insert_account(self, spec: AccountSpec, owner: str) -> None:
+        self._conn.execute(
+            "INSERT INTO ledger_accounts (id, kind, currency, owner, flags, user_data)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (spec.id, int(spec.kind), spec.currency, owner, int(spec.flags), spec.user_data),
+        )
+
+    # -- admins ------------------------------------------------------------------------------------
+
+    def add_admin(self, username: str, role: Role, password: str) -> AdminRow:
+        row = AdminRow(username, Role(role), hash_secret(password))
+        with self.transaction():
+            try:
+                self._conn.execute(
+                    "INSERT INTO admins (username, role, password_hash) VALUES (?, ?, ?)",
+                    (row.username, str(row.role), row.password_hash),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(f"admin {username!r} already exists") from None
+        return row
+
+    def get_admin(self, username: str) -> AdminRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT username, role, password_hash FROM admins WHERE username = ?", (username,)
+            ).fetchone()
+        return AdminRow(found[0], Role(found[1]), found[2]) if found else None
+
+    def check_admin_password(self, username: str, password: str) -> AdminRow | None:
+        """The admin when the password matches, else None (an unknown name costs the same time)."""
+        admin = self.get_admin(username)
+        # Hash anyway for an unknown user, so timing does not reveal which usernames exist.
+        stored = admin.password_hash if admin else _dummy_hash()
+        return admin if verify_secret(stored, password) and admin else None
+
+    # -- users -------------------------------------------------------------------------------------
+
+    def create_user(
+        self,
+        *,
+        partner: str,
+        first_name: str,
+        last_name: str,
+        phone: str,
+        email: str,
+        birth_date: str,
+        state: str,
+        kyc: str,
+        wpin_hash: str = "",
+    ) -> UserRow:
+        with self.transaction():
+            row = UserRow(
+                self._next_id("users"), partner, first_name, last_name, phone, email,
+                birth_date, state, kyc, wpin_hash, utc_now_iso(),
+            )  # fmt: skip
+            self._conn.execute(
+                "INSERT INTO users (id, partner, first_name, last_name, phone, email, birth_date,"
+                " state, kyc, wpin_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                attrs.astuple(row),
+            )
+        return row
+
+    def get_user(self, user_id: int) -> UserRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)
+            ).fetchone()
+        return UserRow(*found) if found else None
+
+    def find_user(self, partner: str, *, phone: str = "", email: str = "") -> UserRow | None:
+        """A partner's user by phone or by e-mail (customer login)."""
+        assert bool(phone) != bool(email), "exactly one of phone, email"
+        column, value = ("phone", phone) if phone else ("email", email)
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE partner = ? AND {column} = ?"
+                " ORDER BY id LIMIT 1",
+                (partner, value),
+            ).fetchone()
+        return UserRow(*found) if found else None
+
+    def update_user(self, user_id: int, **fields: str) -> UserRow | None:
+        """Change some of USER_UPDATABLE_FIELDS; None when there is no such user."""
+        unknown = set(fields) - USER_UPDATABLE_FIELDS
+        assert not unknown, f"not updatable: {sorted(unknown)}"
+        with self.transaction():
+            if fields:
+                assignments = ", ".join(f"{name} = ?" for name in sorted(fields))
+                values = [fields[name] for name in sorted(fields)]
+                self._conn.execute(f"UPDATE users SET {assignments} WHERE id = ?", (*values, user_id))
+            return self.get_user(user_id)
+
+    # -- balances ----------------------------------------------------------------------------------
+
+    def create_balance(self, user_id: int, currency: str) -> tuple[BalanceRow, AccountSpec]:
+        """A user balance and its ledger account (create the account in the ledger next)."""
+        with self.transaction():
+            user = self.get_user(user_id)
+            assert user is not None, f"no user {user_id}"
+            balance_id = self._next_id("balances")
+            spec = AccountSpec(
+                id=self._next_id("ledger_accounts"),
+                currency=currency,
+                kind=AccountKind.user_balance,
+                flags=AccountFlags.debits_must_not_exceed_credits,
+                user_data=balance_id,
+            )
+            self._insert_account(spec, user.partner)
+            row = BalanceRow(balance_id, user_id, user.partner, currency, spec.id, "ACTIVE", utc_now_iso())
+            self._conn.execute(
+                "INSERT INTO balances (id, user_id, partner, currency, ledger_account_id, status,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                attrs.astuple(row),
+            )
+        return row, spec
+
+    def get_balance(self, balance_id: int) -> BalanceRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_BALANCE_COLUMNS} FROM balances WHERE id = ?", (balance_id,)
+            ).fetchone()
+        return BalanceRow(*found) if found else None
+
+    def balances_of_user(self, user_id: int) -> list[BalanceRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_BALANCE_COLUMNS} FROM balances WHERE user_id = ? ORDER BY id", (user_id,)
+            ).fetchall()
+        return [BalanceRow(*row) for row in rows]
+
+    def set_balance_status(self, balance_id: int, status: str) -> None:
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE balances SET status = ? WHERE id = ?", (status, balance_id)
+            ).rowcount
+            assert updated == 1, f"no balance {balance_id}"
+
+    # -- cards -------------------------------------------------------------------------------------
+
+    def add_card(self, card: NewCard) -> CardRow:
+        """Insert a card (its PAN index must be new) and put it in the attached index."""
+        with self.transaction():
+            balance = self.get_balance(card.balance_id)
+            assert balance is not None and balance.user_id == card.user_id
+            row = CardRow(
+                self._next_id("cards"), card.user_id, card.balance_id, balance.partner,
+                card.config_id, card.card_type, card.pan_index, card.pan_enc, card.pan_first6,
+                card.pan_last4, card.expiry_yymm, card.status, 0, 0, card.pvv, utc_now_iso(),
+            )  # fmt: skip
+            try:
+                self._conn.execute(
+                    f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+                    _card_tuple(row),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict("a card with this PAN already exists") from None
+            self._refresh_card_on_commit(row.id)
+        return row
+
+    def get_card(self, card_id: int) -> CardRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_CARD_COLUMNS} FROM cards WHERE id = ?", (card_id,)
+            ).fetchone()
+        return _card_row(found) if found else None
+
+    def card_by_pan_index(self, pan_index: bytes) -> CardRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_CARD_COLUMNS} FROM cards WHERE pan_index = ?", (pan_index,)
+            ).fetchone()
+        return _card_row(found) if found else None
+
+    def cards_of_balance(self, balance_id: int) -> list[CardRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_CARD_COLUMNS} FROM cards WHERE balance_id = ? ORDER BY id", (balance_id,)
+            ).fetchall()
+        return [_card_row(row) for row in rows]
+
+    def cards_of_user(self, user_id: int) -> list[CardRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_CARD_COLUMNS} FROM cards WHERE user_id = ? ORDER BY id", (user_id,)
+            ).fetchall()
+        return [_card_row(row) for row in rows]
+
+    def pan_indexes(self) -> set[bytes]:
+        """Every PAN index in use (bulk issuing checks new PANs against it)."""
+        with self._lock:
+            return {row[0] for row in self._conn.execute("SELECT pan_index FROM cards")}
+
+    def set_card_status(self, card_id: int, status: CardStatus, lock_reason: int = 0) -> None:
+        """Set status and lock reason (the caller enforces the lifecycle rules)."""
+        assert (status == CardStatus.locked) == (lock_reason != 0)
+        assert 0 <= lock_reason <= max(LockReason)
+        self._update_card(card_id, "status = ?, lock_reason = ?", (int(status), lock_reason))
+
+    def lock_card(self, card_id: int, reason: int) -> None:
+        """Lock with `reason` (1..8). Re-locking keeps an irreversible reason already in place."""
+        assert 1 <= reason <= max(LockReason)
+        with self.transaction():
+            card = self.get_card(card_id)
+            assert card is not None, f"no card {card_id}"
+            keep = card.status == CardStatus.locked and card.lock_reason in IRREVERSIBLE_LOCK_REASONS
+            if not keep:
+                self.set_card_status(card_id, CardStatus.locked, reason)
+
+    def set_pvv(self, card_id: int, pvv: str) -> None:
+        assert pvv == "" or (len(pvv) == 4 and pvv.isdigit())
+        self._update_card(card_id, "pvv = ?, wrong_pin_count = 0", (pvv,))
+
+    def record_wrong_pin(self, card_id: int) -> int:
+        """Count one more wrong PIN in a row and return the new count. The caller decides what
+        the count means (the third in a row locks with reason 6: `lock_card`)."""
+        with self.transaction():
+            found = self._conn.execute(
+                "UPDATE cards SET wrong_pin_count = wrong_pin_count + 1 WHERE id = ?"
+                " RETURNING wrong_pin_count",
+                (card_id,),
+            ).fetchone()
+            assert found is not None, f"no card {card_id}"
+            (count,) = found
+            self._refresh_card_on_commit(card_id)
+        assert count >= 1
+        return int(count)
+
+    def reset_wrong_pin(self, card_id: int) -> None:
+        """A correct PIN ends the run of wrong ones."""
+        self._update_card(card_id, "wrong_pin_count = 0", ())
+
+    def _update_card(self, card_id: int, assignments: str, values: tuple[Any, ...]) -> None:
+        with self.transaction():
+            updated = self._conn.execute(
+                f"UPDATE cards SET {assignments} WHERE id = ?", (*values, card_id)
+            ).rowcount
+            assert updated == 1, f"no card {card_id}"
+            self._refresh_card_on_commit(card_id)
+
+    # -- the in-memory index -----------------------------------------------------------------------
+
+    def attach_index(self, index: CardIndex) -> None:
+        """From now on every committed change to cards and partners also updates `index`."""
+        with self._lock:
+            self._index = index
+
+    def card_states(self) -> list[tuple[bytes, CardState]]:
+        """(pan_index, CardState) for every card, joined with its balance: one query."""
+        with self._lock:
+            rows = self._conn.execute(_CARD_STATE_QUERY).fetchall()
+        return [(row[0], _card_state(row)) for row in rows]
+
+    def partner_states(self) -> list[PartnerState]:
+        with self._lock:
+            return [self._partner_state(row.name) for row in self.list_partners()]
+
+    def system_accounts(self, kind_name: str) -> dict[str, int]:
+        """currency -> account id of the system accounts of kind `settlement` or `funding`."""
+        kind = AccountKind[kind_name]
+        assert kind in (AccountKind.settlement, AccountKind.funding)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT currency, id FROM ledger_accounts WHERE kind = ? AND owner = ?",
+                (int(kind), SYSTEM_OWNER),
+            ).fetchall()
+        return dict(rows)
+
+    def _partner_state(self, name: str) -> PartnerState:
+        row = self.get_partner(name)
+        assert row is not None
+        accounts = self._conn.execute(
+            "SELECT kind, currency, id FROM ledger_accounts WHERE owner = ? AND kind IN (?, ?, ?, ?)",
+            (name, AccountKind.partner_deposit, AccountKind.partner_credit,
+             AccountKind.collateral_usage, AccountKind.fee_income),
+        ).fetchall()  # fmt: skip
+        by_kind: dict[int, dict[str, int]] = {}
+        for kind, currency, account_id in accounts:
+            by_kind.setdefault(kind, {})[currency] = account_id
+        collateral_kind = COLLATERAL_KINDS[row.collateral][0] if row.collateral in COLLATERAL_KINDS else None
+        return PartnerState(
+            name=row.name,
+            balance_mode=row.balance_mode,
+            collateral=row.collateral,
+            collateral_account_ids=dict(by_kind.get(collateral_kind, {})) if collateral_kind else {},
+            collateral_usage_account_ids=by_kind.get(AccountKind.collateral_usage, {}),
+            fee_income_account_ids=by_kind.get(AccountKind.fee_income, {}),
+        )
+
+    def _refresh_partner(self, name: str) -> None:
+        if self._index is not None:
+            self._index.put_partner(self._partner_state(name))
+
+    def _refresh_card_on_commit(self, card_id: int) -> None:
+        if self._index is None:
+            return
+        index = self._index
+
+        def refresh() -> None:
+            found = self._conn.execute(_CARD_STATE_QUERY + " WHERE c.id = ?", (card_id,)).fetchone()
+            assert found is not None
+            existing = index.card_by_id(card_id)
+            fresh = _card_state(found)
+            if existing is None:
+                index.put_card(fresh, found[0])
+                return
+            # In place: the hot path may hold a reference to this very object.
+            for field in attrs.fields(CardState):
+                setattr(existing, field.name, getattr(fresh, field.name))
+
+        self._on_commit(refresh)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_secret(secrets.token_hex(16))
+
+
+_USER_COLUMNS = (
+    "id, partner, first_name, last_name, phone, email, birth_date, state, kyc, wpin_hash, created_at"
+)
+_BALANCE_COLUMNS = "id, user_id, partner, currency, ledger_account_id, status, created_at"
+_CARD_COLUMNS = (
+    "id, user_id, balance_id, partner, config_id, card_type, pan_index, pan_enc, pan_first6,"
+    " pan_last4, expiry_yymm, status, lock_reason, wrong_pin_count, pvv, created_at"
+)
+_CARD_STATE_QUERY = (
+    "SELECT c.pan_index, c.id, c.user_id, c.balance_id, c.partner, c.config_id, c.card_type,"
+    " c.pan_first6, c.pan_last4, c.expiry_yymm, c.status, c.lock_reason, c.wrong_pin_count,"
+    " c.pvv, b.currency, b.ledger_account_id FROM cards c JOIN balances b ON b.id = c.balance_id"
+)
+
+
+def _card_state(row: tuple[Any, ...]) -> CardState:
+    return CardState(
+        row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+        CardStatus(row[10]), row[11], row[12], row[13], row[14], row[15],
+    )  # fmt: skip
+
+
+def _card_row(row: tuple[Any, ...]) -> CardRow:
+    values = list(row)
+    values[11] = CardStatus(values[11])
+    return CardRow(*values)
+
+
+def _card_tuple(row: CardRow) -> tuple[Any, ...]:
+    values = attrs.astuple(row)
+    return (*values[:11], int(row.status), *values[12:])
+
+
+def _account_spec(row: tuple[Any, ...]) -> AccountSpec:
+    account_id, currency, kind, flags, user_data = row
+    return AccountSpec(
+        id=account_id,
+        currency=currency,
+        kind=AccountKind(kind),
+        flags=AccountFlags(flags),
+        user_data=user_data,
+    )
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
+    db["sequences"].create({"name": str, "value": int}, pk="name", not_null={"value"})
+    db["sequences"].insert({"name": MANAGEMENT_TRANSFER_SEQUENCE, "value": 0})
+    db["partners"].create(
+        {"name": str, "balance_mode": str, "collateral": str, "created_at": str},
+        pk="name",
+        not_null={"balance_mode", "collateral", "created_at"},
+    )
+    db["programs"].create(
+        {"config_id": str, "partner": str, "bin": str, "card_type": str, "currency": str,
+         "expiry_years": int, "fees_json": str, "limits_json": str},
+        pk="config_id",
+        not_null={"partner", "bin", "card_type", "currency", "expiry_years", "fees_json", "limits_json"},
+        foreign_keys=[("partner", "partners", "name")],
+    )  # fmt: skip
+    db["users"].create(
+        {"id": int, "partner": str, "first_name": str, "last_name": str, "phone": str,
+         "email": str, "birth_date": str, "state": str, "kyc": str, "wpin_hash": str,
+         "created_at": str},
+        pk="id",
+        not_null={"partner", "kyc", "state", "wpin_hash", "created_at"},
+        foreign_keys=[("partner", "partners", "name")],
+    )  # fmt: skip
+    db["users"].create_index(["partner", "phone"])
+    db["users"].create_index(["partner", "email"])
+    db["ledger_accounts"].create(
+        {"id": int, "kind": int, "currency": str, "owner": str, "flags": int, "user_data": int},
+        pk="id",
+        not_null={"kind", "currency", "owner", "flags", "user_data"},
+    )
+    # One system or partner account per (kind, currency, owner); user balances have many.
+    db.execute(
+        "CREATE UNIQUE INDEX ledger_accounts_role ON ledger_accounts (kind, currency, owner)"
+        f" WHERE kind != {int(AccountKind.user_balance)}"
+    )
+    db["balances"].create(
+        {"id": int, "user_id": int, "partner": str, "currency": str, "ledger_account_id": int,
+         "status": str, "created_at": str},
+        pk="id",
+        not_null={"user_id", "partner", "currency", "ledger_account_id", "status", "created_at"},
+        foreign_keys=[("user_id", "users", "id"), ("ledger_account_id", "ledger_accounts", "id")],
+    )  # fmt: skip
+    db["balances"].create_index(["ledger_account_id"], unique=True)
+    db["balances"].create_index(["user_id"])
+    db["partner_balances"].create(
+        {"partner": str, "type": str, "currency": str, "ledger_account_id": int, "low_threshold": int},
+        pk=("partner", "type", "currency"),
+        not_null={"ledger_account_id", "low_threshold"},
+        foreign_keys=[("partner", "partners", "name"), ("ledger_account_id", "ledger_accounts", "id")],
+    )
+    db["cards"].create(
+        {"id": int, "user_id": int, "balance_id": int, "partner": str, "config_id": str,
+         "card_type": str, "pan_index": bytes, "pan_enc": bytes, "pan_first6": str,
+         "pan_last4": str, "expiry_yymm": str, "status": int, "lock_reason": int,
+         "wrong_pin_count": int, "pvv": str, "created_at": str},
+        pk="id",
+        not_null={"user_id", "balance_id", "partner", "config_id", "card_type", "pan_index",
+                  "pan_enc", "pan_first6", "pan_last4", "expiry_yymm", "status", "lock_reason",
+                  "wrong_pin_count", "pvv", "created_at"},
+        foreign_keys=[("user_id", "users", "id"), ("balance_id", "balances", "id"),
+                      ("config_id", "programs", "config_id")],
+    )  # fmt: skip
+    db["cards"].create_index(["pan_index"], unique=True)
+    db["cards"].create_index(["balance_id"])
+    db["cards"].create_index(["user_id"])
+    db["admins"].create(
+        {"username": str, "role": str, "password_hash": str},
+        pk="username",
+        not_null={"role", "password_hash"},
+    )

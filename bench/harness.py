@@ -1,0 +1,393 @@
+"""The benchmark (CONTRACT.md section 6): authsrv against the codec + transport baseline.
+
+For each target the harness offers the simulator's open-loop mix at a rising series of rates
+(stopping once p99 passes `p99_stop_ms` or the achieved rate falls under `achieved_stop_ratio` of
+the offered one), measures the server's CPU seconds per 1,000 authorizations from /proc/PID/stat,
+and reports the highest rate sustained with p99 under `sustain_p99_ms`. The load generator runs in
+this process, so each step also records the generator's own CPU share: near 1.0 means the client,
+not the server, was the limit of that step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import msgspec
+import trio
+
+from simulators.network.cards import load_cards, write_synthetic_cards
+from simulators.network.load import LoadConfig, LoadError, run_load
+from simulators.network.pinblock import load_zpk
+from simulators.network.report import LoadReport
+from simulators.network.target import (
+    ChildProcess,
+    Ports,
+    TargetError,
+    free_port,
+    init_and_seed,
+    ledger_verify,
+    start_authsrv,
+    start_baseline,
+)
+
+TARGETS = ("authsrv", "baseline")
+RATES_MAX = 50  # steps per target
+USERS_MAX = 1_000_000
+STEP_SECONDS_MAX = 600.0
+SEED_AMOUNT_MINOR = 1_000_000  # 10,000.00 per balance: the mix spends a few hundred per card per run
+SYNTHETIC_CARDS = 20_000  # cards the baseline is driven with when authsrv did not seed any
+CLIENT_SATURATED_SHARE = 0.9  # generator CPU / wall time above which a step measured the client
+QUICK_RATES = (300.0, 600.0)
+QUICK_STEP_SECONDS = 1.5
+QUICK_USERS = 1_000
+
+
+@attrs.frozen(kw_only=True)
+class BenchConfig:
+    rates: tuple[float, ...] = (1000.0, 2000.0, 4000.0, 6000.0, 8000.0)
+    step_seconds: float = 10.0
+    users: int = 20_000
+    cards_per_user: int = 1
+    connections: int = 8
+    targets: tuple[str, ...] = TARGETS
+    out_dir: Path = Path("bench/results")
+    p99_stop_ms: float = 50.0
+    achieved_stop_ratio: float = 0.9
+    sustain_p99_ms: float = 10.0
+    timeout_s: float = 5.0
+    pause_s: float = 1.0  # between steps, so one step's tail does not land in the next
+    seed: int = 1
+    quick: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 < len(self.rates) <= RATES_MAX or any(rate <= 0 for rate in self.rates):
+            raise ValueError(f"rates: 1..{RATES_MAX} positive values")
+        if list(self.rates) != sorted(self.rates):
+            raise ValueError("rates must rise: stepping stops at the first overloaded one")
+        if not 0 < self.step_seconds <= STEP_SECONDS_MAX:
+            raise ValueError(f"step_seconds must be in (0, {STEP_SECONDS_MAX}]")
+        if not 0 < self.users <= USERS_MAX:
+            raise ValueError(f"users must be in 1..{USERS_MAX}")
+        if not self.targets or set(self.targets) - set(TARGETS):
+            raise ValueError(f"targets: a subset of {TARGETS}")
+
+    @classmethod
+    def quick_preset(cls, **overrides: object) -> BenchConfig:
+        """Short steps at modest rates: exercises every part of the harness in seconds."""
+        settings = {"rates": QUICK_RATES, "step_seconds": QUICK_STEP_SECONDS, "users": QUICK_USERS,
+                    "connections": 2, "pause_s": 0.2, "quick": True}  # fmt: skip
+        settings.update(overrides)
+        return cls(**settings)
+
+
+class Machine(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_model: str
+    cores: int
+    python: str
+    platform: str
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    offered_rate_per_s: float
+    achieved_rate_per_s: float
+    sent: int
+    answered: int
+    timeouts: int
+    lost: int
+    mismatches: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    service_p99_ms: float
+    send_lag_p99_ms: float
+    code_mix: dict[str, int]
+    server_cpu_s: float
+    cpu_s_per_1000: float | None  # server CPU seconds per 1,000 answered authorizations
+    client_cpu_share: float  # load generator CPU / wall time during the step
+    client_saturated: bool
+
+
+class TargetResult(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    steps: list[Step]
+    sustained_rate_per_s: float | None  # highest offered rate with p99 < sustain_p99_ms, all answered
+    stop_reason: str
+    error: str | None = None
+    server_exit_code: int | None = None
+    ledger_verify_exit_code: int | None = None
+
+
+class RateRatio(msgspec.Struct, frozen=True, kw_only=True):
+    offered_rate_per_s: float
+    cpu_s_per_1000: float | None  # authsrv / baseline
+    p50: float | None
+    p99: float | None
+
+
+class Ratios(msgspec.Struct, frozen=True, kw_only=True):
+    """authsrv / baseline: above 1 means authsrv costs more (CPU, latency) or sustains more (rate)."""
+
+    sustained_rate: float | None
+    per_rate: list[RateRatio]
+
+
+class BenchResults(msgspec.Struct, frozen=True, kw_only=True):
+    created_utc: str
+    machine: Machine
+    settings: dict[str, object]
+    targets: dict[str, TargetResult]
+    ratios: Ratios | None
+
+
+def machine_info() -> Machine:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return Machine(
+        cpu_model=cpu_model,
+        cores=os.cpu_count() or 0,
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
+
+
+def step_from_report(report: LoadReport, *, server_cpu_s: float, client_cpu_s: float, wall_s: float) -> Step:
+    share = round(client_cpu_s / wall_s, 3) if wall_s > 0 else 0.0
+    return Step(
+        offered_rate_per_s=report.offered_rate_per_s,
+        achieved_rate_per_s=report.achieved_rate_per_s,
+        sent=report.sent,
+        answered=report.answered,
+        timeouts=report.timeouts,
+        lost=report.lost,
+        mismatches=report.mismatches,
+        p50_ms=report.latency.p50_ms,
+        p90_ms=report.latency.p90_ms,
+        p99_ms=report.latency.p99_ms,
+        p999_ms=report.latency.p999_ms,
+        max_ms=report.latency.max_ms,
+        service_p99_ms=report.service_time.p99_ms,
+        send_lag_p99_ms=report.send_lag.p99_ms,
+        code_mix=report.codes,
+        server_cpu_s=round(server_cpu_s, 3),
+        cpu_s_per_1000=round(server_cpu_s / (report.answered / 1000), 4) if report.answered else None,
+        client_cpu_share=share,
+        client_saturated=share >= CLIENT_SATURATED_SHARE,
+    )
+
+
+def overload_reason(step: Step, config: BenchConfig) -> str | None:
+    """Why stepping stops after this step, or None to go on."""
+    if step.p99_ms > config.p99_stop_ms:
+        return f"p99 {step.p99_ms:.1f} ms > {config.p99_stop_ms:.0f} ms at {step.offered_rate_per_s:.0f}/s"
+    if step.achieved_rate_per_s < config.achieved_stop_ratio * step.offered_rate_per_s:
+        return (f"achieved {step.achieved_rate_per_s:.0f}/s < {config.achieved_stop_ratio:.0%} of "
+                f"{step.offered_rate_per_s:.0f}/s")  # fmt: skip
+    return None
+
+
+def sustained_rate(steps: list[Step], config: BenchConfig) -> float | None:
+    good = [
+        step.offered_rate_per_s
+        for step in steps
+        if step.p99_ms < config.sustain_p99_ms
+        and step.achieved_rate_per_s >= config.achieved_stop_ratio * step.offered_rate_per_s
+        and step.timeouts == 0
+        and step.lost == 0
+    ]
+    return max(good) if good else None
+
+
+def run_steps(
+    name: str, server: ChildProcess, *, port: int, cards_path: Path, zpk: bytes | None, config: BenchConfig,
+    log: Callable[[str], None],
+) -> tuple[list[Step], str]:  # fmt: skip
+    """Offer each rate in turn; returns the steps and why stepping ended."""
+    steps: list[Step] = []
+    cards = load_cards(cards_path)  # once per target, not once per step
+    for rate in config.rates:  # bounded: RATES_MAX
+        load = LoadConfig(
+            cards_path=cards_path, port=port, rate_per_s=rate, duration_s=config.step_seconds,
+            connections=config.connections, timeout_s=config.timeout_s, seed=config.seed + len(steps), zpk=zpk,
+        )  # fmt: skip
+        server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
+        report = trio.run(functools.partial(run_load, load, cards=cards))
+        server_cpu_s = server.cpu_s() - server_before
+        step = step_from_report(
+            report, server_cpu_s=server_cpu_s, client_cpu_s=time.process_time() - client_before,
+            wall_s=time.perf_counter() - wall_before,
+        )  # fmt: skip
+        steps.append(step)
+        log(_step_line(name, step))
+        if not server.running():
+            return steps, f"server exited with {server.process.returncode}"
+        reason = overload_reason(step, config)
+        if reason:
+            return steps, reason
+        time.sleep(config.pause_s)
+    return steps, "all rates offered"
+
+
+def _step_line(name: str, step: Step) -> str:
+    cpu = f"{step.cpu_s_per_1000:.3f}" if step.cpu_s_per_1000 is not None else "-"
+    return (
+        f"{name:<9} offered {step.offered_rate_per_s:>7,.0f}/s achieved {step.achieved_rate_per_s:>7,.0f}/s"
+        f"  p50 {step.p50_ms:7.2f}  p99 {step.p99_ms:7.2f}  p99.9 {step.p999_ms:7.2f}  max {step.max_ms:7.2f} ms"
+        f"  cpu/1000 {cpu} s  client {step.client_cpu_share:.0%}{' SATURATED' if step.client_saturated else ''}"
+    )
+
+
+def bench_authsrv(config: BenchConfig, work: Path, log: Callable[[str], None]) -> tuple[TargetResult, Path | None]:
+    """Init, seed, serve, step, stop, verify. Returns the result and the cards file (if seeded)."""
+    data, log_path = work / "data", work / "authsrv.log"
+    log(f"authsrv: init + seed {config.users} users in {data} (log {log_path})")
+    try:
+        cards_path = init_and_seed(data, users=config.users, cards_per_user=config.cards_per_user,
+                                   amount_minor=SEED_AMOUNT_MINOR, log_path=log_path)  # fmt: skip
+        zpk_path = data / "keys" / "zpk.hex"
+        zpk = load_zpk(zpk_path) if zpk_path.exists() else None
+        ports = Ports.free()
+        server = start_authsrv(data, ports, log_path)
+    except (TargetError, OSError, ValueError) as error:
+        return TargetResult(name="authsrv", steps=[], sustained_rate_per_s=None, stop_reason="not started",
+                            error=str(error)), None  # fmt: skip
+    steps: list[Step] = []
+    error = None
+    try:
+        steps, reason = run_steps("authsrv", server, port=ports.iso, cards_path=cards_path, zpk=zpk,
+                                  config=config, log=log)  # fmt: skip
+    except (LoadError, TargetError, OSError, ValueError) as failure:
+        reason, error = "load failed", str(failure)
+    finally:
+        exit_code = server.stop()
+    verify = ledger_verify(data, log_path)
+    log(f"authsrv: server exit {exit_code}, ledger verify exit {verify.exit_code}")
+    return TargetResult(
+        name="authsrv", steps=steps, sustained_rate_per_s=sustained_rate(steps, config), stop_reason=reason,
+        error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify.exit_code,
+    ), cards_path  # fmt: skip
+
+
+def bench_baseline(
+    config: BenchConfig, work: Path, cards_path: Path | None, log: Callable[[str], None]
+) -> TargetResult:
+    if cards_path is None:  # no seeded cards: same file format, synthetic numbers
+        cards_path = work / "synthetic-cards.jsonl"
+        write_synthetic_cards(cards_path, min(SYNTHETIC_CARDS, config.users * config.cards_per_user), seed=config.seed)
+    port, log_path = free_port(), work / "baseline.log"
+    try:
+        server = start_baseline(port, log_path)
+    except (TargetError, OSError) as error:
+        return TargetResult(name="baseline", steps=[], sustained_rate_per_s=None, stop_reason="not started",
+                            error=str(error))  # fmt: skip
+    steps: list[Step] = []
+    error = None
+    try:
+        steps, reason = run_steps("baseline", server, port=port, cards_path=cards_path, zpk=None,
+                                  config=config, log=log)  # fmt: skip
+    except (LoadError, TargetError, OSError, ValueError) as failure:
+        reason, error = "load failed", str(failure)
+    finally:
+        exit_code = server.stop()
+    return TargetResult(name="baseline", steps=steps, sustained_rate_per_s=sustained_rate(steps, config),
+                        stop_reason=reason, error=error, server_exit_code=exit_code)  # fmt: skip
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def compute_ratios(targets: dict[str, TargetResult]) -> Ratios | None:
+    if "authsrv" not in targets or "baseline" not in targets:
+        return None
+    ours, floor = targets["authsrv"], targets["baseline"]
+    floor_steps = {step.offered_rate_per_s: step for step in floor.steps}
+    per_rate = [
+        RateRatio(
+            offered_rate_per_s=step.offered_rate_per_s,
+            cpu_s_per_1000=_ratio(step.cpu_s_per_1000, floor_steps[step.offered_rate_per_s].cpu_s_per_1000),
+            p50=_ratio(step.p50_ms, floor_steps[step.offered_rate_per_s].p50_ms),
+            p99=_ratio(step.p99_ms, floor_steps[step.offered_rate_per_s].p99_ms),
+        )
+        for step in ours.steps
+        if step.offered_rate_per_s in floor_steps
+    ]
+    return Ratios(sustained_rate=_ratio(ours.sustained_rate_per_s, floor.sustained_rate_per_s), per_rate=per_rate)
+
+
+def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> BenchResults:
+    """Run every target, write latest.json and latest.png into `config.out_dir`, return the results."""
+    work = Path(tempfile.mkdtemp(prefix="authsrv-bench-"))
+    targets: dict[str, TargetResult] = {}
+    try:
+        cards_path = None
+        if "authsrv" in config.targets:
+            targets["authsrv"], cards_path = bench_authsrv(config, work, log)
+        if "baseline" in config.targets:
+            targets["baseline"] = bench_baseline(config, work, cards_path, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # holds the seeded cards file (PANs, PINs)
+    results = BenchResults(
+        created_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        settings=_settings(config),
+        targets=targets,
+        ratios=compute_ratios(targets),
+    )
+    write_results(results, config.out_dir)
+    return results
+
+
+def _settings(config: BenchConfig) -> dict[str, object]:
+    settings = attrs.asdict(config)
+    settings["out_dir"] = str(config.out_dir)
+    settings["rates"] = list(config.rates)
+    settings["targets"] = list(config.targets)
+    return settings
+
+
+def write_results(results: BenchResults, out_dir: Path) -> None:
+    from bench.plot import write_latency_plot  # matplotlib is slow to import: only when writing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
+    write_latency_plot(results, out_dir / "latest.png")
+
+
+def load_results(path: Path) -> BenchResults:
+    return msgspec.json.decode(path.read_bytes(), type=BenchResults)
+
+
+def summary(results: BenchResults) -> str:
+    lines = [f"machine: {results.machine.cpu_model}, {results.machine.cores} cores, Python {results.machine.python}"]
+    for target in results.targets.values():
+        sustained = f"{target.sustained_rate_per_s:,.0f}/s" if target.sustained_rate_per_s else "none"
+        lines.append(f"{target.name}: sustained with p99 < 10 ms: {sustained}; stopped: {target.stop_reason}")
+        if target.error:
+            lines.append(f"  error: {target.error.splitlines()[0]}")
+        lines += ["  " + _step_line(target.name, step) for step in target.steps]
+    if results.ratios:
+        lines.append(f"authsrv / baseline sustained rate: {results.ratios.sustained_rate}")
+        for ratio in results.ratios.per_rate:
+            lines.append(f"  at {ratio.offered_rate_per_s:,.0f}/s: cpu/1000 x{ratio.cpu_s_per_1000}"
+                         f"  p50 x{ratio.p50}  p99 x{ratio.p99}")  # fmt: skip
+    return "\n".join(lines)
+

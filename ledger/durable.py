@@ -1,0 +1,354 @@
+"""The durable ledger: the in-memory `Ledger` plus its write-ahead log and snapshots.
+
+One rule makes it crash-safe: every batch is applied to memory and appended to the log in the same
+order, and its caller is answered only after `wait_durable(seq)`. The log on disk is always a
+prefix of the applied batches and `Ledger.apply` is deterministic, so a restart (newest snapshot,
+then every logged batch after it) rebuilds exactly the state of that prefix. A crash can lose only
+batches whose callers were never answered.
+
+Directory layout: the log segments (`wal-*.log`) and the snapshots (`snapshot-*.snap`) side by side.
+A snapshot holds msgpack `[ledger.to_snapshot(), app_snapshot]`; `app_snapshot` is the embedding
+application's own state image, taken at the same instant, and each batch's `app` bytes are handed
+back on replay, so the application's state rides on the same commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import msgspec
+import trio
+
+from ledger.snapshot import list_snapshots, load_latest_snapshot, write_snapshot
+from ledger.state import Ledger
+from ledger.types import AccountSpec, Batch, BatchResult, TransferSpec
+from ledger.wal import RECORD_SIZE_MAX, SEQ_FIRST, Wal, WalError
+
+log = logging.getLogger("ledger.durable")
+
+_OnApp = Callable[[int, bytes], None]
+_Finish = Callable[[BatchResult], bytes]
+
+
+class LedgerRecoveryError(WalError):
+    """Snapshot and log do not fit together, or a logged batch cannot be decoded."""
+
+
+class LedgerFailedError(RuntimeError):
+    """An earlier apply raised: memory may differ from the log, so no more batches are taken."""
+
+
+class _SnapshotImage(msgspec.Struct, array_like=True, frozen=True):
+    ledger: bytes
+    app: bytes
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(_SnapshotImage)
+
+# msgpack ints stop at 2**64 - 1 but ids go up to 2**127 - 1: such a batch is logged with the wide
+# ints as ext type _EXT_WIDE_INT (the same convention as Ledger.to_snapshot) and decoded untyped,
+# then converted. Rare, so the common path stays one typed encode and one typed decode.
+_EXT_WIDE_INT = 1
+_MSGPACK_INT_MIN = -(2**63)
+_MSGPACK_INT_MAX = 2**64 - 1
+_BATCH_TAG = "b"
+
+
+def encode_batch(encoder: msgspec.msgpack.Encoder, batch: Batch) -> bytes:
+    try:
+        return encoder.encode(batch)
+    except OverflowError:
+        return encoder.encode([_BATCH_TAG, *_widen(batch)])
+
+
+def decode_batch(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Batch:
+    """Inverse of encode_batch; raises msgspec.DecodeError (incl. ValidationError)."""
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError:
+        rows = msgspec.msgpack.decode(payload, ext_hook=_ext_hook)
+        return msgspec.convert(rows, Batch)
+
+
+def _widen(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX:
+            return value
+        size = (value.bit_length() + 8) // 8  # room for the sign bit
+        return msgspec.msgpack.Ext(_EXT_WIDE_INT, value.to_bytes(size, "big", signed=True))
+    if isinstance(value, msgspec.Struct):  # array_like: encoded as its fields in order
+        return [_widen(item) for item in msgspec.structs.astuple(value)]
+    if isinstance(value, (list, tuple)):
+        return [_widen(item) for item in value]
+    return value
+
+
+def _ext_hook(code: int, data: memoryview) -> int:
+    if code != _EXT_WIDE_INT:
+        raise msgspec.DecodeError(f"unknown msgpack ext type {code} in a logged batch")
+    return int.from_bytes(data, "big", signed=True)
+
+
+def check_coverage(log_first_seq: int, log_last_seq: int, snapshot_seq: int) -> None:
+    """The log must hold every record after the snapshot, and must not end before it."""
+    if log_first_seq > snapshot_seq + 1:
+        raise LedgerRecoveryError(
+            f"log starts at seq {log_first_seq} but snapshot covers only up to seq {snapshot_seq}"
+        )
+    if log_last_seq < snapshot_seq:
+        raise LedgerRecoveryError(
+            f"log ends at seq {log_last_seq} but snapshot covers up to seq {snapshot_seq}"
+        )
+
+
+def replay_into(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) -> int:
+    """Apply every durable logged batch with seq >= from_seq; return how many were applied."""
+    decoder = msgspec.msgpack.Decoder(Batch)
+    applied = 0
+    seq_expected = from_seq
+    for seq, payload in wal.replay(from_seq):
+        assert seq == seq_expected, (seq, seq_expected)
+        try:
+            batch = decode_batch(decoder, payload)
+        except msgspec.DecodeError as error:
+            raise LedgerRecoveryError(f"logged batch at seq {seq} does not decode: {error}") from None
+        ledger.apply(batch)
+        if on_app is not None and batch.app:
+            on_app(seq, batch.app)
+        applied += 1
+        seq_expected += 1
+    assert seq_expected == wal.durable_seq + 1 or applied == 0
+    return applied
+
+
+def decode_snapshot(payload: bytes) -> tuple[Ledger, bytes]:
+    try:
+        image = _snapshot_decoder.decode(payload)
+    except msgspec.DecodeError as error:
+        raise LedgerRecoveryError(f"snapshot payload does not decode: {error}") from None
+    return Ledger.from_snapshot(image.ledger), image.app
+
+
+class DurableLedger:
+    """What the server and the CLI use. Build with `DurableLedger.open`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        wal: Wal,
+        ledger: Ledger,
+        *,
+        snapshot_seq: int,
+        app_snapshot: bytes,
+        clock_ns: Callable[[], int],
+    ) -> None:
+        assert snapshot_seq <= wal.last_seq
+        self.directory = directory
+        self.ledger = ledger
+        self.snapshot_seq = snapshot_seq  # the seq the loaded (or last written) snapshot covers
+        self.app_snapshot = app_snapshot  # the application's blob from the snapshot loaded
+        self._wal = wal
+        self._clock_ns = clock_ns
+        self._encoder = msgspec.msgpack.Encoder()
+        self._failed: BaseException | None = None
+        self._snapshot_running = False
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        on_app: _OnApp | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+        check_invariants: bool = True,
+        **wal_options,
+    ) -> DurableLedger:
+        """Recover: newest snapshot, then every logged batch after it, then check invariants.
+
+        `on_app(seq, app)` is called for each replayed batch whose `app` is non-empty, in log
+        order. `wal_options` go to `Wal.open` (segment_size_max, on_commit, buffer_bytes_max).
+        """
+        directory = Path(directory)
+        started = time.perf_counter()
+        wal = Wal.open(directory, **wal_options)
+        try:
+            loaded = load_latest_snapshot(directory, log_first_seq=wal.first_seq)
+            if loaded is None:
+                snapshot_seq, ledger, app_snapshot = 0, Ledger(), b""
+            else:
+                snapshot_seq = loaded[0]
+                ledger, app_snapshot = decode_snapshot(loaded[1])
+            check_coverage(wal.first_seq, wal.last_seq, snapshot_seq)
+            applied = replay_into(ledger, wal, snapshot_seq + 1, on_app)
+            if check_invariants:
+                ledger.check_invariants()
+        except BaseException:
+            wal.close()
+            raise
+        log.info(
+            "ledger recovered from %s: snapshot seq %d, %d logged batches replayed, last seq %d, "
+            "%.3f s",
+            directory,
+            snapshot_seq,
+            applied,
+            wal.last_seq,
+            time.perf_counter() - started,
+        )
+        return cls(
+            directory,
+            wal,
+            ledger,
+            snapshot_seq=snapshot_seq,
+            app_snapshot=app_snapshot,
+            clock_ns=clock_ns,
+        )
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def wal(self) -> Wal:
+        return self._wal
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last batch applied (and appended; maybe not yet durable)."""
+        return self._wal.last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._wal.durable_seq
+
+    # ----------------------------------------------------------------------------- the hot path
+
+    def submit(self, batch: Batch, *, finish: _Finish | None = None) -> tuple[BatchResult, int]:
+        """Apply to memory and append to the log, in that order; return (result, seq).
+
+        Answer the caller only after `await wait_durable(seq)`. The batch is logged as given
+        (apply is deterministic, so replay clamps the timestamp the same way); timestamp_ns=0
+        means "now" and is replaced by clock_ns() before applying and logging.
+
+        `finish(result) -> bytes`, if given, runs right after apply and returns the `app` bytes
+        to log with this batch (e.g. an authorization record that states the decision the result
+        implies), so the application's record and the ledger change share one durable commit.
+
+        Raises WalFullError with nothing applied when the log buffer is full (back off).
+        """
+        if self._failed is not None:
+            raise LedgerFailedError("an earlier apply failed; restart to recover") from self._failed
+        if batch.timestamp_ns == 0:
+            batch = msgspec.structs.replace(batch, timestamp_ns=self._clock_ns())
+        if finish is None:
+            payload = encode_batch(self._encoder, batch)
+            room = len(payload)
+        else:
+            assert not batch.app, "finish() supplies the app bytes"
+            payload, room = b"", RECORD_SIZE_MAX  # size unknown until finish(): reserve a record
+        # Check for room first: once applied, the batch must reach the log, or a later
+        # replay would diverge from what callers were told.
+        self._wal.ensure_room(room)
+        try:
+            result = self.ledger.apply(batch)
+        except BaseException as error:
+            self._failed = error
+            log.critical("ledger apply raised; refusing further batches", exc_info=True)
+            raise
+        if finish is not None:
+            payload = self._encode_finished(batch, result, finish)
+        seq = self._wal.append(payload)
+        return result, seq
+
+    def _encode_finished(self, batch: Batch, result: BatchResult, finish: _Finish) -> bytes:
+        """The batch with finish()'s app bytes; without them if finish raises (the ledger change
+        is applied and must be logged either way), after which the error propagates."""
+        try:
+            app = finish(result)
+            assert isinstance(app, bytes), type(app)
+        except BaseException:
+            self._wal.append(encode_batch(self._encoder, batch))
+            raise
+        return encode_batch(self._encoder, msgspec.structs.replace(batch, app=app))
+
+    def submit_now(
+        self,
+        *,
+        accounts: Iterable[AccountSpec] = (),
+        transfers: Iterable[TransferSpec] = (),
+        app: bytes = b"",
+    ) -> tuple[BatchResult, int]:
+        """submit() a batch stamped with clock_ns()."""
+        batch = Batch(
+            timestamp_ns=self._clock_ns(),
+            accounts=tuple(accounts),
+            transfers=tuple(transfers),
+            app=app,
+        )
+        return self.submit(batch)
+
+    async def wait_durable(self, seq: int) -> None:
+        await self._wal.wait_durable(seq)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the log's group committer (for the life of the service)."""
+        await self._wal.run_committer(task_status=task_status)
+
+    def flush_sync(self) -> None:
+        self._wal.flush_sync()
+
+    # ----------------------------------------------------------------------------- snapshots
+
+    def snapshot(self, app_snapshot: bytes = b"") -> int:
+        """Write a snapshot of the state at last_seq; drop log segments no snapshot needs.
+
+        Synchronous. What must not change while it runs: the ledger (no submit) and the
+        application state `app_snapshot` was taken from -- the snapshot claims to be exactly the
+        state after last_seq. Called from the trio thread this holds by construction (it does
+        not yield); from a worker thread, the caller must pause submissions until it returns.
+        It blocks for the serialization, the file write and two fsyncs.
+        """
+        self._wal.flush_sync()
+        seq = self._wal.last_seq
+        assert self._wal.durable_seq >= seq, "a snapshot may only cover durable records"
+        image = _SnapshotImage(self.ledger.to_snapshot(), app_snapshot)
+        assert self._wal.last_seq == seq, "the ledger changed during the snapshot"
+        self._store_snapshot(seq, _snapshot_encoder.encode(image))
+        return seq
+
+    async def snapshot_async(self, app_snapshot: bytes = b"") -> int:
+        """Like snapshot(), but only the serialization blocks the event loop.
+
+        The state is captured synchronously at the call (so `app_snapshot` must be taken in the
+        same step, e.g. `await dl.snapshot_async(app.to_snapshot())`); then it waits for the log to
+        be durable up to that seq and writes the file in a worker thread. Submissions continue.
+        """
+        if self._snapshot_running:
+            raise RuntimeError("a snapshot is already being written")
+        seq = self._wal.last_seq
+        image = _SnapshotImage(self.ledger.to_snapshot(), app_snapshot)
+        self._snapshot_running = True
+        try:
+            payload = _snapshot_encoder.encode(image)
+            if seq > 0:
+                await self._wal.wait_durable(seq)
+            await trio.to_thread.run_sync(self._store_snapshot, seq, payload)
+        finally:
+            self._snapshot_running = False
+        return seq
+
+    def _store_snapshot(self, seq: int, payload: bytes) -> None:
+        assert seq <= self._wal.durable_seq
+        write_snapshot(self.directory, seq, payload)
+        self.snapshot_seq = seq
+        # Keep the log from the OLDEST kept snapshot on, not just this one: should this newest
+        # snapshot be damaged, recovery falls back to the previous one and needs the records
+        # after it (ledger.snapshot keeps SNAPSHOTS_KEPT of them).
+        oldest_kept = list_snapshots(self.directory)[0][0]
+        assert oldest_kept <= seq
+        self._wal.truncate_before(oldest_kept + SEQ_FIRST)
+
+    def close(self) -> None:
+        """Flush what is buffered (unless failed) and close the log."""
+        self._wal.close()

@@ -1,0 +1,658 @@
+"""Write-ahead log: append-only segments of framed records, group commit on trio.
+
+The log knows nothing of what it stores: records are opaque bytes, numbered by a contiguous
+sequence number starting at 1.
+
+On disk, a log is a directory of segment files `wal-<first_seq:020d>.log`. A segment is a run of
+records, each framed as
+
+    length u32 | seq u64 | crc32c u32 | payload (length bytes)        little-endian
+
+where the CRC32C covers (length, seq, payload). Segments are append-only; a new segment starts
+when the active one would grow past `segment_size_max`.
+
+Durability (the issue's words): commit groups the records of many concurrent callers into one
+write and one fsync, in a worker thread so the trio event loop never blocks; a caller resumes only
+after its record is on disk. A torn record at the tail of the last segment is truncated with a log
+line; a bad checksum or a sequence gap anywhere else stops recovery with `CorruptLogError` naming
+the file and the byte offset. An fsync error is fatal (`WalFatalError`): after a failed fsync the
+page cache may have dropped the dirty pages, so a retry could report success for data that never
+reached the disk (the PostgreSQL "fsyncgate" lesson). The directory is fsync'd whenever a segment
+is created or deleted.
+
+Threads: `append` and the hand-off of the buffer run in one thread, the trio thread while
+`run_committer` runs (any single thread otherwise). A handed-off group goes into a FIFO queue;
+whoever holds the write lock (the committer's worker thread, or `flush_sync`) writes every queued
+group in order, so no writer ever waits for another thread to make progress. `truncate_before` may
+run in any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import trio
+from crc32c import crc32c
+
+log = logging.getLogger("ledger.wal")
+
+RECORD_SIZE_MAX = 4 * 1024 * 1024  # one payload; a ledger batch is far smaller
+SEGMENT_SIZE_MAX = 64 * 1024 * 1024  # a segment is rotated before it would grow past this
+# Unwritten bytes held in memory. Past this, append refuses (WalFullError) and the caller backs
+# off: memory stays bounded even if the disk stalls under endless load. At ~200 bytes a record
+# this is ~80k records, hundreds of fsync times at full load.
+BUFFER_BYTES_MAX = 16 * 1024 * 1024
+# How far past a damaged record recovery looks for a valid later record before calling the damage
+# a torn tail. A valid record after the damage means acknowledged data would be lost by truncating.
+TAIL_PROBE_RECORDS = 8
+# A writer waits this long for the write lock (another writer's write + fsync) before giving up.
+WRITE_LOCK_WAIT_S_MAX = 120.0
+# A waiter is woken once per commit group that could contain its record; more means a bug.
+WAIT_ROUNDS_MAX = 8
+
+HEADER = struct.Struct("<IQI")  # length, seq, crc32c
+HEADER_SIZE = HEADER.size
+_LENGTH_SEQ = struct.Struct("<IQ")  # the part of the header the CRC covers
+_SEQ = struct.Struct("<Q")
+SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.log$")
+SEQ_FIRST = 1
+
+_OnCommit = Callable[[int, int, float], None]
+
+
+class WalError(Exception):
+    """The log cannot be used as asked (in use elsewhere, committer stopped...)."""
+
+
+class CorruptLogError(WalError):
+    """A record that is not a torn tail failed its checks. Never skipped silently."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(f"corrupt write-ahead log: {path} at byte offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class WalFullError(WalError):
+    """The unwritten buffer is at BUFFER_BYTES_MAX: the disk is behind. Back off and retry."""
+
+
+class WalFatalError(WalError):
+    """A write or fsync failed. The process must stop; the log must be reopened (recovered)."""
+
+
+def segment_path(directory: Path, first_seq: int) -> Path:
+    assert first_seq >= SEQ_FIRST
+    return directory / f"wal-{first_seq:020d}.log"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(first_seq, path) of every segment file, in sequence order."""
+    found = []
+    for path in directory.iterdir():
+        match = SEGMENT_NAME.match(path.name)
+        if match is not None:
+            found.append((int(match.group(1)), path))
+    found.sort()
+    return found
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    """One framed record (used by tests and tools; `Wal.append` inlines the same steps)."""
+    head = _LENGTH_SEQ.pack(len(payload), seq)
+    return HEADER.pack(len(payload), seq, crc32c(payload, crc32c(head))) + payload
+
+
+@attrs.frozen
+class _Damage:
+    offset: int
+    reason: str
+
+
+@attrs.frozen
+class _Scan:
+    """What a pass over one segment found: records [seq_first, seq_last] end at `end`."""
+
+    seq_first: int
+    seq_last: int  # seq_first - 1 when the segment holds no valid record
+    end: int  # byte offset just past the last valid record
+    damage: _Damage | None
+
+
+def _check_record(data: memoryview, offset: int, seq_expected: int) -> tuple[int, str | None]:
+    """Validate the record at `offset`; return (its end offset, None) or (offset, reason)."""
+    size = len(data)
+    if size - offset < HEADER_SIZE:
+        return offset, f"truncated header ({size - offset} of {HEADER_SIZE} bytes)"
+    length, seq, crc = HEADER.unpack_from(data, offset)
+    if length == 0 or length > RECORD_SIZE_MAX:
+        return offset, f"record length {length} out of range"
+    end = offset + HEADER_SIZE + length
+    if end > size:
+        return offset, f"truncated record (needs {end - offset} bytes, {size - offset} left)"
+    crc_actual = crc32c(data[offset + HEADER_SIZE : end], crc32c(data[offset : offset + 12]))
+    if crc_actual != crc:
+        return offset, f"checksum mismatch (seq field {seq})"
+    if seq != seq_expected:
+        return offset, f"sequence gap: expected seq {seq_expected}, found {seq}"
+    return end, None
+
+
+def _scan(data: memoryview, seq_first: int) -> _Scan:
+    """Walk the records of one segment from its start; stop at the first bad one."""
+    offset = 0
+    seq = seq_first - 1
+    # Each pass consumes at least HEADER_SIZE + 1 bytes: the loop is bounded by len(data).
+    while offset < len(data):
+        end, reason = _check_record(data, offset, seq + 1)
+        if reason is not None:
+            return _Scan(seq_first, seq, offset, _Damage(offset, reason))
+        assert end > offset
+        offset = end
+        seq += 1
+    return _Scan(seq_first, seq, offset, None)
+
+
+def _valid_record_after(data: memoryview, start: int, seq_after: int) -> int | None:
+    """Offset of a valid record numbered seq_after+1 .. seq_after+TAIL_PROBE_RECORDS past `start`.
+
+    Used to tell a torn tail (nothing valid follows) from damage in the middle of the data, e.g.
+    a flipped bit in a length field that makes a middle record look like it runs past the end.
+    """
+    raw = bytes(data[start:])
+    for seq in range(seq_after + 1, seq_after + 1 + TAIL_PROBE_RECORDS):
+        needle = _SEQ.pack(seq)
+        position = raw.find(needle, 4)
+        # Bounded: each find moves strictly forward through `raw`.
+        while position != -1:
+            offset = start + position - 4
+            _, reason = _check_record(data, offset, seq)
+            if reason is None:
+                return offset
+            position = raw.find(needle, position + 1)
+    return None
+
+
+@attrs.define
+class _Segment:
+    first_seq: int
+    path: Path
+    size: int
+
+
+def _fsync_directory(dir_fd: int) -> None:
+    os.fsync(dir_fd)
+
+
+class Wal:
+    """An append-only log with group commit. See the module docstring."""
+
+    def __init__(
+        self,
+        directory: Path,
+        dir_fd: int,
+        segments: list[_Segment],
+        first_seq: int,
+        last_seq: int,
+        *,
+        segment_size_max: int,
+        buffer_bytes_max: int,
+        on_commit: _OnCommit | None,
+    ) -> None:
+        # Use Wal.open: __init__ only stores what recovery established.
+        assert first_seq >= SEQ_FIRST and last_seq >= first_seq - 1
+        assert segment_size_max > HEADER_SIZE and buffer_bytes_max > HEADER_SIZE
+        self.directory = directory
+        self._dir_fd = dir_fd
+        self._segments = segments
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        self._segment_size_max = segment_size_max
+        self._buffer_bytes_max = buffer_bytes_max
+        self._on_commit = on_commit
+        # Records appended but not yet handed to a writer: framed bytes, seqs _buffer_first..last.
+        self._buffer = bytearray()
+        self._buffer_first = last_seq + 1
+        # Handed-off groups (first seq, last seq, framed bytes) in seq order, not yet written.
+        # The queue lock is held only for a deque operation, never during I/O, so the trio thread
+        # can hand off while a worker thread is in fsync.
+        self._queue: collections.deque[tuple[int, int, bytearray]] = collections.deque()
+        self._queue_lock = threading.Lock()
+        # Held while writing queued groups, rotating or deleting segments.
+        self._io_lock = threading.Lock()
+        self._written_seq = last_seq  # recovered records are on disk
+        self._active_fd: int | None = None
+        self._fatal: BaseException | None = None
+        self._closed = False
+        # Committer state, touched only in the trio thread.
+        self._committer_token: trio.lowlevel.TrioToken | None = None
+        self._committer_thread: int | None = None
+        self._committer_stopped = False
+        self._committer_idle = False
+        self._wakeup = trio.Event()
+        self._inflight_last_seq = last_seq
+        self._inflight_event = trio.Event()
+        self._next_event = trio.Event()
+
+    # ----------------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        segment_size_max: int = SEGMENT_SIZE_MAX,
+        buffer_bytes_max: int = BUFFER_BYTES_MAX,
+        on_commit: _OnCommit | None = None,
+    ) -> Wal:
+        """Open (creating the directory if needed) and recover the log in `directory`.
+
+        Takes an exclusive lock on the directory: two processes appending to one log would
+        interleave sequence numbers.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(dir_fd)
+            raise WalError(f"{directory} is in use by another process (locked)") from None
+        try:
+            segments, first_seq, last_seq = _recover(directory, dir_fd)
+        except BaseException:
+            os.close(dir_fd)  # closing the descriptor releases the lock
+            raise
+        return cls(
+            directory,
+            dir_fd,
+            segments,
+            first_seq,
+            last_seq,
+            segment_size_max=segment_size_max,
+            buffer_bytes_max=buffer_bytes_max,
+            on_commit=on_commit,
+        )
+
+    @property
+    def durable_seq(self) -> int:
+        """Last seq known to be on disk (written and fsync'd)."""
+        return self._written_seq
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    # ----------------------------------------------------------------------------- appending
+
+    def ensure_room(self, length: int) -> None:
+        """Raise now what append(payload of `length` bytes) would raise, changing nothing.
+
+        For callers that must not act before they know the record will be accepted.
+        """
+        assert 0 < length <= RECORD_SIZE_MAX, length
+        self._raise_if_fatal()
+        buffered = len(self._buffer)
+        if buffered and buffered + HEADER_SIZE + length > self._buffer_bytes_max:
+            raise WalFullError(f"write-ahead log buffer full ({buffered} bytes unwritten)")
+
+    def append(self, payload: bytes) -> int:
+        """Buffer one record; return its seq. Never blocks. Not durable until committed."""
+        length = len(payload)
+        assert 0 < length <= RECORD_SIZE_MAX, length
+        if self._fatal is not None:
+            raise WalFatalError("write-ahead log failed earlier; reopen to recover") from self._fatal
+        assert not self._closed
+        buffer = self._buffer
+        if buffer and len(buffer) + HEADER_SIZE + length > self._buffer_bytes_max:
+            raise WalFullError(f"write-ahead log buffer full ({len(buffer)} bytes unwritten)")
+        seq = self.last_seq + 1
+        crc = crc32c(payload, crc32c(_LENGTH_SEQ.pack(length, seq)))
+        buffer += HEADER.pack(length, seq, crc)
+        buffer += payload
+        self.last_seq = seq
+        if self._committer_idle:
+            self._committer_idle = False
+            self._wakeup.set()
+        return seq
+
+    def _hand_off(self) -> tuple[int, int]:
+        """Queue the whole buffer for writing; return (first seq, last seq) of the group."""
+        first, last, data = self._buffer_first, self.last_seq, self._buffer
+        assert (last - first + 1 > 0) == (len(data) > 0)
+        if data:
+            self._buffer = bytearray()
+            self._buffer_first = last + 1
+            with self._queue_lock:
+                self._queue.append((first, last, data))
+        return first, last
+
+    # ----------------------------------------------------------------------------- writing
+
+    def _write_through(self, seq: int) -> tuple[int, int, float]:
+        """Write and fsync queued groups in order until records up to `seq` are on disk. Any thread.
+
+        Returns (records, bytes, seconds in write + fsync) of what this call wrote; (0, 0, 0.0)
+        when another writer already did it. Raises WalFatalError on any I/O error.
+        """
+        if not self._io_lock.acquire(timeout=WRITE_LOCK_WAIT_S_MAX):
+            raise WalFatalError(f"gave up waiting {WRITE_LOCK_WAIT_S_MAX} s to write seq {seq}")
+        try:
+            records = size = 0
+            seconds = 0.0
+            # Bounded: each pass writes one queued group, and the queue only holds seqs <= seq
+            # that were appended before this call (plus any handed off meanwhile).
+            while self._written_seq < seq:
+                self._raise_if_fatal()
+                with self._queue_lock:
+                    first, last, data = self._queue.popleft()
+                assert first == self._written_seq + 1, (first, self._written_seq)
+                seconds += self._write_group(first, last, data)
+                records += last - first + 1
+                size += len(data)
+            return records, size, seconds
+        finally:
+            self._io_lock.release()
+
+    def _write_group(self, first: int, last: int, data: bytearray) -> float:
+        """One write and one fdatasync for records [first, last]. Caller holds _io_lock."""
+        assert last >= first and len(data) >= (last - first + 1) * (HEADER_SIZE + 1)
+        started = time.perf_counter()
+        try:
+            fd = self._active_segment_fd(first, len(data))
+            _write_all(fd, data)
+            os.fdatasync(fd)
+        except OSError as error:
+            self._fatal = error
+            log.critical("write-ahead log write/fsync failed; stopping", exc_info=True)
+            raise WalFatalError(f"write-ahead log write/fsync failed: {error}") from error
+        self._segments[-1].size += len(data)
+        self._written_seq = last
+        return time.perf_counter() - started
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise WalFatalError("write-ahead log failed earlier") from self._fatal
+
+    def _active_segment_fd(self, first: int, size_next: int) -> int:
+        """The descriptor to append [first, ...] to, rotating to a new segment when due."""
+        active = self._segments[-1] if self._segments else None
+        rotate = active is None or (
+            active.size > 0 and active.size + size_next > self._segment_size_max
+        )
+        if rotate:
+            self._start_segment(first)
+        elif self._active_fd is None:
+            assert active is not None
+            # A recovered empty segment is reused: its name must be the next seq.
+            assert active.size > 0 or active.first_seq == first, (active.first_seq, first)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+            self._active_fd = os.open(active.path, flags)
+        assert self._active_fd is not None
+        return self._active_fd
+
+    def _start_segment(self, first: int) -> None:
+        """Create wal-<first>.log and make its name durable before any record goes in it."""
+        if self._active_fd is not None:
+            os.close(self._active_fd)  # its records were fsync'd by the previous group
+            self._active_fd = None
+        path = segment_path(self.directory, first)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._active_fd = os.open(path, flags, 0o644)
+        _fsync_directory(self._dir_fd)
+        self._segments.append(_Segment(first, path, 0))
+        log.info("write-ahead log segment started: %s", path)
+
+    def flush_sync(self) -> None:
+        """Write and fsync everything appended so far, synchronously.
+
+        For the CLI, tests, snapshots and shutdown. From the appending thread it writes itself
+        (with any group still queued for the committer); from another thread while a committer
+        runs, it asks the committer and blocks until the records are durable.
+        """
+        self._raise_if_fatal()
+        on_other_thread = threading.get_ident() != self._committer_thread
+        if self._committer_token is not None and on_other_thread and not self._committer_stopped:
+            target = self.last_seq
+            trio.from_thread.run(self._wait_via_committer, target, trio_token=self._committer_token)
+            assert self.durable_seq >= target
+            return
+        # Also writes a group the committer handed off but whose thread has not run yet: the
+        # committer needs this (trio) thread to start its worker, so waiting would deadlock.
+        _, target = self._hand_off()
+        records, size, seconds = self._write_through(target)
+        assert self._written_seq >= target
+        if records and self._on_commit is not None:
+            self._on_commit(records, size, seconds)
+        if not on_other_thread:
+            self._publish()
+
+    async def _wait_via_committer(self, seq: int) -> None:
+        if self._committer_idle and self._buffer:
+            self._committer_idle = False
+            self._wakeup.set()
+        await self.wait_durable(seq)
+
+    # ----------------------------------------------------------------------------- group commit
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once record `seq` is on disk. Needs `run_committer` running (or a flush)."""
+        assert 0 <= seq <= self.last_seq, (seq, self.last_seq)  # 0: nothing to wait for
+        for _ in range(WAIT_ROUNDS_MAX):
+            if self._written_seq >= seq:
+                return
+            self._raise_if_fatal()
+            if self._committer_stopped:
+                raise WalError(f"committer stopped before seq {seq} was durable")
+            if seq <= self._inflight_last_seq:
+                event = self._inflight_event
+            else:
+                event = self._next_event
+            await event.wait()
+        raise AssertionError(f"seq {seq} not durable after {WAIT_ROUNDS_MAX} commit groups")
+
+    def _publish(self) -> None:
+        """Wake the waiters whose records are now durable. Trio thread only."""
+        durable = self._written_seq
+        if self._inflight_last_seq <= durable:
+            self._inflight_event.set()
+        if durable >= self.last_seq:
+            self._next_event.set()
+            self._next_event = trio.Event()
+
+    def _wake_all(self) -> None:
+        self._inflight_event.set()
+        self._next_event.set()
+        self._next_event = trio.Event()
+
+    async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The group commit loop, for the lifetime of the service (until cancelled).
+
+        Whenever records are buffered: take the whole buffer, write it with one write and one
+        fdatasync in a worker thread, then wake its waiters. Records appended meanwhile form the
+        next group, so the group size adapts to the load without any timer.
+        """
+        assert self._committer_token is None, "one committer per log"
+        self._committer_token = trio.lowlevel.current_trio_token()
+        self._committer_thread = threading.get_ident()
+        task_status.started()
+        try:
+            # Service loop: each pass either commits a non-empty group or sleeps until an append.
+            while True:
+                if not self._buffer:
+                    self._committer_idle = True
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    continue
+                await self._commit_one_group()
+        except WalFatalError:
+            self._wake_all()
+            raise
+        finally:
+            self._committer_stopped = True
+            self._committer_idle = False
+            if self._fatal is None:
+                self._publish()
+            self._wake_all()
+
+    async def _commit_one_group(self) -> None:
+        _, last = self._hand_off()
+        self._inflight_last_seq = last
+        self._inflight_event = self._next_event
+        self._next_event = trio.Event()
+        # Not abandonable: a cancelled committer still finishes the write it started.
+        records, size, seconds = await trio.to_thread.run_sync(self._write_through, last)
+        assert self._written_seq >= last
+        self._publish()
+        if records and self._on_commit is not None:
+            self._on_commit(records, size, seconds)
+
+    # ----------------------------------------------------------------------------- reading
+
+    def replay(self, from_seq: int = SEQ_FIRST) -> Iterator[tuple[int, bytes]]:
+        """Yield (seq, payload) of durable records with seq >= from_seq, checking each again."""
+        assert from_seq >= SEQ_FIRST
+        limit = self._written_seq
+        with self._io_lock:
+            segments = [(s.first_seq, s.path) for s in self._segments]
+        if segments and from_seq < segments[0][0]:
+            raise WalError(f"replay from seq {from_seq}: log starts at seq {segments[0][0]}")
+        for index, (first, path) in enumerate(segments):
+            next_first = segments[index + 1][0] if index + 1 < len(segments) else limit + 1
+            if next_first <= from_seq:
+                continue
+            if first > limit:
+                return
+            yield from _replay_segment(path, first, from_seq, limit)
+
+    # ----------------------------------------------------------------------------- maintenance
+
+    def truncate_before(self, seq: int) -> None:
+        """Delete whole segments whose records are all < seq (after a snapshot covers them).
+
+        Oldest first, so a crash midway leaves a contiguous log. The active segment stays.
+        """
+        assert seq <= self._written_seq + 1, "only durable records may be covered"
+        with self._io_lock:
+            deleted = 0
+            # Bounded by the number of segments; never deletes the last one.
+            while len(self._segments) > 1 and self._segments[1].first_seq <= seq:
+                segment = self._segments.pop(0)
+                segment.path.unlink()
+                deleted += 1
+                log.info("write-ahead log segment deleted: %s", segment.path)
+            if deleted:
+                _fsync_directory(self._dir_fd)
+                self.first_seq = self._segments[0].first_seq
+            assert not self._segments or self._segments[0].first_seq == self.first_seq
+
+    def segment_paths(self) -> list[Path]:
+        with self._io_lock:
+            return [segment.path for segment in self._segments]
+
+    def close(self) -> None:
+        """Flush what is buffered (unless the log failed), close files, release the lock."""
+        if self._closed:
+            return
+        try:
+            if self._fatal is None and self._written_seq < self.last_seq:
+                self.flush_sync()  # buffered records, and groups a stopped committer left queued
+        finally:
+            self._closed = True
+            with self._io_lock:
+                if self._active_fd is not None:
+                    os.close(self._active_fd)
+                    self._active_fd = None
+            os.close(self._dir_fd)
+
+
+def _write_all(fd: int, data: bytearray) -> None:
+    view = memoryview(data)
+    # Bounded: every pass writes at least one byte or raises.
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write returned 0")
+        view = view[written:]
+
+
+def _replay_segment(
+    path: Path, first: int, from_seq: int, limit: int
+) -> Iterator[tuple[int, bytes]]:
+    data = memoryview(path.read_bytes())
+    offset = 0
+    seq = first
+    # Bounded by the segment size: each pass consumes one record.
+    while seq <= limit and offset < len(data):
+        end, reason = _check_record(data, offset, seq)
+        if reason is not None:
+            raise CorruptLogError(path, offset, f"{reason} (on replay)")
+        if seq >= from_seq:
+            yield seq, bytes(data[offset + HEADER_SIZE : end])
+        offset = end
+        seq += 1
+
+
+def _recover(directory: Path, dir_fd: int) -> tuple[list[_Segment], int, int]:
+    """Scan every segment in order; truncate a torn tail of the last; return the state."""
+    found = list_segments(directory)
+    if not found:
+        return [], SEQ_FIRST, SEQ_FIRST - 1
+    segments: list[_Segment] = []
+    seq_expected = found[0][0]
+    for index, (first, path) in enumerate(found):
+        if first != seq_expected:
+            raise CorruptLogError(path, 0, f"sequence gap: file starts at seq {first}, "
+                                  f"expected {seq_expected}")
+        is_last = index == len(found) - 1
+        data = memoryview(path.read_bytes())
+        scan = _scan(data, first)
+        if scan.damage is not None:
+            _classify_damage(path, data, scan, is_last, dir_fd)
+        if not is_last and scan.seq_last < first:
+            raise CorruptLogError(path, 0, "empty segment before the last one")
+        segments.append(_Segment(first, path, scan.end))
+        seq_expected = scan.seq_last + 1
+    return segments, found[0][0], seq_expected - 1
+
+
+def _classify_damage(
+    path: Path, data: memoryview, scan: _Scan, is_last: bool, dir_fd: int
+) -> None:
+    """A torn tail of the last segment is truncated; anything else is corruption."""
+    assert scan.damage is not None
+    damage = scan.damage
+    if not is_last:
+        raise CorruptLogError(path, damage.offset, damage.reason)
+    later = _valid_record_after(data, damage.offset, scan.seq_last + 1)
+    if later is not None:
+        raise CorruptLogError(
+            path, damage.offset, f"{damage.reason}; a valid record follows at offset {later}"
+        )
+    log.warning(
+        "write-ahead log: torn record at the tail of %s at byte offset %d (%s); "
+        "truncating %d bytes",
+        path,
+        damage.offset,
+        damage.reason,
+        len(data) - damage.offset,
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, damage.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_directory(dir_fd)

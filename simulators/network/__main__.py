@@ -1,0 +1,86 @@
+"""`python -m simulators.network`: drive open-loop ISO 8583 load at a server and print the report."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import trio
+
+from simulators.network.codec import Codec
+from simulators.network.load import LoadConfig, LoadError, Progress, run_load
+from simulators.network.mix import MixWeights
+from simulators.network.pinblock import load_zpk
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulators.network", description=__doc__)
+    parser.add_argument("--cards", type=Path, required=True, help="cards file written by `authsrv seed --out`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8583)
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered requests per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of schedule (0: use --count only)")
+    parser.add_argument("--count", type=int, default=None, help="requests at most")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--outstanding", type=int, default=1000, help="in flight per connection at most")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a request counts as timed out")
+    parser.add_argument("--echo-interval", type=float, default=3.0, help="seconds between 0800 echoes")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mix", default="", help="weight overrides, e.g. purchase=50,atm=10")
+    parser.add_argument("--zpk-file", type=Path, default=None, help="DIR/keys/zpk.hex of the server")
+    parser.add_argument("--codec", choices=[codec.value for codec in Codec], default=Codec.fast.value)
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines (0: none)")
+    return parser
+
+
+def _print_progress(progress: Progress) -> None:
+    print(
+        f"t={progress.elapsed_s:>6.1f}s  sent {progress.sent}  answered {progress.answered}"
+        f"  rate {progress.rate_per_s:,.0f}/s  p99 {progress.latency_p99_ms:.2f} ms"
+        f"  timeouts {progress.timeouts}  mismatches {progress.mismatches}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = LoadConfig(
+            cards_path=args.cards,
+            host=args.host,
+            port=args.port,
+            rate_per_s=args.rate,
+            duration_s=args.duration or None,
+            count=args.count,
+            connections=args.connections,
+            outstanding_per_connection_max=args.outstanding,
+            timeout_s=args.timeout,
+            echo_interval_s=args.echo_interval,
+            seed=args.seed,
+            weights=MixWeights.parse(args.mix),
+            zpk=load_zpk(args.zpk_file) if args.zpk_file else None,
+            codec=Codec(args.codec),
+        )
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    progress = _print_progress if args.progress > 0 else None
+    try:
+        interval_s = args.progress or 5.0
+        report = trio.run(functools.partial(run_load, config, progress=progress, progress_interval_s=interval_s))
+    except (LoadError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(report.render())
+    if args.json:
+        args.json.write_bytes(report.to_json())
+    return 0 if report.mismatches == 0 and report.timeouts == 0 and not report.connection_errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

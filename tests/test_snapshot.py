@@ -1,0 +1,142 @@
+"""Snapshot files: atomic write, pruning, validation, fallback from a damaged newest one."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+
+from ledger.snapshot import (
+    HEADER_SIZE,
+    SNAPSHOT_MAGIC,
+    SNAPSHOT_VERSION,
+    SNAPSHOTS_KEPT,
+    SnapshotError,
+    list_snapshots,
+    load_latest_snapshot,
+    read_snapshot,
+    snapshot_path,
+    write_snapshot,
+)
+
+
+def test_write_and_load_round_trip(tmp_path: Path) -> None:
+    path = write_snapshot(tmp_path, 42, b"state at 42")
+    assert path == tmp_path / "snapshot-00000000000000000042.snap"
+    data = path.read_bytes()
+    magic, version, seq, length, _ = struct.unpack_from("<8sIQQI", data)
+    assert (magic, version, seq, length) == (SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 42, 11)
+    assert data[HEADER_SIZE:] == b"state at 42"
+    assert load_latest_snapshot(tmp_path) == (42, b"state at 42")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_no_snapshot_is_none(tmp_path: Path) -> None:
+    assert load_latest_snapshot(tmp_path) is None
+
+
+def test_keeps_the_newest_two_and_removes_stale_temporaries(tmp_path: Path) -> None:
+    stale = tmp_path / "snapshot-00000000000000000003.snap.tmp"
+    stale.write_bytes(b"half written by a crashed process")
+    for seq in (5, 9, 14, 20):
+        write_snapshot(tmp_path, seq, b"state %d" % seq)
+    assert SNAPSHOTS_KEPT == 2
+    assert [seq for seq, _ in list_snapshots(tmp_path)] == [14, 20]
+    assert not stale.exists()
+    assert load_latest_snapshot(tmp_path) == (20, b"state 20")
+
+
+def test_an_unrenamed_temporary_file_never_counts(tmp_path: Path) -> None:
+    write_snapshot(tmp_path, 5, b"five")
+    (tmp_path / "snapshot-00000000000000000009.snap.tmp").write_bytes(b"crashed before rename")
+    assert load_latest_snapshot(tmp_path) == (5, b"five")
+
+
+def test_rewriting_the_same_seq_replaces_it(tmp_path: Path) -> None:
+    write_snapshot(tmp_path, 5, b"first")
+    write_snapshot(tmp_path, 5, b"second")
+    assert load_latest_snapshot(tmp_path) == (5, b"second")
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "payload bit":
+        data[-1] ^= 0x01
+    elif how == "seq bit":
+        data[12] ^= 0x02
+    elif how == "magic":
+        data[0:8] = b"NOTASNAP"
+    elif how == "version":
+        data[8:12] = struct.pack("<I", 99)
+    elif how == "truncated":
+        data = data[:-3]
+    elif how == "short":
+        data = data[:10]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("payload bit", "checksum mismatch"),
+        ("seq bit", "does not match the file name"),
+        ("magic", "bad magic"),
+        ("version", "unsupported version 99"),
+        ("truncated", "payload bytes on disk"),
+        ("short", "out of range"),
+    ],
+)
+def test_damage_is_detected_and_names_the_file(tmp_path: Path, how: str, message: str) -> None:
+    path = write_snapshot(tmp_path, 7, b"some state bytes")
+    damage(path, how)
+    with pytest.raises(SnapshotError, match=message) as caught:
+        read_snapshot(path)
+    assert str(path) in str(caught.value)
+
+
+def test_renamed_file_does_not_pass_as_another_seq(tmp_path: Path) -> None:
+    path = write_snapshot(tmp_path, 7, b"state")
+    path.rename(snapshot_path(tmp_path, 8))
+    with pytest.raises(SnapshotError, match="header seq 7 does not match"):
+        load_latest_snapshot(tmp_path)
+
+
+def test_damaged_newest_falls_back_when_the_log_covers_the_gap(tmp_path: Path, caplog) -> None:
+    write_snapshot(tmp_path, 10, b"ten")
+    newest = write_snapshot(tmp_path, 20, b"twenty")
+    damage(newest, "payload bit")
+    with caplog.at_level(logging.WARNING, logger="ledger.snapshot"):
+        assert load_latest_snapshot(tmp_path, log_first_seq=11) == (10, b"ten")
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "falling back to the snapshot at seq 10" in warning and newest.name in warning
+    assert load_latest_snapshot(tmp_path) == (10, b"ten")  # without the log, the caller checks
+
+
+def test_damaged_newest_errors_when_the_log_does_not_cover(tmp_path: Path) -> None:
+    write_snapshot(tmp_path, 10, b"ten")
+    newest = write_snapshot(tmp_path, 20, b"twenty")
+    damage(newest, "payload bit")
+    with pytest.raises(SnapshotError, match="log starts at seq 15") as caught:
+        load_latest_snapshot(tmp_path, log_first_seq=15)
+    assert str(newest) in str(caught.value)
+
+
+def test_all_damaged(tmp_path: Path) -> None:
+    for seq in (10, 20):
+        damage(write_snapshot(tmp_path, seq, b"x" * seq), "payload bit")
+    with pytest.raises(SnapshotError, match="no usable snapshot"):
+        load_latest_snapshot(tmp_path)
+    with pytest.raises(SnapshotError, match="no usable snapshot"):
+        load_latest_snapshot(tmp_path, log_first_seq=11)
+    # A log that still starts at seq 1 rebuilds everything by itself.
+    assert load_latest_snapshot(tmp_path, log_first_seq=1) is None
+
+
+def test_empty_payload_and_negative_seq_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError):
+        write_snapshot(tmp_path, 1, b"")
+    with pytest.raises(AssertionError):
+        write_snapshot(tmp_path, -1, b"x")
+    assert list(tmp_path.iterdir()) == []
