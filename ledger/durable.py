@@ -309,6 +309,8 @@ class DurableLedger:
         not yield); from a worker thread, the caller must pause submissions until it returns.
         It blocks for the serialization, the file write and two fsyncs.
         """
+        if self._snapshot_running:
+            raise RuntimeError("a snapshot is already being written")
         self._wal.flush_sync()
         seq = self._wal.last_seq
         assert self._wal.durable_seq >= seq, "a snapshot may only cover durable records"

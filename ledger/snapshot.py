@@ -32,6 +32,7 @@ SNAPSHOTS_KEPT = 2
 SNAPSHOT_SIZE_MAX = 16 * 1024**3  # a sanity bound on one state image
 SNAPSHOT_NAME = re.compile(r"^snapshot-(\d{20})\.snap$")
 TEMP_SUFFIX = ".tmp"
+FILE_MODE = 0o600  # the issuer's books: owner only
 
 HEADER = struct.Struct("<8sIQQI")  # magic, version, seq, length, crc32c
 HEADER_SIZE = HEADER.size
@@ -79,7 +80,7 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     temporary = final.with_name(final.name + TEMP_SUFFIX)
     header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, seq, len(payload), _checksum(seq, payload))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o644)
+    fd = os.open(temporary, flags, FILE_MODE)
     try:
         _write_all(fd, header)
         _write_all(fd, payload)

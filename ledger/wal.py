@@ -67,6 +67,7 @@ _LENGTH_SEQ = struct.Struct("<IQ")  # the part of the header the CRC covers
 _SEQ = struct.Struct("<Q")
 SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.log$")
 SEQ_FIRST = 1
+FILE_MODE = 0o600  # ledger records are the issuer's books: owner only
 
 _OnCommit = Callable[[int, int, float], None]
 
@@ -410,7 +411,7 @@ class Wal:
             self._active_fd = None
         path = segment_path(self.directory, first)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._active_fd = os.open(path, flags, 0o644)
+        self._active_fd = os.open(path, flags, FILE_MODE)
         _fsync_directory(self._dir_fd)
         self._segments.append(_Segment(first, path, 0))
         log.info("write-ahead log segment started: %s", path)

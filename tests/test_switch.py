@@ -343,3 +343,16 @@ async def test_metrics_endpoint(server, cards):
     assert 'authsrv_iso_requests_total{code="00",mti="0100"} 1.0' in text
     assert "authsrv_wal_fsync_seconds_bucket" in text
     assert cards[0]["pan"] not in text
+
+
+async def test_partial_approval_only_when_the_request_allows_it(server, cards):
+    card = cards[17]
+    client = await IsoClient.connect(server.iso_port)
+    assert (await client.call(auth(card, amount=SEED_AMOUNT - 300)))["39"] == "00"
+    refused = await client.call(auth(card, amount=1000))  # 300 left, no indicator: 51
+    assert refused["39"] == "51"
+    partial = await client.call(auth(card, amount=1000, **{"48": "610510000"}))
+    assert partial["39"] == "10"
+    assert partial["4"] == f"{300:012d}"
+    assert field54_amount(partial["54"]) == 0
+    assert available(server, card) == 0

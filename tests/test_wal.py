@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger import wal as wal_module
 from ledger.wal import (
@@ -451,3 +453,45 @@ async def test_flush_sync_waits_for_a_write_in_flight(tmp_path: Path, monkeypatc
         assert log.durable_seq == 1
         nursery.cancel_scope.cancel()
     log.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    actions=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.lists(st.integers(1, 300), min_size=1, max_size=12)),
+            st.tuples(st.just("flush"), st.just(0)),
+            st.tuples(st.just("reopen"), st.just(0)),
+            st.tuples(st.just("truncate"), st.integers(0, 100)),
+        ),
+        max_size=25,
+    )
+)
+def test_log_matches_a_list_model(tmp_path_factory, actions) -> None:
+    """Random appends, flushes, reopens and truncations against a plain list of payloads."""
+    directory = tmp_path_factory.mktemp("model")
+    model: list[bytes] = []  # model[i] is seq i + 1
+    durable = 0
+    first = 1
+    log = Wal.open(directory, segment_size_max=700)
+    for action, argument in actions:
+        if action == "append":
+            for size in argument:
+                payload = bytes([len(model) % 251]) * size
+                assert log.append(payload) == len(model) + 1
+                model.append(payload)
+        elif action == "flush":
+            log.flush_sync()
+            durable = len(model)
+        elif action == "reopen":
+            log.close()  # close flushes
+            durable = len(model)
+            log = Wal.open(directory, segment_size_max=700)
+        else:
+            cut = min(argument, durable + 1)
+            log.truncate_before(cut)
+            first = log.first_seq
+        assert (log.last_seq, log.durable_seq) == (len(model), durable)
+        assert list(log.replay(first)) == [(seq, model[seq - 1]) for seq in range(first, durable + 1)]
+    log.close()
+    assert replayed(directory, first) == [(seq, model[seq - 1]) for seq in range(first, len(model) + 1)]

@@ -79,6 +79,7 @@ class AuthContext:
     duplicate_of: object | None = None  # AuthRecord answered again
     seq: int = 0  # write-ahead log sequence the response must wait for (0: none)
     stand_in: bool = False
+    partial: bool = False  # approved for less than asked (field 39 10); `amount` is what was approved
 
     def decline(self, outcome: Outcome, cause: str = "") -> Vote:
         self.outcome = outcome

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
+
 from authsrv.hotpath.context import ADVICES, CREDITS, INQUIRIES, AuthContext, Kind, Vote
 from authsrv.hotpath.journal import AuthJournal, AuthRecord, encode_record, id_bytes
 from authsrv.hotpath.outcome import Outcome, is_approval, response_code
@@ -17,6 +19,7 @@ from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
 
 log = logging.getLogger("authsrv.hotpath")
 
+PARTIAL_APPROVAL_SUBELEMENT = "61"
 _FAILURES_FUNDS = frozenset({TransferStatus.exceeds_credits, TransferStatus.exceeds_debits})
 _HELD = TransferFlags.pending
 _LINK = TransferFlags.linked
@@ -86,7 +89,7 @@ class MoveFunds:
         failed = [(spec, status) for spec, status in zip(transfers, results) if status is not TransferStatus.created
                   and status is not TransferStatus.linked_event_failed and status is not TransferStatus.exists]
         if not failed:
-            ctx.outcome = Outcome.approved
+            ctx.outcome = Outcome.approved_partial if ctx.partial else Outcome.approved
             ctx.field54 = self._field54(ctx)
         else:
             spec, status = failed[0]
@@ -135,11 +138,26 @@ class MoveFunds:
                                               reference=ctx.request.rrn))
                 ctx.collateral_hold_id = cid if held else 0
         uid = derived_id(ctx.key, b"user")
+        if self._partial_allowed(ctx):
+            available = self._ledger.ledger.balance(card.balance_account_id).available
+            if 0 < available < amount:
+                amount = ctx.amount = available
+                ctx.partial = True
+                transfers = [msgspec.structs.replace(spec, amount=amount) for spec in transfers]
         transfers.append(TransferSpec(uid, card.balance_account_id, settlement, amount, flags=flags,
                                       timeout_s=timeout_s, code=code, reference=ctx.request.rrn))
         ctx.user_hold_id = uid if held else 0
         ctx.posted = not held
         return transfers
+
+    @staticmethod
+    def _partial_allowed(ctx: AuthContext) -> bool:
+        """Field 48 subelement 61, first position 1: the terminal accepts a partial approval
+        (Mastercard's POS data extended condition codes). Only for a debit charged in the
+        transaction currency, so the approved amount can be returned in field 4 as it is."""
+        if ctx.kind not in (Kind.authorization, Kind.financial) or ctx.request.billing_amount is not None:
+            return False
+        return ctx.request.field48.get(PARTIAL_APPROVAL_SUBELEMENT, "")[:1] == "1"
 
     def _field54(self, ctx: AuthContext) -> str:
         balance = self._ledger.ledger.balance(ctx.card.balance_account_id)

@@ -209,4 +209,6 @@ def _response(raw: dict, response_mti: str, record: AuthRecord) -> dict:
         doc["54"] = record.field54
     if record.field44:
         doc["44"] = record.field44
+    if record.outcome == Outcome.approved_partial:
+        doc["4"] = f"{record.amount:012d}"  # the approved amount (partial only without billing fields)
     return doc
