@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from authsrv.hotpath.cardstate import CardStateWriter
 from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
@@ -171,13 +172,15 @@ async def run_server(data_dir: Path, config, ports: dict[str, int], stop: trio.E
 
 async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, store, index, keys,
                task_status) -> None:
-    switch = Switch(ledger=ledger, index=index, store=store, keys=keys, journal=journal, metrics=metrics,
+    cards = CardStateWriter(store)
+    switch = Switch(ledger=ledger, index=index, cards=cards, keys=keys, journal=journal, metrics=metrics,
                     budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config))
     iso = IsoServer(switch, ledger, metrics, in_flight_per_connection_max=config.iso.in_flight_per_connection_max,
                     idle_timeout_s=config.iso.idle_timeout_s, frame_size_max=config.iso.frame_size_max,
                     connections_max=config.iso.connections_max)
     async with trio.open_nursery() as nursery:
         await nursery.start(ledger.run)
+        await nursery.start(cards.run)
         listeners = await trio.open_tcp_listeners(ports["iso"], host=config.server.host)
         iso_port = listeners[0].socket.getsockname()[1]
         await nursery.start(iso.run, listeners)
@@ -195,6 +198,9 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
         iso.stop()
         with trio.move_on_after(config.iso.shutdown_grace_s):
             await iso.drained()
+        cards.close()
+        with trio.move_on_after(config.iso.shutdown_grace_s):
+            await cards.drained.wait()
         ledger.flush_sync()
         _snapshot(ledger, journal, metrics)
         nursery.cancel_scope.cancel()

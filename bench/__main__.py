@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="short steps at modest rates (a smoke test)")
     parser.add_argument("--rates", type=_floats, default=None, help="offered rates, e.g. 1000,2000,4000")
     parser.add_argument("--step-seconds", type=float, default=None, help="seconds per rate step")
+    parser.add_argument("--warmup-seconds", type=float, default=None, help="unrecorded load before the steps")
     parser.add_argument("--users", type=int, default=None, help="users to seed (one card each)")
     parser.add_argument("--connections", type=int, default=None)
     parser.add_argument("--targets", default=",".join(TARGETS), help="authsrv,baseline or one of them")
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in {
             "rates": args.rates,
             "step_seconds": args.step_seconds,
+            "warmup_s": args.warmup_seconds,
             "users": args.users,
             "connections": args.connections,
         }.items()

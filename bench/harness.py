@@ -65,6 +65,7 @@ class BenchConfig:
     sustain_p99_ms: float = 10.0
     timeout_s: float = 5.0
     pause_s: float = 1.0  # between steps, so one step's tail does not land in the next
+    warmup_s: float = 3.0  # unrecorded load at the first rate: caches, allocator, first-touch pages
     seed: int = 1
     quick: bool = False
 
@@ -75,6 +76,8 @@ class BenchConfig:
             raise ValueError("rates must rise: stepping stops at the first overloaded one")
         if not 0 < self.step_seconds <= STEP_SECONDS_MAX:
             raise ValueError(f"step_seconds must be in (0, {STEP_SECONDS_MAX}]")
+        if not 0 <= self.warmup_s <= STEP_SECONDS_MAX:
+            raise ValueError(f"warmup_s must be in [0, {STEP_SECONDS_MAX}]")
         if not 0 < self.users <= USERS_MAX:
             raise ValueError(f"users must be in 1..{USERS_MAX}")
         if not self.targets or set(self.targets) - set(TARGETS):
@@ -84,7 +87,7 @@ class BenchConfig:
     def quick_preset(cls, **overrides: object) -> BenchConfig:
         """Short steps at modest rates: exercises every part of the harness in seconds."""
         settings = {"rates": QUICK_RATES, "step_seconds": QUICK_STEP_SECONDS, "users": QUICK_USERS,
-                    "connections": 2, "pause_s": 0.2, "quick": True}  # fmt: skip
+                    "connections": 2, "pause_s": 0.2, "warmup_s": 0.0, "quick": True}  # fmt: skip
         settings.update(overrides)
         return cls(**settings)
 
@@ -221,6 +224,14 @@ def run_steps(
     """Offer each rate in turn; returns the steps and why stepping ended."""
     steps: list[Step] = []
     cards = load_cards(cards_path)  # once per target, not once per step
+    if config.warmup_s > 0:
+        warmup = LoadConfig(
+            cards_path=cards_path, port=port, rate_per_s=config.rates[0], duration_s=config.warmup_s,
+            connections=config.connections, timeout_s=config.timeout_s, seed=config.seed - 1, zpk=zpk,
+        )  # fmt: skip
+        trio.run(functools.partial(run_load, warmup, cards=cards))
+        log(f"{name:<9} warmed up: {config.warmup_s:.0f} s at {config.rates[0]:,.0f}/s (not recorded)")
+        time.sleep(config.pause_s)
     for rate in config.rates:  # bounded: RATES_MAX
         load = LoadConfig(
             cards_path=cards_path, port=port, rate_per_s=rate, duration_s=config.step_seconds,

@@ -456,6 +456,25 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.submit(Batch(self.tick(data), transfers=specs))
 
+    @rule(data=st.data(), delta=st.sampled_from([-1, 0, 1]), pending=st.booleans())
+    def spend_available(self, data: st.DataObject, delta: int, pending: bool) -> None:
+        # The limit's edge: exactly what is available, one less, one more.
+        user = self.model.accounts[USER_EUR]
+        amount = user["cpo"] - user["dpo"] - user["dp"] + delta
+        flags = TransferFlags.pending if pending else TransferFlags.none
+        spec = TransferSpec(data.draw(st.sampled_from(TRANSFER_IDS)), USER_EUR, SETTLEMENT_EUR, amount, flags)
+        self.submit(Batch(self.tick(data), transfers=(spec,)))
+
+    @rule(data=st.data(), delta=st.sampled_from([-1, 0]))
+    def to_the_edge(self, data: st.DataObject, delta: int) -> None:
+        # Jump to 1 ns before or exactly at a hold's deadline or an id's retention end.
+        edges = [h["deadline"] for h in self.model.holds.values() if h["state"] == "pending" and h["deadline"]]
+        edges += [r["since"] + RETENTION_NS for r in self.model.ids.values() if r["since"] is not None]
+        edges = sorted(e + delta for e in edges if e + delta > self.model.clock)
+        if edges:
+            self.wall_ns = data.draw(st.sampled_from(edges))
+            self.submit(Batch(self.wall_ns))
+
     @rule(data=st.data())
     def replay_earlier(self, data: st.DataObject) -> None:
         if not self.sent:

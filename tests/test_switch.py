@@ -356,3 +356,22 @@ async def test_partial_approval_only_when_the_request_allows_it(server, cards):
     assert partial["4"] == f"{300:012d}"
     assert field54_amount(partial["54"]) == 0
     assert available(server, card) == 0
+
+
+async def test_pin_lock_survives_a_restart(data_dir, cards, zpk):
+    card = cards[18]
+    wrong = f"{(int(card['pin']) + 1) % 10000:04d}"
+    atm = lambda pin: auth(card, mti="0200", processing="010000", amount=100,  # noqa: E731
+                           pin_block=cardsec.encrypt_pin_block(pin, card["pan"], zpk))
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        client = await IsoClient.connect(server.iso_port)
+        codes = [(await client.call(atm(wrong)))["39"] for _ in range(3)]
+        assert codes == ["55", "55", "75"]
+        server.stop.set()
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        client = await IsoClient.connect(server.iso_port)
+        response = await client.call(atm(card["pin"]))
+        assert response["39"] == "75" and response["44"] == "1006"
+        server.stop.set()

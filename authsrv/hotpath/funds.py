@@ -10,9 +10,9 @@ import logging
 import msgspec
 
 from authsrv.hotpath.context import ADVICES, CREDITS, INQUIRIES, AuthContext, Kind, Vote
-from authsrv.hotpath.journal import AuthJournal, AuthRecord, encode_record, id_bytes
+from authsrv.hotpath.journal import AuthJournal, AuthRecord, encode_record
 from authsrv.hotpath.outcome import Outcome, is_approval, response_code
-from authsrv.hotpath.steps import TransferCode, auth_code_for, derived_id
+from authsrv.hotpath.steps import TransferCode, TransferIds, auth_code_for
 from authsrv.iso.currency import alpha_to_numeric
 from authsrv.iso.fields import build_field54
 from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
@@ -43,8 +43,8 @@ def journal_record(ctx: AuthContext) -> AuthRecord:
         rrn=request.rrn,
         amount=ctx.reversal_amount if ctx.original is not None else ctx.amount,
         currency=ctx.currency,
-        user_hold=id_bytes(ctx.user_hold_id),
-        collateral_hold=id_bytes(ctx.collateral_hold_id),
+        user_hold_id=ctx.user_hold_id,
+        collateral_hold_id=ctx.collateral_hold_id,
         posted=ctx.posted,
         reverses=ctx.original.key if ctx.original is not None else "",
         cause=ctx.cause,
@@ -62,9 +62,10 @@ class MoveFunds:
 
     name = "funds"
 
-    def __init__(self, ledger, index, journal: AuthJournal, hold_timeout_s) -> None:
+    def __init__(self, ledger, index, journal: AuthJournal, ids: TransferIds, hold_timeout_s) -> None:
         self._ledger = ledger  # ledger.durable.DurableLedger
         self._index = index
+        self._ids = ids
         self._journal = journal
         self._hold_timeout_s = hold_timeout_s  # callable: MCC -> seconds
 
@@ -115,7 +116,7 @@ class MoveFunds:
         code = TransferCode.purchase if ctx.processing != "01" else TransferCode.cash
         if ctx.processing in CREDITS:
             code = TransferCode.refund if ctx.processing == "20" else TransferCode.payment
-            uid = derived_id(ctx.key, b"user")
+            uid = self._ids.next()
             ctx.posted = True
             return [TransferSpec(uid, settlement, card.balance_account_id, amount, code=code,
                                  reference=ctx.request.rrn)]
@@ -132,12 +133,12 @@ class MoveFunds:
                     ctx.decline(Outcome.collateral_not_found, f"no collateral in {ctx.currency}")
                     return None
             else:
-                cid = derived_id(ctx.key, b"collateral")
+                cid = self._ids.next()
                 transfers.append(TransferSpec(cid, collateral, usage, amount, flags=flags | _LINK,
                                               timeout_s=timeout_s, code=TransferCode.collateral,
                                               reference=ctx.request.rrn))
                 ctx.collateral_hold_id = cid if held else 0
-        uid = derived_id(ctx.key, b"user")
+        uid = self._ids.next()
         if self._partial_allowed(ctx):
             available = self._ledger.ledger.balance(card.balance_account_id).available
             if 0 < available < amount:
@@ -189,10 +190,11 @@ class Reverse:
 
     name = "reverse"
 
-    def __init__(self, ledger, index, journal: AuthJournal) -> None:
+    def __init__(self, ledger, index, journal: AuthJournal, ids: TransferIds) -> None:
         self._ledger = ledger
         self._index = index
         self._journal = journal
+        self._ids = ids
 
     def prepare(self, ctx: AuthContext) -> Vote:
         original = ctx.original
@@ -235,11 +237,11 @@ class Reverse:
         if original.user_hold_id:
             specs = []
             if original.collateral_hold_id:
-                specs.append(TransferSpec(derived_id(ctx.key, b"collateral"), 0, 0, release,
+                specs.append(TransferSpec(self._ids.next(), 0, 0, release,
                                           flags=TransferFlags.void_pending | _LINK,
                                           pending_id=original.collateral_hold_id,
                                           code=TransferCode.collateral_release, reference=rrn))
-            specs.append(TransferSpec(derived_id(ctx.key, b"user"), 0, 0, release,
+            specs.append(TransferSpec(self._ids.next(), 0, 0, release,
                                       flags=TransferFlags.void_pending, pending_id=original.user_hold_id,
                                       code=TransferCode.reversal, reference=rrn))
             return specs
@@ -252,10 +254,10 @@ class Reverse:
             collateral = partner.collateral_account_ids.get(original.currency)
             usage = partner.collateral_usage_account_ids.get(original.currency)
             if collateral is not None and usage is not None:
-                specs.append(TransferSpec(derived_id(ctx.key, b"collateral"), usage, collateral, release,
+                specs.append(TransferSpec(self._ids.next(), usage, collateral, release,
                                           flags=_LINK | TransferFlags.forced,
                                           code=TransferCode.collateral_release, reference=rrn))
-        specs.append(TransferSpec(derived_id(ctx.key, b"user"), settlement, card.balance_account_id, release,
+        specs.append(TransferSpec(self._ids.next(), settlement, card.balance_account_id, release,
                                   flags=TransferFlags.forced, code=TransferCode.reversal, reference=rrn))
         return specs
 

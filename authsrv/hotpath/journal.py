@@ -35,9 +35,8 @@ class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
     rrn: str = ""
     amount: int = 0  # charged to the balance, in `currency` (billing amount when 6/51 were sent)
     currency: str = ""
-    # Hold ids are 96-bit (msgpack ints stop at 64): kept as big-endian bytes, read as ints below.
-    user_hold: bytes = b""  # pending transfer on the user balance (empty when posted at once or none)
-    collateral_hold: bytes = b""
+    user_hold_id: int = 0  # pending transfer on the user balance (0 when posted at once or none)
+    collateral_hold_id: int = 0
     posted: bool = False  # 0200/0220: money moved at once, no hold
     reverses: str = ""  # for a reversal: the original's key
     reversed_amount: int = 0  # on an original: how much reversals have released so far
@@ -45,21 +44,6 @@ class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
     stand_in: bool = False
     request_amount: int = 0  # field 4, in the transaction currency (to scale partial reversals)
 
-
-    @property
-    def user_hold_id(self) -> int:
-        return int.from_bytes(self.user_hold, "big")
-
-    @property
-    def collateral_hold_id(self) -> int:
-        return int.from_bytes(self.collateral_hold, "big")
-
-
-def id_bytes(transfer_id: int) -> bytes:
-    return transfer_id.to_bytes(HOLD_ID_BYTES_MAX, "big") if transfer_id else b""
-
-
-HOLD_ID_BYTES_MAX = 16
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AuthRecord)
@@ -79,6 +63,7 @@ class AuthJournal:
         self._by_original: dict[str, str] = {}
         self._order: collections.deque[str] = collections.deque()
         self.evicted_early = 0  # records dropped by records_max before their retention ran out
+        self.timestamp_ns_max = 0  # the newest record's time: a floor for new hot-path transfer ids
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -102,6 +87,8 @@ class AuthJournal:
         self._by_key[record.key] = record
         if not record.reverses:
             self._by_original[record.original_key] = record.key
+        if record.timestamp_ns > self.timestamp_ns_max:
+            self.timestamp_ns_max = record.timestamp_ns
         self._age_out(record.timestamp_ns)
 
     def _age_out(self, now_ns: int) -> None:
@@ -131,6 +118,7 @@ class AuthJournal:
         assert not self._by_key, "load a snapshot into an empty journal only"
         if data:
             for record in _snapshot_decoder.decode(data):
+                self.timestamp_ns_max = max(self.timestamp_ns_max, record.timestamp_ns)
                 self._order.append(record.key)
                 self._by_key[record.key] = record
                 if not record.reverses:

@@ -26,7 +26,7 @@ from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch, enc
 from authsrv.hotpath.outcome import Outcome, is_approval, response_code
 from authsrv.hotpath.steps import (
     TransferCode,
-    derived_id,
+    TransferIds,
     CheckCardStatus,
     CheckCvc2,
     CheckExpiry,
@@ -60,7 +60,7 @@ class Outgoing:
 
 
 class Switch:
-    def __init__(self, *, ledger, index, store, keys, journal: AuthJournal, metrics, budget_ms: int,
+    def __init__(self, *, ledger, index, cards, keys, journal: AuthJournal, metrics, budget_ms: int,
                  hold_timeout_s) -> None:
         self._ledger = ledger
         self._journal = journal
@@ -70,9 +70,10 @@ class Switch:
         duplicate = DetectDuplicate(journal)
         card = LookupCard(vault, index)
         amount = ResolveAmount()
-        funds = MoveFunds(ledger, index, journal, hold_timeout_s)
-        checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, store))
-        reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal))
+        self._ids = ids = TransferIds(journal.timestamp_ns_max)
+        funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s)
+        checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, cards))
+        reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal, ids))
         self._pipelines = {
             Kind.authorization: (duplicate, card, *checks, amount, funds),
             Kind.financial: (duplicate, card, *checks, amount, funds),
@@ -177,7 +178,8 @@ class Switch:
         transfers = []
         for hold_id in (ctx.collateral_hold_id, ctx.user_hold_id):
             if hold_id:
-                transfers.append(_void(hold_id, ctx.key))
+                transfers.append(TransferSpec(self._ids.next(), 0, 0, 0, flags=TransferFlags.void_pending,
+                                              pending_id=hold_id, code=TransferCode.reversal))
         ctx.outcome, ctx.cause, ctx.stand_in = Outcome.partner_unavailable, "commit missed the budget", True
         ctx.auth_code, ctx.field54 = "", ""
         record = journal_record(ctx)
@@ -186,11 +188,6 @@ class Switch:
         data = frame(codec.encode(_response(ctx.request.raw, _response_mti(ctx.request.mti), record)))
         self._metrics.stand_in.inc()
         return Outgoing(data, 0, outgoing.received_ns, outgoing.deadline_ns, outgoing.mti, record.response_code)
-
-
-def _void(hold_id: int, key: str) -> TransferSpec:
-    return TransferSpec(derived_id(f"{key}|{hold_id}", b"standin"), 0, 0, 0, flags=TransferFlags.void_pending,
-                        pending_id=hold_id, code=TransferCode.reversal)
 
 
 def _response_mti(mti: str) -> str:

@@ -20,7 +20,8 @@ from authsrv.store.index import CardStatus
 
 log = logging.getLogger("authsrv.hotpath")
 
-HOLD_ID_BYTES = 12  # hot-path transfer ids are < 2**96; management transfers use ids >= 2**100
+TRANSFER_ID_MAX = 2**63 - 1  # hot-path ids; management transfers use 2**63 + n (authsrv/store/db.py)
+ID_FLOOR_MARGIN_NS = 10**9  # after a restart, start past the newest journal record by this much
 AUTH_CODE_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -37,13 +38,26 @@ class TransferCode:
     completion = 8
 
 
-def derived_id(key: str, role: bytes) -> int:
-    """A transfer id derived from the request's duplicate key: a retry maps to the same id."""
-    digest = hashlib.blake2b(key.encode(), digest_size=HOLD_ID_BYTES, person=role).digest()
-    return int.from_bytes(digest, "big") or 1
+class TransferIds:
+    """Hot-path transfer ids: the wall clock in nanoseconds, strictly increasing.
+
+    Unique by construction (no hashing, no collisions), below 2**63 until 2262, and past every id
+    used before a restart even if the clock stepped back: the floor is the newest journal record.
+    A retried request does not need the same id: its duplicate is caught by the journal first.
+    """
+
+    def __init__(self, floor_ns: int = 0) -> None:
+        self._last = floor_ns + ID_FLOOR_MARGIN_NS if floor_ns else 0
+
+    def next(self) -> int:
+        self._last = max(time.time_ns(), self._last + 1)
+        assert 0 < self._last <= TRANSFER_ID_MAX
+        return self._last
 
 
 def auth_code_for(transfer_id: int) -> str:
+    """Six base-36 characters, scrambled so consecutive authorizations do not get consecutive codes."""
+    transfer_id = int.from_bytes(hashlib.blake2b(transfer_id.to_bytes(8, "big"), digest_size=8).digest(), "big")
     code = []
     for _ in range(6):
         transfer_id, digit = divmod(transfer_id, 36)
@@ -149,10 +163,10 @@ class CheckPin:
 
     name = "pin"
 
-    def __init__(self, keys: cardsec.CardKeys, store) -> None:
+    def __init__(self, keys: cardsec.CardKeys, cards) -> None:
         self._zpk = keys.zpk
         self._pvk = keys.pvk
-        self._store = store
+        self._cards = cards  # authsrv.hotpath.cardstate.CardStateWriter
 
     def prepare(self, ctx: AuthContext) -> Vote:
         block = ctx.request.pin_block
@@ -162,12 +176,10 @@ class CheckPin:
         pin = cardsec.decrypt_pin_block(block, pan, self._zpk)
         if pin is not None and card.pvv and cardsec.verify_pin(pan, pin, card.pvv, self._pvk):
             if card.wrong_pin_count:
-                self._store.reset_wrong_pin(card.card_id)
+                self._cards.right_pin(card)
             return Vote.prepared
-        # Rare path: the counter must survive a restart, so it goes to the store at once.
-        count = self._store.record_wrong_pin(card.card_id)
-        if count >= PIN_TRIES_MAX:
-            self._store.lock_card(card.card_id, LOCK_REASON_PIN_TRIES_EXCEEDED)
+        if self._cards.wrong_pin(card) >= PIN_TRIES_MAX:
+            self._cards.lock(card, LOCK_REASON_PIN_TRIES_EXCEEDED)
             ctx.field44 = LOCK_REASONS[LOCK_REASON_PIN_TRIES_EXCEEDED][1]
             return ctx.decline(Outcome.card_pin_tries_exceeded, "third wrong PIN: card locked")
         return ctx.decline(Outcome.wrong_pin)

@@ -54,9 +54,11 @@ SCHEMA_VERSION = 1
 STORE_FILE_NAME = "store.db"
 LOCK_FILE_NAME = ".lock"
 BUSY_TIMEOUT_MS = 5_000
-# Transfer ids: the authorization hot path derives its ids below 2**100; management transfers
-# (funding, reloads, seeding) take 2**100 + n from the `sequences` counter, so they never meet.
-MANAGEMENT_TRANSFER_ID_BASE = 2**100
+# Transfer ids: the authorization hot path allocates time-based ids below 2**63 (nanoseconds since
+# 1970: good until 2262); management transfers (funding, reloads, seeding) take 2**63 + n from the
+# `sequences` counter, so they never meet. Both stay below 2**64, which msgpack (the write-ahead
+# log's encoding) writes natively; wider ids take a much slower path.
+MANAGEMENT_TRANSFER_ID_BASE = 2**63
 MANAGEMENT_TRANSFER_SEQUENCE = "management_transfer"
 TRANSFER_ID_ALLOCATION_MAX = 10_000_000  # one call reserves at most this many ids
 SYSTEM_OWNER = ""  # ledger_accounts.owner of system accounts (settlement, funding)
@@ -557,7 +559,7 @@ class Store:
             assert updated == 1, f"no partner balance on account {ledger_account_id}"
 
     def allocate_transfer_ids(self, count: int) -> range:
-        """Reserve `count` management transfer ids (2**100 + n), never handed out twice."""
+        """Reserve `count` management transfer ids (2**63 + n), never handed out twice."""
         assert 1 <= count <= TRANSFER_ID_ALLOCATION_MAX
         with self.transaction():
             (last,) = self._conn.execute(
@@ -807,6 +809,18 @@ class Store:
             self._refresh_card_on_commit(card_id)
         assert count >= 1
         return int(count)
+
+    def save_pin_state(self, card_id: int, wrong_pin_count: int, status: CardStatus, lock_reason: int) -> None:
+        """Write what the authorization hot path already changed in the index (the wrong-PIN
+        counter, the reason-6 lock). No index refresh: the in-memory state is newer than this
+        write may be by the time it commits."""
+        assert wrong_pin_count >= 0 and (status == CardStatus.locked) == (lock_reason != 0)
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE cards SET wrong_pin_count = ?, status = ?, lock_reason = ? WHERE id = ?",
+                (wrong_pin_count, int(status), lock_reason, card_id),
+            ).rowcount
+            assert updated == 1, f"no card {card_id}"
 
     def reset_wrong_pin(self, card_id: int) -> None:
         """A correct PIN ends the run of wrong ones."""
