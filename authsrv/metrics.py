@@ -47,6 +47,8 @@ class Metrics:
                                       registry=r)
         self.duplicates = Counter("authsrv_iso_duplicates", "Duplicate requests answered from the journal",
                                   registry=r)
+        self.internal_errors = Counter("authsrv_iso_internal_errors", "Messages answered 96 after an unexpected error",
+                                       registry=r)
         self.stand_in = Counter("authsrv_stand_in_decisions", "Stand-in decisions (budget or partner)", registry=r)
         self.wal_fsync_seconds = Histogram("authsrv_wal_fsync_seconds", "Write-ahead log group write + fsync",
                                            buckets=LATENCY_BUCKETS_S, registry=r)

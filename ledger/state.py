@@ -325,10 +325,14 @@ class _Hold(_Record):
 
 
 # History tuple layout. One tuple per event, shared by both accounts' lists (the side is derived
-# from the account asking), so an event costs one allocation.
+# from the account asking), so an event costs one allocation. Only ints, bools and strs inside
+# (the kind as a plain int), so CPython's collector untracks the tuple: millions of tracked
+# objects make every full collection a pause of hundreds of milliseconds.
 _H_TIMESTAMP, _H_TRANSFER, _H_PENDING, _H_AMOUNT, _H_RELEASED, _H_KIND = 0, 1, 2, 3, 4, 5
 _H_FORCED, _H_CODE, _H_REFERENCE, _H_DEBIT, _H_CREDIT = 6, 7, 8, 9, 10
 _history_timestamp = operator.itemgetter(_H_TIMESTAMP)
+_KIND_HOLD, _KIND_TRANSFER = int(HistoryKind.hold), int(HistoryKind.transfer)
+_KIND_VALUE = {kind: int(kind) for kind in HistoryKind}
 
 # Undo log tags (linked chains only).
 _UNDO_MOVE, _UNDO_FORCED, _UNDO_HISTORY, _UNDO_RECORD = 1, 2, 3, 4
@@ -616,7 +620,7 @@ class Ledger:
         if not flags & _PENDING:
             self._register(t, now)
             self._move(debit, credit, 0, amount)
-            kind = HistoryKind.transfer
+            kind = _KIND_TRANSFER
         else:
             deadline_ns = now + t.timeout_s * NS_PER_S if t.timeout_s else 0
             if deadline_ns > TIMESTAMP_NS_MAX:
@@ -624,7 +628,7 @@ class Ledger:
             if len(self._pending) >= self._holds_pending_max:
                 return _S.pending_transfers_full
             self._place_hold(t, now, debit, credit, deadline_ns)
-            kind = HistoryKind.hold
+            kind = _KIND_HOLD
         forced = bool(flags & _FORCED)
         if forced:
             self._mark_forced(debit, credit, amount)
@@ -694,7 +698,7 @@ class Ledger:
                 self._undo.append((_UNDO_RESOLVE, hold))
         assert hold.posted + hold.released <= hold.spec.amount
         debit, credit = hold.debit, hold.credit
-        entry = (now, t.id, hold.spec.id, amount, rest, kind, False, t.code, t.reference, debit.id, credit.id)
+        entry = (now, t.id, hold.spec.id, amount, rest, _KIND_VALUE[kind], False, t.code, t.reference, debit.id, credit.id)
         self._append_history(debit, credit, entry)
 
     def _expire(self, ts: int) -> tuple[int, ...]:
@@ -977,7 +981,7 @@ def _history_entry(row: tuple, account_id: int) -> HistoryEntry:
         row[_H_AMOUNT],
         row[_H_RELEASED],
         side,
-        row[_H_KIND],
+        HistoryKind(row[_H_KIND]),
         row[_H_FORCED],
         row[_H_CODE],
         row[_H_REFERENCE],
@@ -1077,7 +1081,7 @@ def _restore_accounts(ledger: Ledger, rows: list) -> None:
         for h in row[12]:
             entry = shared.get(h[_H_TIMESTAMP])
             if entry is None:
-                entry = (*h[:_H_KIND], HistoryKind(h[_H_KIND]), *h[_H_FORCED:])
+                entry = tuple(h)
                 shared[h[_H_TIMESTAMP]] = entry
             a.history.append(entry)
 

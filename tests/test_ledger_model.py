@@ -81,6 +81,7 @@ class Model:
         self.holds: dict[int, dict] = {}
         self.ids: dict[int, dict] = {}  # id -> {fields, status, since (None while a pending hold), seq}
         self.seq = 0
+        self.evicted = 0
         self.history: dict[int, list] = {}
 
     # -- batch ----------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class Model:
             if not queued:
                 break
             self.forget(min(queued)[1])
+            self.evicted += 1
         return ts, account_results, tuple(CODES[r] for r in results), tuple(i for _, i in due)
 
     def forget(self, transfer_id: int) -> None:
@@ -517,6 +519,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (None if status is None else int(status)) == (None if record is None else CODES[record["status"]])
             self.check_hold(transfer_id)
         assert ledger.ids_count() == len(model.ids)
+        assert ledger.ids_evicted_count == model.evicted
         self.check_totals()
 
     def check_account(self, account_id: int) -> None:

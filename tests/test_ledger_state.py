@@ -129,6 +129,8 @@ STATUS_CASES = [
     (S.overflows, [transfer(1, FUNDING, FREE, AMOUNT_MAX - FUNDED - 5)], transfer(10, FUNDING, FREE, 6)),
     (S.overflows, [transfer(1, FUNDING, FREE, AMOUNT_MAX - FUNDED - 5)], transfer(10, FUNDING, SETTLEMENT, 6, F.pending)),
     (S.overflows, [], hold(10, 1, timeout_s=2**63 // 10**9 + 1)),
+    # pending and posted together: a hold of nearly AMOUNT_MAX, then a plain transfer
+    (S.overflows, [transfer(1, FUNDING, FREE, AMOUNT_MAX - FUNDED - 5, F.pending)], transfer(10, FUNDING, SETTLEMENT, 6)),
 ]
 
 
@@ -528,6 +530,7 @@ def test_ids_over_the_cap_evict_oldest_and_are_counted() -> None:
     assert ledger.ids_count() == 5 and ledger.ids_evicted_count == 3
     assert [ledger.transfer_status(i) for i in range(1, 9)] == [None, S.created, S.created, None, None, S.created, S.created, S.created]
     ledger.check_invariants()
+    assert Ledger.from_snapshot(ledger.to_snapshot()).ids_evicted_count == 3
 
 
 # -- snapshots, digest, replay --------------------------------------------------------------

@@ -398,3 +398,35 @@ async def test_snapshots_while_serving_and_recovery_from_them(data_dir, cards):
         spent = sum(7 for request in requests if request["2"] in same_balance)
         assert available(server, cards[0]) == SEED_AMOUNT - spent
         server.stop.set()
+
+
+async def test_an_unexpected_error_answers_96_and_keeps_serving(server, cards, monkeypatch):
+    from ledger.wal import WalFullError
+
+    client = await IsoClient.connect(server.iso_port)
+
+    def full(*args, **kwargs):
+        raise WalFullError("log buffer full (fault injection)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.ledger, "submit", full)
+        response = await client.call(auth(cards[0], amount=10))
+        assert response["39"] == "96"
+    assert (await client.call(auth(cards[0], amount=10)))["39"] == "00"
+    assert available(server, cards[0]) == SEED_AMOUNT - 10
+
+
+async def test_a_peer_that_vanishes_mid_answer_does_not_hurt_the_server(server, cards):
+    import socket as stdsocket
+
+    for _ in range(5):
+        rude = await IsoClient.connect(server.iso_port)
+        for _ in range(50):
+            await rude.send(auth(cards[0], amount=1))
+        # RST instead of FIN: the server's next send_all fails
+        rude.stream.socket.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+        await rude.aclose()
+    await trio.sleep(0.5)
+    polite = await IsoClient.connect(server.iso_port)
+    assert (await polite.call(auth(cards[1], amount=1)))["39"] == "00"
+    assert server.switch._metrics.in_flight._value.get() == 0

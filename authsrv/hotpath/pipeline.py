@@ -38,7 +38,9 @@ from authsrv.hotpath.steps import (
 from authsrv.iso import codec
 from authsrv.iso.framing import frame
 from authsrv.iso.request import FormatError, NetworkRequest, parse_request, response_doc
+from ledger.durable import LedgerFailedError
 from ledger.types import Batch, TransferFlags, TransferSpec
+from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.hotpath")
 
@@ -86,6 +88,23 @@ class Switch:
 
     # entry point: one frame in, at most one response out
     def handle(self, payload: bytes, received_ns: int) -> Outgoing | None:
+        try:
+            return self._handle(payload, received_ns)
+        except (LedgerFailedError, WalFatalError):
+            raise  # the ledger cannot go on: stop the process rather than answer from stale memory
+        except Exception:  # one bad message must not take the connection or the server down
+            self._metrics.internal_errors.inc()
+            log.exception("internal error while handling a message")
+            return self._internal_error(payload, received_ns)
+
+    def _internal_error(self, payload: bytes, received_ns: int) -> Outgoing | None:
+        try:
+            doc = codec.decode(payload)
+            return self._plain(doc, doc["t"], "96", received_ns)
+        except Exception:
+            return None
+
+    def _handle(self, payload: bytes, received_ns: int) -> Outgoing | None:
         try:
             doc = codec.decode(payload)
         except codec.IsoDecodeError as error:

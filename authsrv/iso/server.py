@@ -62,23 +62,26 @@ class IsoServer:
         self._connections += 1
         self._idle = trio.Event() if self._connections == 1 else self._idle
         self._metrics.connections.inc()
+        in_flight = [0]  # this connection's share of the in-flight gauge
         try:
             send, receive = trio.open_memory_channel(self._in_flight_max)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, receive)
+                nursery.start_soon(self._writer, stream, receive, in_flight)
                 async with send:
-                    await self._reader(stream, send)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            log.info("ISO 8583 connection lost: %s", error)
+                    await self._reader(stream, send, in_flight)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            # The peer went away (reset, closed mid-answer): its own problem, not the server's.
+            log.info("ISO 8583 connection lost: %s", group.exceptions[0])
         finally:
+            self._metrics.in_flight.dec(in_flight[0])  # decided but never sent: the peer left
             self._metrics.connections.dec()
             await trio.aclose_forcefully(stream)
             self._connections -= 1
             if self._connections == 0:
                 self._idle.set()
 
-    async def _reader(self, stream, send: trio.MemorySendChannel) -> None:
-        handle, in_flight = self._switch.handle, self._metrics.in_flight
+    async def _reader(self, stream, send: trio.MemorySendChannel, in_flight: list[int]) -> None:
+        handle, gauge = self._switch.handle, self._metrics.in_flight
         scope = trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s)
         self._readers.add(scope)
         try:
@@ -87,7 +90,8 @@ class IsoServer:
                     scope.deadline = trio.current_time() + self._idle_timeout_s
                     outgoing = handle(payload, time.perf_counter_ns())
                     if outgoing is not None:
-                        in_flight.inc()
+                        gauge.inc()
+                        in_flight[0] += 1
                         await send.send(outgoing)
             if scope.cancelled_caught:
                 log.info("closing ISO 8583 connection: idle or shutting down")
@@ -97,7 +101,7 @@ class IsoServer:
         finally:
             self._readers.discard(scope)
 
-    async def _writer(self, stream, receive: trio.MemoryReceiveChannel) -> None:
+    async def _writer(self, stream, receive: trio.MemoryReceiveChannel, in_flight: list[int]) -> None:
         ledger, metrics, switch = self._ledger, self._metrics, self._switch
         async with receive:
             async for first in receive:
@@ -115,6 +119,7 @@ class IsoServer:
                 for outgoing in group:
                     metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
                 metrics.in_flight.dec(len(group))
+                in_flight[0] -= len(group)
 
     async def _commit(self, group: list, seq: int) -> list:
         """Wait until every approval in the group is on disk; approvals that miss the budget are
