@@ -17,11 +17,22 @@ import platform
 import time
 import tracemalloc
 
-from ledger import AccountFlags, AccountKind, AccountSpec, Batch, Ledger, TransferFlags, TransferSpec
+from ledger import (
+    AccountFlags,
+    AccountKind,
+    AccountSpec,
+    AccountStatus,
+    Batch,
+    BatchResult,
+    Ledger,
+    TransferFlags,
+    TransferSpec,
+    TransferStatus,
+)
 
 ACCOUNTS = 10_000
-SETTLEMENT_ID = ACCOUNTS + 1
-FUNDING_ID = ACCOUNTS + 2
+SETTLEMENT_ID = 10**9 + 1  # above any user account id
+FUNDING_ID = 10**9 + 2
 HOLD_TIMEOUT_S = 7 * 24 * 3600
 BATCH_SIZES = (1, 64)
 CHUNK = 4_096  # accounts or transfers per setup batch (below TRANSFERS_PER_BATCH_MAX)
@@ -39,6 +50,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def all_created(result: BatchResult) -> None:
+    assert set(result.account_results) <= {AccountStatus.created}, result.account_results
+    assert set(result.transfer_results) <= {TransferStatus.created}, result.transfer_results
+
+
 def funded_ledger(accounts: int = ACCOUNTS) -> Ledger:
     ledger = Ledger()
     specs = [
@@ -47,10 +63,10 @@ def funded_ledger(accounts: int = ACCOUNTS) -> Ledger:
     ]
     specs += [AccountSpec(SETTLEMENT_ID, "EUR", AccountKind.settlement), AccountSpec(FUNDING_ID, "EUR", AccountKind.funding)]
     for start in range(0, len(specs), CHUNK):
-        ledger.apply(Batch(0, accounts=tuple(specs[start : start + CHUNK])))
+        all_created(ledger.apply(Batch(0, accounts=tuple(specs[start : start + CHUNK]))))
     funding = [TransferSpec(10**12 + i, FUNDING_ID, i, 10**12) for i in range(1, accounts + 1)]
     for start in range(0, len(funding), CHUNK):
-        ledger.apply(Batch(0, transfers=tuple(funding[start : start + CHUNK])))
+        all_created(ledger.apply(Batch(0, transfers=tuple(funding[start : start + CHUNK]))))
     return ledger
 
 
@@ -91,7 +107,7 @@ def run_throughput(holds: int, batch_size: int, freeze_every: int = 0) -> dict[s
             gc.freeze()
     elapsed = time.perf_counter() - started
     gc.unfreeze()
-    assert ledger.pending_count() == 0
+    assert ledger.pending_count() == 0 and ledger.balance(SETTLEMENT_ID).posted == sum(h.amount for h, _ in pairs)
     ledger.check_invariants()
     latencies_ns.sort()
     return {
@@ -113,11 +129,11 @@ def measure_memory(count: int) -> dict[str, float]:
     pairs = [hold_and_post(k, count) for k in range(count)]
     mark = tracemalloc.get_traced_memory()[0]
     for start in range(0, count, CHUNK):
-        ledger.apply(Batch(0, transfers=tuple(h for h, _ in pairs[start : start + CHUNK])))
+        all_created(ledger.apply(Batch(0, transfers=tuple(h for h, _ in pairs[start : start + CHUNK]))))
     per_hold = (tracemalloc.get_traced_memory()[0] - mark) / count
     mark = tracemalloc.get_traced_memory()[0]
     for start in range(0, count, CHUNK):
-        ledger.apply(Batch(0, transfers=tuple(p for _, p in pairs[start : start + CHUNK])))
+        all_created(ledger.apply(Batch(0, transfers=tuple(p for _, p in pairs[start : start + CHUNK]))))
     per_post = (tracemalloc.get_traced_memory()[0] - mark) / count
     tracemalloc.stop()
     # The specs themselves are built by the caller (decoded from the wire or the log) and kept

@@ -431,3 +431,28 @@ async def test_a_peer_that_vanishes_mid_answer_does_not_hurt_the_server(server, 
     assert (await polite.call(auth(cards[1], amount=1)))["39"] == "00"
     await trio.sleep(0.2)  # the writer updates the gauge just after send_all
     assert server.switch._metrics.in_flight._value.get() == 0
+
+
+async def test_a_step_past_the_budget_gets_the_stand_in_decision(data_dir, cards, monkeypatch):
+    import time as stdtime
+
+    from authsrv.hotpath import steps
+
+    real_cvc2 = steps.cardsec.cvc2
+
+    def slow_cvc2(*args):
+        stdtime.sleep(0.03)  # a step that overruns a 10 ms budget
+        return real_cvc2(*args)
+
+    monkeypatch.setattr(steps.cardsec, "cvc2", slow_cvc2)
+    card = cards[19]
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, iso__budget_ms=10)
+        client = await IsoClient.connect(server.iso_port)
+        response = await client.call(auth(card, amount=100, cvc2=card["cvc2"]))
+        assert response["39"] == "91"
+        record = server.journal.get(_key(response))
+        assert record.stand_in and "budget exceeded before pin" in record.cause
+        assert available(server, card) == SEED_AMOUNT
+        assert server.switch._metrics.stand_in._value.get() == 1
+        server.stop.set()

@@ -150,6 +150,7 @@ class Switch:
             started = time.perf_counter_ns()
             if started > ctx.deadline_ns:
                 ctx.stand_in = True
+                self._metrics.stand_in.inc()
                 ctx.decline(Outcome.partner_unavailable, f"budget exceeded before {participant.name}")
                 break
             vote = participant.prepare(ctx)
