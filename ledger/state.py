@@ -61,16 +61,20 @@ from ledger.types import (
     TransferStatus,
 )
 
-# Bounds. Memory figures are measured by `python -m bench.ledger_memory` (about 1 KB per account
-# with a little history, about 0.6 KB per pending hold with its history entries).
-# One open authorization per active card at peak, with headroom; about 0.6 GB at the bound. Past it
-# a new hold fails with `pending_transfers_full` instead of the process running out of memory.
+# Bounds. Memory figures measured by `python -m bench.ledger_memory` (CPython 3.11): about 0.9 KB
+# per funded account, 0.5 KB per pending hold plus its spec (~0.2 KB, allocated by the caller),
+# 0.25 KB per remembered id plus its spec.
+# One open authorization per active card at peak, with headroom: ~0.7 GB at the bound. Past it a
+# new hold fails with `pending_transfers_full` instead of the process running out of memory.
 HOLDS_PENDING_MAX = 1_000_000
-# Every cardholder balance, partner collateral and system account of one issuer process.
+# Every cardholder balance, partner collateral and system account of one process: ~9 GB at the
+# bound, the ceiling of an in-memory ledger on one machine. Accounts grow with onboarding only.
 ACCOUNTS_MAX = 10_000_000
-# The 24 h duplicate window (CONTRACT.md section 2) at a sustained ~230 transfers/s; beyond it the
-# oldest ids are evicted early and counted (`ids_evicted_count`), never silently.
-IDS_MAX = 20_000_000
+# Ids grow with traffic, so this bound is what protects memory: ~4.5 GB at the bound, which holds
+# the 24 h duplicate window (CONTRACT.md section 2) up to ~115 transfers/s sustained (a hold and a
+# post per authorization: ~58 authorizations/s around the clock). Beyond it the oldest ids are
+# evicted before their 24 h and counted (`ids_evicted_count`), never silently.
+IDS_MAX = 10_000_000
 IDS_RETENTION_NS = 24 * 3600 * 10**9
 # What a statement screen pages through; older activity lives in the management store and the log.
 HISTORY_PER_ACCOUNT_MAX = 1_000
@@ -565,6 +569,12 @@ class Ledger:
                 return results
             results.append(status)
         self._undo = None
+        # The chain held back trimming (so a rollback could pop); trim what it grew, now.
+        for entry in undo:
+            if entry[0] == _UNDO_HISTORY:
+                for history in entry[1:3]:
+                    if len(history) > self._history_trim_len:
+                        del history[: -self._history_max]
         return results
 
     def _create_transfer(self, t: TransferSpec, now: int) -> TransferStatus:
@@ -783,7 +793,7 @@ class Ledger:
         credit_history.append(entry)
         if self._undo is not None:
             self._undo.append((_UNDO_HISTORY, debit_history, credit_history))
-            return  # no trimming inside a chain, so the undo can pop; the next append trims
+            return  # no trimming inside a chain, so the undo can pop; _create_chain trims at the end
         if len(debit_history) > self._history_trim_len:
             del debit_history[: -self._history_max]
         if len(credit_history) > self._history_trim_len:

@@ -576,7 +576,7 @@ def test_ledger_model_long() -> None:
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(
-            max_examples=3_000,
+            max_examples=1_000,
             stateful_step_count=100,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -634,3 +634,53 @@ def test_totals_and_queries(ledger: Ledger) -> None:
     assert ledger.hold(900) is None and ledger.hold(12345) is None
     assert ledger.transfer_status(12345) is None
     assert ledger.account_count() == len(ACCOUNTS)
+
+
+def test_digest_is_the_same_in_processes_with_different_hash_seeds() -> None:
+    # The log is replayed by another process: nothing may depend on hash order.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from tests.test_ledger_state import *\n"
+        "l = Ledger()\n"
+        "l.apply(Batch(1, accounts=ACCOUNTS))\n"
+        "l.apply(Batch(2, transfers=(transfer(900, FUNDING, USER, FUNDED), hold(1, 10, reference='a', timeout_s=3),"
+        " hold(2, 10, reference='b', timeout_s=3), post(3, 1, 4), transfer(4, 99, USER, 1))))\n"
+        "l.apply(Batch(10**10))\n"
+        "print(l.digest())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1 and len(digests.pop().strip()) == 64
+
+
+def test_history_stays_bounded_under_linked_chains_only():
+    """The hot path only ever submits linked chains: history must still be trimmed."""
+    from ledger.state import HISTORY_PER_ACCOUNT_MAX, Ledger
+    from ledger.types import AccountFlags, AccountKind, AccountSpec, Batch, TransferFlags, TransferSpec
+
+    ledger = Ledger()
+    ledger.apply(Batch(1, accounts=(
+        AccountSpec(1, "EUR", AccountKind.funding),
+        AccountSpec(2, "EUR", AccountKind.user_balance, AccountFlags.debits_must_not_exceed_credits),
+        AccountSpec(3, "EUR", AccountKind.settlement))))
+    ledger.apply(Batch(2, transfers=(TransferSpec(10, 1, 2, 10**9),)))
+    for i in range(HISTORY_PER_ACCOUNT_MAX * 3):
+        ledger.apply(Batch(3 + i, transfers=(
+            TransferSpec(100 + 2 * i, 2, 3, 1, flags=TransferFlags.pending | TransferFlags.linked),
+            TransferSpec(101 + 2 * i, 2, 3, 1, flags=TransferFlags.pending))))
+    assert len(ledger.history(2, limit=10**6)) <= HISTORY_PER_ACCOUNT_MAX
+    ledger.check_invariants()
