@@ -28,7 +28,8 @@ log = logging.getLogger("authsrv")
 
 TICK_INTERVAL_S = 1.0
 MCC_CACHE_MAX = 10_000
-GC_GEN0_THRESHOLD = 100_000  # there are fewer than 10,000 MCCs  # hold expiry runs on the logged clock: an empty batch per tick advances it
+GC_GEN0_THRESHOLD = 100_000
+GC_FREEZE_INTERVAL_TICKS = 10  # there are fewer than 10,000 MCCs  # hold expiry runs on the logged clock: an empty batch per tick advances it
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -227,8 +228,15 @@ async def _tick(ledger, journal, metrics, config) -> None:
 
     snapshot_interval = config.ledger.snapshot_interval_records
     last_snapshot_seq = ledger.last_seq
+    ticks = 0
     while True:
         await trio.sleep(TICK_INTERVAL_S)
+        ticks += 1
+        if ticks % GC_FREEZE_INTERVAL_TICKS == 0:
+            # Collect only what was allocated since the last freeze, then freeze it too: the ledger's
+            # long-lived objects would otherwise make every full collection a stall of 100+ ms.
+            gc.collect()
+            gc.freeze()
         if ledger.ledger.pending_count():
             result, _ = ledger.submit(Batch(timestamp_ns=time.time_ns()))
             if result.expired:
