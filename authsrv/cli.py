@@ -6,7 +6,6 @@ Each subcommand is a thin shell over a library function; imports are lazy so `au
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

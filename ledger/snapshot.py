@@ -15,7 +15,6 @@ the oldest kept snapshot on, and checks).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -23,6 +22,8 @@ import struct
 from pathlib import Path
 
 from crc32c import crc32c
+
+from ledger.files import numbered_files, write_all
 
 log = logging.getLogger("ledger.snapshot")
 
@@ -50,13 +51,7 @@ def snapshot_path(directory: Path, seq: int) -> Path:
 
 def list_snapshots(directory: Path) -> list[tuple[int, Path]]:
     """(seq, path) of every snapshot file, oldest first. Temporary files are not listed."""
-    found = []
-    for path in Path(directory).iterdir():
-        match = SNAPSHOT_NAME.match(path.name)
-        if match is not None:
-            found.append((int(match.group(1)), path))
-    found.sort()
-    return found
+    return numbered_files(directory, SNAPSHOT_NAME)
 
 
 def _checksum(seq: int, payload: bytes) -> int:
@@ -82,8 +77,8 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     fd = os.open(temporary, flags, FILE_MODE)
     try:
-        _write_all(fd, header)
-        _write_all(fd, payload)
+        write_all(fd, header)
+        write_all(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -94,14 +89,6 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     return final
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    # Bounded: every pass writes at least one byte or raises.
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write returned 0")
-        view = view[written:]
 
 
 def _prune(directory: Path, keep: Path) -> None:

@@ -30,7 +30,6 @@ run in any thread.
 from __future__ import annotations
 
 import collections
-import errno
 import fcntl
 import logging
 import os
@@ -44,6 +43,8 @@ from pathlib import Path
 import attrs
 import trio
 from crc32c import crc32c
+
+from ledger.files import numbered_files, write_all
 
 log = logging.getLogger("ledger.wal")
 
@@ -101,13 +102,7 @@ def segment_path(directory: Path, first_seq: int) -> Path:
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
     """(first_seq, path) of every segment file, in sequence order."""
-    found = []
-    for path in directory.iterdir():
-        match = SEGMENT_NAME.match(path.name)
-        if match is not None:
-            found.append((int(match.group(1)), path))
-    found.sort()
-    return found
+    return numbered_files(directory, SEGMENT_NAME)
 
 
 def frame(seq: int, payload: bytes) -> bytes:
@@ -373,7 +368,7 @@ class Wal:
         started = time.perf_counter()
         try:
             fd = self._active_segment_fd(first, len(data))
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fdatasync(fd)
         except OSError as error:
             self._fatal = error
@@ -579,14 +574,6 @@ class Wal:
             os.close(self._dir_fd)
 
 
-def _write_all(fd: int, data: bytearray) -> None:
-    view = memoryview(data)
-    # Bounded: every pass writes at least one byte or raises.
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write returned 0")
-        view = view[written:]
 
 
 def _replay_segment(

@@ -10,7 +10,7 @@ import trio
 
 from authsrv import cardsec
 from tests.conftest import SEED_AMOUNT, start_in_process
-from tests.isoclient import IsoClient, auth, encode, reversal_of
+from tests.isoclient import IsoClient, auth, reversal_of
 
 
 def available(server, card: dict) -> int:

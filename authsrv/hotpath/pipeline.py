@@ -23,7 +23,7 @@ from authsrv import cardsec
 from authsrv.hotpath.context import AuthContext, Kind, KIND_BY_MTI, Vote
 from authsrv.hotpath.funds import FindOriginal, MoveFunds, Reverse, journal_record
 from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch, encode_record
-from authsrv.hotpath.outcome import Outcome, is_approval, response_code
+from authsrv.hotpath.outcome import Outcome, is_approval
 from authsrv.hotpath.steps import (
     TransferCode,
     TransferIds,

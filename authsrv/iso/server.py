@@ -102,7 +102,7 @@ class IsoServer:
             self._readers.discard(scope)
 
     async def _writer(self, stream, receive: trio.MemoryReceiveChannel, in_flight: list[int]) -> None:
-        ledger, metrics, switch = self._ledger, self._metrics, self._switch
+        ledger, metrics = self._ledger, self._metrics
         async with receive:
             async for first in receive:
                 group = [first]
