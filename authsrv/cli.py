@@ -6,6 +6,7 @@ Each subcommand is a thin shell over a library function; imports are lazy so `au
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # `authsrv ledger verify | head` should end quietly, as any Unix filter does. Never for
+        # serve: a peer that resets its connection would then kill the server with SIGPIPE.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return args.run(args)
 
 
