@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,6 +24,7 @@ from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
 from authsrv.metrics import Metrics, MetricsServer
+from authsrv.rest import build_app, serve_rest
 
 log = logging.getLogger("authsrv")
 
@@ -192,18 +194,23 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
         listeners = await trio.open_tcp_listeners(ports["iso"], host=config.server.host)
         iso_port = listeners[0].socket.getsockname()[1]
         await nursery.start(iso.run, listeners)
+        rest_stop, rest_stopped = trio.Event(), trio.Event()
+        rest_port = await nursery.start(partial(serve_rest, build_app(store, index), host=config.server.host,
+                                                port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
+                                                stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)
-        _write_run_file(data_dir, iso_port, http.port)
+        _write_run_file(data_dir, iso_port, http.port, rest_port)
         http.ready = True
         metrics.ready.set(1)
-        log.info("ready: ISO 8583 on %s:%d, metrics on %s:%d", config.server.host, iso_port,
-                 config.server.host, http.port)
-        task_status.started({"iso_port": iso_port, "metrics_port": http.port, "switch": switch,
-                             "ledger": ledger, "journal": journal, "store": store, "index": index})
+        log.info("ready: ISO 8583 on %s:%d, REST (HTTPS) on %s:%d, metrics on %s:%d", config.server.host,
+                 iso_port, config.server.host, rest_port, config.server.host, http.port)
+        task_status.started({"iso_port": iso_port, "metrics_port": http.port, "rest_port": rest_port,
+                             "switch": switch, "ledger": ledger, "journal": journal, "store": store, "index": index})
         await stop.wait()
         http.ready = False
         metrics.ready.set(0)
         iso.stop()
+        rest_stop.set()  # graceful: anycorn finishes in-flight requests while the ISO side drains
         with trio.move_on_after(config.iso.shutdown_grace_s):
             await iso.drained()
         cards.close()
@@ -211,14 +218,17 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
             await cards.drained.wait()
         ledger.flush_sync()
         _snapshot(ledger, journal, metrics)
+        with trio.move_on_after(config.iso.shutdown_grace_s):
+            await rest_stopped.wait()
         nursery.cancel_scope.cancel()
     (data_dir / "run.json").unlink(missing_ok=True)
 
 
-def _write_run_file(data_dir: Path, iso_port: int, metrics_port: int) -> None:
+def _write_run_file(data_dir: Path, iso_port: int, metrics_port: int, rest_port: int) -> None:
     """Where a process on this machine finds the running server (tests, the demo)."""
     tmp = data_dir / "run.json.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "iso_port": iso_port, "metrics_port": metrics_port}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "iso_port": iso_port, "metrics_port": metrics_port,
+                               "rest_port": rest_port}))
     tmp.replace(data_dir / "run.json")
 
 

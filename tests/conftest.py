@@ -54,6 +54,7 @@ def zpk(data_dir: Path) -> bytes:
 class InProcessServer:
     iso_port: int
     metrics_port: int
+    rest_port: int
     switch: object
     ledger: object
     journal: object
@@ -73,7 +74,7 @@ async def start_in_process(nursery, data_dir: Path, **overrides) -> InProcessSer
         config = msgspec.structs.replace(config, **{section: changed})
     stop = trio.Event()
     info = await nursery.start(run_server, data_dir, config, {"iso": 0, "rest": 0, "metrics": 0}, stop)
-    return InProcessServer(info["iso_port"], info["metrics_port"], info["switch"], info["ledger"],
+    return InProcessServer(info["iso_port"], info["metrics_port"], info["rest_port"], info["switch"], info["ledger"],
                            info["journal"], info["store"], info["index"], stop)
 
 
