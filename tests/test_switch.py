@@ -456,3 +456,45 @@ async def test_a_step_past_the_budget_gets_the_stand_in_decision(data_dir, cards
         assert available(server, card) == SEED_AMOUNT
         assert server.switch._metrics.stand_in._value.get() == 1
         server.stop.set()
+
+
+async def test_idle_connections_are_closed(data_dir, cards):
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, iso__idle_timeout_s=0.5)
+        client = await IsoClient.connect(server.iso_port)
+        assert (await client.call(auth(cards[0], amount=1)))["39"] == "00"  # activity resets the clock
+        with pytest.raises(EOFError):
+            await client.receive(timeout=5)  # then silence: the server closes the connection
+        fresh = await IsoClient.connect(server.iso_port)
+        assert (await fresh.call(auth(cards[0], amount=1)))["39"] == "00"
+        server.stop.set()
+
+
+async def test_shutdown_answers_everything_it_decided(data_dir, cards):
+    card = cards[19]
+    requests = [auth(card, amount=3) for _ in range(300)]
+    answers = []
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        client = await IsoClient.connect(server.iso_port)
+        for request in requests[:150]:
+            await client.send(request)
+        server.stop.set()  # stop while requests are in flight
+        try:
+            for request in requests[150:]:
+                await client.send(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        try:
+            while True:
+                answers.append(await client.receive(timeout=10))
+        except (EOFError, trio.BrokenResourceError, OSError):
+            pass
+    assert answers and all(answer["39"] == "00" for answer in answers)
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        same_balance = sum(1 for c in cards if c["balanceId"] == card["balanceId"])
+        assert same_balance >= 1
+        # every decision the server made was answered: the balance moved by exactly the answers
+        assert available(server, card) == SEED_AMOUNT - 3 * len(answers)
+        server.stop.set()

@@ -31,7 +31,8 @@ class IsoServer:
         self._idle_timeout_s = idle_timeout_s
         self._frame_size_max = frame_size_max
         self._connections_max = connections_max
-        self._readers: set[trio.CancelScope] = set()
+        self._readers: set[trio.CancelScope] = set()  # each connection's wait for its next frame
+        self._stopping = False
         self._accepting = trio.CancelScope()
         self._connections = 0
         self._idle = trio.Event()
@@ -47,6 +48,7 @@ class IsoServer:
     def stop(self) -> None:
         """Stop accepting and stop reading new requests; answers already decided are still sent."""
         self._accepting.cancel()
+        self._stopping = True
         for scope in list(self._readers):
             scope.cancel()
 
@@ -81,25 +83,36 @@ class IsoServer:
                 self._idle.set()
 
     async def _reader(self, stream, send: trio.MemorySendChannel, in_flight: list[int]) -> None:
+        """Read and decide frames until EOF, idle timeout or stop().
+
+        Only the wait for the next frame can be cancelled: once a frame is decided (money may
+        have moved), its answer always reaches the writer's channel.
+        """
         handle, gauge = self._switch.handle, self._metrics.in_flight
-        scope = trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s)
-        self._readers.add(scope)
+        frames = read_frames(stream, frame_size_max=self._frame_size_max)
         try:
-            with scope:
-                async for payload in read_frames(stream, frame_size_max=self._frame_size_max):
-                    scope.deadline = trio.current_time() + self._idle_timeout_s
-                    outgoing = handle(payload, time.perf_counter_ns())
-                    if outgoing is not None:
-                        gauge.inc()
-                        in_flight[0] += 1
-                        await send.send(outgoing)
-            if scope.cancelled_caught:
-                log.info("closing ISO 8583 connection: idle or shutting down")
+            while not self._stopping:
+                with trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s) as waiting:
+                    self._readers.add(waiting)
+                    try:
+                        payload = await frames.__anext__()
+                    finally:
+                        self._readers.discard(waiting)
+                if waiting.cancelled_caught:
+                    log.info("closing ISO 8583 connection: idle or shutting down")
+                    return
+                outgoing = handle(payload, time.perf_counter_ns())
+                if outgoing is not None:
+                    gauge.inc()
+                    in_flight[0] += 1
+                    await send.send(outgoing)
+        except StopAsyncIteration:
+            return
         except FramingError as error:
             self._metrics.framing_errors.inc()
             log.warning("closing ISO 8583 connection: framing lost: %s", error)
         finally:
-            self._readers.discard(scope)
+            await frames.aclose()
 
     async def _writer(self, stream, receive: trio.MemoryReceiveChannel, in_flight: list[int]) -> None:
         ledger, metrics = self._ledger, self._metrics
