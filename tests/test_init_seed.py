@@ -198,6 +198,7 @@ def test_seed_users_with_cards(data_dir: Path) -> None:
     assert Counter(line["customerId"] for line in lines) == {i: 2 for i in range(1, 201)}
     with Store.open(data_dir) as store:
         index = load_index(store)
+        false_accepts = 0
         for line in lines:
             assert list(line) == CARD_LINE_KEYS
             pan = line["pan"]
@@ -210,9 +211,11 @@ def test_seed_users_with_cards(data_dir: Path) -> None:
             assert (card.user_id, card.balance_id) == (line["customerId"], line["balanceId"])
             assert (card.status, card.card_type, card.config_id) == (CardStatus.active, "virtual", "0019167984")
             assert cardsec.verify_pin(pan, line["pin"], card.pvv, keys.pvk)
-            assert not cardsec.verify_pin(pan, f"{(int(line['pin']) + 1) % 10000:04d}", card.pvv, keys.pvk)
+            # A 4-digit PVV accepts about 1 wrong PIN in 10,000: count, do not forbid.
+            false_accepts += cardsec.verify_pin(pan, f"{(int(line['pin']) + 1) % 10000:04d}", card.pvv, keys.pvk)
             state = index.card_by_pan_index(vault.index(pan))
             assert state.card_id == card.id and state.status is CardStatus.active and state.currency == "EUR"
+        assert false_accepts <= 3  # 400 tries at ~1e-4 each: more would mean a broken PVV
         user = store.get_user(lines[0]["customerId"])
         assert (user.kyc, user.partner) == ("SUCCESS", "demo")
         balance_accounts = {store.get_balance(line["balanceId"]).ledger_account_id for line in lines}

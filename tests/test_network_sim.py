@@ -196,7 +196,11 @@ def test_wrong_pin_cards_lock_on_the_third_attempt_and_others_alternate(cards_pa
     for number in range(400):
         request = factory.build(Kind.wrong_pin, f"{number + 1:06d}")
         assert request.kind in (Kind.wrong_pin, Kind.pin_retry)
-        (expected,) = request.expected
+        codes = set(request.expected)
+        if request.kind is Kind.wrong_pin and codes != {"75"}:
+            assert "00" in codes  # a PVV collision (~1 in 10,000 wrong PINs) must not be a mismatch
+            codes.discard("00")
+        (expected,) = codes
         seen[request.victim.card.card_id].append((request.kind.name, expected))
         factory.on_answer(request, expected)  # a server that behaves as the contract says
     lockers = {v.card.card_id for v in factory._victims if v.locks}
@@ -268,8 +272,10 @@ async def test_load_against_the_baseline_counts_add_up(cards_path: Path) -> None
     assert report.latency.count == report.service_time.count == 600
     assert 0 < report.latency.p50_ms <= report.latency.p99_ms <= report.latency.p999_ms <= report.latency.max_ms
     assert 240 <= report.achieved_rate_per_s <= 301  # 300/s offered; a loaded machine answers late
-    # The baseline approves everything, so exactly the negative kinds are mismatches.
-    negatives = sum(report.kinds[name].answered for name in NEGATIVE_KINDS if name in report.kinds)
+    # The baseline approves everything, so exactly the negative kinds are mismatches, except
+    # wrong PINs: a 4-digit PVV lets ~1 in 10,000 through, so the simulator accepts a 00 for them.
+    negatives = sum(report.kinds[name].answered for name in NEGATIVE_KINDS if name in report.kinds
+                    and name != "wrong_pin")
     assert negatives > 0 and report.mismatches == negatives
     assert "wrong_cvc2" in report.render() and b'"p999_ms"' in report.to_json()
 

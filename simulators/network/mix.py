@@ -281,6 +281,8 @@ class RequestFactory:
             victim.in_flight = False
             if request.kind is Kind.pin_retry and code == "00":
                 victim.wrong_in_row = 0
+            elif request.kind is Kind.wrong_pin and code == "00":
+                victim.uncertain = True  # a PVV collision reset the server's count: expect anything after
 
     def on_lost(self, request: Request) -> None:
         """A request timed out or its connection broke: the server may or may not have seen it."""
@@ -397,11 +399,15 @@ class RequestFactory:
         else:
             wrong = f"{(int(card.pin) + self._rng.randint(1, 9)) % 10 ** len(card.pin):0{len(card.pin)}d}"
             request = self._atm(Kind.wrong_pin, stan, card, wrong)
-            # Attempts one and two: 55; the third in a row locks the card; 75 ever after.
+            # Attempts one and two: 55; the third in a row locks the card; 75 ever after. Until the
+            # lock, 00 is also right: the Visa PVV keeps 4 digits, so about 1 wrong PIN in 10,000
+            # verifies (the simulator cannot know which without the issuer's PVK).
             expected = frozenset({"75"} if victim.wrong_in_row >= WRONG_PINS_TO_LOCK - 1 else {"55"})
+            if victim.wrong_in_row < WRONG_PINS_TO_LOCK:
+                expected |= {"00"}
             victim.wrong_in_row += 1
         if victim.uncertain:
-            expected = frozenset({"00", "55", "75"} if retry else {"55", "75"})
+            expected = frozenset({"00", "55", "75"})
         victim.in_flight = True
         return attrs.evolve(request, expected=expected, victim=victim)
 
