@@ -509,3 +509,30 @@ async def test_shutdown_answers_everything_it_decided(data_dir, cards):
         # every decision the server made was answered: the balance moved by exactly the answers
         assert available(server, card) == SEED_AMOUNT - 3 * len(answers)
         server.stop.set()
+
+
+async def test_a_commit_past_the_budget_releases_the_hold_and_answers_91(data_dir, cards, monkeypatch):
+    card = cards[18]
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, iso__budget_ms=100)
+        import os as stdos
+        import time as stdtime
+
+        real_fdatasync = stdos.fdatasync
+
+        def slow_disk(fd: int) -> None:  # fault injection: the fsync takes longer than the budget
+            stdtime.sleep(0.3)
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(stdos, "fdatasync", slow_disk)
+        client = await IsoClient.connect(server.iso_port)
+        response = await client.call(auth(card, amount=500))
+        assert response["39"] == "91" and "38" not in response
+        record = server.journal.get(_key(response))
+        assert record.stand_in and record.cause == "commit missed the budget"
+        assert available(server, card) == SEED_AMOUNT  # the hold was voided
+        assert server.ledger.ledger.pending_count() == 0
+        monkeypatch.undo()
+        again = await client.call(auth(card, amount=500, stan=response["11"], rrn=response["37"]))
+        assert again["39"] == "91"  # a duplicate gets the stand-in answer, not a second hold
+        server.stop.set()

@@ -22,10 +22,9 @@ import attrs
 from authsrv import cardsec
 from authsrv.hotpath.context import AuthContext, Kind, KIND_BY_MTI, Vote
 from authsrv.hotpath.funds import FindOriginal, MoveFunds, Reverse, journal_record
-from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch, encode_record
+from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch
 from authsrv.hotpath.outcome import Outcome, is_approval
 from authsrv.hotpath.steps import (
-    TransferCode,
     TransferIds,
     CheckCardStatus,
     CheckCvc2,
@@ -39,7 +38,6 @@ from authsrv.iso import codec
 from authsrv.iso.framing import frame
 from authsrv.iso.request import FormatError, NetworkRequest, parse_request, response_doc
 from ledger.durable import LedgerFailedError
-from ledger.types import Batch, TransferFlags, TransferSpec
 from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.hotpath")
@@ -73,7 +71,7 @@ class Switch:
         card = LookupCard(vault, index)
         amount = ResolveAmount()
         self._ids = ids = TransferIds(journal.timestamp_ns_max)
-        funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s)
+        self._funds = funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s)
         checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, cards))
         reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal, ids))
         self._pipelines = {
@@ -161,7 +159,7 @@ class Switch:
                 break
         else:
             ctx.outcome = ctx.outcome or Outcome.approved
-        if not is_approval(ctx.outcome) or ctx.duplicate_of is not None:
+        if not is_approval(ctx.outcome):
             for participant in reversed(prepared):
                 abort = getattr(participant, "abort", None)
                 if abort is not None:
@@ -193,17 +191,11 @@ class Switch:
     def stand_in(self, outgoing: Outgoing) -> Outgoing:
         """The commit missed the budget: release the hold and answer 91 instead of the approval."""
         ctx = outgoing.ctx
-        assert ctx is not None and outgoing.seq
-        transfers = []
-        for hold_id in (ctx.collateral_hold_id, ctx.user_hold_id):
-            if hold_id:
-                transfers.append(TransferSpec(self._ids.next(), 0, 0, 0, flags=TransferFlags.void_pending,
-                                              pending_id=hold_id, code=TransferCode.reversal))
+        assert ctx is not None and outgoing.seq and ctx.user_hold_id
         ctx.outcome, ctx.cause, ctx.stand_in = Outcome.partner_unavailable, "commit missed the budget", True
-        ctx.auth_code, ctx.field54 = "", ""
-        record = journal_record(ctx)
-        self._journal.add(record)
-        self._ledger.submit(Batch(timestamp_ns=time.time_ns(), transfers=tuple(transfers), app=encode_record(record)))
+        ctx.auth_code = ctx.field54 = ""
+        self._funds.abort(ctx)  # voids the holds and journals this decision in one log record
+        record = self._journal.get(ctx.key)
         data = frame(codec.encode(_response(ctx.request.raw, ctx.request.response_mti, record)))
         self._metrics.stand_in.inc()
         return Outgoing(data, 0, outgoing.received_ns, outgoing.deadline_ns, outgoing.mti, record.response_code)
