@@ -25,6 +25,7 @@ from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
 from authsrv.metrics import Metrics, MetricsServer
 from authsrv.rest import build_app, serve_rest
+from authsrv.rest.app import make_context
 
 log = logging.getLogger("authsrv")
 
@@ -195,7 +196,8 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
         iso_port = listeners[0].socket.getsockname()[1]
         await nursery.start(iso.run, listeners)
         rest_stop, rest_stopped = trio.Event(), trio.Event()
-        rest_port = await nursery.start(partial(serve_rest, build_app(store, index), host=config.server.host,
+        rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
+        rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)

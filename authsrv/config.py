@@ -107,6 +107,20 @@ class DuplicatesConfig(_Section):
 
 class SessionsConfig(_Section):
     customer_token_ttl_s: Annotated[int, Meta(ge=1, le=86_400)] = 600
+    admin_token_ttl_s: Annotated[int, Meta(ge=1, le=86_400)] = 600
+    wpin_failures_max: Annotated[int, Meta(ge=1, le=100)] = 5
+    wpin_lock_s: Annotated[int, Meta(ge=1, le=86_400 * 30)] = 900
+
+
+class BureauConfig(_Section):
+    # Base URL of the card personalisation bureau (simulators/bureau); "" = physical orders wait.
+    url: str = ""
+    poll_interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 5.0
+
+    def __post_init__(self) -> None:
+        problem = api_url_problem(self.url)
+        if problem:
+            raise ValueError(problem.replace("api_url", "bureau url"))
 
 
 BalanceMode = Literal["internal", "external"]
@@ -139,6 +153,7 @@ class Config(_Section):
     holds: HoldsConfig = msgspec.field(default_factory=HoldsConfig)
     duplicates: DuplicatesConfig = msgspec.field(default_factory=DuplicatesConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
+    bureau: BureauConfig = msgspec.field(default_factory=BureauConfig)
     partners: dict[PartnerName, PartnerConfig] = msgspec.field(default_factory=dict)
 
 
@@ -270,6 +285,18 @@ retention_hours = 24
 [sessions]
 # Lifetime of a customer session token (POST /customers/sessions).
 customer_token_ttl_s = 600
+# Lifetime of an admin session token (POST /admin/sessions).
+admin_token_ttl_s = 600
+# Wrong wPINs in a row before customer logins of that user are refused for a while.
+wpin_failures_max = 5
+# How long (seconds) logins stay refused after wpin_failures_max wrong wPINs.
+wpin_lock_s = 900
+
+[bureau]
+# Card personalisation bureau for physical cards (simulators/bureau); "" = orders wait for one.
+url = ""
+# How often produced cards are fetched from the bureau and linked.
+poll_interval_s = 5.0
 """
 
 

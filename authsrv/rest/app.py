@@ -1,10 +1,13 @@
-"""The management REST application: routes, partner authentication, problem+json errors.
+"""The management REST application: routes, authentication, problem+json errors.
 
-Layers, outermost first: ProblemMiddleware (body bound, 500 containment) -> PartnerAuthMiddleware
-(`/lifecycle`, `/secure`) -> Starlette routing.
+Layers, outermost first: ProblemMiddleware (body bound, 500 containment) -> AuthMiddleware (who is
+calling, by channel) -> Starlette routing. Each resource module offers `routes()`; the OpenAPI
+document is built from those same routes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import msgspec
 import trio
@@ -15,33 +18,50 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from authsrv.rest.auth import PartnerAuthMiddleware
+from authsrv.rest.auth import AuthMiddleware
+from authsrv.rest.context import RestContext
 from authsrv.rest.errors import REQUEST_BODY_BYTES_MAX, ProblemMiddleware, http_exception_handler
 from authsrv.rest.lifecycle import LifecycleApi
 from authsrv.rest.openapi import build_openapi
+from authsrv.rest.sessions import SessionTable
 from authsrv.store.db import Store
 
-API_VERSION = "0.1.0"
+API_VERSION = "0.2.0"
 
 
-def build_app(store: Store, index: object = None, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
-    """`index` (the in-memory card index) is unused by the wallet endpoints; cards will need it."""
-    lifecycle = LifecycleApi(store)
-    openapi_body = msgspec.json.encode(build_openapi(version=API_VERSION))
+def make_context(store: Store, *, data_dir: Path | None = None, index=None, ledger=None, config=None,
+                 keys=None) -> RestContext:
+    """The handlers' shared context; the JWE key is made on first start for older data dirs."""
+    ttl_s = config.sessions.customer_token_ttl_s if config is not None else 600
+    admin_ttl_s = config.sessions.admin_token_ttl_s if config is not None else 600
+    jwe = None
+    if data_dir is not None and (Path(__file__).parent / "jwe.py").exists():  # TEMP until jwe lands
+        from authsrv.rest.jwe import JweCodec, ServerKey
+
+        jwe = JweCodec(ServerKey.load_or_create(Path(data_dir) / "keys" / "jwe.key"))
+    return RestContext(store=store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys,
+                       jwe=jwe, customer_sessions=SessionTable(ttl_s), admin_sessions=SessionTable(admin_ttl_s))
+
+
+def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
+    lifecycle = LifecycleApi(ctx)
+    routes: list[Route] = [*lifecycle.routes()]
+    openapi_body = msgspec.json.encode(build_openapi(routes, version=API_VERSION))
 
     async def openapi(request: Request) -> Response:
         return Response(openapi_body, media_type="application/json")
 
     async def is_partner(name: str) -> bool:
         # Partners are added by `authsrv partner add` from another process: ask the store each time.
-        found = await trio.to_thread.run_sync(store.get_partner, name, limiter=lifecycle.limiter)
+        found = await trio.to_thread.run_sync(ctx.store.get_partner, name, limiter=ctx.limiter)
         return found is not None
 
     return Starlette(
-        routes=[Route("/openapi.json", openapi, methods=["GET"]), *lifecycle.routes()],
+        routes=[Route("/openapi.json", openapi, methods=["GET"]), *routes],
         middleware=[
             Middleware(ProblemMiddleware, body_bytes_max=body_bytes_max),
-            Middleware(PartnerAuthMiddleware, is_partner=is_partner),
+            Middleware(AuthMiddleware, is_partner=is_partner, customer_sessions=ctx.customer_sessions,
+                       admin_sessions=ctx.admin_sessions),
         ],
         exception_handlers={HTTPException: http_exception_handler},
     )

@@ -13,20 +13,19 @@ import logging
 from typing import Annotated
 
 import msgspec
-import trio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from authsrv.rest.errors import Title, problem
-from authsrv.store.db import Store, UserRow, hash_secret
+from authsrv.rest import money
+from authsrv.rest.auth import Channel
+from authsrv.rest.context import Doc, RestContext, customer_not_found, invalid, json_response, parse_id, route
+from authsrv.store.db import UserRow, hash_secret
 
 log = logging.getLogger("authsrv.rest")
 
 NAME_LENGTH_MAX = 64
 EMAIL_LENGTH_MAX = 254  # RFC 5321 path limit
-CUSTOMER_ID_MAX = 2**63 - 1  # SQLite INTEGER
-STORE_THREADS_MAX = 4  # scrypt is ~16 MiB per call; more threads would only queue on the store lock
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_LENGTH_MAX)]
 Phone = Annotated[str, msgspec.Meta(pattern=r"^\+?[0-9]{6,15}$")]  # E.164 digits
@@ -84,7 +83,6 @@ _UPDATE_COLUMNS = {
 
 _create_decoder = msgspec.json.Decoder(WalletCreate)
 _update_decoder = msgspec.json.Decoder(WalletUpdate)
-_encoder = msgspec.json.Encoder()
 
 
 def wallet_user(row: UserRow) -> WalletUser:
@@ -95,93 +93,111 @@ def wallet_user(row: UserRow) -> WalletUser:
     )  # fmt: skip
 
 
-def _json(value: msgspec.Struct, status: int = 200) -> Response:
-    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
-
-
-def _invalid(error: msgspec.DecodeError) -> Response:
-    # msgspec names the path and the rule (`Expected `str`, got `int` - at `$.phone``), never the
-    # value, so the detail cannot echo a wPIN back.
-    return problem(400, Title.INVALID_PAYLOAD, str(error))
-
-
-def _not_found() -> Response:
-    return problem(404, Title.CUSTOMER_NOT_FOUND, "no such customer")
-
-
-def _parse_customer_id(text: str) -> int | None:
-    if not text.isascii() or not text.isdigit() or len(text) > 19:
-        return None
-    value = int(text)
-    return value if 1 <= value <= CUSTOMER_ID_MAX else None
+def user_event(row: UserRow) -> dict:
+    """The event body of a user change: ids and states, no personal data beyond what changed."""
+    return {"customerId": row.id, "state": row.state, "kyc": row.kyc}
 
 
 class LifecycleApi:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.limiter = trio.CapacityLimiter(STORE_THREADS_MAX)
+    """`kyc_success_hooks`: each `hook(user) -> list[AccountSpec]` runs in the store thread, inside
+    the transaction that turns the user's kyc to SUCCESS (e.g. to open the program's default
+    balance); the ledger accounts it returns are created right after the commit."""
+
+    def __init__(self, ctx: RestContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        self.kyc_success_hooks: list = []
 
     def routes(self) -> list[Route]:
+        partner = Channel.partner
         return [
-            Route("/lifecycle/v1/wallet", self.create, methods=["POST"]),
-            Route("/lifecycle/v1/wallet/{customerId}", self.get, methods=["GET"]),
-            Route("/lifecycle/v1/wallet/{customerId}", self.update, methods=["PUT"]),
+            route("/lifecycle/v1/wallet", self.create, methods=["POST"], name="partner.wallet.create",
+                  channel=partner, doc=Doc("Create a user (wallet)", body=WalletCreate,
+                                           response=CustomerCreated, status=201, problems=())),
+            route("/lifecycle/v1/wallet/{customerId}", self.get, methods=["GET"], name="partner.wallet.get",
+                  channel=partner, doc=Doc("Get a user", response=WalletUser)),
+            route("/lifecycle/v1/wallet/{customerId}", self.update, methods=["PUT"], name="partner.wallet.update",
+                  channel=partner, doc=Doc("Update some fields of a user", body=WalletUpdate, response=WalletUser)),
         ]
-
-    async def _in_thread(self, function, *args, **kwargs):
-        return await trio.to_thread.run_sync(lambda: function(*args, **kwargs), limiter=self.limiter)
 
     async def create(self, request: Request) -> Response:
         partner = request.state.partner
         try:
             body = _create_decoder.decode(await request.body())
         except msgspec.DecodeError as error:
-            return _invalid(error)
-        row = await self._in_thread(self._create_user, partner, body)
+            return invalid(error)
+        row, accounts = await self.ctx.in_thread(self._create_user, partner, body)
+        await self._create_accounts(accounts)
         assert row.partner == partner
         log.info("partner %s created customer %d", partner, row.id)
-        return _json(CustomerCreated(customer_id=row.id), status=201)
+        return json_response(CustomerCreated(customer_id=row.id), status=201)
 
-    def _create_user(self, partner: str, body: WalletCreate) -> UserRow:
-        return self.store.create_user(
-            partner=partner, first_name=body.first_name, last_name=body.last_name, phone=body.phone,
-            email=body.email, birth_date=body.birth_date, state=body.state, kyc=body.kyc,
-            wpin_hash=hash_secret(body.w_pin),
-        )  # fmt: skip
+    def _create_user(self, partner: str, body: WalletCreate) -> tuple[UserRow, list]:
+        accounts: list = []
+        with self.store.transaction():
+            row = self.store.create_user(
+                partner=partner, first_name=body.first_name, last_name=body.last_name, phone=body.phone,
+                email=body.email, birth_date=body.birth_date, state=body.state, kyc=body.kyc,
+                wpin_hash=hash_secret(body.w_pin),
+            )  # fmt: skip
+            self.store.append_event(partner, "user.created", f"customer:{row.id}", user_event(row))
+            if row.kyc == "SUCCESS":
+                accounts = self._kyc_succeeded(row)
+        return row, accounts
 
     async def get(self, request: Request) -> Response:
         row = await self._own_user(request)
-        return _not_found() if row is None else _json(wallet_user(row))
+        return customer_not_found() if row is None else json_response(wallet_user(row))
 
     async def update(self, request: Request) -> Response:
         try:
             body = _update_decoder.decode(await request.body())
         except msgspec.DecodeError as error:
-            return _invalid(error)
+            return invalid(error)
         row = await self._own_user(request)
         if row is None:
-            return _not_found()
+            return customer_not_found()
         fields = {column: getattr(body, name) for name, column in _UPDATE_COLUMNS.items()
                   if getattr(body, name) is not msgspec.UNSET}  # fmt: skip
-        updated = await self._in_thread(self._update_user, row.id, fields, body.w_pin)
+        updated, accounts = await self.ctx.in_thread(self._update_user, row, fields, body.w_pin)
+        await self._create_accounts(accounts)
         if updated is None:  # deleted in between; there is no delete today, but say so honestly
-            return _not_found()
+            return customer_not_found()
         assert updated.id == row.id and updated.partner == row.partner
         log.info("partner %s updated customer %d: %s", row.partner, row.id,
                  ",".join(sorted(fields) + (["wpin"] if body.w_pin is not msgspec.UNSET else [])))
-        return _json(wallet_user(updated))
+        return json_response(wallet_user(updated))
 
-    def _update_user(self, user_id: int, fields: dict[str, str], w_pin) -> UserRow | None:
+    def _update_user(self, before: UserRow, fields: dict[str, str], w_pin) -> tuple[UserRow | None, list]:
         if w_pin is not msgspec.UNSET:
             fields = {**fields, "wpin_hash": hash_secret(w_pin)}
-        return self.store.update_user(user_id, **fields)
+        accounts: list = []
+        with self.store.transaction():
+            updated = self.store.update_user(before.id, **fields)
+            if updated is None:
+                return None, accounts
+            self.store.append_event(updated.partner, "user.updated", f"customer:{updated.id}",
+                                    {**user_event(updated), "fields": sorted(fields)})
+            if updated.kyc != before.kyc:
+                self.store.append_event(updated.partner, "kyc.changed", f"customer:{updated.id}",
+                                        {"customerId": updated.id, "kyc": updated.kyc, "previous": before.kyc})
+                if updated.kyc == "SUCCESS":
+                    accounts = self._kyc_succeeded(updated)
+        return updated, accounts
+
+    def _kyc_succeeded(self, user: UserRow) -> list:
+        return [spec for hook in self.kyc_success_hooks for spec in hook(user)]
+
+    async def _create_accounts(self, accounts: list) -> None:
+        if accounts and self.ctx.ledger is not None:
+            await money.submit(self.ctx.ledger, accounts=accounts)
 
     async def _own_user(self, request: Request) -> UserRow | None:
         """The user in the path if it belongs to the calling partner, else None (a 404 either way)."""
-        customer_id = _parse_customer_id(request.path_params["customerId"])
+        customer_id = parse_id(request.path_params["customerId"])
         if customer_id is None:
             return None
-        row = await self._in_thread(self.store.get_user, customer_id)
+        row = await self.ctx.in_thread(self.store.get_user, customer_id)
         if row is None or row.partner != request.state.partner:
             return None
         return row

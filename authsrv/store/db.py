@@ -28,6 +28,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
@@ -77,6 +78,61 @@ class ManagementTransferCode(enum.IntEnum):
     user_funding = 101  # funding -> user balance (reload, seed)
     collateral_funding = 102  # funding -> partner deposit / credit collateral
     user_withdrawal = 103  # user balance -> funding
+
+
+# Schema added after version 1, applied by every open (idempotent). Append; never edit a shipped line.
+ADDED_SCHEMA: list[str] = [
+    "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, partner TEXT NOT NULL,"
+    " kind TEXT NOT NULL, subject TEXT NOT NULL, body TEXT NOT NULL, idempotency_key TEXT NOT NULL UNIQUE,"
+    " created_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS events_partner ON events (partner, id)",
+    # Mobile devices paired to a user: one active installation per (user, device).
+    "CREATE TABLE IF NOT EXISTS devices (user_id INTEGER NOT NULL REFERENCES users(id),"
+    " device_id TEXT NOT NULL, installation_id TEXT NOT NULL, active INTEGER NOT NULL,"
+    " created_at TEXT NOT NULL, PRIMARY KEY (user_id, device_id, installation_id))",
+    # KYC verification forms (`/register`); images are files under DIR/kyc/, encrypted.
+    "CREATE TABLE IF NOT EXISTS kyc_forms (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL"
+    " REFERENCES users(id), partner TEXT NOT NULL, state TEXT NOT NULL, fields_json TEXT NOT NULL,"
+    " images_json TEXT NOT NULL, created_at TEXT NOT NULL, decided_at TEXT NOT NULL DEFAULT '',"
+    " decided_by TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '')",
+    "CREATE INDEX IF NOT EXISTS kyc_forms_user ON kyc_forms (user_id)",
+    "CREATE INDEX IF NOT EXISTS kyc_forms_state ON kyc_forms (state, id)",
+]
+# table -> {column: declaration} added to existing tables (ALTER TABLE ADD COLUMN, once).
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    # wPIN rate limiting: failures in a row and until when logins are refused (ISO 8601, '' = not).
+    "users": {"wpin_failures": "INTEGER NOT NULL DEFAULT 0", "wpin_locked_until": "TEXT NOT NULL DEFAULT ''"},
+    "admins": {"created_by": "TEXT NOT NULL DEFAULT ''", "created_at": "TEXT NOT NULL DEFAULT ''"},
+    "balances": {"iban": "TEXT NOT NULL DEFAULT ''"},
+    # IBANs for new balances ('' = off) and the balance opened automatically on KYC success.
+    "programs": {"iban_country": "TEXT NOT NULL DEFAULT ''", "iban_bank_code": "TEXT NOT NULL DEFAULT ''",
+                 "auto_balance": "INTEGER NOT NULL DEFAULT 0"},
+    # low_notified: 1 once a below-threshold event was recorded, 0 again after a reload above it.
+    "partner_balances": {"low_notified": "INTEGER NOT NULL DEFAULT 0"},
+    "cards": {
+        # Physical cards: ORDERED (at the bureau, invisible to the user) -> LINKED; '' = not ordered.
+        "order_state": "TEXT NOT NULL DEFAULT ''",
+        "order_json": "TEXT NOT NULL DEFAULT ''",  # delivery address, bureau reference, tracking no.
+        "source_card_id": "INTEGER NOT NULL DEFAULT 0",  # digital-first copy: the virtual card it copies
+        "cvv_version": "INTEGER NOT NULL DEFAULT 0",  # bumped by reset CVV; an input of the derivation
+    },
+}
+EVENT_KIND_LENGTH_MAX = 64
+EVENTS_PAGE_MAX = 1_000
+
+
+@attrs.frozen
+class EventRow:
+    id: int
+    partner: str
+    kind: str  # e.g. "user.created", "card.locked", "balance.reloaded", "kyc.accepted"
+    subject: str  # what it is about, e.g. "customer:12", "card:7"
+    body: str  # JSON, never card data beyond first 6 / last 4
+    idempotency_key: str
+    created_at: str
+
+
+_EVENT_COLUMNS = "id, partner, kind, subject, body, idempotency_key, created_at"
 
 
 class StoreError(Exception):
@@ -409,6 +465,7 @@ class Store:
             version = int(row[0]) if row else 0
             if version != SCHEMA_VERSION:
                 raise StoreError(f"store schema version {version}, this build needs {SCHEMA_VERSION}")
+            self._add_missing_schema()
             return
         if not create:
             raise StoreError("store.db has no schema (not created by `authsrv init`)")
@@ -417,6 +474,47 @@ class Store:
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+        self._add_missing_schema()
+
+    def _add_missing_schema(self) -> None:
+        """Additive schema (new tables, indexes and columns) applied to old and new files alike."""
+        with self.transaction():
+            for statement in ADDED_SCHEMA:
+                self._conn.execute(statement)
+            for table, columns in ADDED_COLUMNS.items():
+                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                for column, declaration in columns.items():
+                    if column not in present:
+                        self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    # -- events (the outbox the partner-delivery worker reads) ---------------------------------------
+
+    def append_event(self, partner: str, kind: str, subject: str, body: Mapping[str, Any]) -> int:
+        """Record a change for the partner, inside the caller's transaction when there is one.
+
+        The event commits with the change that caused it, or neither does. `idempotency_key` is
+        fixed here, so every delivery attempt of this event carries the same key."""
+        assert kind and len(kind) <= EVENT_KIND_LENGTH_MAX, kind
+        with self.transaction():
+            event_id = self._next_id("events")
+            self._conn.execute(
+                "INSERT INTO events (id, partner, kind, subject, body, idempotency_key, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (event_id, partner, kind, subject, json.dumps(body, separators=(",", ":"), sort_keys=True),
+                 f"evt-{event_id}-{secrets.token_hex(8)}", utc_now_iso()),
+            )
+        return event_id
+
+    def events(self, *, partner: str | None = None, after_id: int = 0, limit: int = 100) -> list[EventRow]:
+        assert 0 < limit <= EVENTS_PAGE_MAX
+        query = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ?"
+        values: list[Any] = [after_id]
+        if partner is not None:
+            query += " AND partner = ?"
+            values.append(partner)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (*values, limit)).fetchall()
+        return [EventRow(*row) for row in rows]
 
     # -- partners ----------------------------------------------------------------------------------
 

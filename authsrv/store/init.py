@@ -68,6 +68,8 @@ def _populate(directory: Path) -> list[str]:
     config_text = render_default_config({DEMO_PARTNER: PartnerConfig(collateral="deposit")})
     _write_new_file(directory / "authsrv.toml", config_text, 0o644)
     cardsec.CardKeys.generate().write(directory / "keys")
+    from authsrv.rest.jwe import SERVER_KEY_FILE, ServerKey  # the REST stack; only init needs it here
+    ServerKey.create(directory / "keys" / SERVER_KEY_FILE)
     pki_dir = directory / "pki"
     pki.create_ca(pki_dir)
     pki.issue_server_cert(pki_dir)
@@ -82,7 +84,7 @@ def _populate(directory: Path) -> list[str]:
     assert DEMO_PARTNER in config.partners
     return [
         "authsrv.toml: every setting at its default, partner demo",
-        "keys/: pan.key, index.key, cvk.hex, pvk.hex, zpk.hex (mode 0600)",
+        "keys/: pan.key, index.key, cvk.hex, pvk.hex, zpk.hex, jwe.key (mode 0600)",
         "pki/: ca.crt, server.crt/.key (127.0.0.1, localhost), partner.crt/.key (demo)",
         f"admin user {ADMIN_USERNAME!r} (Admin): password in {ADMIN_PASSWORD_FILE} (mode 0600)",
         f"partner {DEMO_PARTNER!r}: internal balances, deposit collateral in {DEMO_CURRENCY}",

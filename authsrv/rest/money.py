@@ -1,0 +1,67 @@
+"""Management money movements (reloads, partner funding, withdrawals) on the running ledger.
+
+REST handlers run on the same trio thread as the authorization hot path, so they submit to the
+same `DurableLedger` directly (no lock: one thread) and answer only once the batch is on disk,
+exactly like an approval. The store allocates accounts and transfer ids first (see store/db.py:
+accounts the store knows and the ledger lacks are re-created at startup; ids come from a counter,
+so a retried request after a crash never reuses one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ledger.types import AccountSpec, Batch, BatchResult, TransferSpec, TransferStatus
+from ledger.wal import WalFullError
+
+log = logging.getLogger("authsrv.rest")
+
+WAL_FULL_RETRIES_MAX = 50
+WAL_FULL_BACKOFF_S = 0.01
+
+
+@attrs.frozen
+class BalanceAmounts:
+    booked: int  # posted: what has settled
+    available: int  # booked minus holds: what a card can spend now
+
+
+class LedgerUnavailable(Exception):
+    """The server has no ledger attached (a REST app built without one, e.g. in unit tests)."""
+
+
+async def submit(ledger, *, accounts: Iterable[AccountSpec] = (),
+                 transfers: Iterable[TransferSpec] = ()) -> BatchResult:
+    """Apply and make durable; the caller answers only after this returns."""
+    if ledger is None:
+        raise LedgerUnavailable("no ledger")
+    batch = Batch(timestamp_ns=time.time_ns(), accounts=tuple(accounts), transfers=tuple(transfers))
+    for _ in range(WAL_FULL_RETRIES_MAX):
+        try:
+            result, seq = ledger.submit(batch)
+            break
+        except WalFullError:
+            await trio.sleep(WAL_FULL_BACKOFF_S)  # the committer is draining a full buffer
+    else:
+        raise WalFullError("write-ahead log buffer stayed full")
+    await ledger.wait_durable(seq)
+    return result
+
+
+def transfer_ok(status: TransferStatus) -> bool:
+    return status in (TransferStatus.created, TransferStatus.exists)
+
+
+def amounts(ledger, account_id: int) -> BalanceAmounts:
+    """Booked and available amounts of one ledger account (zero if the ledger lacks it yet)."""
+    if ledger is None:
+        raise LedgerUnavailable("no ledger")
+    view = ledger.ledger.balance(account_id)
+    if view is None:
+        return BalanceAmounts(0, 0)
+    return BalanceAmounts(booked=view.posted, available=view.available)
