@@ -131,7 +131,9 @@ class MoveFunds:
         held = bool(flags & TransferFlags.pending)
         timeout_s = self._hold_timeout_s(ctx.request.mcc) if held else 0
         transfers = []
-        if partner is not None and partner.collateral != "none":
+        # Only a deposit is charged per transaction; a credit balance was charged when the user's
+        # balance was reloaded (reference documents, "Partner Credit Balance" / "Deposit Balance").
+        if partner is not None and partner.collateral == "deposit":
             collateral = partner.collateral_account_ids.get(ctx.currency)
             usage = partner.collateral_usage_account_ids.get(ctx.currency)
             if collateral is None or usage is None:
@@ -274,7 +276,7 @@ class Reverse:
         settlement = self._index.settlement_account(original.currency)
         specs = []
         partner = self._index.partner(card.partner)
-        if partner is not None and partner.collateral != "none":
+        if partner is not None and partner.collateral == "deposit":
             collateral = partner.collateral_account_ids.get(original.currency)
             usage = partner.collateral_usage_account_ids.get(original.currency)
             if collateral is not None and usage is not None:

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from authsrv.rest.auth import AuthMiddleware
 from authsrv.rest.context import RestContext
+from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
 from authsrv.rest.errors import REQUEST_BODY_BYTES_MAX, ProblemMiddleware, http_exception_handler
 from authsrv.rest.lifecycle import LifecycleApi
 from authsrv.rest.openapi import build_openapi
@@ -35,17 +36,18 @@ def make_context(store: Store, *, data_dir: Path | None = None, index=None, ledg
     ttl_s = config.sessions.customer_token_ttl_s if config is not None else 600
     admin_ttl_s = config.sessions.admin_token_ttl_s if config is not None else 600
     jwe = None
-    if data_dir is not None and (Path(__file__).parent / "jwe.py").exists():  # TEMP until jwe lands
-        from authsrv.rest.jwe import JweCodec, ServerKey
-
-        jwe = JweCodec(ServerKey.load_or_create(Path(data_dir) / "keys" / "jwe.key"))
+    if data_dir is not None:
+        jwe = JweCodec(ServerKey.load_or_create(Path(data_dir) / "keys" / SERVER_KEY_FILE))
     return RestContext(store=store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys,
                        jwe=jwe, customer_sessions=SessionTable(ttl_s), admin_sessions=SessionTable(admin_ttl_s))
 
 
 def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
     lifecycle = LifecycleApi(ctx)
-    routes: list[Route] = [*lifecycle.routes()]
+    routes: list[Route] = [
+        *lifecycle.routes(),
+        *(public_key_routes(ctx.jwe) if ctx.jwe is not None else []),
+    ]
     openapi_body = msgspec.json.encode(build_openapi(routes, version=API_VERSION))
 
     async def openapi(request: Request) -> Response:
