@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry
 from authsrv.hotpath.cardstate import CardStateWriter
 from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
@@ -26,6 +27,7 @@ from authsrv.iso.server import IsoServer
 from authsrv.metrics import Metrics, MetricsServer
 from authsrv.rest import build_app, serve_rest
 from authsrv.rest.app import make_context
+from authsrv.rest.cards import CardsApi
 
 log = logging.getLogger("authsrv")
 
@@ -93,18 +95,10 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
     from authsrv import cardsec
     from authsrv.store.db import Store
     from authsrv.store.index import load_index
-    from ledger.durable import DurableLedger
 
     started = time.perf_counter()
-    journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9)
-    replayed: list[bytes] = []
-    ledger = DurableLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
-                                on_commit=metrics.on_wal_commit,
-                                segment_size_max=config.ledger.segment_size_max_bytes)
-    journal.load_snapshot(ledger.app_snapshot)
-    for data in replayed:  # the snapshot's journal first, then every record after it, in log order
-        journal.on_app(0, data)
-    replayed.clear()
+    ledger, journal = open_ledger_and_journal(data_dir, config, on_commit=metrics.on_wal_commit)
+    watch_expiry(ledger, journal, metrics.holds_expired)
     store = Store.open(data_dir)
     index = load_index(store)
     _create_missing_accounts(ledger, store)
@@ -117,6 +111,26 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
     log.info("recovered: ledger seq %d, %d journal records, %d pending holds in %.2f s",
              ledger.last_seq, len(journal), ledger.ledger.pending_count(), time.perf_counter() - started)
     return ledger, journal, store, index, keys
+
+
+def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
+    """Ledger (snapshot + log) and the journal riding on it, rebuilt the same way by the server and
+    by offline commands (`clearing ingest`)."""
+    journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9)
+    replayed: list[bytes] = []
+    options = {"on_commit": on_commit} if on_commit is not None else {}
+    ledger = ObservedLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
+                                 segment_size_max=config.ledger.segment_size_max_bytes, **options)
+    # Replay has finished, so hold states are final: the open-authorization index keeps only the
+    # approvals whose holds still hold money at the end of the log.
+    journal.hold_open = hold_pending(ledger.ledger)
+    journal.load_snapshot(ledger.app_snapshot)
+    for data in replayed:  # the snapshot's journal first, then every record after it, in log order
+        journal.on_app(0, data)
+    replayed.clear()
+    journal.prune()  # holds resolved after the snapshot (expired, posted by clearing, voided)
+    ledger.journal = journal
+    return ledger, journal
 
 
 def _create_missing_accounts(ledger, store) -> None:
@@ -197,6 +211,7 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
         await nursery.start(iso.run, listeners)
         rest_stop, rest_stopped = trio.Event(), trio.Event()
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
+        await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
@@ -250,16 +265,26 @@ async def _tick(ledger, journal, metrics, config) -> None:
             gc.collect()
             gc.freeze()
         if ledger.ledger.pending_count():
-            result, _ = ledger.submit(Batch(timestamp_ns=time.time_ns()))
-            if result.expired:
-                metrics.holds_expired.inc(len(result.expired))
+            ledger.submit(Batch(timestamp_ns=time.time_ns()))  # expiries counted by watch_expiry
+        _check_open_authorizations(ledger, journal)
         metrics.holds_pending.set(ledger.ledger.pending_count())
+        metrics.open_authorizations.set(journal.open_count)
         metrics.journal_records.set(len(journal))
         if ledger.last_seq - last_snapshot_seq >= snapshot_interval:
             # The state is captured in this step (no await in between), written from a thread.
             started = time.perf_counter()
             last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot())
             metrics.snapshot_seconds.observe(time.perf_counter() - started)
+
+
+def _check_open_authorizations(ledger, journal) -> None:
+    """Each open authorization names a distinct pending user hold, so the index can never outgrow
+    the ledger's pending holds; a path that resolved a hold without telling the index shows here."""
+    if journal.open_count > ledger.ledger.pending_count():
+        log.warning("open-authorization index above the pending holds (%d > %d): pruning",
+                    journal.open_count, ledger.ledger.pending_count())
+        journal.prune()
+    assert journal.open_count <= ledger.ledger.pending_count(), (journal.open_count, ledger.ledger.pending_count())
 
 
 def _snapshot(ledger, journal, metrics) -> None:

@@ -388,9 +388,15 @@ def cvv(pan: str, expiry_yymm: str, service_code: str, cvk: bytes) -> str:
     return _decimalise(_encrypt_block(cvk, block), 3)  # 3DES (A, B, A)
 
 
-def cvc2(pan: str, expiry_yymm: str, cvk: bytes) -> str:
-    """CVC2 / CVV2: the CVV method with service code 000."""
-    return cvv(pan, expiry_yymm, "000", cvk)
+CVV_VERSION_MAX = 999  # reset CVV: the version takes the 3-digit service code's place
+
+
+def cvc2(pan: str, expiry_yymm: str, cvk: bytes, version: int = 0) -> str:
+    """CVC2 / CVV2: the CVV method with service code 000, or with the card's CVV version in its
+    place after a reset (version 0 is the original CVC2), so a new CVC2 needs no stored secret."""
+    if not 0 <= version <= CVV_VERSION_MAX:
+        raise CardSecurityError(f"CVV version must be 0 to {CVV_VERSION_MAX}")
+    return cvv(pan, expiry_yymm, f"{version:03d}", cvk)
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ def _cmd_partner_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_clearing_ingest(args: argparse.Namespace) -> int:
-    print("authsrv clearing ingest: not available yet (issue: clearing and expiry)", file=sys.stderr)
-    return 2
+    from authsrv.clearing.cli import ingest_main
+
+    return ingest_main(args.data, args.file, args.summary_out)
 
 
 def _positive(text: str) -> int:
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     clearing = commands.add_parser("clearing", help="clearing").add_subparsers(dest="clearing_command", required=True)
     p = with_data(clearing.add_parser("ingest", help="apply a clearing file"))
     p.add_argument("file", type=Path)
+    p.add_argument("--summary-out", type=Path, help="summary JSON (default FILE.summary.json)")
     p.set_defaults(run=_cmd_clearing_ingest)
     return parser
 

@@ -55,7 +55,13 @@ class Metrics:
         self.wal_batch_records = Histogram("authsrv_wal_batch_records", "Records per group commit",
                                            buckets=BATCH_BUCKETS, registry=r)
         self.holds_pending = Gauge("authsrv_ledger_holds_pending", "Pending holds in the ledger", registry=r)
-        self.holds_expired = Counter("authsrv_ledger_holds_expired", "Holds released by expiry", registry=r)
+        # Exposed as authsrv_holds_expired_total; counted from every batch's BatchResult.expired
+        # (authsrv/clearing/expiry.py), whichever caller's batch ran the expiry.
+        self.holds_expired = Counter("authsrv_holds_expired", "Holds released by expiry (user and collateral)",
+                                     registry=r)
+        self.open_authorizations = Gauge("authsrv_open_authorizations",
+                                         "Approvals whose user hold still holds money (awaiting clearing)",
+                                         registry=r)
         self.journal_records = Gauge("authsrv_journal_records", "Authorization records kept for duplicates",
                                      registry=r)
         self.snapshot_seconds = Histogram("authsrv_ledger_snapshot_seconds", "Time to write a ledger snapshot",

@@ -2,9 +2,11 @@
 
 Steps: initialise a fresh data directory, seed users and cards, start `authsrv serve` on free
 loopback ports, wait for /readyz, drive the network simulator's mixed open-loop load (progress every
-few seconds), stop the server with SIGTERM (it must drain and exit 0), run `authsrv ledger verify`,
-and print the summary. Exit 0 only when the server stopped cleanly, the ledger verified, and every
-response matched what the simulator expected.
+few seconds), write the clearing file of the approved purchases and apply it with
+`authsrv clearing ingest` (through the running server's admin endpoint), stop the server with
+SIGTERM (it must drain and exit 0), run `authsrv ledger verify`, and print the summary. Exit 0 only
+when the server stopped cleanly, the ledger verified, every response matched what the simulator
+expected, and every clearing record was applied.
 
     python -m simulators.demo [--seconds 30] [--rate 500] [--users 2000] [--data ./demo-data]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import trio
 
+from simulators.network.cards import load_cards
+from simulators.network.clearing import ClearingLog
 from simulators.network.load import LoadConfig, LoadError, Progress, run_load
 from simulators.network.pinblock import load_zpk
 from simulators.network.report import LoadReport
@@ -31,7 +36,9 @@ from simulators.network.target import (
     TargetError,
     VerifyResult,
     init_and_seed,
+    authsrv_command,
     ledger_verify,
+    run_cli,
     start_authsrv,
 )
 
@@ -106,6 +113,25 @@ def verify_lines(output: str) -> list[str]:
     return lines
 
 
+def run_clearing(data: Path, clearing: ClearingLog, cards_path: Path, log_path: Path, seed: int) -> tuple[str, dict]:
+    """Write the clearing file of the traffic sent and apply it through the running server."""
+    path = data / "clearing.jsonl"
+    counts = clearing.write(path, rng=random.Random(seed), force_post_card=load_cards(cards_path)[0])
+    print(f"clearing file {path}: {counts.records} records ({counts.exact} exact, {counts.under} under,"
+          f" {counts.over} over, {counts.split} split, {counts.forced} force post, {counts.refunds} refund)")
+    output = run_cli(authsrv_command("clearing", "ingest", "--data", str(data), str(path)), log_path=log_path)
+    summary = json.loads((data / "clearing.jsonl.summary.json").read_text())
+    return output, summary
+
+
+def _clearing_failures(summary: dict) -> list[str]:
+    refused = [entry for entry in summary.get("exceptions", []) if not entry.get("posted")]
+    failures = [f"{len(refused)} clearing records not applied"] if refused else []
+    if not summary.get("matched"):
+        failures.append("no clearing record matched an authorization")
+    return failures
+
+
 def _summary(report: LoadReport, exit_code: int, verify: VerifyResult) -> tuple[list[str], list[str]]:
     """The printed summary lines and the list of failures (empty: the demo passed)."""
     latency = report.latency
@@ -160,10 +186,13 @@ def run_demo(args: argparse.Namespace) -> int:
             cards_path=cards_path, port=ports.iso, rate_per_s=args.rate, duration_s=args.seconds,
             connections=args.connections, seed=args.seed, zpk=load_zpk(data / "keys" / "zpk.hex"),
         )  # fmt: skip
+        clearing = ClearingLog()
         report = trio.run(functools.partial(run_load, config, progress=_print_progress,
-                                            progress_interval_s=PROGRESS_INTERVAL_S))  # fmt: skip
+                                            progress_interval_s=PROGRESS_INTERVAL_S, clearing=clearing))  # fmt: skip
         print()
         print(report.render())
+        print()
+        clearing_output, clearing_summary = run_clearing(data, clearing, cards_path, log_path, args.seed)
         exit_code = server.stop()
         server = None
     finally:
@@ -171,6 +200,8 @@ def run_demo(args: argparse.Namespace) -> int:
             server.stop()
     verify = ledger_verify(data, log_path)
     lines, failures = _summary(report, exit_code, verify)
+    lines += ["reconciliation (authsrv clearing ingest):"] + ["  " + line for line in clearing_output.splitlines()]
+    failures += _clearing_failures(clearing_summary)
     print("\n".join(lines))
     print("RESULT: " + ("PASS" if not failures else "FAIL - " + "; ".join(failures)))
     return 0 if not failures else 1

@@ -92,7 +92,7 @@ class ServerProcess:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.proc: subprocess.Popen | None = None
-        self.iso_port = self.metrics_port = 0
+        self.iso_port = self.metrics_port = self.rest_port = 0
 
     def start(self, timeout_s: float = 30) -> "ServerProcess":
         run_file = self.data_dir / "run.json"
@@ -111,6 +111,7 @@ class ServerProcess:
                 info = json.loads(run_file.read_text())
                 if info["pid"] == self.proc.pid:
                     self.iso_port, self.metrics_port = info["iso_port"], info["metrics_port"]
+                    self.rest_port = info["rest_port"]
                     if self.ready():
                         return self
             time.sleep(0.05)

@@ -1,21 +1,39 @@
 """The authorization journal: one record per answered request, for duplicate detection (CONTRACT.md
-section 2), reversal lookup by field 90, and (later) clearing matches.
+section 2), reversal lookup by field 90, and clearing matches.
 
 Records ride in the `app` bytes of the ledger batch that carries the request's money movement, so a
 record is on disk exactly when its ledger effect is, and both come back together on replay. The
 journal is rebuilt from the ledger snapshot's application blob plus the log records after it.
+
+Two lifetimes live here. Duplicate detection needs a record for 24 h (`retention_ns`). Clearing
+needs an approved authorization for as long as its hold holds money (7 or 30 days, CONTRACT
+section 4), so approvals with a pending user hold are also kept in the *open-authorization index*
+(RRN -> records) until the hold is fully posted, voided or expired. Membership is a pure function
+of the records and the ledger's hold states (`hold_open`), so replaying the same log rebuilds the
+same index; entries leave through `close_holds` (expiry, a final clearing post) or `prune`. Closed
+entries are remembered a while longer (`CLOSED_MAX`) so a clearing that arrives after expiry is
+reported as late rather than as unmatched.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable
 
 import msgspec
 
+from authsrv.hotpath.outcome import Outcome, is_approval
+from ledger.state import HOLDS_PENDING_MAX
 from ledger.types import Batch
 
 RETENTION_NS_DEFAULT = 24 * 3600 * 10**9  # duplicates are answered for at least 24 h (contract)
 RECORDS_MAX = 20_000_000  # hard memory bound: ~24 h at ~230 requests/s sustained; oldest go first
+# Each open authorization names one distinct pending user hold, so the ledger's bound is this one's.
+OPEN_AUTHORIZATIONS_MAX = HOLDS_PENDING_MAX
+# Closed authorizations kept to recognise a late clearing (after expiry or a final post); oldest go
+# first. Reporting only: a late record is force-posted whether or not it is still remembered here.
+CLOSED_MAX = 200_000
+SNAPSHOT_VERSION = 2
 
 
 class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
@@ -45,9 +63,26 @@ class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
     request_amount: int = 0  # field 4, in the transaction currency (to scale partial reversals)
 
 
+class JournalImage(msgspec.Struct, frozen=True):
+    """Snapshot format 2 (a msgpack map). Format 1 was a bare msgpack list of AuthRecord (the
+    duplicate window only); `load_snapshot` still reads it. Open records that are also in
+    `records` are written by key only."""
+
+    version: int
+    records: list[AuthRecord]
+    open_keys: list[str] = []
+    open_records: list[AuthRecord] = []
+    closed: list[AuthRecord] = []
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AuthRecord)
-_snapshot_decoder = msgspec.msgpack.Decoder(list[AuthRecord])
+_snapshot_decoder = msgspec.msgpack.Decoder(JournalImage | list[AuthRecord])
+
+
+def holds_money(record: AuthRecord) -> bool:
+    """An approval that placed a user hold (0100, 0120): what clearing posts later."""
+    return bool(record.user_hold_id) and not record.reverses and is_approval(Outcome(record.outcome))
 
 
 def encode_record(record: AuthRecord) -> bytes:
@@ -55,8 +90,9 @@ def encode_record(record: AuthRecord) -> bytes:
 
 
 class AuthJournal:
-    def __init__(self, *, retention_ns: int = RETENTION_NS_DEFAULT, records_max: int = RECORDS_MAX):
-        assert retention_ns > 0 and records_max > 0
+    def __init__(self, *, retention_ns: int = RETENTION_NS_DEFAULT, records_max: int = RECORDS_MAX,
+                 hold_open: Callable[[int], bool] | None = None, closed_max: int = CLOSED_MAX):
+        assert retention_ns > 0 and records_max > 0 and closed_max > 0
         self._retention_ns = retention_ns
         self._records_max = records_max
         self._by_key: dict[str, AuthRecord] = {}
@@ -64,9 +100,93 @@ class AuthJournal:
         self._order: collections.deque[str] = collections.deque()
         self.evicted_early = 0  # records dropped by records_max before their retention ran out
         self.timestamp_ns_max = 0  # the newest record's time: a floor for new hot-path transfer ids
+        # hold id -> is it still pending in the ledger? None (unit tests without a ledger): assume so.
+        self.hold_open = hold_open
+        self._closed_max = closed_max
+        self._open: dict[int, AuthRecord] = {}  # user hold id -> approval
+        self._open_by_rrn: dict[str, list[int]] = {}
+        self._closed: collections.OrderedDict[int, AuthRecord] = collections.OrderedDict()
+        self._closed_by_rrn: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    # -- open authorizations (clearing) ---------------------------------------------------------
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def open_authorizations(self, rrn: str) -> list[AuthRecord]:
+        """Approvals with this RRN whose user hold still holds money, oldest first."""
+        return [self._open[hold_id] for hold_id in self._open_by_rrn.get(rrn, ())]
+
+    def closed_authorizations(self, rrn: str) -> list[AuthRecord]:
+        """Recently closed approvals with this RRN (hold posted, voided or expired), oldest first."""
+        return [self._closed[hold_id] for hold_id in self._closed_by_rrn.get(rrn, ())]
+
+    def open_authorization(self, hold_id: int) -> AuthRecord | None:
+        return self._open.get(hold_id)
+
+    def close_holds(self, hold_ids: Iterable[int]) -> int:
+        """These holds are resolved (expired, or posted final): their approvals leave the index."""
+        closed = 0
+        for hold_id in hold_ids:
+            if hold_id in self._open:
+                self._close(hold_id)
+                closed += 1
+        return closed
+
+    def prune(self) -> int:
+        """Close every entry whose hold is no longer pending (after replay; a safety net)."""
+        if self.hold_open is None:
+            return 0
+        return self.close_holds([hold_id for hold_id in self._open if not self.hold_open(hold_id)])
+
+    def _is_open(self, hold_id: int) -> bool:
+        return self.hold_open is None or self.hold_open(hold_id)
+
+    def _index_open(self, record: AuthRecord) -> None:
+        hold_id = record.user_hold_id
+        if hold_id not in self._open:
+            self._open_by_rrn.setdefault(record.rrn, []).append(hold_id)
+        self._open[hold_id] = record
+        assert len(self._open) <= OPEN_AUTHORIZATIONS_MAX, len(self._open)
+
+    def _close(self, hold_id: int) -> None:
+        record = self._open.pop(hold_id)
+        siblings = self._open_by_rrn[record.rrn]
+        siblings.remove(hold_id)
+        if not siblings:
+            del self._open_by_rrn[record.rrn]
+        self._remember_closed(record)
+
+    def _remember_closed(self, record: AuthRecord) -> None:
+        hold_id = record.user_hold_id
+        if hold_id in self._closed:
+            self._closed[hold_id] = record
+            return
+        while len(self._closed) >= self._closed_max:  # bounded: one pop per entry over the bound
+            old_id, old = self._closed.popitem(last=False)
+            siblings = self._closed_by_rrn[old.rrn]
+            siblings.remove(old_id)
+            if not siblings:
+                del self._closed_by_rrn[old.rrn]
+        self._closed[hold_id] = record
+        self._closed_by_rrn.setdefault(record.rrn, []).append(hold_id)
+
+    def _track(self, record: AuthRecord) -> None:
+        """Open-index bookkeeping for a record about to be stored under record.key."""
+        previous = self._by_key.get(record.key)
+        if previous is not None and previous.user_hold_id in self._open and (
+            previous.user_hold_id != record.user_hold_id
+        ):
+            self._close(previous.user_hold_id)  # e.g. a stand-in decline replaced the approval
+        if holds_money(record):
+            if self._is_open(record.user_hold_id):
+                self._index_open(record)
+            else:
+                self._remember_closed(record)  # replay: resolved later in the log
 
     def get(self, key: str) -> AuthRecord | None:
         return self._by_key.get(key)
@@ -79,9 +199,14 @@ class AuthJournal:
         if record.reverses:
             original = self._by_key.get(record.reverses)
             if original is not None:
-                self._by_key[original.key] = msgspec.structs.replace(
-                    original, reversed_amount=original.reversed_amount + record.amount
-                )
+                updated = msgspec.structs.replace(original, reversed_amount=original.reversed_amount + record.amount)
+                self._by_key[original.key] = updated
+                if original.user_hold_id in self._open:
+                    if self._is_open(original.user_hold_id):
+                        self._open[original.user_hold_id] = updated
+                    else:
+                        self._close(original.user_hold_id)  # a full reversal voided the hold
+        self._track(record)
         if record.key not in self._by_key:
             self._order.append(record.key)
         self._by_key[record.key] = record
@@ -112,17 +237,39 @@ class AuthJournal:
         self.add(_decoder.decode(data))
 
     def to_snapshot(self) -> bytes:
-        return _encoder.encode([self._by_key[key] for key in self._order if key in self._by_key])
+        records = [self._by_key[key] for key in self._order if key in self._by_key]
+        open_keys, open_records = [], []
+        for record in self._open.values():
+            if self._by_key.get(record.key) == record:
+                open_keys.append(record.key)
+            else:
+                open_records.append(record)
+        image = JournalImage(version=SNAPSHOT_VERSION, records=records, open_keys=open_keys,
+                             open_records=open_records, closed=list(self._closed.values()))
+        return _encoder.encode(image)
 
     def load_snapshot(self, data: bytes) -> None:
-        assert not self._by_key, "load a snapshot into an empty journal only"
-        if data:
-            for record in _snapshot_decoder.decode(data):
-                self.timestamp_ns_max = max(self.timestamp_ns_max, record.timestamp_ns)
-                self._order.append(record.key)
-                self._by_key[record.key] = record
-                if not record.reverses:
-                    self._by_original[record.original_key] = record.key
+        """Format 2, or format 1 (a list of records: the open index is rebuilt from them alone).
+        Call `prune()` after replaying the log records that follow the snapshot."""
+        assert not self._by_key and not self._open, "load a snapshot into an empty journal only"
+        if not data:
+            return
+        image = _snapshot_decoder.decode(data)
+        if isinstance(image, list):
+            image = JournalImage(version=1, records=image,
+                                 open_keys=[record.key for record in image if holds_money(record)])
+        assert image.version in (1, SNAPSHOT_VERSION), image.version
+        for record in image.records:
+            self.timestamp_ns_max = max(self.timestamp_ns_max, record.timestamp_ns)
+            self._order.append(record.key)
+            self._by_key[record.key] = record
+            if not record.reverses:
+                self._by_original[record.original_key] = record.key
+        for record in image.closed:
+            self._remember_closed(record)
+        for record in [self._by_key[key] for key in image.open_keys] + image.open_records:
+            assert holds_money(record), record.key
+            self._index_open(record)
 
 
 def app_only_batch(timestamp_ns: int, record: AuthRecord) -> Batch:

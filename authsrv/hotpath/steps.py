@@ -149,7 +149,7 @@ class CheckCvc2:
         sent = ctx.request.cvc2
         if sent is None or ctx.kind in ADVICES:
             return Vote.prepared
-        expected = cardsec.cvc2(ctx.request.pan, ctx.card.expiry_yymm, self._cvk)
+        expected = cardsec.cvc2(ctx.request.pan, ctx.card.expiry_yymm, self._cvk, ctx.card.cvv_version)
         if not hmac.compare_digest(sent.encode(), expected.encode()):
             return ctx.decline(Outcome.wrong_cvc2)
         return Vote.prepared

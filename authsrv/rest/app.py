@@ -19,12 +19,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from authsrv.rest.auth import AuthMiddleware
+from authsrv.rest.clearing_api import clearing_routes
+from authsrv.rest.balances import BalancesApi, auto_balance_hook
+from authsrv.rest.cards import CardsApi
 from authsrv.rest.context import RestContext
 from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
 from authsrv.rest.errors import REQUEST_BODY_BYTES_MAX, ProblemMiddleware, http_exception_handler
+from authsrv.rest.kyc import KycApi
 from authsrv.rest.lifecycle import LifecycleApi
 from authsrv.rest.openapi import build_openapi
+from authsrv.rest.partner_balances import PartnerBalancesApi
 from authsrv.rest.sessions import SessionTable
+from authsrv.rest.sessions_api import SessionsApi
 from authsrv.store.db import Store
 
 API_VERSION = "0.2.0"
@@ -44,9 +50,15 @@ def make_context(store: Store, *, data_dir: Path | None = None, index=None, ledg
 
 def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
     lifecycle = LifecycleApi(ctx)
+    lifecycle.kyc_success_hooks.append(auto_balance_hook(ctx))
     routes: list[Route] = [
         *lifecycle.routes(),
+        *BalancesApi(ctx).routes(), *PartnerBalancesApi(ctx).routes(),
+        *SessionsApi(ctx).routes(),
+        *KycApi(ctx, lifecycle.kyc_success_hooks).routes(),
         *(public_key_routes(ctx.jwe) if ctx.jwe is not None else []),
+        *clearing_routes(ctx),
+        *(CardsApi.of(ctx).routes() if ctx.keys is not None and ctx.jwe is not None else []),
     ]
     openapi_body = msgspec.json.encode(build_openapi(routes, version=API_VERSION))
 

@@ -12,13 +12,20 @@ import enum
 import logging
 
 import msgspec
+import trio
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("authsrv.rest")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-REQUEST_BODY_BYTES_MAX = 64 * 1024  # a wallet body is < 1 KiB; KYC multipart will need its own bound
+REQUEST_BODY_BYTES_MAX = 64 * 1024  # a wallet body is < 1 KiB; KYC multipart has its own bound
+# KYC forms (`.../register`): up to three 4 MiB images plus text fields and multipart framing.
+KYC_BODY_BYTES_MAX = 12 * 1024 * 1024 + 64 * 1024
+# Clearing files (`POST /admin/clearing`): authsrv.clearing.records.CLEARING_FILE_BYTES_MAX.
+CLEARING_BODY_BYTES_MAX = 64 * 1024 * 1024
+BODY_BYTES_MAX_BY_PATH_SUFFIX = {"/register": KYC_BODY_BYTES_MAX, "/admin/clearing": CLEARING_BODY_BYTES_MAX}
+BODY_DRAIN_S_MAX = 5.0  # reading the unread rest of a body before an early answer (see _drain)
 
 
 class Title(enum.StrEnum):
@@ -33,6 +40,40 @@ class Title(enum.StrEnum):
     ENCRYPTION_REQUIRED = "ENCRYPTION_REQUIRED"
     INVALID_PUBLIC_KEY = "INVALID_PUBLIC_KEY"
     CANT_DECRYPT_PAYLOAD = "CANT_DECRYPT_PAYLOAD"
+    KYC_REQUIRED = "KYC_REQUIRED"
+    BALANCE_NOT_FOUND = "BALANCE_NOT_FOUND"
+    BALANCE_NOT_ACTIVE = "BALANCE_NOT_ACTIVE"
+    BALANCE_NOT_EMPTY = "BALANCE_NOT_EMPTY"
+    BALANCE_HAS_CARDS = "BALANCE_HAS_CARDS"
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    EXTERNAL_BALANCE = "EXTERNAL_BALANCE"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    PARTNER_BALANCE_NOT_FOUND = "PARTNER_BALANCE_NOT_FOUND"
+    PARTNER_BALANCE_EXISTS = "PARTNER_BALANCE_EXISTS"
+    PARTNER_NOT_FOUND = "PARTNER_NOT_FOUND"
+    TOO_MANY_BALANCES = "TOO_MANY_BALANCES"
+    INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+    TOO_MANY_ATTEMPTS = "TOO_MANY_ATTEMPTS"
+    CUSTOMER_NOT_ACTIVE = "CUSTOMER_NOT_ACTIVE"
+    ISSUER_CODE_REQUIRED = "ISSUER_CODE_REQUIRED"
+    DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
+    ADMIN_ALREADY_EXISTS = "ADMIN_ALREADY_EXISTS"
+    KYC_FORM_NOT_FOUND = "KYC_FORM_NOT_FOUND"
+    KYC_ALREADY_VERIFIED = "KYC_ALREADY_VERIFIED"
+    KYC_FORM_PENDING = "KYC_FORM_PENDING"
+    KYC_FORM_DECIDED = "KYC_FORM_DECIDED"
+    CARD_NOT_FOUND = "CARD_NOT_FOUND"
+    CONFIG_NOT_FOUND = "CONFIG_NOT_FOUND"
+    CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+    CARD_LOCKED_IRREVERSIBLY = "CARD_LOCKED_IRREVERSIBLY"
+    CARD_NOT_LOCKED = "CARD_NOT_LOCKED"
+    CARD_LOCKED = "CARD_LOCKED"
+    CARD_TYPE_NOT_SUPPORTED = "CARD_TYPE_NOT_SUPPORTED"
+    CARD_NOT_ACTIVATABLE = "CARD_NOT_ACTIVATABLE"
+    CVV_RESETS_EXHAUSTED = "CVV_RESETS_EXHAUSTED"
+    CARD_NUMBERS_EXHAUSTED = "CARD_NUMBERS_EXHAUSTED"
+    CARD_ALREADY_ORDERED = "CARD_ALREADY_ORDERED"
+    CARD_QUEUE_FULL = "CARD_QUEUE_FULL"
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -78,32 +119,39 @@ class ProblemMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _declared_length(scope) > self.body_bytes_max:
-            await self._too_large(scope, receive, send)
+        body_bytes_max = self._bound(scope.get("path", ""))
+        if _declared_length(scope) > body_bytes_max:
+            await self._too_large(scope, receive, send, body_bytes_max)
             return
         started = False
         received = 0
+        body_done = False
 
         async def bounded_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.body_bytes_max:
+                if received > body_bytes_max:
                     raise BodyTooLarge
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                body_done = True
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if not body_done:
+                    await _drain(receive, body_bytes_max - received)
             await send(message)
 
         try:
             await self.app(scope, bounded_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, body_bytes_max)
         except Exception:
             # The message of an arbitrary exception is not ours to vet: log the type and trace only
             # at the server, answer a generic detail.
@@ -112,11 +160,36 @@ class ProblemMiddleware:
                 response = problem(500, Title.INTERNAL_ERROR, "internal error")
                 await response(scope, receive, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body larger than {self.body_bytes_max} bytes"
+    def _bound(self, path: str) -> int:
+        """The body bound of this path: the default, or a larger one for multipart uploads."""
+        for suffix, bound in BODY_BYTES_MAX_BY_PATH_SUFFIX.items():
+            if path.endswith(suffix):
+                return max(bound, self.body_bytes_max)
+        return self.body_bytes_max
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, body_bytes_max: int) -> None:
+        detail = f"request body larger than {body_bytes_max} bytes"
         response = problem(413, Title.PAYLOAD_TOO_LARGE, detail)
         response.headers["connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)
+
+
+async def _drain(receive: Receive, bytes_max: int) -> None:
+    """Read (and drop) the rest of a request body the app answered without reading (401, 404,
+    a multipart error), within the body bound and BODY_DRAIN_S_MAX.
+
+    anycorn closes the connection as soon as an answer ends while the client is still sending;
+    closing a socket with unread input makes the kernel send RST, and the client loses the answer
+    (httpx: ReadError). With the body read, the connection even stays open for the next request."""
+    with trio.move_on_after(BODY_DRAIN_S_MAX):
+        drained = 0
+        while drained <= bytes_max:  # bounded: each message is a chunk of a bounded body or the end
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 def _declared_length(scope: Scope) -> int:

@@ -161,6 +161,10 @@ class LifecycleApi:
                   if getattr(body, name) is not msgspec.UNSET}  # fmt: skip
         updated, accounts = await self.ctx.in_thread(self._update_user, row, fields, body.w_pin)
         await self._create_accounts(accounts)
+        if body.w_pin is not msgspec.UNSET or (updated is not None and updated.state != row.state):
+            from authsrv.rest.sessions_api import revoke_customer  # (sessions_api imports this module)
+
+            revoke_customer(self.ctx, row.id)  # a changed wPIN or state ends the app's sessions
         if updated is None:  # deleted in between; there is no delete today, but say so honestly
             return customer_not_found()
         assert updated.id == row.id and updated.partner == row.partner

@@ -68,6 +68,12 @@ class SessionTable(Generic[Subject]):
             return None
         return session.subject
 
+    def revoke(self, token: str) -> bool:
+        """Drop one session (logout); False when the token was unknown or already gone."""
+        if not token or len(token) > 2 * TOKEN_BYTES:
+            return False
+        return self._sessions.pop(_digest(token), None) is not None
+
     def revoke_where(self, predicate: Callable[[Subject], bool]) -> int:
         """Drop every session whose subject matches (e.g. a device re-paired, a user's wPIN changed)."""
         doomed = [key for key, session in self._sessions.items() if predicate(session.subject)]

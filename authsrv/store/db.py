@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import sqlite_utils
 
+from authsrv.iban import make_iban
 from authsrv.store.index import (
     IRREVERSIBLE_LOCK_REASONS,
     PAN_INDEX_LENGTH,
@@ -97,6 +98,21 @@ ADDED_SCHEMA: list[str] = [
     " decided_by TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '')",
     "CREATE INDEX IF NOT EXISTS kyc_forms_user ON kyc_forms (user_id)",
     "CREATE INDEX IF NOT EXISTS kyc_forms_state ON kyc_forms (state, id)",
+    # Reloads with an X-Idempotency-Key: the key's transfer id, so a retry is not applied twice.
+    "CREATE TABLE IF NOT EXISTS reloads (balance_id INTEGER NOT NULL REFERENCES balances(id),"
+    " key TEXT NOT NULL, transfer_id TEXT NOT NULL, amount INTEGER NOT NULL, state TEXT NOT NULL,"
+    " created_at TEXT NOT NULL, PRIMARY KEY (balance_id, key))",
+    # Customer login names a phone or e-mail without the partner (unique per partner only).
+    "CREATE INDEX IF NOT EXISTS users_phone ON users (phone)",
+    "CREATE INDEX IF NOT EXISTS users_email ON users (email)",
+    # Clearing (authsrv/clearing): each file and each record applies once. A record row holds the
+    # exact ledger transfers it submits and is written before they are (crash-safe re-runs).
+    "CREATE TABLE IF NOT EXISTS clearing_files (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL,"
+    " received_at TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT '', summary_json TEXT NOT NULL DEFAULT '')",
+    "CREATE TABLE IF NOT EXISTS clearing_records (identity TEXT PRIMARY KEY, file_sha256 TEXT NOT NULL,"
+    " record_id TEXT NOT NULL, line INTEGER NOT NULL, outcome TEXT NOT NULL, state TEXT NOT NULL,"
+    " transfers BLOB NOT NULL, plan_json TEXT NOT NULL, created_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS clearing_records_file ON clearing_records (file_sha256, line)",
 ]
 # table -> {column: declaration} added to existing tables (ALTER TABLE ADD COLUMN, once).
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
@@ -117,6 +133,10 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "cvv_version": "INTEGER NOT NULL DEFAULT 0",  # bumped by reset CVV; an input of the derivation
     },
 }
+# Statements that need ADDED_COLUMNS in place (run after them). Append; never edit a shipped line.
+ADDED_INDEXES: list[str] = [
+    "CREATE UNIQUE INDEX IF NOT EXISTS balances_iban ON balances (iban) WHERE iban != ''",
+]
 EVENT_KIND_LENGTH_MAX = 64
 EVENTS_PAGE_MAX = 1_000
 
@@ -184,6 +204,9 @@ class ProgramRow:
     expiry_years: int
     fees_json: str = "{}"
     limits_json: str = "{}"
+    iban_country: str = ""  # ISO 3166 alpha-2 of the IBANs of new balances; '' = no IBANs
+    iban_bank_code: str = ""  # the BBAN's bank code (authsrv.iban.make_iban)
+    auto_balance: int = 0  # 1: a balance in `currency` is opened when the user's KYC succeeds
 
 
 @attrs.frozen
@@ -215,6 +238,7 @@ class BalanceRow:
     ledger_account_id: int
     status: str
     created_at: str
+    iban: str = ""  # '' when the program issues no IBANs
 
 
 @attrs.frozen
@@ -235,6 +259,10 @@ class CardRow:
     wrong_pin_count: int
     pvv: str
     created_at: str
+    order_state: str = ""  # physical / digital-first: ORDERED -> LINKED; '' = never ordered
+    order_json: str = ""  # delivery address, bureau order id, tracking number, activation time
+    source_card_id: int = 0
+    cvv_version: int = 0
 
 
 @attrs.frozen
@@ -252,6 +280,8 @@ class NewCard:
     expiry_yymm: str
     status: CardStatus
     pvv: str = ""
+    order_state: str = ""
+    order_json: str = ""
 
 
 @attrs.frozen
@@ -270,6 +300,26 @@ class PartnerBalanceRow:
     low_threshold: int
 
 
+PARTNER_BALANCE_KINDS: Mapping[PartnerBalanceType, AccountKind] = {
+    PartnerBalanceType.deposit: AccountKind.partner_deposit,
+    PartnerBalanceType.credit: AccountKind.partner_credit,
+}
+PARTNER_BALANCES_MAX = 10_000  # rows one low-balance check reads; far above partners x currencies
+RELOAD_PENDING = "PENDING"  # transfer id reserved, ledger outcome not recorded yet
+RELOAD_DONE = "DONE"  # applied in the ledger and recorded with its event
+
+
+@attrs.frozen
+class ReloadRow:
+    """A reload with an idempotency key: the key always maps to the same ledger transfer."""
+
+    balance_id: int
+    key: str
+    transfer_id: int
+    amount: int
+    state: str  # RELOAD_PENDING -> RELOAD_DONE (a refused transfer deletes the row)
+
+
 def _check_pan_index(value: bytes) -> None:
     if not isinstance(value, bytes) or len(value) != PAN_INDEX_LENGTH:
         raise ValueError(f"pan_index must be {PAN_INDEX_LENGTH} bytes")
@@ -277,6 +327,93 @@ def _check_pan_index(value: bytes) -> None:
 
 def utc_now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- customer sessions, devices, admins: values ----------------------------------------------------
+
+LOGIN_CANDIDATES_MAX = 8  # users sharing one phone/e-mail across partners that one login checks
+DEVICES_PER_USER_MAX = 16  # active pairings; pairing one more unpairs the oldest
+USERS_PAGE_MAX = 100
+ADMINS_LIST_MAX = 1_000
+
+
+@attrs.frozen
+class WpinClaim:
+    """What `claim_wpin_attempts` decided: whose wPIN may be checked now."""
+
+    admitted: tuple[int, ...]  # user ids; each was charged one failure, refunded on success
+    locked: tuple[int, ...]  # user ids whose customer logins are locked right now
+    retry_after_s: int  # seconds until the last of those locks elapses (0: none locked)
+
+
+@attrs.frozen
+class PairResult:
+    replaced_installation: bool  # the device had another active installation, now inactive
+    evicted_device_ids: tuple[str, ...]  # older devices unpaired to stay within DEVICES_PER_USER_MAX
+
+
+@attrs.frozen
+class DeviceRow:
+    user_id: int
+    device_id: str
+    installation_id: str
+    created_at: str
+
+
+@attrs.frozen
+class AdminInfo:
+    """An admin as listed: never the hash."""
+
+    username: str
+    role: Role
+    created_by: str  # '' for the one `authsrv init` made
+    created_at: str
+
+
+def utc_iso_precise(moment: datetime.datetime) -> str:
+    """ISO 8601 UTC with microseconds: lock deadlines of a second or two must not round away."""
+    assert moment.tzinfo is not None
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc_iso(text: str) -> datetime.datetime:
+    parsed = datetime.datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.timezone.utc)
+
+
+def verify_login_secret(stored: str, secret: str) -> bool:
+    """`verify_secret`, but a missing hash ('' = no login) costs the same scrypt as a real one,
+    so the answer time does not tell which logins exist."""
+    if stored:
+        return verify_secret(stored, secret)
+    verify_secret(_dummy_hash(), secret)
+    return False
+
+
+KYC_FORM_SEQUENCE = "kyc_form"
+KYC_FORMS_PAGE_MAX = 500
+KYC_FORM_PENDING = "PENDING"
+KYC_FORM_ACCEPTED = "ACCEPTED"
+KYC_FORM_REJECTED = "REJECTED"
+
+
+@attrs.frozen
+class KycFormRow:
+    id: int
+    user_id: int
+    partner: str
+    state: str  # KYC_FORM_PENDING -> KYC_FORM_ACCEPTED | KYC_FORM_REJECTED
+    fields_json: str  # the form's text fields (personal data: never logged)
+    images_json: str  # [{"name", "size", "contentType"}]; the bytes are files (kycfiles)
+    created_at: str
+    decided_at: str = ""
+    decided_by: str = ""  # the admin's username
+    reason: str = ""
+
+
+_KYC_FORM_COLUMNS = (
+    "id, user_id, partner, state, fields_json, images_json, created_at, decided_at, decided_by, reason"
+)
 
 
 # -- secrets at rest -------------------------------------------------------------------------------
@@ -486,6 +623,8 @@ class Store:
                 for column, declaration in columns.items():
                     if column not in present:
                         self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            for statement in ADDED_INDEXES:
+                self._conn.execute(statement)
 
     # -- events (the outbox the partner-delivery worker reads) ---------------------------------------
 
@@ -562,11 +701,12 @@ class Store:
     def add_program(self, program: ProgramRow) -> None:
         assert program.card_type in ("virtual", "physical", "digital_first")
         assert program.bin.isdigit() and 6 <= len(program.bin) <= 8
+        if program.iban_country:
+            make_iban(program.iban_country, program.iban_bank_code, 0)  # IbanError for a bad pair
         with self.transaction():
             try:
                 self._conn.execute(
-                    "INSERT INTO programs (config_id, partner, bin, card_type, currency,"
-                    " expiry_years, fees_json, limits_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO programs ({_PROGRAM_COLUMNS}) VALUES ({', '.join('?' * 11)})",
                     attrs.astuple(program),
                 )
             except sqlite3.IntegrityError:
@@ -575,8 +715,7 @@ class Store:
     def get_program(self, config_id: str) -> ProgramRow | None:
         with self._lock:
             found = self._conn.execute(
-                "SELECT config_id, partner, bin, card_type, currency, expiry_years, fees_json,"
-                " limits_json FROM programs WHERE config_id = ?",
+                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE config_id = ?",
                 (config_id,),
             ).fetchone()
         return ProgramRow(*found) if found else None
@@ -773,14 +912,195 @@ class Store:
                 self._conn.execute(f"UPDATE users SET {assignments} WHERE id = ?", (*values, user_id))
             return self.get_user(user_id)
 
+    # -- customer sessions, devices, admins ---------------------------------------------------------
+
+    def users_by_login(self, *, phone: str = "", email: str = "", partner: str | None = None) -> list[UserRow]:
+        """The users a customer login names, oldest first, at most LOGIN_CANDIDATES_MAX: phones and
+        e-mails are unique per partner only, so without `partner` several may answer."""
+        assert bool(phone) != bool(email), "exactly one of phone, email"
+        column, value = ("phone", phone) if phone else ("email", email)
+        query = f"SELECT {_USER_COLUMNS} FROM users WHERE {column} = ?"
+        values: list[Any] = [value]
+        if partner is not None:
+            query += " AND partner = ?"
+            values.append(partner)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (*values, LOGIN_CANDIDATES_MAX)).fetchall()
+        return [UserRow(*row) for row in rows]
+
+    def claim_wpin_attempts(self, user_ids: Iterable[int], *, failures_max: int, lock_s: int,
+                            now: datetime.datetime) -> WpinClaim:
+        """Charge one wPIN failure to each unlocked user *before* the wPIN is checked.
+
+        Charging first (and locking at once when the charge reaches `failures_max`) means guesses
+        running concurrently cannot slip past the limit while scrypt runs, and a crash between
+        charge and check errs towards locked; `settle_wpin_success` refunds a right wPIN."""
+        assert failures_max >= 1 and lock_s >= 1
+        admitted: list[int] = []
+        locked: list[int] = []
+        retry_after_s = 0
+        with self.transaction():
+            for user_id in user_ids:
+                found = self._conn.execute(
+                    "SELECT wpin_failures, wpin_locked_until FROM users WHERE id = ?", (user_id,)
+                ).fetchone()
+                if found is None:
+                    continue
+                failures, locked_until = int(found[0]), found[1]
+                if locked_until:
+                    remaining_s = (parse_utc_iso(locked_until) - now).total_seconds()
+                    if remaining_s > 0:
+                        locked.append(user_id)
+                        retry_after_s = max(retry_after_s, -int(-remaining_s // 1))  # ceil
+                        continue
+                    failures = 0  # the lock has elapsed: a fresh run of attempts
+                failures += 1
+                until = utc_iso_precise(now + datetime.timedelta(seconds=lock_s)) if failures >= failures_max else ""
+                self._conn.execute(
+                    "UPDATE users SET wpin_failures = ?, wpin_locked_until = ? WHERE id = ?",
+                    (failures, until, user_id),
+                )
+                admitted.append(user_id)
+        return WpinClaim(tuple(admitted), tuple(locked), retry_after_s)
+
+    def settle_wpin_success(self, succeeded: int | None, refunded: Iterable[int], *, failures_max: int) -> None:
+        """A right wPIN: clear the user's run of failures; give back the charge of the other
+        users the login named (they were not guessed at)."""
+        with self.transaction():
+            if succeeded is not None:
+                self._conn.execute(
+                    "UPDATE users SET wpin_failures = 0, wpin_locked_until = '' WHERE id = ?", (succeeded,)
+                )
+            for user_id in refunded:
+                assert user_id != succeeded
+                self._conn.execute(
+                    "UPDATE users SET wpin_failures = MAX(wpin_failures - 1, 0),"
+                    " wpin_locked_until = CASE WHEN wpin_failures - 1 < ? THEN '' ELSE wpin_locked_until END"
+                    " WHERE id = ?",
+                    (failures_max, user_id),
+                )
+
+    def wpin_guard(self, user_id: int) -> tuple[int, str]:
+        """(failures in a row, locked until ('' = not locked)) of a user."""
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT wpin_failures, wpin_locked_until FROM users WHERE id = ?", (user_id,)
+            ).fetchone()
+        assert found is not None, f"no user {user_id}"
+        return int(found[0]), found[1]
+
+    def pair_device(self, user_id: int, device_id: str, installation_id: str) -> PairResult:
+        """Make `installation_id` the one active installation of (user, device).
+
+        The previous active installation stays as one inactive row (history of one), so the
+        table holds at most two rows per device."""
+        assert device_id and installation_id
+        with self.transaction():
+            active = self._conn.execute(
+                "SELECT installation_id FROM devices WHERE user_id = ? AND device_id = ? AND active = 1",
+                (user_id, device_id),
+            ).fetchall()
+            assert len(active) <= 1, "one active installation per (user, device)"
+            if active and active[0][0] == installation_id:
+                return PairResult(False, ())
+            self._deactivate_device(user_id, device_id)
+            self._conn.execute(
+                "DELETE FROM devices WHERE user_id = ? AND device_id = ? AND installation_id = ?",
+                (user_id, device_id, installation_id),
+            )
+            self._conn.execute(
+                "INSERT INTO devices (user_id, device_id, installation_id, active, created_at)"
+                " VALUES (?, ?, ?, 1, ?)",
+                (user_id, device_id, installation_id, utc_iso_precise(datetime.datetime.now(datetime.timezone.utc))),
+            )
+            evicted = self._evict_devices_over_limit(user_id)
+        return PairResult(bool(active), evicted)
+
+    def _deactivate_device(self, user_id: int, device_id: str) -> bool:
+        assert self._conn.in_transaction
+        self._conn.execute(
+            "DELETE FROM devices WHERE user_id = ? AND device_id = ? AND active = 0", (user_id, device_id)
+        )
+        changed = self._conn.execute(
+            "UPDATE devices SET active = 0 WHERE user_id = ? AND device_id = ? AND active = 1", (user_id, device_id)
+        ).rowcount
+        return changed > 0
+
+    def _evict_devices_over_limit(self, user_id: int) -> tuple[str, ...]:
+        rows = self._conn.execute(
+            "SELECT device_id FROM devices WHERE user_id = ? AND active = 1 ORDER BY created_at DESC, rowid DESC",
+            (user_id,),
+        ).fetchall()
+        evicted = tuple(row[0] for row in rows[DEVICES_PER_USER_MAX:])
+        for device_id in evicted:
+            self._deactivate_device(user_id, device_id)
+        return evicted
+
+    def unpair_device(self, user_id: int, device_id: str) -> bool:
+        """Deactivate the device's installation; False when it had none active."""
+        with self.transaction():
+            return self._deactivate_device(user_id, device_id)
+
+    def devices_of_user(self, user_id: int) -> list[DeviceRow]:
+        """The user's active pairings, newest first (bounded by DEVICES_PER_USER_MAX)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT user_id, device_id, installation_id, created_at FROM devices"
+                " WHERE user_id = ? AND active = 1 ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (user_id, DEVICES_PER_USER_MAX),
+            ).fetchall()
+        return [DeviceRow(*row) for row in rows]
+
+    def users_page(self, *, partner: str | None, offset: int, limit: int) -> tuple[list[UserRow], int]:
+        """One page of users (of one partner, or all), by id, and how many there are in all."""
+        assert 0 <= offset and 1 <= limit <= USERS_PAGE_MAX
+        where, values = ("WHERE partner = ?", (partner,)) if partner is not None else ("", ())
+        with self._lock:
+            (total,) = self._conn.execute(f"SELECT COUNT(*) FROM users {where}", values).fetchone()
+            rows = self._conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users {where} ORDER BY id LIMIT ? OFFSET ?", (*values, limit, offset)
+            ).fetchall()
+        return [UserRow(*row) for row in rows], int(total)
+
+    def create_admin(self, username: str, role: Role, password: str, *, created_by: str) -> AdminInfo:
+        """A new admin user; StoreConflict when the username is taken. The hash (scrypt, tens of
+        ms) is made before taking the store lock."""
+        password_hash = hash_secret(password)
+        info = AdminInfo(username, Role(role), created_by, utc_now_iso())
+        with self.transaction():
+            try:
+                self._conn.execute(
+                    "INSERT INTO admins (username, role, password_hash, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (info.username, str(info.role), password_hash, info.created_by, info.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict(f"admin {username!r} already exists") from None
+        return info
+
+    def admins(self) -> list[AdminInfo]:
+        """Every admin (at most ADMINS_LIST_MAX), by username, without password hashes."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT username, role, created_by, created_at FROM admins ORDER BY username LIMIT ?",
+                (ADMINS_LIST_MAX,),
+            ).fetchall()
+        return [AdminInfo(row[0], Role(row[1]), row[2], row[3]) for row in rows]
+
     # -- balances ----------------------------------------------------------------------------------
 
-    def create_balance(self, user_id: int, currency: str) -> tuple[BalanceRow, AccountSpec]:
-        """A user balance and its ledger account (create the account in the ledger next)."""
+    def create_balance(self, user_id: int, currency: str, *,
+                       iban_bank: tuple[str, str] | None = None) -> tuple[BalanceRow, AccountSpec]:
+        """A user balance and its ledger account (create the account in the ledger next).
+
+        `iban_bank` (country, bank code): give the balance an IBAN whose account number is the
+        balance id, so IBANs are unique by construction (checked anyway)."""
         with self.transaction():
             user = self.get_user(user_id)
             assert user is not None, f"no user {user_id}"
             balance_id = self._next_id("balances")
+            iban = make_iban(iban_bank[0], iban_bank[1], balance_id) if iban_bank else ""
+            if iban and self._conn.execute("SELECT 1 FROM balances WHERE iban = ?", (iban,)).fetchone():
+                raise StoreConflict("a balance with this IBAN already exists")
             spec = AccountSpec(
                 id=self._next_id("ledger_accounts"),
                 currency=currency,
@@ -789,10 +1109,9 @@ class Store:
                 user_data=balance_id,
             )
             self._insert_account(spec, user.partner)
-            row = BalanceRow(balance_id, user_id, user.partner, currency, spec.id, "ACTIVE", utc_now_iso())
+            row = BalanceRow(balance_id, user_id, user.partner, currency, spec.id, "ACTIVE", utc_now_iso(), iban)
             self._conn.execute(
-                "INSERT INTO balances (id, user_id, partner, currency, ledger_account_id, status,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO balances ({_BALANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 attrs.astuple(row),
             )
         return row, spec
@@ -818,6 +1137,128 @@ class Store:
             ).rowcount
             assert updated == 1, f"no balance {balance_id}"
 
+    # -- balances (REST) ---------------------------------------------------------------------------
+    # For authsrv/rest/balances.py. Money moves in the ledger (the caller's job); these methods
+    # record what the API decided. Callers append the event inside the same `transaction()`.
+
+    def iban_program(self, partner: str) -> ProgramRow | None:
+        """The partner's first program (by config id) that gives balances an IBAN."""
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE partner = ? AND iban_country != ''"
+                " ORDER BY config_id LIMIT 1", (partner,),
+            ).fetchone()
+        return ProgramRow(*found) if found else None
+
+    def auto_balance_currencies(self, partner: str) -> list[str]:
+        """Currencies of the partner's programs that open a balance when a user's KYC succeeds."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT currency FROM programs WHERE partner = ? AND auto_balance != 0"
+                " ORDER BY currency", (partner,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def open_cards_count(self, balance_id: int) -> int:
+        """Cards of the balance that are not removed (ordered, inactive, active or locked)."""
+        with self._lock:
+            (count,) = self._conn.execute(
+                "SELECT COUNT(*) FROM cards WHERE balance_id = ? AND status != ?",
+                (balance_id, int(CardStatus.removed)),
+            ).fetchone()
+        return int(count)
+
+    def reload_by_key(self, balance_id: int, key: str) -> ReloadRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT balance_id, key, transfer_id, amount, state FROM reloads WHERE balance_id = ? AND key = ?",
+                (balance_id, key),
+            ).fetchone()
+        if found is None:
+            return None
+        return ReloadRow(found[0], found[1], int(found[2]), found[3], found[4])
+
+    def add_reload(self, balance_id: int, key: str, amount: int) -> ReloadRow:
+        """Reserve a transfer id for the key (committed before the ledger sees the transfer, so a
+        retry after a crash finds the same id); StoreConflict if the key is taken."""
+        assert key and 0 < amount <= AMOUNT_MAX
+        with self.transaction():
+            (transfer_id,) = self.allocate_transfer_ids(1)
+            row = ReloadRow(balance_id, key, transfer_id, amount, RELOAD_PENDING)
+            try:
+                self._conn.execute(
+                    "INSERT INTO reloads (balance_id, key, transfer_id, amount, state, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (balance_id, key, str(transfer_id), amount, RELOAD_PENDING, utc_now_iso()),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreConflict("this idempotency key was used") from None
+        return row
+
+    def finish_reload(self, balance_id: int, key: str) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE reloads SET state = ? WHERE balance_id = ? AND key = ?", (RELOAD_DONE, balance_id, key)
+            )
+
+    def drop_reload(self, balance_id: int, key: str) -> None:
+        """The ledger refused the transfer: free the key, so a retry (say after a top-up) gets a new id."""
+        with self.transaction():
+            self._conn.execute("DELETE FROM reloads WHERE balance_id = ? AND key = ? AND state = ?",
+                               (balance_id, key, RELOAD_PENDING))
+
+    def create_partner_balance(self, partner: str, balance_type: PartnerBalanceType, currency: str,
+                               low_threshold: int) -> list[AccountSpec]:
+        """A partner deposit or credit balance (never below zero) with the partner's usage and fee
+        accounts and the currency's system accounts; StoreConflict if it exists."""
+        assert 0 <= low_threshold <= AMOUNT_MAX
+        kind = PARTNER_BALANCE_KINDS[balance_type]
+        with self.transaction():
+            assert self.get_partner(partner) is not None, f"no partner {partner!r}"
+            if self.get_partner_balance(partner, balance_type, currency) is not None:
+                raise StoreConflict(f"partner {partner!r} has a {balance_type} balance in {currency}")
+            specs = self.ensure_system_accounts(currency)
+            account = self._ensure_account(kind, currency, partner, AccountFlags.debits_must_not_exceed_credits)
+            self._conn.execute(
+                "INSERT INTO partner_balances (partner, type, currency, ledger_account_id, low_threshold)"
+                " VALUES (?, ?, ?, ?, ?)", (partner, str(balance_type), currency, account.id, low_threshold),
+            )
+            specs.append(account)
+            specs.append(self._ensure_account(AccountKind.collateral_usage, currency, partner))
+            specs.append(self._ensure_account(AccountKind.fee_income, currency, partner))
+            self._on_commit(lambda: self._refresh_partner(partner))
+        return specs
+
+    def get_partner_balance(self, partner: str, balance_type: PartnerBalanceType,
+                            currency: str) -> PartnerBalanceRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT partner, type, currency, ledger_account_id, low_threshold FROM partner_balances"
+                " WHERE partner = ? AND type = ? AND currency = ?", (partner, str(balance_type), currency),
+            ).fetchone()
+        return PartnerBalanceRow(found[0], PartnerBalanceType(found[1]), *found[2:]) if found else None
+
+    def partner_balance_low_flags(self) -> list[tuple[PartnerBalanceRow, bool]]:
+        """Every partner balance with a threshold, and whether its low-balance event is out."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT partner, type, currency, ledger_account_id, low_threshold, low_notified"
+                " FROM partner_balances WHERE low_threshold > 0 OR low_notified != 0"
+                " ORDER BY partner, type, currency LIMIT ?", (PARTNER_BALANCES_MAX,),
+            ).fetchall()
+        return [(PartnerBalanceRow(p, PartnerBalanceType(t), c, a, low), bool(notified))
+                for p, t, c, a, low, notified in rows]  # fmt: skip
+
+    def set_partner_balance_low(self, ledger_account_id: int, low: bool) -> bool:
+        """Flip `low_notified`; True only for the call that changed it (one event per crossing)."""
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE partner_balances SET low_notified = ? WHERE ledger_account_id = ? AND low_notified = ?",
+                (int(low), ledger_account_id, int(not low)),
+            ).rowcount
+        assert updated in (0, 1)
+        return updated == 1
+
     # -- cards -------------------------------------------------------------------------------------
 
     def add_card(self, card: NewCard) -> CardRow:
@@ -829,10 +1270,11 @@ class Store:
                 self._next_id("cards"), card.user_id, card.balance_id, balance.partner,
                 card.config_id, card.card_type, card.pan_index, card.pan_enc, card.pan_first6,
                 card.pan_last4, card.expiry_yymm, card.status, 0, 0, card.pvv, utc_now_iso(),
+                order_state=card.order_state, order_json=card.order_json,
             )  # fmt: skip
             try:
                 self._conn.execute(
-                    f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES ({', '.join('?' * 16)})",
+                    f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES ({', '.join('?' * _CARD_COLUMN_COUNT)})",
                     _card_tuple(row),
                 )
             except sqlite3.IntegrityError:
@@ -932,6 +1374,120 @@ class Store:
             assert updated == 1, f"no card {card_id}"
             self._refresh_card_on_commit(card_id)
 
+    # -- cards (REST) ------------------------------------------------------------------------------
+    # Card lifecycle changes of the management API. Each refreshes the in-memory index on commit,
+    # so the switch sees it on the next message; the caller records the event in the same
+    # transaction (`with store.transaction(): store.<change>(...); store.append_event(...)`).
+
+    def visible_cards_of_user(self, user_id: int) -> list[CardRow]:
+        """The user's cards as the user may see them: not removed, and a physical card only once
+        the bureau produced it and it was linked (reference documents, "Link card")."""
+        return [card for card in self.cards_of_user(user_id) if card_visible(card)]
+
+    def set_card_order(self, card_id: int, *, order_state: str, order_json: str, card_type: str = "") -> None:
+        """Order state and details; `card_type` also changes a virtual card into a digital-first one."""
+        assert order_state in CARD_ORDER_STATES, order_state
+        assert card_type in ("", "digital_first")
+        json.loads(order_json)  # must be JSON: the bureau worker reads it back
+        if card_type:
+            self._update_card(card_id, "order_state = ?, order_json = ?, card_type = ?",
+                              (order_state, order_json, card_type))
+        else:
+            self._update_card(card_id, "order_state = ?, order_json = ?", (order_state, order_json))
+
+    def bump_cvv_version(self, card_id: int) -> int:
+        """Reset CVV: the next CVV version (1..CVV_VERSION_MAX), 0 when none is left."""
+        with self.transaction():
+            card = self.get_card(card_id)
+            assert card is not None, f"no card {card_id}"
+            if card.cvv_version >= CVV_VERSION_MAX:
+                return 0
+            self._update_card(card_id, "cvv_version = ?", (card.cvv_version + 1,))
+        return card.cvv_version + 1
+
+    def cards_to_order(self, limit: int) -> list[CardRow]:
+        """Ordered cards not yet sent to the bureau, oldest first."""
+        assert 0 < limit <= CARD_ORDERS_PAGE_MAX
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_CARD_COLUMNS} FROM cards WHERE order_state = ? AND status != ?"
+                " AND json_extract(order_json, '$.bureauOrderId') IS NULL ORDER BY id LIMIT ?",
+                (CARD_ORDER_ORDERED, int(CardStatus.removed), limit),
+            ).fetchall()
+        return [_card_row(row) for row in rows]
+
+    # -- KYC forms ---------------------------------------------------------------------------------
+    # Rows only; the images are files (authsrv.store.kycfiles). Callers decide inside one
+    # `transaction()`: check the user's forms, insert or decide, update users.kyc, append the event.
+
+    def reserve_kyc_form_id(self) -> int:
+        """A fresh form id, committed before the form's image files are written, so a crash in
+        between can never hand the same id (and directory) to another form."""
+        with self.transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO sequences (name, value)"
+                " VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM kyc_forms))", (KYC_FORM_SEQUENCE,),
+            )
+            (value,) = self._conn.execute(
+                "UPDATE sequences SET value = value + 1 WHERE name = ? RETURNING value", (KYC_FORM_SEQUENCE,),
+            ).fetchone()
+        assert 0 < value <= ID_MAX
+        return int(value)
+
+    def insert_kyc_form(self, form_id: int, *, user_id: int, partner: str, fields_json: str,
+                        images_json: str) -> KycFormRow:
+        """A PENDING form with a reserved id (the caller checked there is no open one)."""
+        with self.transaction():
+            row = KycFormRow(form_id, user_id, partner, KYC_FORM_PENDING, fields_json, images_json, utc_now_iso())
+            self._conn.execute(
+                f"INSERT INTO kyc_forms ({_KYC_FORM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                attrs.astuple(row),
+            )
+        return row
+
+    def get_kyc_form(self, form_id: int) -> KycFormRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_KYC_FORM_COLUMNS} FROM kyc_forms WHERE id = ?", (form_id,)
+            ).fetchone()
+        return KycFormRow(*found) if found else None
+
+    def latest_kyc_form(self, user_id: int) -> KycFormRow | None:
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_KYC_FORM_COLUMNS} FROM kyc_forms WHERE user_id = ? ORDER BY id DESC LIMIT 1",
+                (user_id,),
+            ).fetchone()
+        return KycFormRow(*found) if found else None
+
+    def kyc_forms(self, *, state: str | None = None, after_id: int = 0, limit: int = 50) -> list[KycFormRow]:
+        """A page of forms by id (optionally in one state), for the admin review list."""
+        assert 0 < limit <= KYC_FORMS_PAGE_MAX and after_id >= 0
+        query = f"SELECT {_KYC_FORM_COLUMNS} FROM kyc_forms WHERE id > ?"
+        values: list[Any] = [after_id]
+        if state is not None:
+            query += " AND state = ?"
+            values.append(state)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY id LIMIT ?", (*values, limit)).fetchall()
+        return [KycFormRow(*row) for row in rows]
+
+    def kyc_form_ids(self) -> set[int]:
+        with self._lock:
+            return {row[0] for row in self._conn.execute("SELECT id FROM kyc_forms")}
+
+    def decide_kyc_form(self, form_id: int, *, state: str, decided_by: str, reason: str = "") -> bool:
+        """PENDING -> `state`; False (nothing changed) when the form is not pending any more."""
+        assert state in (KYC_FORM_ACCEPTED, KYC_FORM_REJECTED), state
+        with self.transaction():
+            updated = self._conn.execute(
+                "UPDATE kyc_forms SET state = ?, decided_at = ?, decided_by = ?, reason = ?"
+                " WHERE id = ? AND state = ?",
+                (state, utc_now_iso(), decided_by, reason, form_id, KYC_FORM_PENDING),
+            ).rowcount
+        assert updated in (0, 1)
+        return updated == 1
+
     # -- the in-memory index -----------------------------------------------------------------------
 
     def attach_index(self, index: CardIndex) -> None:
@@ -1005,6 +1561,20 @@ class Store:
         self._on_commit(refresh)
 
 
+CARD_ORDER_ORDERED = "ORDERED"  # at the bureau (or waiting for one): invisible to the user if physical
+CARD_ORDER_LINKED = "LINKED"  # produced and linked to the user and balance
+CARD_ORDER_STATES = frozenset({"", CARD_ORDER_ORDERED, CARD_ORDER_LINKED})
+CARD_ORDERS_PAGE_MAX = 1_000
+CVV_VERSION_MAX = 999  # authsrv.cardsec.CVV_VERSION_MAX
+
+
+def card_visible(card: CardRow) -> bool:
+    """Removed cards are gone; a physical card appears once linked."""
+    if card.status == CardStatus.removed:
+        return False
+    return not (card.card_type == "physical" and card.order_state != CARD_ORDER_LINKED)
+
+
 @functools.cache
 def _dummy_hash() -> str:
     return hash_secret(secrets.token_hex(16))
@@ -1013,22 +1583,28 @@ def _dummy_hash() -> str:
 _USER_COLUMNS = (
     "id, partner, first_name, last_name, phone, email, birth_date, state, kyc, wpin_hash, created_at"
 )
-_BALANCE_COLUMNS = "id, user_id, partner, currency, ledger_account_id, status, created_at"
+_BALANCE_COLUMNS = "id, user_id, partner, currency, ledger_account_id, status, created_at, iban"
+_PROGRAM_COLUMNS = (
+    "config_id, partner, bin, card_type, currency, expiry_years, fees_json, limits_json,"
+    " iban_country, iban_bank_code, auto_balance"
+)
 _CARD_COLUMNS = (
     "id, user_id, balance_id, partner, config_id, card_type, pan_index, pan_enc, pan_first6,"
-    " pan_last4, expiry_yymm, status, lock_reason, wrong_pin_count, pvv, created_at"
+    " pan_last4, expiry_yymm, status, lock_reason, wrong_pin_count, pvv, created_at,"
+    " order_state, order_json, source_card_id, cvv_version"
 )
+_CARD_COLUMN_COUNT = len(_CARD_COLUMNS.split(","))
 _CARD_STATE_QUERY = (
     "SELECT c.pan_index, c.id, c.user_id, c.balance_id, c.partner, c.config_id, c.card_type,"
     " c.pan_first6, c.pan_last4, c.expiry_yymm, c.status, c.lock_reason, c.wrong_pin_count,"
-    " c.pvv, b.currency, b.ledger_account_id FROM cards c JOIN balances b ON b.id = c.balance_id"
+    " c.pvv, b.currency, b.ledger_account_id, c.cvv_version FROM cards c JOIN balances b ON b.id = c.balance_id"
 )
 
 
 def _card_state(row: tuple[Any, ...]) -> CardState:
     return CardState(
         row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
-        CardStatus(row[10]), row[11], row[12], row[13], row[14], row[15],
+        CardStatus(row[10]), row[11], row[12], row[13], row[14], row[15], row[16],
     )  # fmt: skip
 
 

@@ -84,6 +84,7 @@ class CardState:
     pvv: str  # '' = no PIN set
     currency: str  # the balance's currency
     balance_account_id: int  # the balance's ledger account
+    cvv_version: int = 0  # bumped by reset CVV: an input of the CVC2 derivation (cardsec.cvc2)
 
 
 @attrs.frozen

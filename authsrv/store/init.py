@@ -25,6 +25,10 @@ DEMO_CONFIG_ID = "0019167984"  # the sandbox configId of the reference documents
 DEMO_BIN = "535522"
 DEMO_CURRENCY = "EUR"
 DEMO_EXPIRY_YEARS = 3
+# IBANs of the demo program's balances: Germany (22 characters, no national check digit in the
+# BBAN) and an invented 8-digit bank code (Bankleitzahl) that no German bank uses.
+DEMO_IBAN_COUNTRY = "DE"
+DEMO_IBAN_BANK_CODE = "99990000"
 ADMIN_USERNAME = "admin"
 ADMIN_PASSWORD_FILE = "admin-password"
 ADMIN_PASSWORD_BYTES = 18  # 144 bits, 24 URL-safe characters
@@ -89,7 +93,8 @@ def _populate(directory: Path) -> list[str]:
         f"admin user {ADMIN_USERNAME!r} (Admin): password in {ADMIN_PASSWORD_FILE} (mode 0600)",
         f"partner {DEMO_PARTNER!r}: internal balances, deposit collateral in {DEMO_CURRENCY}",
         f"card program {DEMO_CONFIG_ID}: virtual, {DEMO_CURRENCY}, BIN {DEMO_BIN},"
-        f" no fees, no spend limits, {DEMO_EXPIRY_YEARS}-year expiry",
+        f" no fees, no spend limits, {DEMO_EXPIRY_YEARS}-year expiry,"
+        f" IBANs {DEMO_IBAN_COUNTRY} bank code {DEMO_IBAN_BANK_CODE}, a {DEMO_CURRENCY} balance on KYC success",
         f"store.db and ledger/ ({len(accounts)} system and partner accounts)",
     ]
 
@@ -107,6 +112,9 @@ def _fill_store(store: Store, admin_password: str) -> None:
                 expiry_years=DEMO_EXPIRY_YEARS,
                 fees_json="{}",
                 limits_json="{}",
+                iban_country=DEMO_IBAN_COUNTRY,
+                iban_bank_code=DEMO_IBAN_BANK_CODE,
+                auto_balance=1,
             )
         )
         store.add_admin(ADMIN_USERNAME, Role.admin, admin_password)

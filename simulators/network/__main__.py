@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import sys
 from pathlib import Path
 
 import trio
 
+from simulators.network.cards import load_cards
+from simulators.network.clearing import ClearingLog
 from simulators.network.codec import Codec
 from simulators.network.load import LoadConfig, LoadError, Progress, run_load
 from simulators.network.mix import MixWeights
@@ -32,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--zpk-file", type=Path, default=None, help="DIR/keys/zpk.hex of the server")
     parser.add_argument("--codec", choices=[codec.value for codec in Codec], default=Codec.fast.value)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--clearing-out", type=Path, default=None,
+                        help="write the clearing file of the approved purchases here (CONTRACT.md section 4)")
     parser.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines (0: none)")
     return parser
 
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = _print_progress if args.progress > 0 else None
     try:
         interval_s = args.progress or 5.0
-        report = trio.run(functools.partial(run_load, config, progress=progress, progress_interval_s=interval_s))
+        clearing = ClearingLog() if args.clearing_out else None
+        report = trio.run(functools.partial(run_load, config, progress=progress, progress_interval_s=interval_s,
+                                            clearing=clearing))
     except (LoadError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -79,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.render())
     if args.json:
         args.json.write_bytes(report.to_json())
+    if clearing is not None:
+        cards = load_cards(config.cards_path)
+        counts = clearing.write(args.clearing_out, rng=random.Random(args.seed), force_post_card=cards[0])
+        print(f"clearing file {args.clearing_out}: {counts.records} records ({counts.exact} exact, {counts.under}"
+              f" under, {counts.over} over, {counts.split} split, {counts.forced} force post, {counts.refunds} refund)")
     return 0 if report.mismatches == 0 and report.timeouts == 0 and not report.connection_errors else 1
 
 

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from simulators.network.cards import SimCard, load_cards
+from simulators.network.clearing import ClearingLog
 from simulators.network.codec import Codec, DecodeError, FrameReader, FramingError, decode, encode, frame
 from simulators.network.mix import MANAGEMENT_KINDS, STAN_MAX, Amounts, Kind, MixWeights, Request, RequestFactory
 from simulators.network.report import KindCounts, LatencySummary, LoadReport, Recorder
@@ -182,7 +183,7 @@ class _Run:
             tally.mismatches += 1
             self.mismatches += 1
             self.mismatch_detail[request.kind.name][f"{'/'.join(sorted(request.expected))}->{got}"] += 1
-        self.factory.on_answer(request, code)
+        self.factory.on_answer(request, code, message.get("38", ""))
 
     def record_timeout(self, entry: InFlight, now_s: float) -> None:
         self.tallies[entry.request.kind].timeouts += 1
@@ -289,8 +290,14 @@ class _Connection:
         self.scope = trio.CancelScope()
 
     def next_stan(self) -> str:
-        # Unique per connection cycle: STANs restart at 000001 after 999999 (field 11, n6).
-        self.stan = self.stan % STAN_MAX + 1
+        # Unique across the run's connections (connection i sends i+1, i+1+n, i+1+2n, ...): a
+        # reversal names its original by MTI, STAN, field 7 and acquirer (field 90), all shared by
+        # the connections, so per-connection counters made two purchases in the same second look
+        # alike and a reversal released the wrong hold. Restart after 999999 (field 11, n6).
+        step = self.run.config.connections
+        self.stan = self.stan + step if self.stan else self.index + 1
+        if self.stan > STAN_MAX:
+            self.stan = self.index + 1
         return f"{self.stan:06d}"
 
     async def sign_on(self) -> None:
@@ -461,10 +468,12 @@ async def run_load(
     progress: Callable[[Progress], None] | None = None,
     progress_interval_s: float = 5.0,
     cards: tuple[SimCard, ...] | None = None,
+    clearing: ClearingLog | None = None,
 ) -> LoadReport:
     """Drive the open-loop mix against `config.host:config.port` and measure it.
 
     `cards` (already loaded from `config.cards_path`) saves re-reading the file on repeated runs.
+    `clearing`, when given, learns every approved purchase (and reversal) for a clearing file.
     Raises LoadError only when the run cannot start; a connection that breaks later is reported
     in `connection_errors`, its in-flight requests as `lost` and its remaining schedule as `unsent`.
     """
@@ -479,6 +488,7 @@ async def run_load(
         amounts=config.amounts,
         acquirer_id=config.acquirer_id,
         rrn_tag=config.rrn_tag if config.rrn_tag is not None else f"{secrets.randbelow(1000):03d}",
+        clearing=clearing,
     )
     run = _Run(config, factory)
     connections: list[_Connection] = []

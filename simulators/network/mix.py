@@ -21,6 +21,7 @@ import attrs
 
 from simulators.network import cards as cards_module
 from simulators.network.cards import SimCard
+from simulators.network.clearing import Clearable, ClearingLog, clearable_of
 from simulators.network.codec import Message
 from simulators.network.pinblock import encrypt_pin_block
 
@@ -160,6 +161,7 @@ class Request:
     response_mti: str
     reversible: Approved | None = None  # pooled for a later reversal once approved
     victim: PinVictim | None = None
+    clearable: Clearable | None = None  # goes into the clearing file once approved
 
 
 @attrs.frozen(kw_only=True)
@@ -211,11 +213,13 @@ class RequestFactory:
         amounts: Amounts,
         acquirer_id: str,
         rrn_tag: str,
+        clearing: ClearingLog | None = None,
     ) -> None:
         assert cards, "no cards"
         assert len(rrn_tag) == RRN_TAG_DIGITS and rrn_tag.isdigit()
         assert acquirer_id.isdigit() and 1 <= len(acquirer_id) <= 11  # field 32, LL n..11
         self._rng = rng
+        self._clearing = clearing
         self._zpk = zpk
         self._amounts = amounts
         self._acquirer_id = acquirer_id
@@ -272,10 +276,16 @@ class RequestFactory:
         message = {"t": "0800", "7": self._clock.transmission, "11": stan, "70": code}
         return Request(kind, message, EXPECTED_CODES[kind], "0810")
 
-    def on_answer(self, request: Request, code: str) -> None:
-        """Learn from a matched response (pool approvals, advance wrong-PIN states)."""
+    def on_answer(self, request: Request, code: str, auth_code: str = "") -> None:
+        """Learn from a matched response (pool approvals, advance wrong-PIN states, note what clears)."""
         if request.reversible is not None and code == "00":
             self._pool.append(request.reversible)
+        if self._clearing is not None and code == "00":
+            if request.clearable is not None:
+                self._clearing.approved(request.clearable, auth_code)
+            elif request.kind in (Kind.reversal, Kind.reversal_partial):
+                remaining = request.message.get("95", "")[:12]
+                self._clearing.reversed(request.message["37"], int(remaining) if remaining else None)
         victim = request.victim
         if victim is not None:
             victim.in_flight = False
@@ -298,7 +308,8 @@ class RequestFactory:
         merchant = self._rng.choice(MERCHANTS)
         message = self._base("0100", "000000", self._purchase_amount(), card.currency_numeric, stan, merchant)
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
-        return Request(kind, message, EXPECTED_CODES[kind], "0110", reversible=self._approved(message, card.pan))
+        return Request(kind, message, EXPECTED_CODES[kind], "0110", reversible=self._approved(message, card.pan),
+                       clearable=self._clearable(message, card))
 
     def _cross_currency(self, kind: Kind, stan: str) -> Request:
         card = self._rng.choice(self._normal)
@@ -308,7 +319,7 @@ class RequestFactory:
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
         message["6"] = f"{max(1, amount * CROSS_CURRENCY_RATE_PERCENT // 100):012d}"
         message["51"] = card.currency_numeric
-        return Request(kind, message, EXPECTED_CODES[kind], "0110")
+        return Request(kind, message, EXPECTED_CODES[kind], "0110", clearable=self._clearable(message, card))
 
     def _atm(self, kind: Kind, stan: str, card: SimCard | None = None, pin: str | None = None) -> Request:
         card = card or self._rng.choice(self._normal)
@@ -333,7 +344,7 @@ class RequestFactory:
         message = self._base("0120", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
         # An advice reports a stand-in approval: it cannot be declined (CONTRACT.md section 3).
-        return Request(kind, message, EXPECTED_CODES[kind], "0130")
+        return Request(kind, message, EXPECTED_CODES[kind], "0130", clearable=self._clearable(message, card))
 
     def _balance_inquiry(self, kind: Kind, stan: str) -> Request:
         card = self._rng.choice(self._normal)
@@ -421,6 +432,9 @@ class RequestFactory:
             if not victim.in_flight:
                 return victim
         return None
+
+    def _clearable(self, message: Message, card: SimCard) -> Clearable | None:
+        return clearable_of(message, card) if self._clearing is not None else None
 
     def _purchase_amount(self) -> int:
         return self._rng.randint(self._amounts.purchase_minor_min, self._amounts.purchase_minor_max)

@@ -1,0 +1,309 @@
+"""Applying a clearing file: one engine behind `authsrv clearing ingest` and `POST /admin/clearing`.
+
+The file goes through in chunks of CHUNK_RECORDS_MAX records; each chunk is ONE ledger batch, and
+the caller waits for it to be durable before the next (`await ledger.wait_durable(seq)` in the
+server, so authorizations keep flowing between chunks; `flush_sync()` offline).
+
+Crash safety: the order inside a chunk is what makes "each record applies once" hold across a crash.
+
+    1. plan every record against the ledger in memory (pure; nothing written);
+    2. check the log has room for the batch (WalFullError here leaves nothing behind);
+    3. ONE store transaction: reserve transfer ids, write each record row with the exact transfers;
+    4. submit the batch (no await between 1 and 4, so the plan is still true when it applies);
+    5. once durable, mark the rows applied.
+
+A crash before 3 leaves nothing. Between 3 and 5 the rows say `planned`: a re-run resubmits those
+very transfers, and the ledger answers `exists` for what it already had (ids are remembered for
+24 h after they are applied) or applies what it lacked. Planning again instead would post twice,
+since the state already contains the first post. Ids come from the store's allocator and are
+never handed out twice, so a replanned record could not collide with a lost one either.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import attrs
+import msgspec
+import trio
+
+from authsrv.clearing.plan import MATCHED, Card, ClearingOutcome, Overlay, Plan, Planner, Refusal
+from authsrv.clearing.records import ClearingFile, Line, mask_pan, parse_clearing_file
+from authsrv.clearing.store import ClearingStore, PlanRow, RecordRow, RecordState
+from authsrv.clearing.summary import ClearingException, ClearingSummary, CurrencyTotals, summary_decoder
+from ledger.durable import encode_batch
+from ledger.state import HoldState
+from ledger.types import Batch, TransferFlags, TransferStatus
+from ledger.wal import WalFullError
+
+log = logging.getLogger("authsrv.clearing")
+
+CHUNK_RECORDS_MAX = 500  # records per ledger batch: up to ~4 transfers each, far below 8,192
+ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
+WAL_FULL_RETRIES_MAX = 500
+WAL_FULL_BACKOFF_S = 0.01
+_OK = (TransferStatus.created, TransferStatus.exists)
+_COUNTERS = {outcome: ("refunds" if outcome is ClearingOutcome.refund else outcome.value)
+             for outcome in ClearingOutcome}  # the summary field each outcome counts in
+_REASONS = {
+    ClearingOutcome.forced: "no matching authorization: force-posted",
+    ClearingOutcome.late: "the authorization's hold had closed (expired, voided or posted): force-posted",
+}
+
+
+@attrs.frozen
+class ClearingDeps:
+    """What the engine works on: the live objects of the server, or those the CLI opened."""
+
+    ledger: object  # ledger.durable.DurableLedger
+    journal: object  # authsrv.hotpath.journal.AuthJournal
+    index: object  # authsrv.store.index.CardIndex
+    vault: object  # authsrv.cardsec.PanVault
+    store: object  # authsrv.store.db.Store
+
+
+@attrs.define
+class _Pending:
+    """A chunk planned and submitted, waiting to be durable."""
+
+    seq: int
+    applied: list[str]  # identities whose chains the ledger took
+
+
+class ClearingRun:
+    def __init__(self, deps: ClearingDeps, parsed: ClearingFile, name: str, *,
+                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._deps = deps
+        self._file = parsed
+        self._clock_ns = clock_ns
+        self._rows = ClearingStore(deps.store)
+        self._planner = Planner(deps.ledger.ledger, deps.journal, deps.index.settlement_account)
+        self._encoder = msgspec.msgpack.Encoder()
+        self.summary = ClearingSummary(file_sha256=parsed.sha256, name=name, lines=len(parsed.lines) + len(parsed.errors))
+        self._next = 0
+        self._pending: _Pending | None = None
+        # The LAST record for an authorization is `final`: the index of each key's last line.
+        self._last_line: dict[tuple[str, str, str], int] = {}
+        for position, line in enumerate(parsed.lines):
+            self._last_line[_match_key(line)] = position
+        for error in parsed.errors:
+            self.summary.add_exception(ClearingException(error.record_id, error.number,
+                                                         f"{Refusal.invalid_record}: {error.reason}",
+                                                         error.masked_pan, False))
+
+    def start(self) -> ClearingSummary | None:
+        """The stored summary (marked duplicate) when this very file was applied before, else None."""
+        done = self._rows.file_summary(self._file.sha256)
+        if done is not None:
+            earlier = summary_decoder.decode(done)
+            earlier.duplicate_file = True
+            return earlier
+        self._rows.begin_file(self._file.sha256, self.summary.name)
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self._next >= len(self._file.lines) and self._pending is None
+
+    def step(self) -> int:
+        """Plan, record and submit the next chunk; return the seq to wait for (0: nothing submitted).
+
+        Raises WalFullError with nothing written when the log is full: back off and call again."""
+        assert self._pending is None, "call durable() after the previous chunk"
+        chunk = self._file.lines[self._next:self._next + CHUNK_RECORDS_MAX]
+        known = self._rows.records([line.identity for line in chunk])
+        ts_ns = self._clock_ns()
+        ts_effective = max(ts_ns, self._deps.ledger.ledger.timestamp_ns + 1)  # what Ledger.apply will use
+        overlay = Overlay()
+        resumed: list[RecordRow] = []
+        fresh: list[tuple[Line, Plan]] = []
+        for offset, line in enumerate(chunk):
+            row = known.get(line.identity)
+            if row is not None:
+                self._known(line, row, resumed, overlay)
+                continue
+            last = self._last_line[_match_key(line)] == self._next + offset
+            plan = self._planner.plan(line.record, self._card(line.record.pan), last=last, overlay=overlay,
+                                      ts_ns=ts_effective)
+            if plan.outcome is None:
+                self._refused(line, plan.refusal)
+            else:
+                fresh.append((line, plan))
+        transfers_count = sum(len(plan.transfers) for _, plan in fresh)
+        self._ensure_room(ts_ns, resumed, fresh, transfers_count)
+        rows = self._rows.allocate_and_insert(transfers_count, lambda ids: self._new_rows(fresh, ids))
+        self._next += len(chunk)
+        chains = resumed + rows
+        if not chains:
+            return 0
+        transfers = tuple(spec for row in chains for spec in row.transfers)
+        result, seq = self._deps.ledger.submit(Batch(timestamp_ns=ts_ns, transfers=transfers))
+        lines = {line.identity: line for line in chunk}
+        self._pending = _Pending(seq, self._settle(lines, chains, result.transfer_results))
+        return seq
+
+    def durable(self) -> None:
+        """The last chunk's batch is on disk: its rows become `applied`."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._rows.set_state(pending.applied, RecordState.applied)
+            self.summary.ledger_seq = pending.seq
+
+    def finish(self) -> ClearingSummary:
+        assert self.finished
+        self._rows.finish_file(self._file.sha256, msgspec.json.encode(self.summary))
+        return self.summary
+
+    # -- one record -------------------------------------------------------------------------
+
+    def _card(self, pan: str) -> Card | None:
+        index = self._deps.index
+        state = index.card_by_pan_index(self._deps.vault.index(pan))
+        if state is None:
+            return None
+        collateral = usage = 0
+        partner = index.partner(state.partner)
+        if partner is not None and partner.collateral == "deposit":
+            collateral = partner.collateral_account_ids.get(state.currency, 0)
+            usage = partner.collateral_usage_account_ids.get(state.currency, 0)
+        return Card(state.card_id, state.balance_account_id, state.currency, collateral if usage else 0, usage)
+
+    def _known(self, line: Line, row: RecordRow, resumed: list[RecordRow], overlay: Overlay) -> None:
+        if row.file_sha256 != self._file.sha256:
+            self.summary.duplicates += 1  # applied by an earlier file
+        elif row.state == RecordState.planned:
+            resumed.append(row)  # this file, interrupted: resubmit the very same transfers
+            ledger = self._deps.ledger.ledger
+            for spec in row.transfers:  # what they will take from holds, unless the ledger has them
+                if spec.flags & TransferFlags.post_pending and ledger.transfer_status(spec.id) is None:
+                    overlay.take(spec.pending_id, spec.amount, bool(spec.flags & TransferFlags.final))
+        elif row.state == RecordState.applied:
+            self._count(line, row.plan, posted=True)
+        else:
+            self._refused(line, Refusal.ledger_refused)
+
+    def _new_rows(self, fresh: list[tuple[Line, Plan]], ids: Iterator[int]) -> list[RecordRow]:
+        rows = []
+        for line, plan in fresh:
+            transfers = tuple(msgspec.structs.replace(spec, id=next(ids)) for spec in plan.transfers)
+            record = line.record
+            summary_row = PlanRow(str(plan.outcome), plan.currency, plan.cleared, plan.released, plan.refunded,
+                                  plan.referenced, plan.hold_id, mask_pan(record.pan))
+            rows.append(RecordRow(line.identity, self._file.sha256, record.record_id, line.number,
+                                  RecordState.planned, transfers, summary_row))
+        assert next(ids, None) is None, "every reserved id is used"
+        return rows
+
+    def _ensure_room(self, ts_ns: int, resumed: list[RecordRow], fresh: list[tuple[Line, Plan]], count: int) -> None:
+        transfers = tuple(spec for row in resumed for spec in row.transfers)
+        transfers += tuple(spec for _, plan in fresh for spec in plan.transfers)
+        if transfers:
+            size = len(encode_batch(self._encoder, Batch(timestamp_ns=ts_ns, transfers=transfers)))
+            self._deps.ledger.wal.ensure_room(size + ID_ENCODED_BYTES_MAX * count)
+
+    def _settle(self, lines: dict[str, Line], chains: list[RecordRow],
+                results: tuple[TransferStatus, ...]) -> list[str]:
+        """Count each record by what the ledger did with its chain; return the identities applied."""
+        applied, failed = [], []
+        start = 0
+        for row in chains:
+            statuses = results[start:start + len(row.transfers)]
+            start += len(row.transfers)
+            line = lines.get(row.identity)
+            assert line is not None
+            if all(status in _OK for status in statuses):
+                applied.append(row.identity)
+                self._count(line, row.plan, posted=True)
+                if row.plan.hold_id:
+                    self._close_if_resolved(row.plan.hold_id)
+            else:
+                failed.append(row.identity)
+                refused = [status.name for status in statuses if status not in _OK and
+                           status is not TransferStatus.linked_event_failed]
+                log.error("ledger refused clearing record at line %d: %s", line.number, refused)
+                self._refused(line, Refusal.ledger_refused, detail=",".join(refused))
+        assert start == len(results)
+        self._rows.set_state(failed, RecordState.failed)
+        return applied
+
+    def _close_if_resolved(self, hold_id: int) -> None:
+        view = self._deps.ledger.ledger.hold(hold_id)
+        if view is None or view.state is not HoldState.pending:
+            self._deps.journal.close_holds((hold_id,))
+
+    def _count(self, line: Line, plan: PlanRow, *, posted: bool) -> None:
+        summary = self.summary
+        outcome = ClearingOutcome(plan.outcome)
+        summary.applied += 1
+        counter = _COUNTERS[outcome]
+        setattr(summary, counter, getattr(summary, counter) + 1)
+        if outcome in MATCHED:
+            summary.matched += 1
+        if outcome is ClearingOutcome.refund and plan.referenced:
+            summary.refunds_referenced += 1
+        totals = summary.totals.setdefault(plan.currency, CurrencyTotals())
+        totals.records += 1
+        totals.cleared += plan.cleared
+        totals.released += plan.released
+        totals.refunded += plan.refunded
+        if outcome in _REASONS:
+            summary.add_exception(ClearingException(line.record.record_id, line.number, _REASONS[outcome],
+                                                    plan.masked_pan, posted))
+
+    def _refused(self, line: Line, refusal: Refusal | None, detail: str = "") -> None:
+        assert refusal is not None
+        reason = f"{refusal}: {detail}" if detail else str(refusal)
+        self.summary.add_exception(ClearingException(line.record.record_id, line.number, reason,
+                                                     mask_pan(line.record.pan), False))
+
+
+def _match_key(line: Line) -> tuple[str, str, str]:
+    record = line.record
+    return (record.rrn, record.auth_code, record.pan)
+
+
+# -- the two drivers ----------------------------------------------------------------------------
+
+
+async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
+    """On the server's trio thread: chunk by chunk, waiting for each to be durable in between."""
+    run = ClearingRun(deps, parse_clearing_file(data), name)
+    done = run.start()
+    if done is not None:
+        return done
+    retries = 0
+    while not run.finished:  # bounded: each step consumes up to CHUNK_RECORDS_MAX lines
+        try:
+            seq = run.step()
+        except WalFullError:
+            retries += 1
+            if retries > WAL_FULL_RETRIES_MAX:
+                raise
+            await trio.sleep(WAL_FULL_BACKOFF_S)
+            continue
+        if seq:
+            await deps.ledger.wait_durable(seq)
+        run.durable()
+        await trio.sleep(0)  # let authorizations run between chunks
+    return run.finish()
+
+
+def apply_clearing_offline(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
+    """The same with no event loop (the CLI with the server stopped): flush_sync per chunk."""
+    run = ClearingRun(deps, parse_clearing_file(data), name)
+    done = run.start()
+    if done is not None:
+        return done
+    while not run.finished:  # bounded as above
+        try:
+            seq = run.step()
+        except WalFullError:
+            deps.ledger.flush_sync()  # offline nothing else appends: flushing makes room
+            continue
+        if seq:
+            deps.ledger.flush_sync()
+        run.durable()
+    return run.finish()

@@ -1,0 +1,247 @@
+"""What one clearing record does to the ledger: a pure decision over the current state.
+
+Matching (CONTRACT.md section 4, issue 6): RRN + authorization code + PAN (through the card's
+`pan_index`, so card ids are compared, never PANs). Then:
+
+    matched, billed == held      post the hold                                        exact
+    matched, billed <  held      post the amount; the file's LAST record for this     partial
+                                 authorization is `final` (releases the rest), an
+                                 earlier one leaves the rest held (split shipment)    split
+    matched, billed >  held      post the whole hold + a forced transfer for the      over
+                                 excess (like a tip)
+    matched, hold closed         forced transfer (posted after expiry / void / a      late
+                                 final post)
+    no authorization             forced transfer from the card's balance              forced
+    refund                       settlement -> the card's balance                     refund
+
+A deposit partner's collateral hold is posted alongside, by the same amounts (MoveFunds charges a
+deposit per transaction). The transfers of one record form one linked chain: all or nothing.
+Transfer ids are 0 here; the engine fills them in from the store's allocator.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from authsrv.clearing.records import ClearingRecord, RecordType
+from authsrv.hotpath.journal import AuthJournal, AuthRecord
+from ledger.state import HoldState, Ledger
+from ledger.types import TransferFlags, TransferSpec
+
+
+class ClearingCode:
+    """Ledger transfer `code` values written by clearing (hot path 1..99, management 101..).
+    Never renumber."""
+
+    post = 201  # a user hold posted (partly or whole)
+    excess = 202  # forced: cleared above the hold (over)
+    forced = 203  # forced: unmatched or late record, from the card's balance
+    refund = 204  # settlement -> the card's balance
+    collateral_post = 205
+    collateral_excess = 206
+    collateral_forced = 207
+
+
+class ClearingOutcome(enum.StrEnum):
+    exact = "exact"
+    partial = "partial"
+    split = "split"
+    over = "over"
+    late = "late"
+    forced = "forced"
+    refund = "refund"
+
+
+class Refusal(enum.StrEnum):
+    """Why a record posted nothing, named after the rule. Reported as an exception."""
+
+    invalid_record = "invalid_record"
+    unknown_card = "unknown_card"
+    amount_zero = "amount_zero"
+    billing_currency_not_balance_currency = "billing_currency_not_balance_currency"
+    no_settlement_account = "no_settlement_account"
+    ledger_refused = "ledger_refused"
+
+
+MATCHED = frozenset({ClearingOutcome.exact, ClearingOutcome.partial, ClearingOutcome.split, ClearingOutcome.over})
+_LINKED = TransferFlags.linked
+_POST = TransferFlags.post_pending
+_FINAL = TransferFlags.final
+_FORCED = TransferFlags.forced
+
+
+@attrs.frozen
+class Plan:
+    outcome: ClearingOutcome | None  # None: refused
+    refusal: Refusal | None
+    transfers: tuple[TransferSpec, ...]  # ids 0: filled in by the engine
+    currency: str = ""
+    cleared: int = 0  # charged to the cardholder's balance (posted + forced)
+    released: int = 0  # what a final post released from the hold
+    refunded: int = 0
+    hold_id: int = 0  # the matched user hold (0: none)
+    referenced: bool = False  # a refund that matched a purchase
+
+    def __attrs_post_init__(self) -> None:
+        assert (self.outcome is None) != (self.refusal is None)
+        assert self.outcome is not None or not self.transfers
+
+
+def refused(refusal: Refusal) -> Plan:
+    return Plan(None, refusal, ())
+
+
+class Overlay:
+    """What the chunk being planned has already taken from each hold (not yet in the ledger)."""
+
+    def __init__(self) -> None:
+        self.taken: dict[int, int] = {}
+        self.resolved: set[int] = set()
+
+    def take(self, hold_id: int, amount: int, resolve: bool) -> None:
+        assert amount > 0 and hold_id not in self.resolved
+        self.taken[hold_id] = self.taken.get(hold_id, 0) + amount
+        if resolve:
+            self.resolved.add(hold_id)
+
+
+@attrs.frozen
+class Card:
+    """What planning needs of the card a PAN names."""
+
+    card_id: int
+    balance_account_id: int
+    currency: str
+    collateral_account_id: int = 0  # deposit partners only
+    usage_account_id: int = 0
+
+
+class Planner:
+    def __init__(self, ledger: Ledger, journal: AuthJournal, settlement_account) -> None:
+        self._ledger = ledger
+        self._journal = journal
+        self._settlement = settlement_account  # currency -> settlement account id (or None)
+
+    def plan(self, record: ClearingRecord, card: Card | None, *, last: bool, overlay: Overlay, ts_ns: int) -> Plan:
+        """`last`: no later record of this file names the same authorization. `ts_ns`: the
+        timestamp the batch will apply at (a hold whose deadline it reaches expires first)."""
+        if card is None:
+            return refused(Refusal.unknown_card)
+        if record.billing_amount == 0:
+            return refused(Refusal.amount_zero)
+        if record.billing_currency != card.currency:
+            return refused(Refusal.billing_currency_not_balance_currency)
+        settlement = self._settlement(card.currency)
+        if settlement is None:
+            return refused(Refusal.no_settlement_account)
+        authorization, is_open = self._match(record, card)
+        if record.type is RecordType.refund:
+            return _refund(record, card, settlement, referenced=authorization is not None)
+        if authorization is not None and is_open:
+            remaining = self._remaining(authorization.user_hold_id, overlay, ts_ns)
+            if remaining > 0:
+                return self._post(record, card, authorization, remaining, last, overlay, ts_ns)
+            late = True
+        else:
+            late = authorization is not None
+        return _force(record, card, settlement, ClearingOutcome.late if late else ClearingOutcome.forced)
+
+    def _match(self, record: ClearingRecord, card: Card) -> tuple[AuthRecord | None, bool]:
+        if not record.auth_code:
+            return None, False
+        for found in self._journal.open_authorizations(record.rrn):
+            if found.auth_code == record.auth_code and found.card_id == card.card_id:
+                return found, True
+        for found in reversed(self._journal.closed_authorizations(record.rrn)):
+            if found.auth_code == record.auth_code and found.card_id == card.card_id:
+                return found, False
+        return None, False
+
+    def _remaining(self, hold_id: int, overlay: Overlay, ts_ns: int) -> int:
+        view = self._ledger.hold(hold_id)
+        if view is None or view.state is not HoldState.pending or hold_id in overlay.resolved:
+            return 0
+        if view.deadline_ns and view.deadline_ns <= ts_ns:
+            return 0  # expires at the start of the very batch this plan goes into
+        return view.remaining - overlay.taken.get(hold_id, 0)
+
+    def _post(self, record: ClearingRecord, card: Card, authorization: AuthRecord, remaining: int, last: bool,
+              overlay: Overlay, ts_ns: int) -> Plan:
+        amount = record.billing_amount
+        hold = self._ledger.hold(authorization.user_hold_id)
+        assert hold is not None and remaining > 0
+        if amount >= remaining:
+            posted, resolve = remaining, True
+            outcome = ClearingOutcome.exact if amount == remaining else ClearingOutcome.over
+        else:
+            posted, resolve = amount, last
+            outcome = ClearingOutcome.partial if last else ClearingOutcome.split
+        excess = amount - posted
+        transfers: list[TransferSpec] = []
+        if authorization.collateral_hold_id:
+            transfers += self._collateral(card, authorization, record, posted, amount, resolve, overlay, ts_ns)
+        flags = _POST | _FINAL if resolve else _POST
+        transfers.append(TransferSpec(0, 0, 0, posted, flags=flags, pending_id=hold.id, code=ClearingCode.post,
+                                      reference=record.rrn))
+        if excess:
+            transfers.append(TransferSpec(0, hold.debit_account_id, hold.credit_account_id, excess, flags=_FORCED,
+                                          code=ClearingCode.excess, reference=record.rrn))
+        overlay.take(hold.id, posted, resolve)
+        released = remaining - posted if resolve else 0
+        return Plan(outcome, None, _linked(transfers), hold.currency, cleared=amount, released=released,
+                    hold_id=hold.id)
+
+    def _collateral(self, card: Card, authorization: AuthRecord, record: ClearingRecord, posted: int,
+                    amount: int, resolve: bool, overlay: Overlay, ts_ns: int) -> list[TransferSpec]:
+        hold_id = authorization.collateral_hold_id
+        hold = self._ledger.hold(hold_id)
+        remaining = self._remaining(hold_id, overlay, ts_ns)
+        transfers = []
+        collateral_posted = min(posted, remaining)
+        if collateral_posted > 0:
+            flags = _POST | _FINAL if resolve else _POST
+            transfers.append(TransferSpec(0, 0, 0, collateral_posted, flags=flags, pending_id=hold_id,
+                                          code=ClearingCode.collateral_post, reference=record.rrn))
+            overlay.take(hold_id, collateral_posted, resolve or collateral_posted == remaining)
+        rest = amount - collateral_posted
+        # The hold's own accounts; the card's partner accounts when the ledger no longer remembers it.
+        if hold is not None:
+            debit, credit = hold.debit_account_id, hold.credit_account_id
+        else:
+            debit, credit = card.collateral_account_id, card.usage_account_id
+        if rest > 0 and debit:
+            transfers.append(TransferSpec(0, debit, credit, rest, flags=_FORCED, code=ClearingCode.collateral_excess,
+                                          reference=record.rrn))
+        return transfers
+
+
+def _force(record: ClearingRecord, card: Card, settlement: int, outcome: ClearingOutcome) -> Plan:
+    amount = record.billing_amount
+    transfers = []
+    if card.collateral_account_id:
+        transfers.append(TransferSpec(0, card.collateral_account_id, card.usage_account_id, amount, flags=_FORCED,
+                                      code=ClearingCode.collateral_forced, reference=record.rrn))
+    transfers.append(TransferSpec(0, card.balance_account_id, settlement, amount, flags=_FORCED,
+                                  code=ClearingCode.forced, reference=record.rrn))
+    return Plan(outcome, None, _linked(transfers), card.currency, cleared=amount)
+
+
+def _refund(record: ClearingRecord, card: Card, settlement: int, *, referenced: bool) -> Plan:
+    # Credits the cardholder at once, as an approved refund on the wire does (MoveFunds, code 20).
+    amount = record.billing_amount
+    transfer = TransferSpec(0, settlement, card.balance_account_id, amount, code=ClearingCode.refund,
+                            reference=record.rrn)
+    return Plan(ClearingOutcome.refund, None, (transfer,), card.currency, refunded=amount, referenced=referenced)
+
+
+def _linked(transfers: list[TransferSpec]) -> tuple[TransferSpec, ...]:
+    """One chain: every transfer but the last carries `linked`."""
+    assert transfers
+    last = len(transfers) - 1
+    return tuple(
+        TransferSpec(t.id, t.debit_account_id, t.credit_account_id, t.amount, flags=t.flags | _LINKED,
+                     pending_id=t.pending_id, code=t.code, reference=t.reference) if i < last else t
+        for i, t in enumerate(transfers)
+    )

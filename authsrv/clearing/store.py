@@ -1,0 +1,118 @@
+"""Clearing's own rows in the management store (`clearing_files`, `clearing_records`).
+
+A file row says a file was seen (and, once `applied_at` is set, finished, with its summary). A
+record row says a record was planned, with the exact ledger transfers it submits, so a re-run after
+a crash resubmits the same transfers (the ledger answers `exists` for those it already has) instead
+of planning again against a state that already contains them.
+"""
+
+from __future__ import annotations
+
+import attrs
+import msgspec
+
+from authsrv.store.db import Store, utc_now_iso
+from ledger.types import TransferSpec
+
+QUERY_IDENTITIES_MAX = 500  # bound on SQL parameters per lookup (SQLite allows 32766)
+
+
+class RecordState:
+    planned = "planned"  # rows written, ledger batch submitted or about to be
+    applied = "applied"  # the batch is durable
+    failed = "failed"  # the ledger refused the record's chain (reported; never retried blindly)
+
+
+class PlanRow(msgspec.Struct, frozen=True, rename="camel"):
+    """What the summary needs of a record applied earlier (a resumed run counts it again)."""
+
+    outcome: str
+    currency: str
+    cleared: int
+    released: int
+    refunded: int
+    referenced: bool
+    hold_id: int
+    masked_pan: str
+
+
+@attrs.frozen
+class RecordRow:
+    identity: str
+    file_sha256: str
+    record_id: str
+    line: int
+    state: str
+    transfers: tuple[TransferSpec, ...]
+    plan: PlanRow
+
+
+_transfers_encoder = msgspec.msgpack.Encoder()
+_transfers_decoder = msgspec.msgpack.Decoder(tuple[TransferSpec, ...])
+_plan_decoder = msgspec.json.Decoder(PlanRow)
+
+
+class ClearingStore:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def file_summary(self, sha256: str) -> bytes | None:
+        """The summary JSON of a file applied to the end, None if never finished."""
+        with self._store.locked():
+            found = self._store.db.execute(
+                "SELECT summary_json FROM clearing_files WHERE sha256 = ? AND applied_at != ''", (sha256,)
+            ).fetchone()
+        return found[0].encode() if found else None
+
+    def begin_file(self, sha256: str, name: str) -> None:
+        with self._store.transaction():
+            self._store.db.execute(
+                "INSERT OR IGNORE INTO clearing_files (sha256, name, received_at) VALUES (?, ?, ?)",
+                (sha256, name[:255], utc_now_iso()),
+            )
+
+    def finish_file(self, sha256: str, summary_json: bytes) -> None:
+        with self._store.transaction():
+            updated = self._store.db.execute(
+                "UPDATE clearing_files SET applied_at = ?, summary_json = ? WHERE sha256 = ?",
+                (utc_now_iso(), summary_json.decode(), sha256),
+            ).rowcount
+            assert updated == 1, sha256
+
+    def records(self, identities: list[str]) -> dict[str, RecordRow]:
+        assert len(identities) <= QUERY_IDENTITIES_MAX
+        if not identities:
+            return {}
+        marks = ",".join("?" * len(identities))
+        with self._store.locked():
+            rows = self._store.db.execute(
+                "SELECT identity, file_sha256, record_id, line, state, transfers, plan_json FROM clearing_records"
+                f" WHERE identity IN ({marks})", identities,
+            ).fetchall()
+        return {row[0]: RecordRow(row[0], row[1], row[2], row[3], row[4], _transfers_decoder.decode(row[5]),
+                                  _plan_decoder.decode(row[6])) for row in rows}
+
+    def allocate_and_insert(self, count: int, build) -> list[RecordRow]:
+        """In one transaction: reserve `count` transfer ids, let `build(ids)` make the rows, store them.
+
+        The rows (with the transfers they will submit) are on disk before the caller submits."""
+        with self._store.transaction():
+            ids = self._store.allocate_transfer_ids(count) if count else range(0)
+            rows: list[RecordRow] = build(iter(ids))
+            created = utc_now_iso()
+            self._store.db.conn.executemany(
+                "INSERT INTO clearing_records (identity, file_sha256, record_id, line, outcome, state, transfers,"
+                " plan_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(row.identity, row.file_sha256, row.record_id, row.line, row.plan.outcome, row.state,
+                  _transfers_encoder.encode(row.transfers), msgspec.json.encode(row.plan).decode(), created)
+                 for row in rows],
+            )
+        return rows
+
+    def set_state(self, identities: list[str], state: str) -> None:
+        if not identities:
+            return
+        with self._store.transaction():
+            self._store.db.conn.executemany(
+                "UPDATE clearing_records SET state = ? WHERE identity = ?", [(state, i) for i in identities]
+            )

@@ -1,0 +1,389 @@
+"""Clearing (CONTRACT.md section 4, issue 6): matching, posting, idempotency and the summary, on a
+real in-process server (authorizations over loopback ISO 8583), then through the CLI and the admin
+endpoint. After each scenario the ledger's invariants hold and every currency's books balance."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import msgspec
+import pytest
+import trio
+
+from authsrv import cardsec
+from authsrv.clearing import ClearingDeps, apply_clearing
+from authsrv.clearing.records import ClearingFileError, parse_clearing_file
+from authsrv.store.db import DataDirLock
+from ledger.state import HoldState
+from ledger.types import AccountKind
+from tests.conftest import SEED_AMOUNT, run_cli, start_in_process
+from tests.isoclient import IsoClient, auth
+
+PAN_FAKE_BIN = "535522"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def solo(cards) -> list[dict]:
+    """One card per balance (the seed gives each user two cards on one balance)."""
+    seen, picked = set(), []
+    for card in cards:
+        if card["balanceId"] not in seen:
+            seen.add(card["balanceId"])
+            picked.append(card)
+    return picked
+
+
+async def authorize(server, card: dict, amount: int, *, mcc: str = "5411", mti: str = "0100") -> dict:
+    client = await IsoClient.connect(server.iso_port)
+    try:
+        request = auth(card, amount=amount, mcc=mcc, mti=mti, cvc2=card["cvc2"] if mti == "0100" else None)
+        response = await client.call(request)
+    finally:
+        await client.aclose()
+    assert response["39"] == "00", response
+    return {"rrn": request["37"], "authCode": response["38"], "pan": card["pan"], "amount": amount, "mcc": mcc}
+
+
+_record_ids = iter(range(1, 10**9))
+
+
+def record(authorization: dict, amount: int | None = None, *, type: str = "purchase", record_id: str | None = None,
+           currency: str = "EUR", **changes) -> dict:
+    amount = authorization["amount"] if amount is None else amount
+    line = {
+        "recordId": record_id or f"R{next(_record_ids):08d}", "type": type, "rrn": authorization["rrn"],
+        "authCode": authorization["authCode"], "pan": authorization["pan"], "amount": amount, "currency": currency,
+        "billingAmount": amount, "billingCurrency": currency, "mcc": authorization.get("mcc", "5411"),
+        "merchantName": "FROGSHOP LUBLIN", "date": "2026-09-14",
+    }  # fmt: skip
+    line.update(changes)
+    return line
+
+
+def clearing_file(*records: dict) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def deps(server, data_dir) -> ClearingDeps:
+    keys = cardsec.CardKeys.load(data_dir / "keys")
+    return ClearingDeps(ledger=server.ledger, journal=server.journal, index=server.index,
+                        vault=cardsec.PanVault(keys), store=server.store)
+
+
+async def clear(server, data_dir, *records: dict, name: str = "file.jsonl"):
+    return await apply_clearing(deps(server, data_dir), clearing_file(*records), name)
+
+
+def account(server, card: dict) -> int:
+    return server.index.card_by_id(card["cardId"]).balance_account_id
+
+
+def balance(server, card: dict):
+    return server.ledger.ledger.balance(account(server, card))
+
+
+def collateral(server, card: dict):
+    partner = server.index.partner(server.index.card_by_id(card["cardId"]).partner)
+    return server.ledger.ledger.balance(partner.collateral_account_ids["EUR"])
+
+
+def check_books(ledger) -> None:
+    """`authsrv ledger verify`'s checks on the live ledger: invariants, and per currency every kind
+    together (user + partner + settlement + funding + ...) sums to zero, posted and pending."""
+    ledger.check_invariants()
+    sums: dict[str, list[int]] = {}
+    for (currency, kind), totals in ledger.totals().items():
+        assert isinstance(kind, AccountKind)
+        row = sums.setdefault(currency, [0, 0])
+        row[0] += totals.credits_posted - totals.debits_posted
+        row[1] += totals.credits_pending - totals.debits_pending
+    assert all(row == [0, 0] for row in sums.values()), sums
+
+
+def hold_state(server, authorization_rrn: str):
+    found = server.journal.open_authorizations(authorization_rrn) or server.journal.closed_authorizations(
+        authorization_rrn)
+    assert found, authorization_rrn
+    return server.ledger.ledger.hold(found[-1].user_hold_id)
+
+
+# -- the file format -------------------------------------------------------------------------------
+
+
+def test_parse_reports_bad_lines_without_card_data():
+    good = record({"rrn": "000000000001", "authCode": "ABC123", "pan": "5355220000000001", "amount": 10})
+    bad_amount = dict(good, recordId="B1", amount=-5)
+    unknown_field = dict(good, recordId="B2", cvv="123")
+    repeated = dict(good)
+    data = clearing_file(good, bad_amount, unknown_field, repeated) + b"{not json\n\n"
+    parsed = parse_clearing_file(data)
+    assert [line.number for line in parsed.lines] == [1]
+    reasons = {error.number: error for error in parsed.errors}
+    assert set(reasons) == {2, 3, 4, 5}
+    assert reasons[2].record_id == "B1" and reasons[2].masked_pan == "535522******0001"
+    assert "$.amount" in reasons[2].reason and "-5" not in reasons[2].reason
+    assert reasons[4].reason == "recordId repeated in the file"
+    assert all("5355220000000001" not in error.reason for error in parsed.errors)
+
+
+def test_identity_is_the_canonical_record():
+    one = record({"rrn": "1", "authCode": "A", "pan": "5355220000000001", "amount": 10}, record_id="X")
+    reordered = dict(reversed(list(one.items())))
+    first, second = parse_clearing_file(clearing_file(one)), parse_clearing_file(clearing_file(reordered))
+    assert first.lines[0].identity == second.lines[0].identity
+    assert first.sha256 != second.sha256  # different files, same record
+
+
+def test_file_bounds():
+    from authsrv.clearing import records
+
+    with pytest.raises(ClearingFileError):
+        parse_clearing_file(b"x" * (records.CLEARING_FILE_BYTES_MAX + 1))
+
+
+# -- scenarios on a running server -----------------------------------------------------------------
+
+
+async def test_exact_partial_over_and_the_books(server, data_dir, solo):
+    exact_card, under_card, over_card = solo[0], solo[1], solo[2]
+    exact = await authorize(server, exact_card, 5000)
+    under = await authorize(server, under_card, 4000)
+    over = await authorize(server, over_card, 3000)
+    deposit_before = collateral(server, exact_card).posted
+    summary = await clear(server, data_dir, record(exact), record(under, 2500), record(over, 3600))
+    assert (summary.matched, summary.exact, summary.partial, summary.over) == (3, 1, 1, 1)
+    assert summary.applied == 3 and summary.exceptions_count == 0 and not summary.duplicate_file
+    assert summary.totals["EUR"].cleared == 5000 + 2500 + 3600
+    assert summary.totals["EUR"].released == 1500
+    for card, charged in ((exact_card, 5000), (under_card, 2500), (over_card, 3600)):
+        view = balance(server, card)
+        assert view.posted == SEED_AMOUNT - charged and view.available == SEED_AMOUNT - charged
+    for authorization in (exact, under, over):
+        assert hold_state(server, authorization["rrn"]).state is HoldState.posted
+        assert server.journal.open_authorizations(authorization["rrn"]) == []
+    # The deposit collateral is charged by the same amounts, its holds resolved with the user's.
+    assert collateral(server, exact_card).posted == deposit_before - (5000 + 2500 + 3600)
+    assert collateral(server, exact_card).debits_pending == 0
+    check_books(server.ledger.ledger)
+
+
+async def test_split_shipments_post_parts_and_the_last_releases(server, data_dir, solo):
+    card = solo[3]
+    order = await authorize(server, card, 10_000)
+    first = await clear(server, data_dir, record(order, 3000), record(order, 2000), name="day1")
+    assert (first.split, first.partial, first.matched) == (1, 1, 2)
+    assert hold_state(server, order["rrn"]).state is HoldState.posted
+    assert balance(server, card).available == SEED_AMOUNT - 5000  # the rest was released by the last
+    other = await authorize(server, card, 9000)
+    two_days = await clear(server, data_dir, record(other, 4000), name="day2")
+    assert two_days.partial == 1  # the last record of its file: final
+    three = await authorize(server, card, 6000)
+    summary = await clear(server, data_dir, record(three, 1000), record(three, 2000), record(three, 3000))
+    assert (summary.split, summary.exact) == (2, 1)
+    assert hold_state(server, three["rrn"]).posted == 6000
+    check_books(server.ledger.ledger)
+
+
+async def test_split_across_files_keeps_the_rest_held(server, data_dir, solo):
+    card = solo[4]
+    order = await authorize(server, card, 8000)
+    head = record(order, 3000)
+    tail = record(order, 5000)
+    # One file with one record: it is that file's last for the authorization, so it is final...
+    summary = await clear(server, data_dir, head, record(await authorize(server, card, 100), 100))
+    assert summary.partial == 1 and summary.exact == 1
+    assert hold_state(server, order["rrn"]).state is HoldState.posted
+    # ...and a later record for it is a late (forced) post, still charged and reported.
+    late = await clear(server, data_dir, tail)
+    assert late.late == 1 and late.exceptions[0].posted
+    assert balance(server, card).posted == SEED_AMOUNT - 3000 - 100 - 5000
+    check_books(server.ledger.ledger)
+
+
+async def test_unmatched_unknown_pan_and_bad_currency(server, data_dir, solo):
+    card = solo[5]
+    phantom = {"rrn": "999999999999", "authCode": "", "pan": card["pan"], "amount": 700}
+    unknown = {"rrn": "999999999998", "authCode": "ZZZZZZ", "pan": cardsec.generate_pan(PAN_FAKE_BIN, 987_654_321),
+               "amount": 800}
+    real = await authorize(server, card, 900)
+    summary = await clear(server, data_dir, record(phantom), record(unknown), record(real, currency="USD"),
+                          dict(record(real), amount=0, billingAmount=0), record(real))
+    assert summary.forced == 1 and summary.exact == 1 and summary.applied == 2
+    reasons = {entry.line: entry for entry in summary.exceptions}
+    assert reasons[1].posted and reasons[1].reason.startswith("no matching authorization")
+    assert reasons[2].reason == "unknown_card" and not reasons[2].posted
+    assert reasons[2].masked_pan == unknown["pan"][:6] + "******" + unknown["pan"][-4:]
+    assert reasons[3].reason == "billing_currency_not_balance_currency"
+    assert reasons[4].reason == "amount_zero"
+    assert summary.exceptions_count == 4
+    assert balance(server, card).posted == SEED_AMOUNT - 700 - 900
+    text = json.dumps(msgspec.to_builtins(summary))
+    assert unknown["pan"] not in text and card["pan"] not in text
+    check_books(server.ledger.ledger)
+
+
+async def test_duplicate_file_and_duplicate_record(server, data_dir, solo):
+    card = solo[6]
+    first_auth = await authorize(server, card, 1200)
+    second_auth = await authorize(server, card, 1300)
+    first_record = record(first_auth)
+    data = clearing_file(first_record)
+    first = await apply_clearing(deps(server, data_dir), data, "a.jsonl")
+    seq = server.ledger.last_seq
+    again = await apply_clearing(deps(server, data_dir), data, "a-again.jsonl")
+    assert again.duplicate_file and again.exact == 1 and again.file_sha256 == first.file_sha256
+    assert server.ledger.last_seq == seq  # nothing submitted at all
+    mixed = await clear(server, data_dir, first_record, record(second_auth))
+    assert mixed.duplicates == 1 and mixed.exact == 1 and not mixed.duplicate_file
+    assert balance(server, card).posted == SEED_AMOUNT - 1200 - 1300
+    check_books(server.ledger.ledger)
+
+
+async def test_refunds_matched_and_unmatched(server, data_dir, solo):
+    card = solo[7]
+    purchase = await authorize(server, card, 2000)
+    await clear(server, data_dir, record(purchase))
+    refund_of_purchase = record(purchase, 500, type="refund")
+    free_refund = record({"rrn": "888888888888", "authCode": "", "pan": card["pan"], "amount": 300}, type="refund")
+    summary = await clear(server, data_dir, refund_of_purchase, free_refund)
+    assert (summary.refunds, summary.refunds_referenced) == (2, 1)
+    assert summary.totals["EUR"].refunded == 800 and summary.exceptions_count == 0
+    assert balance(server, card).posted == SEED_AMOUNT - 2000 + 800
+    check_books(server.ledger.ledger)
+
+
+async def test_advice_hold_is_cleared_like_an_authorization(server, data_dir, solo):
+    card = solo[8]
+    advice = await authorize(server, card, 1500, mti="0120")
+    summary = await clear(server, data_dir, record(advice))
+    assert summary.exact == 1
+    check_books(server.ledger.ledger)
+
+
+async def test_authorizations_flow_while_a_large_file_applies(server, data_dir, solo):
+    """Chunks are separate batches awaited one by one: the ISO listener answers in between."""
+    rng = random.Random(7)
+    authorizations = [await authorize(server, solo[9 + i % 10], rng.randint(100, 900)) for i in range(40)]
+    records = [record(a) for a in authorizations]
+    records += [record({"rrn": f"7{i:011d}", "authCode": "", "pan": solo[9]["pan"], "amount": 1})
+                for i in range(1100)]  # fmt: skip
+    answered = []
+
+    async def traffic():
+        client = await IsoClient.connect(server.iso_port)
+        for _ in range(20):
+            answered.append((await client.call(auth(solo[19], amount=1, cvc2=solo[19]["cvc2"])))["39"])
+        await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(traffic)
+        summary = await clear(server, data_dir, *records)
+    assert summary.exact == 40 and summary.forced == 1100 and summary.applied == 1140
+    assert summary.exceptions_count == 1100 and len(summary.exceptions) == 1000  # the list is bounded
+    assert answered == ["00"] * 20
+    check_books(server.ledger.ledger)
+
+
+async def test_open_authorizations_survive_restart_and_journal_age_out(data_dir, solo):
+    """The open index rides in the snapshot and is rebuilt by replay; closed ones leave it."""
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        kept = await authorize(server, solo[0], 1000)
+        posted = await authorize(server, solo[1], 1000)
+        await clear(server, data_dir, record(posted))
+        server.stop.set()  # the shutdown writes a snapshot
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        assert [r.auth_code for r in server.journal.open_authorizations(kept["rrn"])] == [kept["authCode"]]
+        assert server.journal.open_authorizations(posted["rrn"]) == []
+        summary = await clear(server, data_dir, record(kept, 400))
+        assert summary.partial == 1
+        check_books(server.ledger.ledger)
+        server.stop.set()
+
+
+# -- the two front doors ---------------------------------------------------------------------------
+
+
+def _offline_authorizations(data_dir, solo) -> list[dict]:
+    async def run():
+        async with trio.open_nursery() as nursery:
+            server = await start_in_process(nursery, data_dir)
+            made = [await authorize(server, solo[i], 1000 + i) for i in range(3)]
+            server.stop.set()
+            return made
+
+    return trio.run(run)
+
+
+def test_cli_offline_twice(data_dir, solo, tmp_path):
+    made = _offline_authorizations(data_dir, solo)
+    path = tmp_path / "clearing.jsonl"
+    path.write_bytes(clearing_file(record(made[0]), record(made[1], 500), record(made[2], 2000)))
+    first = run_cli("clearing", "ingest", "--data", str(data_dir), str(path))
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "clearing.jsonl.summary.json").read_text())
+    assert (summary["exact"], summary["partial"], summary["over"], summary["duplicateFile"]) == (1, 1, 1, False)
+    assert "matched 3" in first.stdout
+    second = run_cli("clearing", "ingest", "--data", str(data_dir), str(path), "--summary-out",
+                     str(tmp_path / "again.json"))
+    assert second.returncode == 0, second.stderr
+    assert json.loads((tmp_path / "again.json").read_text())["duplicateFile"] is True
+    assert "DUPLICATE FILE" in second.stdout
+    verify = run_cli("ledger", "verify", "--data", str(data_dir))
+    assert verify.returncode == 0, verify.stdout
+    totals = json.loads(verify.stdout)["totals"]["EUR"]
+    assert sum(kind["balance"] for kind in totals.values()) == 0
+
+
+def test_cli_refuses_a_missing_file(data_dir, tmp_path):
+    result = run_cli("clearing", "ingest", "--data", str(data_dir), str(tmp_path / "nope.jsonl"))
+    assert result.returncode == 2 and "nope.jsonl" in result.stderr
+
+
+async def test_admin_endpoint_on_a_running_server(server, data_dir, solo):
+    from tests.restclient import admin_login, assert_problem, bearer, https
+
+    made = await authorize(server, solo[10], 2500)
+    data = clearing_file(record(made, 2000))
+    password = (data_dir / "admin-password").read_text().strip()
+    async with https(data_dir, server.rest_port) as client:
+        token = await admin_login(client, "admin", password)
+        headers = {**bearer(token), "Content-Type": "application/x-ndjson"}
+        reply = await client.post("/admin/clearing", content=data, headers=headers)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["partial"] == 1 and body["totals"]["EUR"]["released"] == 500
+        again = await client.post("/admin/clearing", content=data, headers=headers)
+        assert again.json()["duplicateFile"] is True
+        wrong_type = await client.post("/admin/clearing", content=data, headers={**bearer(token),
+                                                                               "Content-Type": "application/json"})
+        assert_problem(wrong_type, 415)
+        anonymous = await client.post("/admin/clearing", content=data,
+                                      headers={"Content-Type": "application/x-ndjson"})
+        assert_problem(anonymous, 401)
+        # Far above the 64 KiB default body bound: the per-path bound lets a clearing file through.
+        big = clearing_file(*[record({"rrn": f"6{i:011d}", "authCode": "", "pan": solo[11]["pan"], "amount": 1})
+                              for i in range(700)])  # fmt: skip
+        assert len(big) > 64 * 1024
+        large = await client.post("/admin/clearing", content=big, headers=headers)
+        assert large.status_code == 200, large.text
+        assert large.json()["forced"] == 700
+    check_books(server.ledger.ledger)
+
+
+def test_cli_sends_to_the_running_server(server_process, solo, tmp_path):
+    server_process.start()
+    path = tmp_path / "via-server.jsonl"
+    path.write_bytes(clearing_file(record({"rrn": "555555555555", "authCode": "", "pan": solo[12]["pan"],
+                                           "amount": 42})))
+    with pytest.raises(Exception):
+        DataDirLock.acquire(server_process.data_dir).release()
+    result = run_cli("clearing", "ingest", "--data", str(server_process.data_dir), str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "via-server.jsonl.summary.json").read_text())["forced"] == 1
+    assert server_process.terminate() == 0
