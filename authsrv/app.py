@@ -29,6 +29,7 @@ from authsrv.rest import build_app, serve_rest
 from authsrv.rest.app import make_context
 from authsrv.rest.cards import CardsApi
 
+PARTNER_BALANCE_CHECK_INTERVAL_S = 5.0
 log = logging.getLogger("authsrv")
 
 TICK_INTERVAL_S = 1.0
@@ -95,11 +96,14 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
     from authsrv import cardsec
     from authsrv.store.db import Store
     from authsrv.store.index import load_index
+    from authsrv.store.partners import sync_partners
 
     started = time.perf_counter()
     ledger, journal = open_ledger_and_journal(data_dir, config, on_commit=metrics.on_wal_commit)
     watch_expiry(ledger, journal, metrics.holds_expired)
     store = Store.open(data_dir)
+    for name in sync_partners(store, config):
+        log.info("partner %s: settings taken from authsrv.toml", name)
     index = load_index(store)
     _create_missing_accounts(ledger, store)
     keys = cardsec.CardKeys.load(data_dir / "keys")
@@ -216,6 +220,7 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)
+        nursery.start_soon(_watch_partner_balances, rest_context)
         _write_run_file(data_dir, iso_port, http.port, rest_port)
         http.ready = True
         metrics.ready.set(1)
@@ -247,6 +252,18 @@ def _write_run_file(data_dir: Path, iso_port: int, metrics_port: int, rest_port:
     tmp.write_text(json.dumps({"pid": os.getpid(), "iso_port": iso_port, "metrics_port": metrics_port,
                                "rest_port": rest_port}))
     tmp.replace(data_dir / "run.json")
+
+
+async def _watch_partner_balances(rest_context) -> None:
+    """Card payments spend deposits without passing through REST: look for low balances here."""
+    from authsrv.rest.partner_balances import check_low_balances
+
+    while True:
+        await trio.sleep(PARTNER_BALANCE_CHECK_INTERVAL_S)
+        try:
+            await check_low_balances(rest_context)
+        except Exception:  # a store hiccup must not take the switch down; the next round retries
+            log.exception("partner balance check failed")
 
 
 async def _tick(ledger, journal, metrics, config) -> None:

@@ -74,8 +74,9 @@ async def test_holds_expire_by_mcc_class_and_late_clearing_is_forced(server, dat
         state = server.ledger.ledger.hold(holds[mcc].user_hold_id).state
         assert state is (HoldState.expired if days == 7 else HoldState.pending), mcc
         assert bool(server.journal.open_authorizations(made[mcc]["rrn"])) is (days == 30)
-        assert server.ledger.ledger.balance(server.index.card_by_id(solo[list(classes).index(mcc)]["cardId"])
-                                            .balance_account_id).debits_pending == (0 if days == 7 else holds[mcc].amount)
+        account_id = server.index.card_by_id(solo[list(classes).index(mcc)]["cardId"]).balance_account_id
+        held = server.ledger.ledger.balance(account_id).debits_pending
+        assert held == (0 if days == 7 else holds[mcc].amount), mcc
     assert _scrape(server, "authsrv_holds_expired_total") == before + 2 * len(short)
     assert _scrape(server, "authsrv_open_authorizations") >= 0
 

@@ -82,7 +82,8 @@ class ClearingRun:
         self._rows = ClearingStore(deps.store)
         self._planner = Planner(deps.ledger.ledger, deps.journal, deps.index.settlement_account)
         self._encoder = msgspec.msgpack.Encoder()
-        self.summary = ClearingSummary(file_sha256=parsed.sha256, name=name, lines=len(parsed.lines) + len(parsed.errors))
+        self.summary = ClearingSummary(file_sha256=parsed.sha256, name=name,
+                                       lines=len(parsed.lines) + len(parsed.errors))
         self._next = 0
         self._pending: _Pending | None = None
         # The LAST record for an authorization is `final`: the index of each key's last line.
@@ -134,7 +135,9 @@ class ClearingRun:
                 fresh.append((line, plan))
         transfers_count = sum(len(plan.transfers) for _, plan in fresh)
         self._ensure_room(ts_ns, resumed, fresh, transfers_count)
-        rows = self._rows.allocate_and_insert(transfers_count, lambda ids: self._new_rows(fresh, ids))
+        rows = []
+        if fresh:
+            rows = self._rows.allocate_and_insert(transfers_count, lambda ids: self._new_rows(fresh, ids))
         self._next += len(chunk)
         chains = resumed + rows
         if not chains:

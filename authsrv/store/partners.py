@@ -67,3 +67,26 @@ def _check_name(name: str) -> None:
         raise PartnerError(f"partner name {name!r} must be 1 to 32 of a-z, 0-9, '_' and '-'")
     if name in RESERVED_PARTNER_NAMES:
         raise PartnerError(f"partner name {name!r} is reserved (its certificate file is taken)")
+
+
+def sync_partners(store: Store, config) -> list[str]:
+    """Make the store follow `[partners.NAME]` in authsrv.toml (what operators edit), at startup.
+
+    A partner only in the config gets its row; a changed `balance_mode` or `collateral` is copied,
+    and the accounts the new collateral needs are allocated in every currency the partner already
+    uses (the server creates missing ledger accounts right after). Returns the partners changed."""
+    changed = []
+    for name, settings in config.partners.items():
+        row = store.get_partner(name)
+        if row is None:
+            store.add_partner(name, balance_mode=settings.balance_mode, collateral=settings.collateral)
+            changed.append(name)
+            continue
+        if (row.balance_mode, row.collateral) == (settings.balance_mode, settings.collateral):
+            continue
+        with store.transaction():
+            store.set_partner_modes(name, balance_mode=settings.balance_mode, collateral=settings.collateral)
+            for currency in sorted({balance.currency for balance in store.partner_balances(name)}):
+                store.ensure_partner_accounts(name, currency)
+        changed.append(name)
+    return changed
