@@ -27,6 +27,7 @@ from simulators.partner import (
     SimKey,
     Title,
     running_partner,
+    serve_partner,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +70,11 @@ def tx(amount: int, *, transaction_id: str = "ab3d89e4-3291-11ed-a261-0242ac1200
 
 def key() -> dict[str, str]:
     return {"X-Idempotency-Key": str(uuid.uuid4())}
+
+
+async def post(client: httpx.AsyncClient, what: str, amount: int, **fields) -> httpx.Response:
+    """POST /transactions/WHAT with a fresh idempotency key."""
+    return await client.post(f"/transactions/{what}", json=tx(amount, **fields), headers=key())
 
 
 async def link(client: httpx.AsyncClient, amount: int, *, user: str = USER, balance: str = BALANCE) -> None:
@@ -119,61 +125,61 @@ async def test_link_refuses_bad_bodies(client):
 
 async def test_debit_credit_force_and_reversal_move_real_amounts(client, sim):
     await link(client, 10_000)
-    assert (await client.post("/transactions/debit", json=tx(3_000, transaction_id="t1"), headers=key())).status_code == 204
+    assert (await post(client, "debit", 3_000, transaction_id="t1")).status_code == 204
     assert await amount_of(client) == 7_000
-    assert (await client.post("/transactions/credit", json=tx(500, transaction_id="t2"), headers=key())).status_code == 204
+    assert (await post(client, "credit", 500, transaction_id="t2")).status_code == 204
     assert await amount_of(client) == 7_500
     # A force-debit cannot be refused, even past zero.
-    force = await client.post("/transactions/force-debit", json=tx(9_000, transaction_id="t3"), headers=key())
+    force = await post(client, "force-debit", 9_000, transaction_id="t3")
     assert force.status_code == 204
     assert await amount_of(client) == -1_500
-    assert (await client.post("/transactions/force-credit", json=tx(1_000, transaction_id="t4"), headers=key())).status_code == 204
+    assert (await post(client, "force-credit", 1_000, transaction_id="t4")).status_code == 204
     assert await amount_of(client) == -500
     # Reversal of the first debit gives its 3,000 back; partial reversal of the force-debit: 4,000.
-    reversal = await client.post("/transactions/reversal", json=tx(3_000, transaction_id="t1", status="REVERSED"), headers=key())
+    reversal = await post(client, "reversal", 3_000, transaction_id="t1", status="REVERSED")
     assert reversal.status_code == 204
     assert await amount_of(client) == 2_500
     partial = tx(4_000, transaction_id="r-t3", reference="t3", status="REVERSED")
     assert (await client.post("/transactions/reversal", json=partial, headers=key())).status_code == 204
     assert await amount_of(client) == 6_500
     # Reversing t1 again (a new key) gives nothing more: only what the debit took comes back.
-    assert (await client.post("/transactions/reversal", json=tx(3_000, transaction_id="t1"), headers=key())).status_code == 204
+    assert (await post(client, "reversal", 3_000, transaction_id="t1")).status_code == 204
     assert await amount_of(client) == 6_500
     # Reversal of a credit takes it back.
-    assert (await client.post("/transactions/reversal", json=tx(500, transaction_id="t2"), headers=key())).status_code == 204
+    assert (await post(client, "reversal", 500, transaction_id="t2")).status_code == 204
     assert await amount_of(client) == 6_000
     assert sim.state.amount_of(BALANCE) == 6_000
 
 
 async def test_insufficient_funds_is_the_documented_422(client, sim):
     await link(client, 1_000)
-    response = await client.post("/transactions/debit", json=tx(1_001), headers=key())
+    response = await post(client, "debit", 1_001)
     assert response.status_code == 422
     assert set(response.json()) == {"title", "detail"}
     assert response.json()["title"] == "INSUFFICIENT_FUNDS"
     assert await amount_of(client) == 1_000
-    assert (await client.post("/transactions/debit", json=tx(1_000), headers=key())).status_code == 204
+    assert (await post(client, "debit", 1_000)).status_code == 204
     assert await amount_of(client) == 0
 
 
 async def test_forced_codes_by_amount_ending_and_by_user(client, sim):
     await link(client, 1_000_000)
     for amount, title in ((10_051, "INSUFFICIENT_FUNDS"), (10_061, "LIMITS_EXCEEDED"), (10_059, "FRAUDS_DETECTED")):
-        response = await client.post("/transactions/debit", json=tx(amount), headers=key())
+        response = await post(client, "debit", amount)
         assert (response.status_code, response.json()["title"]) == (422, title)
     # A credit can only be refused for fraud; force-debit and reversal never are.
-    assert (await client.post("/transactions/credit", json=tx(10_051), headers=key())).status_code == 204
-    fraud = await client.post("/transactions/credit", json=tx(10_059), headers=key())
+    assert (await post(client, "credit", 10_051)).status_code == 204
+    fraud = await post(client, "credit", 10_059)
     assert (fraud.status_code, fraud.json()["title"]) == (422, "FRAUDS_DETECTED")
-    assert (await client.post("/transactions/force-debit", json=tx(10_061), headers=key())).status_code == 204
+    assert (await post(client, "force-debit", 10_061)).status_code == 204
     assert await amount_of(client) == 1_000_000 + 10_051 - 10_061
     # By user, switched at run time; the amount codes can be switched off.
     mode = await client.post("/_sim/mode", json={"forcedUsers": {USER: "LIMITS_EXCEEDED"}, "amountCodes": False})
     assert mode.status_code == 200 and mode.json()["forcedUsers"] == {USER: "LIMITS_EXCEEDED"}
-    response = await client.post("/transactions/debit", json=tx(100), headers=key())
+    response = await post(client, "debit", 100)
     assert (response.status_code, response.json()["title"]) == (422, "LIMITS_EXCEEDED")
     await client.post("/_sim/mode", json={"forcedUsers": {USER: None}})
-    assert (await client.post("/transactions/debit", json=tx(10_051), headers=key())).status_code == 204
+    assert (await post(client, "debit", 10_051)).status_code == 204
     bad = await client.post("/_sim/mode", json={"forcedUsers": {USER: "BALANCE_NOT_FOUND"}})
     assert bad.status_code == 400
     assert sim.state.mode.forced_users == {}
@@ -183,10 +189,10 @@ async def test_unknown_balance_is_404_and_reversal_never_fails(client, sim):
     for path in ("/transactions/debit", "/transactions/credit", "/transactions/force-debit"):
         response = await client.post(path, json=tx(100, balance="unknown"), headers=key())
         assert (response.status_code, response.json()["title"]) == (404, "BALANCE_NOT_FOUND"), path
-    reversal = await client.post("/transactions/reversal", json=tx(100, balance="unknown"), headers=key())
+    reversal = await post(client, "reversal", 100, balance="unknown")
     assert reversal.status_code == 204
     await link(client, 100)
-    unmatched = await client.post("/transactions/reversal", json=tx(100, transaction_id="never-seen"), headers=key())
+    unmatched = await post(client, "reversal", 100, transaction_id="never-seen")
     assert unmatched.status_code == 204
     assert await amount_of(client) == 100
     assert (await client.get("/_sim/stats")).json()["unmatchedReversals"] == 2
@@ -194,16 +200,16 @@ async def test_unknown_balance_is_404_and_reversal_never_fails(client, sim):
 
 async def test_currency_mismatch_refused_unless_forced(client, sim):
     await link(client, 1_000)
-    refused = await client.post("/transactions/debit", json=tx(100, currency="PLN"), headers=key())
+    refused = await post(client, "debit", 100, currency="PLN")
     assert (refused.status_code, refused.json()["title"]) == (422, "CURRENCY_MISMATCH")
-    assert (await client.post("/transactions/force-debit", json=tx(100, currency="PLN"), headers=key())).status_code == 204
+    assert (await post(client, "force-debit", 100, currency="PLN")).status_code == 204
     assert await amount_of(client) == 900
     assert sim.state.currency_mismatches_forced == 1
 
 
 async def test_status_update_records_the_cleared_amount(client, sim):
     await link(client, 1_000)
-    await client.post("/transactions/debit", json=tx(400, transaction_id="t-clear"), headers=key())
+    await post(client, "debit", 400, transaction_id="t-clear")
     cleared = await client.put("/transactions/t-clear", json=tx(380, transaction_id="t-clear", status="CLEARED"))
     assert cleared.status_code == 204
     posting = sim.state.postings[(BALANCE, "t-clear")][-1]
@@ -347,10 +353,15 @@ async def test_verification_notifications(client, sim):
                                  ("verificationRejected", "REJECTED", "INVALID_CUSTOMER_DATA")):
         response = await client.post(f"/notifications/{path}", json=verification(status, reason), headers=key())
         assert response.status_code == 204, response.text
-    missing_reason = {k: v for k, v in verification("ACCEPTED").items() if k != "reason"}
-    assert (await client.post("/notifications/verificationAccepted", json=missing_reason, headers=key())).status_code == 400
+    missing_reason = {name: value for name, value in verification("ACCEPTED").items() if name != "reason"}
+    wrong = [("verificationAccepted", missing_reason), ("verificationAccepted", verification("REJECTED", "X")),
+             ("verificationRejected", verification("REJECTED")), ("verificationInProgress", verification("ACCEPTED"))]
+    for path, body in wrong:
+        response = await client.post(f"/notifications/{path}", json=body, headers=key())
+        assert response.status_code == 400, (path, body)
     found = (await client.get("/_sim/received", params={"kind": "verification"})).json()["received"]
-    assert [one["kind"] for one in found] == ["verification-in-progress", "verification-accepted", "verification-rejected"]
+    kinds = ["verification-in-progress", "verification-accepted", "verification-rejected"]
+    assert [one["kind"] for one in found] == kinds
     assert found[2]["body"]["reason"] == "INVALID_CUSTOMER_DATA"
 
 
@@ -377,7 +388,8 @@ async def test_otp_arrives_as_jwe_to_the_public_key(client, sim):
     assert json.loads(received[0].raw_body) == {"payload": tokens["RSA-OAEP-256"]}
     # A retry re-encrypted (new ciphertext, same plaintext) under the same key is a replay.
     headers = key()
-    assert (await client.post("/notifications/otp", json={"payload": tokens["RSA-OAEP"]}, headers=headers)).status_code == 204
+    first = await client.post("/notifications/otp", json={"payload": tokens["RSA-OAEP"]}, headers=headers)
+    assert first.status_code == 204
     again = jwe.JWE(json.dumps(otp).encode(), protected=json.dumps({"alg": "RSA-OAEP", "enc": "A256GCM"}),
                     recipient=recipient).serialize(compact=True)
     assert (await client.post("/notifications/otp", json={"payload": again}, headers=headers)).status_code == 204
@@ -432,7 +444,7 @@ async def test_down_mode_answers_503_then_comes_back(client, sim):
     await link(client, 1_000)
     await client.post("/_sim/mode", json={"down": True})
     for response in (await client.get("/public-key"),
-                     await client.post("/transactions/debit", json=tx(100), headers=key()),
+                     await post(client, "debit", 100),
                      await client.post("/notifications/transaction", json=transaction_notification(), headers=key())):
         assert (response.status_code, response.json()["title"]) == (503, "SERVICE_UNAVAILABLE")
     assert (await client.get("/_sim/stats")).status_code == 200  # the control API stays up
@@ -512,6 +524,26 @@ def test_settings_refuse_impossible_combinations(jwe_key, tmp_path):
         PartnerSimSettings(port=70_000)
 
 
+async def test_stop_cancel_and_errors_shut_down_gracefully(jwe_key):
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(serve_partner, PartnerSimSettings(jwe_key=jwe_key))
+        async with httpx.AsyncClient(base_url=sim.url) as client:
+            assert (await client.get("/public-key")).status_code == 200
+            sim.stop()
+            with trio.fail_after(5):
+                await sim.stopped.wait()
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/public-key")
+    # Cancelled from outside, or left by an error: the server still stops cleanly (no lifespan error).
+    with trio.move_on_after(0.3) as outer:
+        async with running_partner(PartnerSimSettings(jwe_key=jwe_key)):
+            await trio.sleep_forever()
+    assert outer.cancelled_caught
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="body failed")):
+        async with running_partner(PartnerSimSettings(jwe_key=jwe_key)):
+            raise ValueError("body failed")
+
+
 # -- TLS and the command line -------------------------------------------------------------------
 
 
@@ -532,7 +564,7 @@ async def test_tls_requires_a_client_certificate_from_the_ca(jwe_key, pki_dir):
         with_cert = pki.client_ssl_context(pki_dir, "partner")
         async with httpx.AsyncClient(base_url=sim.url, verify=with_cert) as client:
             await link(client, 700)
-            assert (await client.post("/transactions/debit", json=tx(200), headers=key())).status_code == 204
+            assert (await post(client, "debit", 200)).status_code == 204
             assert await amount_of(client) == 500
         assert sim.state.received_of("debit")[0].client_cert_name == "CN=demo"
         without_cert = pki.client_ssl_context(pki_dir)
@@ -574,8 +606,8 @@ def test_command_line_prints_the_port_and_stops_on_sigterm():
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
-    bad = subprocess.run([sys.executable, "-m", "simulators.partner", "--force-user", "42=NOPE"],
-                         cwd=REPO, capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
+    bad = subprocess.run([sys.executable, "-m", "simulators.partner", "--force-user", "42=NOPE"], cwd=REPO,
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert bad.returncode == 2 and "--force-user" in bad.stderr
 
 
@@ -595,7 +627,6 @@ async def test_sustained_load_with_faults_keeps_the_books_straight(jwe_key):
         await link(client, 10**9)
 
         async def one(index: int) -> None:
-            nonlocal approved
             headers = key()
             async with limiter:
                 await retry_until_answered(index, headers)

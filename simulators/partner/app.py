@@ -91,6 +91,7 @@ class Endpoint:
     body_type: type | None  # None: the call has no body
     apply: Callable[[PartnerState, Any, Mapping[str, str]], Answer]
     key_required: bool
+    check: Callable[[Any], str | None] | None = None  # a rule beyond the type: why it fails, or None
 
 
 @attrs.frozen
@@ -198,6 +199,16 @@ def _notification(state: PartnerState, value: Any, params: Mapping[str, str]) ->
     return Answer(204)  # recording is the pipeline's job
 
 
+def _status_is(expected: str) -> Callable[[VerificationIn], str | None]:
+    def check(value: VerificationIn) -> str | None:
+        if value.status != expected:
+            return f"status must be {expected} on this endpoint, not {value.status}"
+        if (value.reason is None) != (expected != "REJECTED"):
+            return "reason is null unless the status is REJECTED, and then it is required"
+        return None
+    return check
+
+
 def _public_key_answer(key: SimKey) -> Callable[[PartnerState, None, Mapping[str, str]], Answer]:
     body = _encoder.encode(PublicKeyOut(public_key=key.public_key_b64))
     return lambda state, value, params: Answer(200, body)
@@ -253,8 +264,8 @@ def _decrypt_otp(key: SimKey, raw_body: bytes, required: bool) -> tuple[bytes, b
     try:
         return key.decrypt(wrapper.payload), True
     except DECRYPT_ERRORS:
-        raise _Refused(400, Title.CANT_DECRYPT_PAYLOAD,
-                       "payload is not a compact JWE to this partner's key (RSA-OAEP-256 or RSA-OAEP, A256GCM)") from None
+        detail = "payload is not a compact JWE to this partner's key (RSA-OAEP-256 or RSA-OAEP, A256GCM)"
+        raise _Refused(400, Title.CANT_DECRYPT_PAYLOAD, detail) from None
 
 
 def _client_cert_name(request: Request) -> str | None:
@@ -272,6 +283,9 @@ async def _prepare(request: Request, endpoint: Endpoint, key: SimKey, options: S
     value = _decode(endpoint.body_type, plaintext) if endpoint.body_type is not None else None
     if endpoint.body_type is None and raw_body.strip():
         raise _Refused(400, Title.INVALID_PAYLOAD, "this call takes no body")
+    fault = endpoint.check(value) if endpoint.check is not None else None
+    if fault is not None:
+        raise _Refused(400, Title.INVALID_PAYLOAD, fault)
     return Call(
         method=request.method, path=request.url.path, params=dict(request.path_params),
         key=idempotency_key, raw_body=raw_body, plaintext=plaintext, value=value, encrypted=encrypted,
@@ -327,7 +341,9 @@ async def _call(request: Request, endpoint: Endpoint, state: PartnerState, key: 
         stats.invalid += 1
         log.info("%s %s refused: %d", endpoint.kind.value, request.url.path, refused.answer.status)
         return _response(refused.answer)
-    await trio.sleep(state.mode.latency.sample_ms(state.rng) / 1000.0)
+    latency_ms = state.mode.latency.sample_ms(state.rng)
+    if latency_ms > 0.0:  # trio.sleep(0) would still cost a pass of the scheduler
+        await trio.sleep(latency_ms / 1000.0)
     fault = state.mode.roll(state.rng)
     if fault is Fault.error_5xx:
         stats.injected_5xx += 1
@@ -362,11 +378,11 @@ def _endpoints(key: SimKey, options: SimOptions) -> list[tuple[str, str, Endpoin
         ("/transactions/{id}", "PUT", Endpoint(Kind.status_update, tx, _status_update, False)),
         ("/notifications/otp", "POST", Endpoint(Kind.otp, OtpIn, _notification, required)),
         ("/notifications/verificationInProgress", "POST",
-         Endpoint(Kind.verification_in_progress, VerificationIn, _notification, required)),
+         Endpoint(Kind.verification_in_progress, VerificationIn, _notification, required, _status_is("IN_PROGRESS"))),
         ("/notifications/verificationAccepted", "POST",
-         Endpoint(Kind.verification_accepted, VerificationIn, _notification, required)),
+         Endpoint(Kind.verification_accepted, VerificationIn, _notification, required, _status_is("ACCEPTED"))),
         ("/notifications/verificationRejected", "POST",
-         Endpoint(Kind.verification_rejected, VerificationIn, _notification, required)),
+         Endpoint(Kind.verification_rejected, VerificationIn, _notification, required, _status_is("REJECTED"))),
         ("/notifications/transaction", "POST",
          Endpoint(Kind.transaction, TransactionNotificationIn, _notification, required)),
     ]

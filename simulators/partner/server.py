@@ -30,6 +30,7 @@ log = logging.getLogger("simulators.partner")
 HOST = "127.0.0.1"  # loopback only: the simulator has no authentication of its own without TLS
 SHUTDOWN_GRACE_S = 1.0
 KEEP_ALIVE_TIMEOUT_S = 30.0  # longer than a client pool's idle time, so pooled connections stay up
+KEEP_ALIVE_REQUESTS_MAX = 1_000_000  # anycorn closes a connection after 1,000 by default: a pool would churn
 TLS_HANDSHAKE_TIMEOUT_S = 5.0
 HEADER_BYTES_MAX = 16 * 1024
 
@@ -103,6 +104,7 @@ class PartnerSim:
     key: SimKey
     tls: bool
     shutdown: trio.Event
+    stopped: trio.Event  # set once anycorn has returned
 
     @property
     def url(self) -> str:
@@ -120,6 +122,7 @@ def _config(settings: PartnerSimSettings) -> Config:
     config.accesslog = None
     config.graceful_timeout = SHUTDOWN_GRACE_S
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.keep_alive_max_requests = KEEP_ALIVE_REQUESTS_MAX
     config.h11_max_incomplete_size = HEADER_BYTES_MAX
     if settings.tls:
         config.certfile = str(settings.tls_cert)
@@ -135,7 +138,10 @@ def _config(settings: PartnerSimSettings) -> Config:
 
 
 async def serve_partner(settings: PartnerSimSettings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve on 127.0.0.1 until `PartnerSim.stop()`; task_status.started(PartnerSim)."""
+    """Serve on 127.0.0.1 until `PartnerSim.stop()` or cancellation; task_status.started(PartnerSim).
+
+    Cancellation becomes a graceful shutdown (bounded by SHUTDOWN_GRACE_S + 2 s): cancelling anycorn
+    itself makes its lifespan fail, so anycorn runs in a shielded scope that only this task closes."""
     key = settings.load_key()
     state = PartnerState(
         mode=settings.initial_mode(), initial_amount_minor=settings.initial_amount_minor,
@@ -144,21 +150,41 @@ async def serve_partner(settings: PartnerSimSettings, *, task_status=trio.TASK_S
     )
     options = SimOptions(idempotency_key_required=settings.idempotency_key_required,
                          otp_encryption_required=settings.otp_encryption_required)
-    app = build_partner_app(state, key, options)
-    shutdown = trio.Event()
-    serve = partial(anycorn.serve, app, _config(settings), shutdown_trigger=shutdown.wait)
+    serve = partial(anycorn.serve, build_partner_app(state, key, options), _config(settings))
+    shutdown, stopped = trio.Event(), trio.Event()
+    server_scope = trio.CancelScope(shield=True)
+
+    async def run_server(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with server_scope:
+                async with trio.open_nursery() as nursery:
+                    binds = await nursery.start(partial(serve, shutdown_trigger=shutdown.wait))
+                    assert len(binds) == 1, binds
+                    log.info("partner simulator on %s (%s)", binds[0], "TLS" if settings.tls else "plain HTTP")
+                    task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        finally:
+            stopped.set()
+
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve)
-        assert len(binds) == 1, binds
-        port = int(binds[0].rsplit(":", 1)[1])
+        port = await nursery.start(run_server)
         assert 0 < port < 65536
-        log.info("partner simulator on %s (%s)", binds[0], "TLS" if settings.tls else "plain HTTP")
-        task_status.started(PartnerSim(port=port, state=state, key=key, tls=settings.tls, shutdown=shutdown))
+        task_status.started(PartnerSim(port=port, state=state, key=key, tls=settings.tls,
+                                       shutdown=shutdown, stopped=stopped))
+        try:
+            await shutdown.wait()
+        finally:
+            shutdown.set()
+            with trio.move_on_after(SHUTDOWN_GRACE_S + 2.0) as grace:
+                grace.shield = True
+                await stopped.wait()
+            if not stopped.is_set():
+                server_scope.cancel()  # anycorn did not stop in time: cut it off
 
 
 @asynccontextmanager
 async def running_partner(settings: PartnerSimSettings) -> AsyncIterator[PartnerSim]:
-    """`async with running_partner(settings) as sim:` ... stopped (gracefully) on exit."""
+    """`async with running_partner(settings) as sim:` ... stopped gracefully on exit, also when the
+    body raises or is cancelled."""
     async with trio.open_nursery() as nursery:
         sim = await nursery.start(serve_partner, settings)
         try:
