@@ -66,7 +66,12 @@ ACTIONS = [
     Action("get balance", "GET", "/balances/{balance}", True, True, ALL, needs="balance"),
     Action("reload balance", "POST", "/balances/{balance}/reload", False, True, frozenset({"Admin", "Manager"}),
            body={"amount": 1000}, needs="balance"),
+    Action("delete balance", "DELETE", "/balances/{balance}", False, True, frozenset({"Admin"}), needs="balance"),
+    # KYC (documents: /customers/me/register and /secure/customers/{id}/register)
+    Action("KYC form", "POST", "/register", True, True, NONE, needs="pending_user"),
 ]
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d4944415478da63fccf"
+                    "c0f00f0004850180849a8c210000000049454e44ae426082")
 
 
 @attrs.define
@@ -80,10 +85,10 @@ class World:
 
 async def _fresh(world: World, needs: str) -> tuple[Customer, int, int]:
     """A new KYC'd user with a balance and (unless only a user or balance is needed) a card."""
-    customer = await create_customer(world.partner)
+    customer = await create_customer(world.partner, kyc="PENDING" if needs == "pending_user" else "SUCCESS")
     await customer_login(world.anonymous, customer)
     root = f"/secure/customers/{customer.customer_id}"
-    if needs == "user":
+    if needs in ("user", "pending_user"):
         return customer, 0, 0
     reply = await world.partner.post(f"{root}/balances", json={"currency": "EUR"})
     assert reply.status_code == 201, reply.text
@@ -139,6 +144,11 @@ async def _call(world: World, action: Action, channel: str, role: str | None):
 
         body = encrypt_for(base64.b64decode(server_key), {"pin": "4321"})
         headers = {**headers, "Encrypted-Request": "true"}
+    if action.name == "KYC form":
+        form = {"firstName": "Ada", "lastName": "Lovelace", "birthDate": "1990-12-10", "country": "GB",
+                "documentType": "passport", "identityCardNo": "P1234567"}
+        return await client.post(path, data=form, files={"imageFront": ("front.png", PNG, "image/png")},
+                                 headers=headers)
     return await client.request(action.method, path, json=body, headers=headers)
 
 
@@ -199,7 +209,22 @@ async def test_admin_only_actions_by_role(data_dir: Path) -> None:
             for role, token in tokens.items():
                 assert (await anonymous.get("/admin/summary", headers=bearer(token))).status_code == 200, role
                 assert (await anonymous.get("/admin/partner-balances", headers=bearer(token))).status_code == 200
-            # Only an Admin reloads a partner balance.
+            # Only an Admin reloads a partner balance; everyone reads it.
             listed = (await anonymous.get("/admin/partner-balances", headers=bearer(tokens["Admin"]))).json()
-            assert listed, "init + seed fund the demo partner's collateral"
+            deposit = next(item for item in listed["partnerBalances"] if item["partner"] == "demo")
+            path = f"/admin/partner-balances/demo/{deposit['type']}/{deposit['currency']}"
+            for role, token in tokens.items():
+                assert (await anonymous.get(path, headers=bearer(token))).status_code == 200, role
+                reply = await anonymous.post(f"{path}/reload", headers=bearer(token), json={"amount": 500})
+                assert reply.status_code == (200 if role == "Admin" else 403), (role, reply.text)
+            after = (await anonymous.get(path, headers=bearer(tokens["Admin"]))).json()
+            assert after["amount"] == deposit["amount"] + 500  # exactly one reload went through
+            # KYC review: everyone lists, Admin and Manager decide (a 404 for a missing form is "allowed").
+            for role, token in tokens.items():
+                assert (await anonymous.get("/admin/kyc-forms", headers=bearer(token))).status_code == 200, role
+                reply = await anonymous.post("/admin/kyc-forms/999999/accept", headers=bearer(token))
+                assert reply.status_code == (403 if role == "Employee" else 404), (role, reply.text)
+            # No channel but the admin one reaches /admin, and an admin token is no customer session.
+            reply = await anonymous.get("/customers/me", headers=bearer(tokens["Admin"]))
+            assert reply.status_code == 401, reply.text
         handle.stop.set()
