@@ -21,6 +21,8 @@ import trio
 
 from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry
 from authsrv.hotpath.cardstate import CardStateWriter
+from authsrv.hotpath.fees import FeeBook
+from authsrv.hotpath.fx import RatesFile
 from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
@@ -203,7 +205,9 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
                task_status) -> None:
     cards = CardStateWriter(store)
     switch = Switch(ledger=ledger, index=index, cards=cards, keys=keys, journal=journal, metrics=metrics,
-                    budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config))
+                    budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config),
+                    fx=RatesFile(data_dir / config.fx.rates_file), fees=FeeBook.of_store(store, config.fees),
+                    partners=config.partners, pki_dir=data_dir / "pki")  # [external] partner HTTP pools
     iso = IsoServer(switch, ledger, metrics, in_flight_per_connection_max=config.iso.in_flight_per_connection_max,
                     idle_timeout_s=config.iso.idle_timeout_s, frame_size_max=config.iso.frame_size_max,
                     connections_max=config.iso.connections_max)
@@ -221,6 +225,7 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)
         nursery.start_soon(_watch_partner_balances, rest_context)
+        await nursery.start(_run_delivery, store, data_dir, config, journal, index, ledger, metrics)
         _write_run_file(data_dir, iso_port, http.port, rest_port)
         http.ready = True
         metrics.ready.set(1)
@@ -252,6 +257,15 @@ def _write_run_file(data_dir: Path, iso_port: int, metrics_port: int, rest_port:
     tmp.write_text(json.dumps({"pid": os.getpid(), "iso_port": iso_port, "metrics_port": metrics_port,
                                "rest_port": rest_port}))
     tmp.replace(data_dir / "run.json")
+
+
+async def _run_delivery(store, data_dir, config, journal, index, ledger, metrics, *,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The partner outbox (authsrv/notify): notifications, force-debits, reversals, after the decision."""
+    from authsrv.notify.worker import run_delivery
+
+    await run_delivery(store=store, data_dir=data_dir, config=config, journal=journal, index=index,
+                       ledger=ledger, metrics=metrics, task_status=task_status)
 
 
 async def _watch_partner_balances(rest_context) -> None:

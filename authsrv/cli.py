@@ -77,6 +77,12 @@ def _cmd_clearing_ingest(args: argparse.Namespace) -> int:
     return ingest_main(args.data, args.file, args.summary_out)
 
 
+def _cmd_fees_run(args: argparse.Namespace) -> int:
+    from authsrv.feesrun import fees_run_main
+
+    return fees_run_main(args.data, args.date)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -126,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--summary-out", type=Path, help="summary JSON (default FILE.summary.json)")
     p.set_defaults(run=_cmd_clearing_ingest)
+
+    fees = commands.add_parser("fees", help="fees").add_subparsers(dest="fees_command", required=True)
+    p = with_data(fees.add_parser("run", help="charge the monthly fees of a month, once (server stopped)"))
+    p.add_argument("--date", required=True, help="YYYY-MM-DD: any day of the month to charge")
+    p.set_defaults(run=_cmd_fees_run)
     return parser
 
 

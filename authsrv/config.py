@@ -123,11 +123,58 @@ class BureauConfig(_Section):
             raise ValueError(problem.replace("api_url", "bureau url"))
 
 
+# Fees (issue 6): amounts in minor units of the balance's currency; rates in basis points
+# (1 bp = 0.01 %). A card program's `fees_json` overrides any of these per `configId`.
+FEE_AMOUNT_MAX = 100_000_000  # a fee above a million in major units is a typo
+FEE_BP_MAX = 10_000  # 100 %
+FeeAmount = Annotated[int, Meta(ge=0, le=FEE_AMOUNT_MAX)]
+FeeBp = Annotated[int, Meta(ge=0, le=FEE_BP_MAX)]
+
+
+class FeesConfig(_Section):
+    account_creation: FeeAmount = 0
+    card_creation: FeeAmount = 0
+    monthly_per_card: FeeAmount = 0
+    monthly_per_account: FeeAmount = 0
+    pos_fixed: FeeAmount = 0
+    pos_bp: FeeBp = 0
+    ecommerce_fixed: FeeAmount = 0
+    ecommerce_bp: FeeBp = 0
+    atm_fixed: FeeAmount = 0
+    atm_bp: FeeBp = 0
+    fx_bp: FeeBp = 0
+    # Reference documents: "if users do 1000 eur transaction monthly we do not charge monthly fee".
+    monthly_waiver_spend: Annotated[int, Meta(ge=0)] = 0
+
+
+class FxConfig(_Section):
+    # Relative to the data directory (authsrv/hotpath/fx.py describes the format).
+    rates_file: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._-]+$")] = "fx-rates.json"
+
+
+class DeliveryConfig(_Section):
+    # Calls to partners after a decision (authsrv/notify): tries before a dead letter (the documents: 5).
+    tries_max: Annotated[int, Meta(ge=1, le=50)] = 5
+    backoff_initial_ms: Annotated[int, Meta(ge=1, le=3_600_000)] = 1000
+    backoff_max_s: Annotated[int, Meta(ge=1, le=86_400)] = 300
+    timeout_s: Annotated[float, Meta(ge=0.1, le=300)] = 10.0
+    in_flight_max: Annotated[int, Meta(ge=1, le=1024)] = 32
+
+
+class OtpConfig(_Section):
+    # 3DS challenges (POST /secure/3ds/challenges): lifetime and wrong tries before it fails.
+    ttl_s: Annotated[int, Meta(ge=1, le=3600)] = 300
+    failures_max: Annotated[int, Meta(ge=1, le=10)] = 3
+
+
 BalanceMode = Literal["internal", "external"]
 Collateral = Literal["credit", "deposit", "none"]
-NotifyKind = Literal["transaction", "verification", "otp"]
-# Only "decline" exists today; later issues add policies, so this stays a string type.
-StandIn = Literal["decline"]
+# "partner_balance": partner deposit/credit below its threshold (authsrv/notify; not in the documents).
+NotifyKind = Literal["transaction", "verification", "otp", "partner_balance"]
+# What answers when an external balance does not (CONTRACT section 3: "the stand-in policy decides").
+StandIn = Literal["decline", "approve"]
+STAND_IN_AMOUNT_MAX = 10**12  # minor units: far above any card transaction, below every ledger bound
+StandInAmount = Annotated[int, Meta(ge=0, le=STAND_IN_AMOUNT_MAX)]
 
 
 class PartnerConfig(_Section):
@@ -137,11 +184,17 @@ class PartnerConfig(_Section):
     api_url: str = ""
     notify: tuple[NotifyKind, ...] = ()
     stand_in: StandIn = "decline"
+    # With stand_in = "approve": the largest amount approved without the partner (per transaction),
+    # and the most approved that way per card and UTC day (minor units of the card's currency).
+    stand_in_max_amount: StandInAmount = 0
+    stand_in_daily_max: StandInAmount = 0
 
     def __post_init__(self) -> None:
         problem = api_url_problem(self.api_url)
         if problem:
             raise ValueError(problem)
+        if self.stand_in_max_amount > self.stand_in_daily_max and self.stand_in == "approve":
+            raise ValueError("stand_in_max_amount is above stand_in_daily_max: no such approval could happen")
         if len(set(self.notify)) != len(self.notify):
             raise ValueError("notify lists a kind twice")
 
@@ -154,6 +207,10 @@ class Config(_Section):
     duplicates: DuplicatesConfig = msgspec.field(default_factory=DuplicatesConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     bureau: BureauConfig = msgspec.field(default_factory=BureauConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    otp: OtpConfig = msgspec.field(default_factory=OtpConfig)
+    fees: FeesConfig = msgspec.field(default_factory=FeesConfig)
+    fx: FxConfig = msgspec.field(default_factory=FxConfig)
     partners: dict[PartnerName, PartnerConfig] = msgspec.field(default_factory=dict)
 
 
@@ -297,6 +354,58 @@ wpin_lock_s = 900
 url = ""
 # How often produced cards are fetched from the bureau and linked.
 poll_interval_s = 5.0
+
+[delivery]
+# Tries of each call to a partner (notifications, force-debits, status updates) before it becomes a
+# dead letter (GET /admin/outbox/dead). Reversals are never given up: retried until 2xx.
+tries_max = 5
+# Wait before the second try; doubled each try (with jitter) up to backoff_max_s.
+backoff_initial_ms = 1000
+# Longest wait between two tries.
+backoff_max_s = 300
+# Time one try may take (connect, send, answer).
+timeout_s = 10.0
+# Calls in flight at once, over all partners.
+in_flight_max = 32
+
+[otp]
+# Lifetime of a 3DS one-time password (the documents: 5 minutes).
+ttl_s = 300
+# Wrong OTPs before the challenge fails.
+failures_max = 3
+
+[fees]
+# Default fee schedule of every card program; a program's fees_json overrides any key. Amounts
+# are minor units of the balance's currency, rates basis points (100 = 1 %). 0 = no fee.
+# Charged once when a balance is opened through the API (owed if the balance cannot pay yet).
+account_creation = 0
+# Charged once when a card is issued through the API.
+card_creation = 0
+# Charged by `authsrv fees run` once a month for every card that is not removed.
+monthly_per_card = 0
+# Charged by `authsrv fees run` once a month for every balance.
+monthly_per_account = 0
+# Card-present purchase: fixed part.
+pos_fixed = 0
+# Card-present purchase: percentage part, in basis points of the amount charged.
+pos_bp = 0
+# E-commerce purchase (POS entry mode 81, 09 or 10): fixed part.
+ecommerce_fixed = 0
+# E-commerce purchase: percentage part, in basis points.
+ecommerce_bp = 0
+# Cash withdrawal (processing code 01 or MCC 6011): fixed part.
+atm_fixed = 0
+# Cash withdrawal: percentage part, in basis points.
+atm_bp = 0
+# Currency conversion: basis points of the converted amount, when field 49 is not the balance's currency.
+fx_bp = 0
+# No monthly fees for a balance that spent more than this in the month (minor units); 0 = always charged.
+monthly_waiver_spend = 0
+
+[fx]
+# Rates table used when an authorization has no billing amount (fields 6/51) and its currency is
+# not the balance's; in the data directory, replaced by PUT /admin/fx-rates. No rate: declined 57.
+rates_file = "fx-rates.json"
 """
 
 
@@ -318,10 +427,15 @@ balance_mode = "{partner.balance_mode}"
 collateral = "{partner.collateral}"
 # Base URL of the partner's API (external balances, notifications); http:// only on loopback.
 api_url = "{partner.api_url}"
-# Notifications to send: any of "transaction", "verification", "otp".
+# Notifications to send: any of "transaction", "verification", "otp", "partner_balance".
 notify = [{notify}]
-# What to answer when the partner's external balance does not reply in time: "decline" (91).
+# What to answer when the partner's external balance does not reply in time (or fails):
+# "decline" (91), or "approve" within the two limits below (the partner is told later by a force-debit).
 stand_in = "{partner.stand_in}"
+# Largest amount stand-in approves in one transaction (minor units; 0: none).
+stand_in_max_amount = {partner.stand_in_max_amount}
+# Most stand-in approves per card and UTC day (minor units; 0: none).
+stand_in_daily_max = {partner.stand_in_daily_max}
 """
 
 

@@ -67,6 +67,14 @@ class Metrics:
         self.snapshot_seconds = Histogram("authsrv_ledger_snapshot_seconds", "Time to write a ledger snapshot",
                                           buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30), registry=r)
         self.ready = Gauge("authsrv_ready", "1 when recovery is finished and the ISO listener is open", registry=r)
+        # Partner deliveries (authsrv/notify): tries by result (delivered, retry, dead), rows by state.
+        self.outbox_deliveries = Counter("authsrv_outbox_deliveries", "Tries of calls to partners, by result",
+                                         ["result"], registry=r)
+        self.outbox_scheduled = Counter("authsrv_outbox_scheduled", "Calls to partners written to the outbox",
+                                        registry=r)
+        self.outbox_dead_letters = Gauge("authsrv_outbox_dead_letters", "Calls to partners given up (dead letters)",
+                                         registry=r)
+        self.outbox_pending = Gauge("authsrv_outbox_pending", "Calls to partners not delivered yet", registry=r)
 
     def answered(self, mti: str, code: str, seconds: float) -> None:
         child = self._request_children.get((mti, code))

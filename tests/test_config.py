@@ -131,7 +131,7 @@ def test_hold_expiry_by_mcc() -> None:
         (('balance_mode = "internal"', 'balance_mode = "both"'), "$.partners.demo.balance_mode"),
         (("notify = []", 'notify = ["sms"]'), "$.partners.demo.notify[0]"),
         (("notify = []", 'notify = ["otp", "otp"]'), "$.partners.demo"),
-        (('stand_in = "decline"', 'stand_in = "approve"'), "$.partners.demo.stand_in"),
+        (('stand_in = "decline"', 'stand_in = "maybe"'), "$.partners.demo.stand_in"),
         (('stand_in = "decline"', 'stand_in = "decline"\ncolour = "red"'), "`colour` - at `$.partners.demo`"),
         (("[partners.demo]", "[partners.Demo]"), "$.partners"),
         (('api_url = ""', 'api_url = "http://partner.example.com"'), "loopback"),

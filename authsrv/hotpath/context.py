@@ -22,6 +22,19 @@ class Vote(enum.Enum):
     prepared = "prepared"  # go on to the next participant
     aborted = "aborted"  # the outcome is decided (a decline); stop and compensate
     done = "done"  # the outcome is decided without a decline (a duplicate, an inquiry); stop
+    deferred = "deferred"  # the decision needs an await (a partner's external balance): the switch completes it
+
+
+class External(enum.IntEnum):
+    """What the partner's external balance said (AuthRecord.external). Never renumber."""
+
+    none = 0  # not an external-balance card, or nothing to ask (a decline before the call)
+    approved = 1  # 204
+    declined = 2  # 422 / 404 from the partner: nothing applied there
+    timed_out = 3  # no answer within the budget: the partner may have applied it (reversal/force-debit)
+    failed = 4  # 5xx or no connection: stand-in decided
+    in_flight = 5  # the collateral is held and the call is under way (final only after a crash)
+    deferred = 6  # not called in the hot path (advices, reversals): the outbox tells the partner
 
 
 class Kind(enum.Enum):
@@ -80,6 +93,13 @@ class AuthContext:
     seq: int = 0  # write-ahead log sequence the response must wait for (0: none)
     stand_in: bool = False
     partial: bool = False  # approved for less than asked (field 39 10); `amount` is what was approved
+    external: External = External.none  # the partner's external balance (authsrv/hotpath/external.py)
+    external_key: str = ""  # X-Idempotency-Key of the partner call
+    external_ms: int = 0
+    # FX and fees (authsrv/hotpath/fx.py, fees.py)
+    fx_rate: str = ""  # balance-currency units per transaction-currency unit, when converted here
+    fee: int = 0  # transaction fee posted with this authorization (balance currency)
+    fee_transfer_id: int = 0  # the fee's ledger transfer (refunded by abort)
 
     def decline(self, outcome: Outcome, cause: str = "") -> Vote:
         self.outcome = outcome

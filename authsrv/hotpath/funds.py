@@ -10,7 +10,9 @@ import time
 
 import msgspec
 
-from authsrv.hotpath.context import ADVICES, CREDITS, INQUIRIES, AuthContext, Kind, Vote
+from authsrv.hotpath.context import ADVICES, CREDITS, INQUIRIES, AuthContext, External, Kind, Vote
+from authsrv.hotpath.external import external_release_hold, external_release_transfers
+from authsrv.hotpath.fees import FeeCode, largest_payable, refund_share, transaction_fee, transaction_kind
 from authsrv.hotpath.journal import AuthJournal, AuthRecord, encode_record
 from authsrv.hotpath.outcome import Outcome, is_approval, response_code
 from authsrv.hotpath.steps import TransferCode, TransferIds, auth_code_for
@@ -32,6 +34,8 @@ _DEBIT_FLAGS = {
     Kind.advice_post: TransferFlags.forced,  # 0220
 }
 _LINKED = {flags: flags | _LINK for flags in _DEBIT_FLAGS.values()}
+# The fee is posted at once; advices force it like their debit (the network already approved).
+_FEE_FLAGS = {kind: flags & TransferFlags.forced for kind, flags in _DEBIT_FLAGS.items()}
 
 
 def journal_record(ctx: AuthContext) -> AuthRecord:
@@ -59,6 +63,14 @@ def journal_record(ctx: AuthContext) -> AuthRecord:
         cause=ctx.cause,
         stand_in=ctx.stand_in,
         request_amount=request.amount,
+        request_currency=request.currency,
+        fx_rate=ctx.fx_rate,
+        fee=ctx.fee,
+        mcc=request.mcc or "",  # history (authsrv/hotpath/activity.py)
+        merchant=request.merchant_name_location or "",
+        external=int(ctx.external),  # [external] authsrv/hotpath/external.py
+        external_key=ctx.external_key,
+        external_ms=ctx.external_ms,
     )
 
 
@@ -67,18 +79,24 @@ class MoveFunds:
 
     0100 holds, 0200 posts at once, 0120/0220 do the same forced (the network already approved).
     Credits (refund, payment) are posted to the user at once. An inquiry moves nothing.
+    A debit's transaction fee (authsrv/hotpath/fees.py) is a posted transfer from the user balance
+    to the partner's fee income, last in the same linked chain: the balance must cover amount + fee
+    (forced for advices), and a void of the hold comes with the fee's refund (docs/money.md, "Fees").
     """
 
     name = "funds"
 
-    def __init__(self, ledger, index, journal: AuthJournal, ids: TransferIds, hold_timeout_s) -> None:
+    def __init__(self, ledger, index, journal: AuthJournal, ids: TransferIds, hold_timeout_s, fees=None) -> None:
         self._ledger = ledger  # ledger.durable.DurableLedger
         self._index = index
         self._ids = ids
         self._journal = journal
         self._hold_timeout_s = hold_timeout_s  # callable: MCC -> seconds
+        self._fees = fees  # authsrv.hotpath.fees.FeeBook; None: no transaction fees
 
     def prepare(self, ctx: AuthContext) -> Vote:
+        if ctx.partner is not None and ctx.partner.balance_mode == "external":
+            return Vote.prepared  # [external] the balance is at the partner: external.py holds and asks
         if ctx.processing in INQUIRIES:
             ctx.outcome = Outcome.approved
             ctx.field54 = self._field54(ctx)
@@ -112,6 +130,7 @@ class MoveFunds:
                 ctx.outcome, ctx.cause = Outcome.internal_error, f"ledger {status.name}"
             ctx.auth_code = ""
             ctx.user_hold_id = ctx.collateral_hold_id = 0
+            ctx.fee = ctx.fee_transfer_id = 0
         return self._journaled(ctx)
 
     def _transfers(self, ctx: AuthContext) -> list[TransferSpec] | None:
@@ -147,17 +166,44 @@ class MoveFunds:
                                               reference=ctx.request.rrn))
                 ctx.collateral_hold_id = cid if held else 0
         uid = self._ids.next()
+        fee_of = self._fee_function(ctx)
         if self._partial_allowed(ctx):
             available = self._ledger.ledger.balance(card.balance_account_id).available
-            if 0 < available < amount:
-                amount = ctx.amount = available
+            payable = available if fee_of is None else largest_payable(available, fee_of)
+            if 0 < payable < amount:
+                amount = ctx.amount = payable
                 ctx.partial = True
                 transfers = [msgspec.structs.replace(spec, amount=amount) for spec in transfers]
-        transfers.append(TransferSpec(uid, card.balance_account_id, settlement, amount, flags=flags,
+        fee = fee_of(amount) if fee_of is not None else 0
+        fee_income = partner.fee_income_account_ids.get(ctx.currency) if fee and partner is not None else None
+        if fee and fee_income is None:
+            if ctx.kind not in ADVICES:
+                ctx.decline(Outcome.not_permitted, f"no fee-income account in {ctx.currency}")
+                return None
+            fee = 0  # an advice cannot be declined: applied without its fee (the cause says so)
+            ctx.cause = f"fee not charged: no fee-income account in {ctx.currency}"
+        transfers.append(TransferSpec(uid, card.balance_account_id, settlement, amount,
+                                      flags=_LINKED[flags] if fee else flags,
                                       timeout_s=timeout_s, code=code, reference=ctx.request.rrn))
+        if fee:
+            ctx.fee, ctx.fee_transfer_id = fee, self._ids.next()
+            transfers.append(TransferSpec(ctx.fee_transfer_id, card.balance_account_id, fee_income, fee,
+                                          flags=_FEE_FLAGS[ctx.kind], code=FeeCode.transaction,
+                                          reference=ctx.request.rrn))
         ctx.user_hold_id = uid if held else 0
         ctx.posted = not held
         return transfers
+
+    def _fee_function(self, ctx: AuthContext):
+        """amount -> fee for this debit, or None when its program charges no transaction fee."""
+        if self._fees is None or not self._fees.charges_transactions(ctx.card.config_id):
+            return None
+        request = ctx.request
+        schedule = self._fees.schedule(ctx.card.config_id)
+        kind = transaction_kind(ctx.processing, request.mcc, request.pos_entry_mode)
+        # The conversion fee: converted here (fx_rate set), or by the network (fields 6/51).
+        converted = bool(ctx.fx_rate) or request.currency != ctx.currency
+        return lambda amount: transaction_fee(schedule, kind, amount, converted)
 
     def abort(self, ctx: AuthContext) -> None:
         """Compensation: void the holds this participant placed (a later step declined, or the
@@ -169,6 +215,11 @@ class MoveFunds:
         ctx.collateral_hold_id = ctx.user_hold_id = 0
         voids = tuple(TransferSpec(self._ids.next(), 0, 0, 0, flags=_VOID, pending_id=hold_id,
                                    code=TransferCode.reversal, reference=ctx.request.rrn) for hold_id in holds)
+        if ctx.fee_transfer_id:  # the fee went with the hold: it comes back with the void
+            fee_income = self._index.partner(ctx.card.partner).fee_income_account_ids[ctx.currency]
+            voids += (TransferSpec(self._ids.next(), fee_income, ctx.card.balance_account_id, ctx.fee,
+                                   code=FeeCode.transaction_refund, reference=ctx.request.rrn),)
+            ctx.fee = ctx.fee_transfer_id = 0
         _, ctx.seq = self._ledger.submit(Batch(timestamp_ns=time.time_ns(), transfers=voids),
                                          finish=lambda result: self._journaled(ctx))
 
@@ -255,11 +306,41 @@ class Reverse:
         if original.user_hold_id:
             hold = self._ledger.ledger.hold(original.user_hold_id)
             release = min(release, hold.remaining if hold is not None else 0)
+        elif original.external:  # [external] only the collateral is held here
+            remaining = external_release_hold(self._ledger, original)
+            release = release if remaining is None else min(release, remaining)
         return release
 
     def _transfers(self, ctx: AuthContext, release: int) -> list[TransferSpec]:
+        specs = self._release_transfers(ctx, release)
+        refund = self._fee_refund(ctx, release)
+        if refund is not None:  # the fee follows the amount back, in the same chain
+            specs[-1] = msgspec.structs.replace(specs[-1], flags=specs[-1].flags | _LINK)
+            specs.append(refund)
+        return specs
+
+    def _fee_refund(self, ctx: AuthContext, release: int) -> TransferSpec | None:
+        """The share of the original's transaction fee this release gives back (fees.refund_share)."""
+        original = ctx.original
+        if not original.fee:
+            return None
+        before = original.amount - original.reversed_amount
+        share = refund_share(original.fee, original.amount, before, max(0, before - release))
+        card = self._index.card_by_id(original.card_id)
+        partner = self._index.partner(card.partner) if card is not None else None
+        fee_income = partner.fee_income_account_ids.get(original.currency) if partner is not None else None
+        if share <= 0 or fee_income is None:
+            return None
+        ctx.fee = share
+        return TransferSpec(self._ids.next(), fee_income, card.balance_account_id, share,
+                            code=FeeCode.transaction_refund, reference=ctx.request.rrn)
+
+    def _release_transfers(self, ctx: AuthContext, release: int) -> list[TransferSpec]:
         original = ctx.original
         rrn = ctx.request.rrn
+        if original.external:  # [external] the partner gets /transactions/reversal from the outbox
+            ctx.external = External.deferred
+            return external_release_transfers(self._index, self._ids, original, release, rrn)
         if original.user_hold_id:
             specs = []
             if original.collateral_hold_id:
@@ -292,7 +373,7 @@ class Reverse:
             ctx.reversal_amount = release
         else:
             log.error("reversal refused by the ledger: %s", [status.name for status in results])
-            ctx.reversal_amount = 0
+            ctx.reversal_amount = ctx.fee = 0
             ctx.cause = "ledger refused the release"
         record = journal_record(ctx)
         self._journal.add(record)

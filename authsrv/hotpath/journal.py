@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
+from authsrv.hotpath.activity import ActivityLog
+from authsrv.hotpath.limits import SpendWindows
 from authsrv.hotpath.outcome import Outcome, is_approval
 from ledger.state import HOLDS_PENDING_MAX
 from ledger.types import Batch
@@ -61,6 +63,19 @@ class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
     cause: str = ""  # e.g. "collateral" for a 51 caused by the partner's collateral
     stand_in: bool = False
     request_amount: int = 0  # field 4, in the transaction currency (to scale partial reversals)
+    # The partner's external balance (authsrv/hotpath/external.py): context.External as an int,
+    # the X-Idempotency-Key the call used (the outbox's force-debit/reversal reuse it), its duration.
+    external: int = 0
+    external_key: str = ""
+    external_ms: int = 0
+    # FX and fees (authsrv/hotpath/fx.py, fees.py): the transaction currency (field 49), the rate
+    # used when converted here ('' otherwise), and the transaction fee posted with the approval.
+    request_currency: str = ""
+    fx_rate: str = ""
+    fee: int = 0
+    # Transaction history (authsrv/hotpath/activity.py): field 18 and field 43 as sent ('' if absent).
+    mcc: str = ""
+    merchant: str = ""
 
 
 class JournalImage(msgspec.Struct, frozen=True):
@@ -73,6 +88,10 @@ class JournalImage(msgspec.Struct, frozen=True):
     open_keys: list[str] = []
     open_records: list[AuthRecord] = []
     closed: list[AuthRecord] = []
+    # Spend-control usage per card (authsrv/hotpath/limits.py, WindowRow) and recent card activity
+    # (authsrv/hotpath/activity.py: a record, or the key of one in `records`).
+    spend_windows: list[tuple[int, int, int, int, int, int, int]] = []
+    activity: list[AuthRecord | str] = []
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -112,6 +131,12 @@ class AuthJournal:
         self._open_by_rrn: dict[str, tuple[int, ...]] = {}
         self._closed: collections.OrderedDict[int, AuthRecord] = collections.OrderedDict()
         self._closed_by_rrn: dict[str, tuple[int, ...]] = {}
+        # Called with each record `add` takes, live or replayed (authsrv/notify feeds its outbox
+        # from here). Synchronous and O(1) each: they run on the authorization hot path.
+        self.listeners: list[Callable[[AuthRecord], None]] = []
+        # Fed by every record added (live or replayed) and kept in the snapshot.
+        self.windows = SpendWindows()  # spend-control usage (authsrv/hotpath/limits.py)
+        self.activity = ActivityLog()  # recent records per card, for history (authsrv/hotpath/activity.py)
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -190,11 +215,19 @@ class AuthJournal:
     def get(self, key: str) -> AuthRecord | None:
         return self._by_key.get(key)
 
+    def records(self):
+        """Every record kept, oldest first (startup scans, e.g. the stand-in window in external.py)."""
+        return (self._by_key[key] for key in self._order if key in self._by_key)
+
     def find_original(self, original_key: str) -> AuthRecord | None:
         key = self._by_original.get(original_key)
         return None if key is None else self._by_key.get(key)
 
     def add(self, record: AuthRecord) -> None:
+        previous = self._by_key.get(record.key)
+        named = self._by_key.get(record.reverses) if record.reverses else None
+        self.windows.on_add(record, previous, named)
+        self.activity.on_add(record, previous, named)
         if record.reverses:
             original = self._by_key.get(record.reverses)
             if original is not None:
@@ -214,6 +247,8 @@ class AuthJournal:
         if record.timestamp_ns > self.timestamp_ns_max:
             self.timestamp_ns_max = record.timestamp_ns
         self._age_out(record.timestamp_ns)
+        for listener in self.listeners:
+            listener(record)
 
     def _age_out(self, now_ns: int) -> None:
         horizon = now_ns - self._retention_ns
@@ -230,6 +265,22 @@ class AuthJournal:
                 if self._by_original.get(oldest.original_key) == oldest.key:
                     del self._by_original[oldest.original_key]
 
+    def records_since(self, timestamp_ns: int, limit: int) -> list[AuthRecord]:
+        """Current records (the latest per key) stamped at or after `timestamp_ns`, in log order, at
+        most `limit` (the newest ones). Walks back from the newest and stops at the first older
+        record, so callers give a margin for records committed slightly out of time order."""
+        assert limit > 0
+        found: list[AuthRecord] = []
+        for key in reversed(self._order):
+            record = self._by_key.get(key)
+            if record is None:
+                continue
+            if record.timestamp_ns < timestamp_ns or len(found) >= limit:
+                break
+            found.append(record)
+        found.reverse()
+        return found
+
     # replay and snapshots
     def on_app(self, seq: int, data: bytes) -> None:
         del seq
@@ -244,7 +295,9 @@ class AuthJournal:
             else:
                 open_records.append(record)
         image = JournalImage(version=SNAPSHOT_VERSION, records=records, open_keys=open_keys,
-                             open_records=open_records, closed=list(self._closed.values()))
+                             open_records=open_records, closed=list(self._closed.values()),
+                             spend_windows=self.windows.to_image(self.timestamp_ns_max),
+                             activity=self.activity.to_image(self._by_key))
         return _encoder.encode(image)
 
     def load_snapshot(self, data: bytes) -> None:
@@ -264,6 +317,8 @@ class AuthJournal:
             self._by_key[record.key] = record
             if not record.reverses:
                 self._by_original[record.original_key] = record.key
+        self.windows.load_image(image.spend_windows)
+        self.activity.load_image(image.activity, self._by_key)
         for record in image.closed:
             self._remember_closed(record)
         for record in [self._by_key[key] for key in image.open_keys] + image.open_records:

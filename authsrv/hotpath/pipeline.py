@@ -8,8 +8,11 @@ The whole hot path, in order (jPOS TransactionManager style; each participant do
     0800       sign-on / sign-off / echo
 
 `[limits]` (spend controls) and `[external]` (the partner's external balance) are the slots later
-work fills. Everything here is synchronous: the only await of an authorization is the write-ahead
-log's group commit, which the connection's writer does for a whole group of responses at once.
+work fills. Everything here is synchronous for cards of internal-balance partners: the only await
+of such an authorization is the write-ahead log's group commit, which the connection's writer does
+for a whole group of responses at once. For a card whose partner holds the balance (`external`),
+`handle` returns a deferred Outgoing (`pending` set); the connection awaits `complete()` in its own
+nursery (bounded by its in-flight limit), which asks the partner within the budget and answers.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import logging
 import time
 
 import attrs
+import trio
 
 from authsrv import cardsec
 from authsrv.hotpath.context import AuthContext, Kind, KIND_BY_MTI, Vote
+from authsrv.hotpath.external import ExternalBalance
 from authsrv.hotpath.funds import FindOriginal, MoveFunds, Reverse, journal_record
 from authsrv.hotpath.journal import AuthJournal, AuthRecord, app_only_batch
+from authsrv.hotpath.limits import CheckSpendControls
 from authsrv.hotpath.outcome import Outcome, is_approval
 from authsrv.hotpath.steps import (
     TransferIds,
@@ -57,11 +63,21 @@ class Outgoing:
     mti: str
     code: str
     ctx: AuthContext | None = None  # kept for approvals: compensated if the commit misses the budget
+    pending: Deferred | None = None  # not decided yet: await Switch.complete(this) for the answer
+
+
+@attrs.define(slots=True)
+class Deferred:
+    """A decision that needs an await: the partner's answer, or (for a duplicate) the original's."""
+
+    ctx: AuthContext
+    prepared: list  # participants to compensate if the partner declines
+    waits_for: trio.Event | None = None  # a duplicate: the original is still at the partner
 
 
 class Switch:
     def __init__(self, *, ledger, index, cards, keys, journal: AuthJournal, metrics, budget_ms: int,
-                 hold_timeout_s) -> None:
+                 hold_timeout_s, fx=None, fees=None, partners=None, pki_dir=None) -> None:
         self._ledger = ledger
         self._journal = journal
         self._metrics = metrics
@@ -69,16 +85,24 @@ class Switch:
         vault = cardsec.PanVault(keys)
         duplicate = DetectDuplicate(journal)
         card = LookupCard(vault, index)
-        amount = ResolveAmount()
+        amount = ResolveAmount(fx)  # fx: authsrv.hotpath.fx.RatesFile (None: no conversion)
+        limits = CheckSpendControls(index, journal.windows)  # spend controls
         self._ids = ids = TransferIds(journal.timestamp_ns_max)
-        self._funds = funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s)
+        self._funds = funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s, fees)
         checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, cards))
         reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal, ids))
+        # Always present: `funds` leaves external partners' cards to it, and without a configured
+        # api_url it declines them (91) rather than approve with nothing asked.
+        self._external = external = ExternalBalance(
+            ledger=ledger, journal=journal, ids=ids, hold_timeout_s=hold_timeout_s, partners=partners or {},
+            pki_dir=pki_dir, metrics=metrics)
+        if any(config.stand_in == "approve" for config in (partners or {}).values()):
+            external.window.rebuild(journal.records(), time.time_ns())  # today's stand-in approvals
         self._pipelines = {
-            Kind.authorization: (duplicate, card, *checks, amount, funds),
-            Kind.financial: (duplicate, card, *checks, amount, funds),
-            Kind.advice_hold: (duplicate, card, amount, funds),
-            Kind.advice_post: (duplicate, card, amount, funds),
+            Kind.authorization: (duplicate, card, *checks, amount, limits, funds, external),
+            Kind.financial: (duplicate, card, *checks, amount, limits, funds, external),
+            Kind.advice_hold: (duplicate, card, amount, funds, external),
+            Kind.advice_post: (duplicate, card, amount, funds, external),
             Kind.reversal: reversal,
             Kind.reversal_advice: reversal,
         }
@@ -125,7 +149,14 @@ class Switch:
         if kind is None:
             return self._plain(doc, mti, "12", received_ns)
         ctx = self._context(request, kind, received_ns)
-        self._run(self._pipelines[kind], ctx)
+        if self._external.in_flight:
+            waits_for = self._external.waiting_for(ctx.key)
+            if waits_for is not None:  # a duplicate while the original is at the partner: answer as it
+                ctx.duplicate_of = self._journal.get(ctx.key)
+                return self._deferred(ctx, Deferred(ctx, [], waits_for))
+        prepared = self._run(self._pipelines[kind], ctx)
+        if prepared is not None:
+            return self._deferred(ctx, Deferred(ctx, prepared))
         return self._answer(ctx)
 
     def _context(self, request, kind: Kind, received_ns: int) -> AuthContext:
@@ -140,7 +171,8 @@ class Switch:
             processing=request.processing_code[:2],
         )
 
-    def _run(self, participants, ctx: AuthContext) -> None:
+    def _run(self, participants, ctx: AuthContext) -> list | None:
+        """Run until a participant decides; a deferred vote returns the participants prepared so far."""
         self._requests += 1
         timed = (self._requests & STEP_TIMING_SAMPLE_MASK) == 0
         prepared = []
@@ -156,6 +188,8 @@ class Switch:
                 self._metrics.step_seconds[participant.name].observe((time.perf_counter_ns() - started) / 1e9)
             prepared.append(participant)
             if vote is not Vote.prepared:
+                if vote is Vote.deferred:
+                    return prepared
                 break
         else:
             ctx.outcome = ctx.outcome or Outcome.approved
@@ -164,6 +198,43 @@ class Switch:
                 abort = getattr(participant, "abort", None)
                 if abort is not None:
                     abort(ctx)
+        return None
+
+    def _deferred(self, ctx: AuthContext, deferred: Deferred) -> Outgoing:
+        return Outgoing(b"", 0, ctx.received_ns, ctx.deadline_ns, ctx.request.mti, "", pending=deferred)
+
+    async def complete(self, outgoing: Outgoing) -> Outgoing:
+        """The answer to a deferred request: ask the partner (or wait for the original), settle,
+        answer. Never raises for one message's trouble (like `handle`)."""
+        deferred = outgoing.pending
+        assert deferred is not None and not outgoing.data
+        ctx = deferred.ctx
+        try:
+            if deferred.waits_for is not None:
+                with trio.move_on_after(self._budget_ns / 1e9 + 1):  # the original is bounded by the budget
+                    await deferred.waits_for.wait()
+                record = self._journal.get(ctx.key)
+                if record is None:  # the original left no record (cannot happen once decided)
+                    return self._plain(ctx.request.raw, ctx.request.mti, "91", ctx.received_ns)
+                ctx.duplicate_of = record
+                return self._answer(ctx)
+            await self._external.decide(ctx)
+            if not is_approval(ctx.outcome):
+                for participant in reversed(deferred.prepared):
+                    abort = getattr(participant, "abort", None)
+                    if abort is not None:
+                        abort(ctx)
+            return self._answer(ctx)
+        except (LedgerFailedError, WalFatalError):
+            raise
+        except Exception:
+            self._metrics.internal_errors.inc()
+            log.exception("internal error while completing an external decision")
+            return self._plain(ctx.request.raw, ctx.request.mti, "96", ctx.received_ns)
+
+    async def aclose(self) -> None:
+        """Close the partners' HTTP pools (at shutdown, after the connections drained)."""
+        await self._external.aclose()
 
     def _answer(self, ctx: AuthContext) -> Outgoing:
         request = ctx.request

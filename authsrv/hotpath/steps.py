@@ -186,9 +186,14 @@ class CheckPin:
 
 
 class ResolveAmount:
-    """Processing code, amount and currency; the billing amount (fields 6/51) when present."""
+    """Processing code, amount and currency: the billing amount (fields 6/51) when present, else
+    field 4 converted to the balance currency with the rates table when the currencies differ
+    (authsrv/hotpath/fx.py; no rate for the pair: 57)."""
 
     name = "amount"
+
+    def __init__(self, fx=None) -> None:
+        self._fx = fx  # authsrv.hotpath.fx.RatesFile; None: no conversion, a foreign currency is 57
 
     def prepare(self, ctx: AuthContext) -> Vote:
         request = ctx.request
@@ -203,9 +208,26 @@ class ResolveAmount:
         if ctx.amount <= 0:
             return self._refuse(ctx, Outcome.invalid_amount, "amount must be positive")
         if ctx.currency != ctx.card.currency:
-            # Conversion with a rates table arrives with the FX work; until then: not permitted.
-            return self._refuse(ctx, Outcome.currency_mismatch, f"{ctx.currency} on a {ctx.card.currency} balance")
+            refused = "billed in another currency" if request.billing_amount is not None else self._convert(ctx)
+            if refused:
+                return self._refuse(ctx, Outcome.currency_mismatch,
+                                    f"{ctx.currency} on a {ctx.card.currency} balance: {refused}")
         return Vote.prepared
+
+    def _convert(self, ctx: AuthContext) -> str:
+        """Field 4 into the balance currency; why not ("" when converted)."""
+        if self._fx is None:
+            return "no FX rates"
+        conversion = self._fx.table().convert(ctx.amount, ctx.currency, ctx.card.currency)
+        if conversion is None or conversion.amount <= 0:  # no rate, or less than a minor unit
+            if ctx.kind in ADVICES:
+                self._fx.advices_without_rate += 1
+            else:
+                self._fx.declines_without_rate += 1
+            return "no FX rate" if conversion is None else "converts to less than a minor unit"
+        self._fx.conversions += 1
+        ctx.amount, ctx.currency, ctx.fx_rate = conversion.amount, ctx.card.currency, conversion.rate
+        return ""
 
     @staticmethod
     def _refuse(ctx: AuthContext, outcome: Outcome, cause: str) -> Vote:

@@ -4,6 +4,12 @@ Per connection: a reader that decides each request synchronously (the hot path n
 anything but the commit) and a writer that waits for the write-ahead log's group commit once for
 a whole group of responses, then sends them with one `send_all`. The channel between them is
 bounded, so a sender that floods us is slowed by TCP instead of growing our memory.
+
+A request whose decision needs the partner's external balance comes back from the switch deferred
+(`Outgoing.pending`): the reader starts its completion in the connection's nursery (at most
+`in_flight_per_connection_max` at once; the reader waits for a free slot) and goes on reading, so
+one slow partner call does not hold up the requests behind it. The completion hands its answer to
+the writer like any other.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from authsrv.iso.framing import FramingError, read_frames
 log = logging.getLogger("authsrv.iso")
 
 RESPONSE_GROUP_MAX = 256  # responses written with one send_all
+CLOSE_TIMEOUT_S = 2.0  # closing the partners' HTTP pools at shutdown
 
 
 class IsoServer:
@@ -40,10 +47,16 @@ class IsoServer:
 
     async def run(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); then let open connections drain (bounded by the caller)."""
-        async with trio.open_nursery() as handlers:
-            with self._accepting:
-                task_status.started()
-                await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+        try:
+            async with trio.open_nursery() as handlers:
+                with self._accepting:
+                    task_status.started()
+                    await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+        finally:
+            aclose = getattr(self._switch, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await aclose()
 
     def stop(self) -> None:
         """Stop accepting and stop reading new requests; answers already decided are still sent."""
@@ -70,7 +83,7 @@ class IsoServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, stream, receive, in_flight)
                 async with send:
-                    await self._reader(stream, send, in_flight)
+                    await self._reader(stream, send, in_flight, nursery)
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             # The peer went away (reset, closed mid-answer): its own problem, not the server's.
             log.info("ISO 8583 connection lost: %s", group.exceptions[0])
@@ -82,13 +95,15 @@ class IsoServer:
             if self._connections == 0:
                 self._idle.set()
 
-    async def _reader(self, stream, send: trio.MemorySendChannel, in_flight: list[int]) -> None:
+    async def _reader(self, stream, send: trio.MemorySendChannel, in_flight: list[int],
+                      nursery: trio.Nursery) -> None:
         """Read and decide frames until EOF, idle timeout or stop().
 
         Only the wait for the next frame can be cancelled: once a frame is decided (money may
         have moved), its answer always reaches the writer's channel.
         """
         handle, gauge = self._switch.handle, self._metrics.in_flight
+        deferred_slots = trio.Semaphore(self._in_flight_max)
         frames = read_frames(stream, frame_size_max=self._frame_size_max)
         try:
             while not self._stopping:
@@ -105,7 +120,11 @@ class IsoServer:
                 if outgoing is not None:
                     gauge.inc()
                     in_flight[0] += 1
-                    await send.send(outgoing)
+                    if outgoing.pending is None:
+                        await send.send(outgoing)
+                    else:
+                        await deferred_slots.acquire()
+                        nursery.start_soon(self._complete, outgoing, send.clone(), deferred_slots)
         except StopAsyncIteration:
             return
         except FramingError as error:
@@ -113,6 +132,19 @@ class IsoServer:
             log.warning("closing ISO 8583 connection: framing lost: %s", error)
         finally:
             await frames.aclose()
+
+    async def _complete(self, outgoing, send: trio.MemorySendChannel, slots: trio.Semaphore) -> None:
+        """Finish a deferred decision (the partner call inside is shielded and bounded by the
+        budget, so a decided request always settles) and queue its answer for the writer."""
+        try:
+            async with send:
+                final = await self._switch.complete(outgoing)
+                try:
+                    await send.send(final)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    log.info("ISO 8583 connection gone before a deferred answer was sent")
+        finally:
+            slots.release()
 
     async def _writer(self, stream, receive: trio.MemoryReceiveChannel, in_flight: list[int]) -> None:
         ledger, metrics = self._ledger, self._metrics

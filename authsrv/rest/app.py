@@ -25,9 +25,14 @@ from authsrv.rest.cards import CardsApi
 from authsrv.rest.context import RestContext
 from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
 from authsrv.rest.errors import REQUEST_BODY_BYTES_MAX, ProblemMiddleware, http_exception_handler
+from authsrv.rest.fx_api import FxApi
+from authsrv.rest.history_api import HistoryApi
 from authsrv.rest.kyc import KycApi
+from authsrv.rest.limits_api import LimitsApi
 from authsrv.rest.lifecycle import LifecycleApi
 from authsrv.rest.openapi import build_openapi
+from authsrv.rest.otp_api import OtpApi
+from authsrv.rest.outbox_api import OutboxApi
 from authsrv.rest.partner_balances import PartnerBalancesApi
 from authsrv.rest.sessions import SessionTable
 from authsrv.rest.sessions_api import SessionsApi
@@ -58,7 +63,10 @@ def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX)
         *KycApi(ctx, lifecycle.kyc_success_hooks).routes(),
         *(public_key_routes(ctx.jwe) if ctx.jwe is not None else []),
         *clearing_routes(ctx),
+        *OtpApi(ctx).routes(), *OutboxApi(ctx).routes(),
+        *FxApi(ctx).routes(),
         *(CardsApi.of(ctx).routes() if ctx.keys is not None and ctx.jwe is not None else []),
+        *LimitsApi(ctx).routes(), *HistoryApi(ctx).routes(),  # spend controls, transaction history
     ]
     openapi_body = msgspec.json.encode(build_openapi(routes, version=API_VERSION))
 

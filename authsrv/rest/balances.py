@@ -171,7 +171,14 @@ def open_balance(store: Store, user: UserRow, currency: str) -> tuple[BalanceRow
     return row, [*system, spec]
 
 
-def create_checked(store: Store, user: UserRow, currency: str) -> tuple[CreateResult, BalanceRow | None, list]:
+class PartnerLinkFailed(Exception):
+    """An external-balance partner did not link the new balance: the transaction rolls back."""
+
+
+def create_checked(store: Store, user: UserRow, currency: str,
+                   link: Callable[[BalanceRow], str] | None = None) -> tuple[CreateResult, BalanceRow | None, list]:
+    """`link` (external-balance partners): called inside the transaction with the new row; a
+    non-empty answer (why it failed) raises PartnerLinkFailed, so nothing is created."""
     with store.transaction():
         fresh = store.get_user(user.id)
         assert fresh is not None
@@ -180,7 +187,22 @@ def create_checked(store: Store, user: UserRow, currency: str) -> tuple[CreateRe
         if len(store.balances_of_user(user.id)) >= BALANCES_PER_USER_MAX:
             return CreateResult.too_many_balances, None, []
         row, accounts = open_balance(store, fresh, currency)
+        failure = link(row) if link is not None else ""
+        if failure:
+            raise PartnerLinkFailed(failure)
     return CreateResult.created, row, accounts
+
+
+def external_link(ctx: RestContext, partner: str) -> Callable[[BalanceRow], str] | None:
+    """For a partner with external balances: POST {api_url}/users/{id}/balances (documents, "Link
+    balance") with the new balance's id, from the store thread (authsrv/hotpath/external.py)."""
+    config = ctx.partner_config(partner)
+    if config.balance_mode != "external" or not config.api_url:
+        return None  # without an api_url there is no one to link with (and the hot path answers 91)
+    from authsrv.hotpath.external import link_balance
+
+    pki_dir = ctx.data_dir / "pki" if ctx.data_dir is not None else None
+    return lambda row: link_balance(config, pki_dir, row.user_id, row.id, row.currency).reason or ""
 
 
 def auto_balance_hook(ctx: RestContext) -> Callable[[UserRow], list[AccountSpec]]:
@@ -363,7 +385,7 @@ class BalancesApi:
             *customer_routes(ctx, "/balances", self.create, method="POST", access=ACCESS["create"],
                              name="balance.create", doc=Doc("Create a user balance", body=BalanceCreate,
                                                             response=BalanceCreated, status=201,
-                                                            problems=(403, 404))),
+                                                            problems=(403, 404, 502))),
             *customer_routes(ctx, "/balances", self.list_all, method="GET", access=ACCESS["list"],
                              name="balance.list", doc=Doc("List the user's balances", response=BalanceList)),
             *customer_routes(ctx, "/balances/{balanceId}", self.get, method="GET", access=ACCESS["get"],
@@ -386,13 +408,21 @@ class BalancesApi:
             return invalid(f"unknown ISO 4217 currency code {body.currency} - at `$.currency`")
         if call.user.kyc != KYC_SUCCESS:
             return kyc_required()
-        result, row, accounts = await self.ctx.in_thread(create_checked, self.store, call.user, body.currency)
+        try:
+            result, row, accounts = await self.ctx.in_thread(create_checked, self.store, call.user, body.currency,
+                                                             external_link(self.ctx, call.user.partner))
+        except PartnerLinkFailed as failure:
+            log.warning("partner %s did not link a balance of customer %d: %s", call.user.partner, call.user.id,
+                        failure)
+            return problem(502, Title.PARTNER_UNAVAILABLE, f"the partner did not link the balance: {failure}")
         if result is CreateResult.kyc_required:
             return kyc_required()
         if result is CreateResult.too_many_balances:
             return problem(409, Title.TOO_MANY_BALANCES, f"a user has at most {BALANCES_PER_USER_MAX} balances")
         assert row is not None
         await create_ledger_accounts(self.ctx, accounts)
+        program = await self.ctx.in_thread(self.store.program_for, row.partner, row.currency)
+        await money.charge_creation_fee(self.ctx, "account", program=program, balance=row)
         log.info("%s created balance %d (%s) for customer %d", call.caller.channel, row.id, row.currency, row.user_id)
         return json_response(BalanceCreated(id=row.id, currency=row.currency, iban=row.iban or None), status=201)
 

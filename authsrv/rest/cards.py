@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from authsrv.rest import jwe
+from authsrv.rest import money
 from authsrv.rest.auth import Caller, Channel
 from authsrv.rest.cards_domain import CardResult, CardService, expiry_date, masked_pan
 from authsrv.rest.cards_worker import ASYNC_REQUESTS_MAX, AsyncCardRequest, CardsWorker
@@ -240,6 +241,7 @@ class CardsApi:
 
     # -- issuing ---------------------------------------------------------------------------------
 
+
     async def create_virtual(self, request: Request, call: Call) -> Response:
         decoded = await self._read(request, VirtualCardCreate, response_encrypted=True)
         if isinstance(decoded, Response):
@@ -248,6 +250,7 @@ class CardsApi:
                                                   decoded.config_id, card_type="virtual")
         if issued is None:
             return card_problem(result)
+        await money.charge_card_fee(self.ctx, issued.card)
         self._log("created virtual", issued.card, call.caller)
         if call.caller.channel is Channel.admin:
             return self._respond(request, summary(issued.card), status=201, encrypted=True)
@@ -285,6 +288,7 @@ class CardsApi:
                                                   decoded.config_id, card_type="physical", order=order)
         if issued is None:
             return card_problem(result)
+        await money.charge_card_fee(self.ctx, issued.card)
         self._log("ordered physical", issued.card, call.caller)
         return self._respond(request, summary(issued.card), status=201, encrypted=True)
 

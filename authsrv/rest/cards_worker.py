@@ -21,6 +21,7 @@ import httpx
 import msgspec
 import trio
 
+from authsrv.rest import money
 from authsrv.rest.cards_domain import CardResult, CardService, masked_pan, order_details
 
 log = logging.getLogger("authsrv.rest")
@@ -103,6 +104,7 @@ class CardsWorker:
             log.warning("async virtual card request %d refused: %s", request.request_id, result.name)
             return
         assert result is CardResult.ok
+        await money.charge_card_fee(self.ctx, issued.card)
         log.info("async virtual card request %d: card %d (%s)", request.request_id, issued.card.id,
                  masked_pan(issued.card))
 

@@ -65,3 +65,27 @@ def amounts(ledger, account_id: int) -> BalanceAmounts:
     if view is None:
         return BalanceAmounts(0, 0)
     return BalanceAmounts(booked=view.posted, available=view.available)
+
+
+async def charge_creation_fee(ctx, kind_name: str, *, program, balance, card_id: int = 0) -> None:
+    """The program's account- or card-creation fee, right after the creation (docs/money.md).
+
+    What the balance cannot pay now is recorded as owed and collected by `authsrv fees run`."""
+    from authsrv.feesrun import creation_fee_transfers
+    from authsrv.hotpath.fees import FeeKind
+
+    if ctx.ledger is None or program is None or balance is None:
+        return
+    kind = FeeKind.card_creation if kind_name == "card" else FeeKind.account_creation
+    transfers = await ctx.in_thread(creation_fee_transfers, ctx, program, kind, balance, card_id)
+    if transfers:
+        result = await submit(ctx.ledger, transfers=transfers)
+        log.info("%s creation fee on balance %d: %s", kind_name, balance.id,
+                 [status.name for status in result.transfer_results])
+
+
+async def charge_card_fee(ctx, card) -> None:
+    """The card program's card-creation fee (none for the demo program)."""
+    program = await ctx.in_thread(ctx.store.get_program, card.config_id)
+    balance = await ctx.in_thread(ctx.store.get_balance, card.balance_id)
+    await charge_creation_fee(ctx, "card", program=program, balance=balance, card_id=card.id)

@@ -113,6 +113,36 @@ ADDED_SCHEMA: list[str] = [
     " record_id TEXT NOT NULL, line INTEGER NOT NULL, outcome TEXT NOT NULL, state TEXT NOT NULL,"
     " transfers BLOB NOT NULL, plan_json TEXT NOT NULL, created_at TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS clearing_records_file ON clearing_records (file_sha256, line)",
+    # Spend controls (authsrv/hotpath/limits.py): scope 'card' or 'user', the ControlsSpec as JSON.
+    "CREATE TABLE IF NOT EXISTS spend_controls (scope TEXT NOT NULL, owner_id INTEGER NOT NULL,"
+    " controls_json TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (scope, owner_id))",
+    # Partner deliveries (authsrv/notify): one row per call that must reach a partner, with the
+    # exact body and the idempotency key every try carries; `order_key` serializes one balance.
+    "CREATE TABLE IF NOT EXISTS deliveries (id INTEGER PRIMARY KEY, partner TEXT NOT NULL,"
+    " kind TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, body TEXT NOT NULL,"
+    " idempotency_key TEXT NOT NULL UNIQUE, order_key TEXT NOT NULL, source TEXT NOT NULL,"
+    " state TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 0, tries_max INTEGER NOT NULL,"
+    " next_at_ms INTEGER NOT NULL, last_status INTEGER NOT NULL DEFAULT 0,"
+    " last_error TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at_ms)",
+    "CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries (order_key, id) WHERE state = 'pending'",
+    # How far each source (store events, write-ahead log records) has been scheduled.
+    "CREATE TABLE IF NOT EXISTS delivery_cursors (source TEXT PRIMARY KEY, position INTEGER NOT NULL,"
+    " updated_at TEXT NOT NULL)",
+    # 3DS OTP challenges: the OTP only as an HMAC; it reaches the partner JWE-encrypted.
+    "CREATE TABLE IF NOT EXISTS otp_challenges (id INTEGER PRIMARY KEY, partner TEXT NOT NULL,"
+    " user_id INTEGER NOT NULL, card_id INTEGER NOT NULL, amount INTEGER NOT NULL, currency TEXT NOT NULL,"
+    " merchant_name TEXT NOT NULL, otp_mac TEXT NOT NULL, state TEXT NOT NULL,"
+    " failures INTEGER NOT NULL DEFAULT 0, expires_at_ms INTEGER NOT NULL, created_at TEXT NOT NULL)",
+    # Fees (authsrv/feesrun.py): each (program, kind, period, card or balance) is charged once;
+    # period 'YYYY-MM' (monthly) or 'once' (creation). `owed` is what the balance could not pay
+    # yet; `transfers` the exact ledger transfers submitted (a re-run resubmits, never re-plans).
+    "CREATE TABLE IF NOT EXISTS fee_periods (config_id TEXT NOT NULL, kind TEXT NOT NULL,"
+    " period TEXT NOT NULL, subject INTEGER NOT NULL, balance_id INTEGER NOT NULL, partner TEXT NOT NULL,"
+    " currency TEXT NOT NULL, amount INTEGER NOT NULL, charged INTEGER NOT NULL, owed INTEGER NOT NULL,"
+    " waived INTEGER NOT NULL, state TEXT NOT NULL, transfers BLOB NOT NULL, created_at TEXT NOT NULL,"
+    " updated_at TEXT NOT NULL, PRIMARY KEY (config_id, kind, period, subject))",
+    "CREATE INDEX IF NOT EXISTS fee_periods_owed ON fee_periods (balance_id) WHERE owed > 0",
 ]
 # table -> {column: declaration} added to existing tables (ALTER TABLE ADD COLUMN, once).
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
@@ -1141,6 +1171,15 @@ class Store:
     # For authsrv/rest/balances.py. Money moves in the ledger (the caller's job); these methods
     # record what the API decided. Callers append the event inside the same `transaction()`.
 
+    def program_for(self, partner: str, currency: str) -> ProgramRow | None:
+        """The partner's first program (by config id) in `currency`: whose fees a new balance pays."""
+        with self._lock:
+            found = self._conn.execute(
+                f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE partner = ? AND currency = ?"
+                " ORDER BY config_id LIMIT 1", (partner, currency),
+            ).fetchone()
+        return ProgramRow(*found) if found else None
+
     def iban_program(self, partner: str) -> ProgramRow | None:
         """The partner's first program (by config id) that gives balances an IBAN."""
         with self._lock:
@@ -1488,6 +1527,40 @@ class Store:
         assert updated in (0, 1)
         return updated == 1
 
+    # -- spend controls ----------------------------------------------------------------------------
+    # Per card and per user (authsrv/hotpath/limits.py). The spec is stored as its JSON; the index
+    # holds it compiled, replaced on commit so the very next authorization sees a change.
+
+    def get_spend_controls(self, scope: str, owner_id: int) -> str | None:
+        """The stored ControlsSpec JSON, None when never set."""
+        assert scope in SPEND_CONTROL_SCOPES
+        with self._lock:
+            row = self._conn.execute("SELECT controls_json FROM spend_controls WHERE scope = ? AND owner_id = ?",
+                                     (scope, owner_id)).fetchone()
+        return None if row is None else row[0]
+
+    def set_spend_controls(self, scope: str, owner_id: int, controls_json: str, controls: Any, *,
+                           partner: str, event_kind: str, subject: str, event_body: Mapping[str, Any]) -> None:
+        """Replace the controls (`controls`: the compiled value for the index) and record the event."""
+        assert scope in SPEND_CONTROL_SCOPES and owner_id > 0
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO spend_controls (scope, owner_id, controls_json, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (scope, owner_id) DO UPDATE SET controls_json = excluded.controls_json,"
+                " updated_at = excluded.updated_at", (scope, owner_id, controls_json, utc_now_iso()))
+            self.append_event(partner, event_kind, subject, event_body)
+            if self._index is not None:
+                index = self._index
+                self._on_commit(lambda: index.put_controls(scope, owner_id, controls))
+
+    def spend_controls_all(self) -> list[tuple[str, int, Any]]:
+        """(scope, owner id, compiled Controls) of every stored spec: the index at startup."""
+        from authsrv.hotpath.limits import Controls, decode_spec
+
+        with self._lock:
+            rows = self._conn.execute("SELECT scope, owner_id, controls_json FROM spend_controls").fetchall()
+        return [(scope, owner_id, Controls.from_spec(decode_spec(text))) for scope, owner_id, text in rows]
+
     # -- the in-memory index -----------------------------------------------------------------------
 
     def attach_index(self, index: CardIndex) -> None:
@@ -1561,6 +1634,7 @@ class Store:
         self._on_commit(refresh)
 
 
+SPEND_CONTROL_SCOPES = ("card", "user")
 CARD_ORDER_ORDERED = "ORDERED"  # at the bureau (or waiting for one): invisible to the user if physical
 CARD_ORDER_LINKED = "LINKED"  # produced and linked to the user and balance
 CARD_ORDER_STATES = frozenset({"", CARD_ORDER_ORDERED, CARD_ORDER_LINKED})

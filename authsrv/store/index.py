@@ -104,6 +104,9 @@ class CardIndex:
         self._partners: dict[str, PartnerState] = {}
         self._settlement_accounts: dict[str, int] = {}
         self._funding_accounts: dict[str, int] = {}
+        # Spend controls (authsrv/hotpath/limits.py Controls), only where a card or user has some.
+        self._card_controls: dict[int, object] = {}
+        self._user_controls: dict[int, object] = {}
 
     # Reads: the hot path.
 
@@ -121,6 +124,12 @@ class CardIndex:
 
     def funding_account(self, currency: str) -> int | None:
         return self._funding_accounts.get(currency)
+
+    def card_controls(self, card_id: int):
+        return self._card_controls.get(card_id)
+
+    def user_controls(self, user_id: int):
+        return self._user_controls.get(user_id)
 
     def __len__(self) -> int:
         return len(self._cards_by_id)
@@ -148,6 +157,16 @@ class CardIndex:
         assert account_id > 0
         self._funding_accounts[currency] = account_id
 
+    def put_controls(self, scope: str, owner_id: int, controls) -> None:
+        """Spend controls of a card or user (`scope` 'card' | 'user'); None or empty: none."""
+        assert owner_id > 0
+        table = self._card_controls if scope == "card" else self._user_controls
+        assert scope in ("card", "user") and len(table) <= CARDS_MAX
+        if controls is None or controls.empty:
+            table.pop(owner_id, None)
+        else:
+            table[owner_id] = controls
+
 
 def load_index(store: Store) -> CardIndex:
     """Build the index in one pass over SQLite, and attach it to `store` so that every later
@@ -162,5 +181,7 @@ def load_index(store: Store) -> CardIndex:
             index.put_settlement_account(currency, account_id)
         for currency, account_id in store.system_accounts("funding").items():
             index.put_funding_account(currency, account_id)
+        for scope, owner_id, controls in store.spend_controls_all():
+            index.put_controls(scope, owner_id, controls)
         store.attach_index(index)
     return index
