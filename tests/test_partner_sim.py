@@ -655,3 +655,22 @@ async def test_sustained_load_with_faults_keeps_the_books_straight(jwe_key):
         stats = sim.state.stats[Kind.debit]
         assert stats.processed == operations
         assert stats.injected_5xx > 0 and stats.injected_drops > 0 and stats.injected_timeouts > 0
+
+
+async def test_force_debit_with_the_debit_key_reconciles_a_late_debit(client, sim):
+    """Stand-in: the issuer gave up waiting, approved, and sends a force-debit with the debit's key.
+    If the partner applied the debit late, the force-debit is that same operation: money moves once.
+    A force-debit under a fresh key (no debit seen) applies."""
+    await link(client, 1_000)
+    headers = key()
+    assert (await client.post("/transactions/debit", json=tx(300), headers=headers)).status_code == 204
+    forced = await client.post("/transactions/force-debit", json=tx(300), headers=headers)
+    assert forced.status_code == 204
+    assert await amount_of(client) == 700
+    other = await client.post("/transactions/force-debit", json=tx(200, transaction_id="1b3d89e4-3291-11ed-a261-0242ac120002"),
+                              headers=key())
+    assert other.status_code == 204 and await amount_of(client) == 500
+    # A reversal must never reuse the debit's key: it would be refused, not replayed.
+    refused = await client.post("/transactions/reversal", json=tx(300, reference="ab3d89e4-3291-11ed-a261-0242ac120002"),
+                                headers=headers)
+    assert refused.status_code == 409

@@ -24,7 +24,9 @@ Idempotency: `X-Idempotency-Key` is required on every POST under /transactions a
 (400 IDEMPOTENCY_KEY_REQUIRED; `--no-key-required` turns that off) and honoured on every call that
 changes something. A replay of a known key returns exactly the cached status and body, moves no
 money and is not recorded again (it is counted in `replays`); the same key with a different request
-(method, path or plaintext body) is 409 IDEMPOTENCY_KEY_REUSED. The cache is an LRU of 1,000,000
+(method, path or plaintext body) is 409 IDEMPOTENCY_KEY_REUSED, except a force-debit (force-credit)
+carrying the key and the body of an earlier debit (credit): that is the issuer reconciling a
+stand-in, and it gets the debit's cached answer (the money moved once). The cache is an LRU of 1,000,000
 keys. Only processed calls are cached: a 4xx refused before processing, a 503 of down mode and an
 injected 5xx are not, so a retry is processed.
 

@@ -112,8 +112,21 @@ class Call:
 
     @property
     def fingerprint(self) -> bytes:
+        return self._fingerprint(self.path)
+
+    @property
+    def reconciling_fingerprint(self) -> bytes | None:
+        """A force-debit (force-credit) sent with the key of an earlier debit (credit) is the issuer
+        reconciling a stand-in: if that debit was applied, even late, it is the same operation."""
+        for forced, original in (("/transactions/force-debit", "/transactions/debit"),
+                                 ("/transactions/force-credit", "/transactions/credit")):
+            if self.path == forced:
+                return self._fingerprint(original)
+        return None
+
+    def _fingerprint(self, path: str) -> bytes:
         canonical = _encoder.encode(self.value) if self.value is not None else b""
-        return hashlib.sha256(b"\0".join((self.method.encode(), self.path.encode(), canonical))).digest()
+        return hashlib.sha256(b"\0".join((self.method.encode(), path.encode(), canonical))).digest()
 
 
 class _Refused(Exception):
@@ -302,7 +315,7 @@ def _apply_once(state: PartnerState, endpoint: Endpoint, call: Call) -> Answer:
     if cacheable:
         entry = state.cached(call.key)
         if entry is not None:
-            if entry.fingerprint != call.fingerprint:
+            if entry.fingerprint not in (call.fingerprint, call.reconciling_fingerprint):
                 stats.invalid += 1
                 return problem_answer(409, Title.IDEMPOTENCY_KEY_REUSED,
                                       "this X-Idempotency-Key was used for another request")
