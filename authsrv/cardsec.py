@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+from ledger.files import write_new_private_file
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
@@ -208,7 +209,6 @@ class CardKeys:
             value = getattr(self, attribute)
             assert len(value) == length
             _write_key_file(keys_dir / file_name, value)
-        _fsync_dir(keys_dir)
         assert CardKeys.load(keys_dir) == self  # read back what we wrote
 
     @classmethod
@@ -254,29 +254,8 @@ def _check_private(path: Path, forbidden_mode_bits: int, what: str) -> None:
 
 
 def _write_key_file(path: Path, key: bytes) -> None:
-    # Write a temporary file, fsync it, then hard-link it into place: link() fails if the target
-    # exists, so an existing key is never replaced and a crash never leaves a half-written key.
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the file may have existed from an interrupted run
-        data = (key.hex().upper() + "\n").encode("ascii")
-        assert os.write(fd, data) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(temporary, path)
-    finally:
-        os.unlink(temporary)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # Never replaces an existing key; a crash never leaves a half-written one.
+    write_new_private_file(path, (key.hex().upper() + "\n").encode("ascii"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,3 +27,34 @@ def numbered_files(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int,
             found.append((int(match.group(1)), path))
     found.sort()
     return found
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a directory's entries (a new, renamed or linked file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_private_file(path: Path, data: bytes) -> None:
+    """Create `path` (mode 0600) holding `data`, durably and whole, never replacing a file.
+
+    A temporary file is written and fsync'd, then hard-linked into place: link() fails when the
+    target exists (FileExistsError), so an existing secret is never replaced and a crash never
+    leaves half a file under the real name."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask or an interrupted earlier run
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+    fsync_directory(path.parent)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from ledger.files import numbered_files, write_all
+from ledger.files import fsync_directory, numbered_files, write_all
 
 log = logging.getLogger("ledger.snapshot")
 
@@ -58,14 +58,6 @@ def _checksum(seq: int, payload: bytes) -> int:
     return crc32c(payload, crc32c(_COVERED.pack(SNAPSHOT_VERSION, seq, len(payload))))
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     """Durably write the snapshot covering records <= seq; prune older ones. Returns its path."""
     directory = Path(directory)
@@ -83,7 +75,7 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     finally:
         os.close(fd)
     os.rename(temporary, final)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     log.info("snapshot written: %s (%d bytes, covers seq %d)", final, len(payload), seq)
     _prune(directory, keep=final)
     return final
@@ -104,7 +96,7 @@ def _prune(directory: Path, keep: Path) -> None:
         path.unlink(missing_ok=True)
         log.info("snapshot deleted: %s", path)
     if doomed:
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
 
 def read_snapshot(path: Path) -> tuple[int, bytes]:

@@ -37,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from authsrv.cardsec import KeyFileError
+from ledger.files import write_new_private_file
 from authsrv.rest.errors import Title, problem
 
 SERVER_KEY_FILE = "jwe.key"  # DIR/keys/jwe.key, written by `authsrv init`
@@ -178,26 +179,7 @@ class ServerKey:
             return cls.load(path)  # another process created it between our two steps
 
 
-def _write_new_private_file(path: Path, data: bytes) -> None:
-    # As cardsec._write_key_file: write a temporary file, fsync, then link() it into place, which
-    # fails if the target exists; so no key is ever replaced and a crash leaves no half key.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask or an earlier interrupted run
-        assert os.write(fd, data) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(temporary, path)
-    finally:
-        os.unlink(temporary)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_write_new_private_file = write_new_private_file  # no key is ever replaced; a crash leaves no half key
 
 
 # --------------------------------------------------------------------------------------------

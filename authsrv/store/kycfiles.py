@@ -25,6 +25,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ledger.files import fsync_directory, write_new_private_file
+
 KYC_DIR_NAME = "kyc"
 KYC_KEY_FILE = "kyc.key"
 KEY_BYTES = 32  # AES-256
@@ -40,12 +42,7 @@ class KycFileError(Exception):
     """An image file is missing, truncated or fails authentication (operating error, not input)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_directory
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -90,16 +87,10 @@ class KycFiles:
     def _load_or_create_key(self) -> bytes:
         if not self.key_path.exists():
             self.key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temporary = self.key_path.with_name(self.key_path.name + f".tmp-{secrets.token_hex(4)}")
-            _write_durably(temporary, secrets.token_bytes(KEY_BYTES))
             try:
-                # link, not rename: if another process made the key meanwhile, keep theirs.
-                os.link(temporary, self.key_path)
-                _fsync_dir(self.key_path.parent)
+                write_new_private_file(self.key_path, secrets.token_bytes(KEY_BYTES))
             except FileExistsError:
-                pass
-            finally:
-                temporary.unlink()
+                pass  # another process made the key meanwhile: keep theirs
         key = self.key_path.read_bytes()
         if len(key) != KEY_BYTES:
             raise KycFileError(f"{self.key_path}: expected {KEY_BYTES} bytes, found {len(key)}")
