@@ -7,6 +7,7 @@ accepting, let decided requests finish within `shutdown_grace_s`, snapshot, and 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -14,9 +15,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry
@@ -137,6 +140,41 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     journal.prune()  # holds resolved after the snapshot (expired, posted by clearing, voided)
     ledger.journal = journal
     return ledger, journal
+
+
+@contextlib.contextmanager
+def offline_state(data_dir: Path) -> Iterator[OfflineState]:
+    """The server's state for an offline command (`clearing ingest`, `fees run`), with the data
+    directory's lock held by the caller. On a clean exit the log is flushed and a snapshot taken,
+    so the next start replays nothing of the command's work."""
+    from authsrv.config import load_config
+    from authsrv.store.db import Store
+    from authsrv.store.index import load_index
+
+    config = load_config(data_dir)
+    ledger, journal = open_ledger_and_journal(data_dir, config)
+    try:
+        watch_expiry(ledger, journal)
+        with Store.open(data_dir) as store:
+            index = load_index(store)
+            _create_missing_accounts(ledger, store)
+            state = OfflineState(config, ledger, journal, store, index)
+            yield state
+        if state.changed:
+            ledger.flush_sync()
+            ledger.snapshot(journal.to_snapshot())
+    finally:
+        ledger.close()
+
+
+@attrs.define
+class OfflineState:
+    config: object
+    ledger: object
+    journal: AuthJournal
+    store: object
+    index: object
+    changed: bool = True  # False: nothing was applied, no snapshot needed
 
 
 def _create_missing_accounts(ledger, store) -> None:

@@ -401,25 +401,12 @@ class FeesRun:
 
 def run_offline(data_dir: Path, date_text: str) -> RunSummary:
     """With the data directory's lock held by the caller: the server is not running."""
-    from authsrv.app import _create_missing_accounts, open_ledger_and_journal
-    from authsrv.clearing.expiry import watch_expiry
-    from authsrv.config import load_config
-    from authsrv.store.index import load_index
+    from authsrv.app import offline_state
 
     month_of(date_text)  # a bad date is refused before anything is opened
-    config = load_config(data_dir)
-    ledger, journal = open_ledger_and_journal(data_dir, config)
-    try:
-        watch_expiry(ledger, journal)
-        with Store.open(data_dir) as store:
-            index = load_index(store)
-            _create_missing_accounts(ledger, store)
-            summary = FeesRun(ledger=ledger, store=store, index=index, defaults=config.fees).run(date_text)
-        ledger.flush_sync()
-        ledger.snapshot(journal.to_snapshot())  # the next start replays nothing of this run
-    finally:
-        ledger.close()
-    return summary
+    with offline_state(data_dir) as state:
+        return FeesRun(ledger=state.ledger, store=state.store, index=state.index,
+                       defaults=state.config.fees).run(date_text)
 
 
 def fees_run_main(data_dir: Path, date_text: str) -> int:

@@ -69,29 +69,15 @@ def _apply(data_dir: Path, data: bytes, name: str) -> ClearingSummary:
 def apply_offline(data_dir: Path, data: bytes, name: str) -> ClearingSummary:
     """With the data directory's lock held by the caller: the server is not running."""
     from authsrv import cardsec
-    from authsrv.app import _create_missing_accounts, open_ledger_and_journal
+    from authsrv.app import offline_state
     from authsrv.clearing.engine import ClearingDeps, apply_clearing_offline
-    from authsrv.clearing.expiry import watch_expiry
-    from authsrv.config import load_config
-    from authsrv.store.db import Store
-    from authsrv.store.index import load_index
 
-    config = load_config(data_dir)
-    ledger, journal = open_ledger_and_journal(data_dir, config)
-    try:
-        watch_expiry(ledger, journal)
-        with Store.open(data_dir) as store:
-            index = load_index(store)
-            _create_missing_accounts(ledger, store)
-            keys = cardsec.CardKeys.load(data_dir / "keys")
-            deps = ClearingDeps(ledger=ledger, journal=journal, index=index, vault=cardsec.PanVault(keys),
-                                store=store)
-            summary = apply_clearing_offline(deps, data, name)
-        if not summary.duplicate_file:
-            ledger.flush_sync()
-            ledger.snapshot(journal.to_snapshot())  # the next start replays nothing of this run
-    finally:
-        ledger.close()
+    keys = cardsec.CardKeys.load(data_dir / "keys")
+    with offline_state(data_dir) as state:
+        deps = ClearingDeps(ledger=state.ledger, journal=state.journal, index=state.index,
+                            vault=cardsec.PanVault(keys), store=state.store)
+        summary = apply_clearing_offline(deps, data, name)
+        state.changed = not summary.duplicate_file
     return summary
 
 
