@@ -188,3 +188,24 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+AUTHSRV_CLIENT_STEM = "authsrv-client"  # DIR/pki/authsrv-client.crt: authsrv's identity towards partners
+AUTHSRV_CLIENT_NAME = "authsrv"
+
+
+def ensure_authsrv_client_certificate(pki_dir: Path) -> tuple[Path, Path]:
+    """authsrv's own client certificate for calls to partners, issued by the dev CA on first need.
+
+    Several parts of the server (the hot path's partner client, the outbox) may ask at once: the
+    loser of the race finds the files made and uses them."""
+    pki_dir = Path(pki_dir)
+    cert, key = pki_dir / f"{AUTHSRV_CLIENT_STEM}.crt", pki_dir / f"{AUTHSRV_CLIENT_STEM}.key"
+    if not cert.exists():
+        try:
+            issue_client_cert(pki_dir, AUTHSRV_CLIENT_NAME, AUTHSRV_CLIENT_STEM)
+        except PkiError:
+            if not cert.exists():
+                raise
+    assert cert.exists() and key.exists()
+    return cert, key

@@ -6,6 +6,18 @@ the offered one), measures the server's CPU seconds per 1,000 authorizations fro
 and reports the highest rate sustained with p99 under `sustain_p99_ms`. The load generator runs in
 this process, so each step also records the generator's own CPU share: near 1.0 means the client,
 not the server, was the limit of that step.
+
+Targets (`--targets`, all by default):
+- `authsrv`: the internal-balance partner `demo` (balances in our ledger);
+- `baseline`: the codec + transport floor (bench/baseline_server.py);
+- `external-5ms`: every card on partner `ext` with `balance_mode = "external"`, its api_url the
+  partner simulator (its own process) answering in 5 ms;
+- `external-timeout`: the same with the simulator answering after 400 ms, past the ISO budget
+  (250 ms): every debit ends in the stand-in decline (91) when the budget runs out.
+The external targets offer only the rates up to EXTERNAL_RATE_MAX (one simulator process answers
+~700 calls/s on an idle 2-core VM, fewer when it shares the cores with the server and the load)
+and seed at most EXTERNAL_USERS_MAX users (each balance is told to the simulator one call at a
+time). Their ratios are taken against the `authsrv` run of the same invocation.
 """
 
 from __future__ import annotations
@@ -24,6 +36,16 @@ import attrs
 import msgspec
 import trio
 
+from bench.external import (
+    ExternalFigures,
+    add_external_partner,
+    collateral_per_user,
+    external_figures,
+    link_balances,
+    scrape_metrics,
+    seed_partner,
+    start_partner_sim,
+)
 from simulators.network.cards import load_cards, write_synthetic_cards
 from simulators.network.load import LoadConfig, LoadError, run_load
 from simulators.network.pinblock import load_zpk
@@ -32,14 +54,26 @@ from simulators.network.target import (
     ChildProcess,
     Ports,
     TargetError,
+    authsrv_command,
     free_port,
     init_and_seed,
     ledger_verify,
+    run_cli,
     start_authsrv,
     start_baseline,
 )
 
-TARGETS = ("authsrv", "baseline")
+TARGETS = ("authsrv", "baseline", "external-5ms", "external-timeout")
+EXTERNAL_PARTNER = "ext"
+ISO_BUDGET_MS = 250  # authsrv.toml [iso] budget_ms at its default: what a timed-out call costs
+# Partner simulator settings per external target. No forced 422s by amount ending: the mix's
+# random amounts would otherwise be declined now and then where the load generator expects 00.
+EXTERNAL_SCENARIOS = {
+    "external-5ms": ("--latency-ms", "5", "--no-amount-codes"),
+    "external-timeout": ("--latency-ms", "400", "--no-amount-codes"),
+}
+EXTERNAL_RATE_MAX = 500.0  # offered/s: ~80% of the mix calls the partner; one simulator process's ceiling
+EXTERNAL_USERS_MAX = 2_000  # linking is one control-API call per balance
 RATES_MAX = 50  # steps per target
 USERS_MAX = 1_000_000
 STEP_SECONDS_MAX = 600.0
@@ -53,7 +87,8 @@ QUICK_USERS = 1_000
 
 @attrs.frozen(kw_only=True)
 class BenchConfig:
-    rates: tuple[float, ...] = (1000.0, 2000.0, 4000.0, 6000.0, 8000.0)
+    # From a rate this machine class sustains up: stepping stops at the first overloaded rate.
+    rates: tuple[float, ...] = (250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 4000.0, 6000.0, 8000.0)
     step_seconds: float = 10.0
     users: int = 20_000
     cards_per_user: int = 1
@@ -121,6 +156,19 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     client_saturated: bool
 
 
+class ExternalCalls(msgspec.Struct, frozen=True, kw_only=True):
+    """The hot path's calls to the external partner over the whole target run (authsrv /metrics)."""
+
+    partner: str
+    simulator: list[str]  # the partner simulator's knobs
+    calls: dict[str, int]  # result -> calls
+    stand_in: dict[str, int]  # decision -> count
+    mean_ms: float | None
+    p50_ms_max: float | None  # histogram bucket bounds
+    p99_ms_max: float | None
+    simulator_cpu_s: float | None  # the simulator process over the run (linking included)
+
+
 class TargetResult(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     steps: list[Step]
@@ -129,6 +177,7 @@ class TargetResult(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     server_exit_code: int | None = None
     ledger_verify_exit_code: int | None = None
+    external: ExternalCalls | None = None  # external-* targets only
 
 
 class RateRatio(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,7 +199,8 @@ class BenchResults(msgspec.Struct, frozen=True, kw_only=True):
     machine: Machine
     settings: dict[str, object]
     targets: dict[str, TargetResult]
-    ratios: Ratios | None
+    ratios: Ratios | None  # authsrv / baseline
+    external_ratios: dict[str, Ratios] = {}  # external target -> it / authsrv (internal), same run
 
 
 def machine_info() -> Machine:

@@ -309,3 +309,89 @@ def test_seed_100k_users_under_a_minute(data_dir: Path) -> None:
     print(f"index of 100,000 cards loaded in {loaded_s:.2f} s")
     assert len(index) == 100_000 and loaded_s < 5
     assert os.path.getsize(data_dir / "cards.jsonl") > 100_000 * 100
+
+
+# -- seed for an external-balance partner (issue 5) -----------------------------------------------
+
+
+def _make_external(data_dir: Path, name: str) -> None:
+    """What an operator does after `authsrv partner add`: its table says external, with an api_url."""
+    from authsrv.config import render_partner_table
+
+    path = data_dir / "authsrv.toml"
+    head, found, _ = path.read_text().partition(f"[partners.{name}]")
+    assert found  # `partner add` appends the table last, so everything after it is the table
+    settings = PartnerConfig(balance_mode="external", api_url="http://127.0.0.1:9/partner")
+    path.write_text(head + render_partner_table(name, settings))
+
+
+def test_seed_for_an_external_partner_funds_only_the_collateral(data_dir: Path, tmp_path: Path) -> None:
+    add_partner(data_dir, "ext")
+    _make_external(data_dir, "ext")
+    with Store.open(data_dir) as store:
+        assert store.get_partner("ext").balance_mode == "internal"  # the store follows at seed/serve
+    out = tmp_path / "ext-cards.jsonl"
+    report = seed(data_dir, users=20, cards_per_user=2, amount=3_000, partner="ext", out=out, progress=False)
+    assert (report.users, report.cards, report.balance_mode) == (20, 40, "external")
+    assert report.collateral_funded == 20 * 3_000  # every seeded balance can be spent in full
+    assert "held at partner ext" in report.summary() and "funded with 3000 EUR" not in report.summary()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 40 and all(list(line) == CARD_LINE_KEYS for line in lines)
+    assert _mode(out) == 0o600
+    keys = cardsec.CardKeys.load(data_dir / "keys")
+    vault = cardsec.PanVault(keys)
+    with Store.open(data_dir) as store:
+        assert store.get_partner("ext").balance_mode == "external"
+        index = load_index(store)
+        ext = index.partner("ext")
+        assert ext.balance_mode == "external"
+        accounts = set()
+        for line in lines:
+            card = store.card_by_pan_index(vault.index(line["pan"]))
+            assert (card.partner, card.status, card.balance_id) == ("ext", CardStatus.active, line["balanceId"])
+            assert cardsec.verify_pin(line["pan"], line["pin"], card.pvv, keys.pvk)
+            balance = store.get_balance(line["balanceId"])
+            assert (balance.partner, balance.user_id, balance.currency) == ("ext", line["customerId"], "EUR")
+            user = store.get_user(line["customerId"])
+            assert (user.partner, user.kyc) == ("ext", "SUCCESS")
+            accounts.add(balance.ledger_account_id)
+            assert index.card_by_pan_index(vault.index(line["pan"])).status is CardStatus.active
+        funding = index.funding_account("EUR")
+        collateral = ext.collateral_account_ids["EUR"]
+        demo_collateral = index.partner("demo").collateral_account_ids["EUR"]
+    assert len(accounts) == 20
+    balances = _ledger_balances(data_dir, [*accounts, collateral, funding, demo_collateral])
+    assert all(balances[account] == 0 for account in accounts)  # created, never funded here
+    assert balances[collateral] == 60_000 and balances[demo_collateral] == 0
+    assert balances[funding] == -60_000  # the collateral transfer is the only money seeding moved
+
+
+def test_seed_internal_and_external_partners_into_one_data_directory(data_dir: Path) -> None:
+    add_partner(data_dir, "ext")
+    _make_external(data_dir, "ext")
+    internal = seed(data_dir, users=5, amount=1_000, progress=False)
+    external = seed(data_dir, users=7, amount=2_000, partner="ext", progress=False)
+    assert (internal.balance_mode, external.balance_mode) == ("internal", "external")
+    assert (external.first_customer_id, external.last_customer_id) == (6, 12)
+    lines = [json.loads(line) for line in (data_dir / "cards.jsonl").read_text().splitlines()]
+    assert len(lines) == 12
+    with Store.open(data_dir) as store:
+        index = load_index(store)
+        accounts = {line["customerId"]: store.get_balance(line["balanceId"]).ledger_account_id for line in lines}
+        funding = index.funding_account("EUR")
+    balances = _ledger_balances(data_dir, [*accounts.values(), funding])
+    assert [balances[accounts[user]] for user in range(1, 13)] == [1_000] * 5 + [0] * 7
+    # demo: 5 balances and its collateral; ext: only its collateral
+    assert balances[funding] == -(5 * 1_000 + 5 * 1_000 + 7 * 2_000)
+
+
+def test_cli_seed_external_partner(data_dir: Path, tmp_path: Path) -> None:
+    add_partner(data_dir, "ext")
+    _make_external(data_dir, "ext")
+    out = tmp_path / "cards.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "authsrv", "seed", "--data", str(data_dir), "--partner", "ext", "--users", "3",
+         "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "held at partner ext" in done.stdout and len(out.read_text().splitlines()) == 3

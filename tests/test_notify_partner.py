@@ -246,3 +246,30 @@ async def test_stand_in_decisions_are_reconciled_at_the_partner_exactly_once(dat
                 await trio.sleep(0.05)
             assert sim.state.amount_of(str(card["balanceId"])) == 47_000  # charged once, whatever came late
             server.stop.set()
+
+
+async def test_https_partner_sees_authsrv_client_certificate(data_dir, cards):
+    pki_dir = data_dir / "pki"
+    settings = PartnerSimSettings(tls_cert=pki_dir / "server.crt", tls_key=pki_dir / "server.key",
+                                  client_ca=pki_dir / "ca.crt")
+    async with running_partner(settings) as sim:
+        assert sim.url.startswith("https://")
+        configure_partner(data_dir, "demo", api_url=sim.url, notify=["transaction"])
+        async with trio.open_nursery() as nursery:
+            server = await start_in_process(nursery, data_dir, **FAST)
+            card = cards[0]
+            await authorize(server.iso_port, [auth(card, amount=321, cvc2=card["cvc2"])])
+            calls = await _received_tls(sim.url, pki_dir)
+            assert len(calls) == 1 and calls[0]["clientCertName"] == "CN=authsrv", calls
+            assert (pki_dir / "authsrv-client.crt").exists()
+            server.stop.set()
+
+
+async def _received_tls(url: str, pki_dir: Path) -> list[dict]:
+    deadline = time.monotonic() + 15
+    async with httpx.AsyncClient(base_url=url, verify=client_ssl_context(pki_dir, "partner")) as client:
+        while True:
+            found = (await client.get("/_sim/received", params={"kind": "transaction"})).json()["received"]
+            if found or time.monotonic() > deadline:
+                return found
+            await trio.sleep(0.05)

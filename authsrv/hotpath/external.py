@@ -194,12 +194,8 @@ def client_ssl(pki_dir: Path | None) -> ssl.SSLContext | bool:
         return True
     from authsrv import pki
 
-    if not (pki_dir / "authsrv-client.crt").exists():
-        try:
-            pki.issue_client_cert(pki_dir, "authsrv", "authsrv-client")
-        except FileExistsError:  # made meanwhile by another part of the server
-            pass
-    return pki.client_ssl_context(pki_dir, "authsrv-client")
+    pki.ensure_authsrv_client_certificate(pki_dir)
+    return pki.client_ssl_context(pki_dir, pki.AUTHSRV_CLIENT_STEM)
 
 
 def new_client(api_url: str, pki_dir: Path | None) -> httpx.AsyncClient:

@@ -22,8 +22,7 @@ from authsrv.notify import signing
 
 log = logging.getLogger("authsrv.notify")
 
-CLIENT_CERT_STEM = "authsrv-client"
-CLIENT_CERT_NAME = "authsrv"
+CLIENT_CERT_STEM = pki.AUTHSRV_CLIENT_STEM
 CONNECTIONS_PER_PARTNER_MAX = 16
 CONNECT_TIMEOUT_S = 5.0
 PUBLIC_KEY_TTL_S = 3600.0  # a partner rotating its key is picked up within the hour
@@ -33,15 +32,7 @@ ANSWER_PEEK_BYTES_MAX = 200  # of an error body, kept on the delivery row (never
 
 def ensure_client_certificate(data_dir: Path) -> tuple[Path, Path]:
     """authsrv's client certificate for calls to partners, issued by the dev CA on first need."""
-    pki_dir = Path(data_dir) / "pki"
-    cert, key = pki_dir / f"{CLIENT_CERT_STEM}.crt", pki_dir / f"{CLIENT_CERT_STEM}.key"
-    if not cert.exists():
-        try:
-            pki.issue_client_cert(pki_dir, CLIENT_CERT_NAME, CLIENT_CERT_STEM)
-        except pki.PkiError:
-            pass  # made concurrently (the external-balance client needs the same file)
-    assert cert.exists() and key.exists()
-    return cert, key
+    return pki.ensure_authsrv_client_certificate(Path(data_dir) / "pki")
 
 
 class _PublicKeyAnswer(msgspec.Struct):

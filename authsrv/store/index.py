@@ -131,6 +131,10 @@ class CardIndex:
     def user_controls(self, user_id: int):
         return self._user_controls.get(user_id)
 
+    def controls_maps(self) -> tuple[dict[int, object], dict[int, object]]:
+        """(card id -> Controls, user id -> Controls), updated in place: the hot path binds them once."""
+        return self._card_controls, self._user_controls
+
     def __len__(self) -> int:
         return len(self._cards_by_id)
 

@@ -1,5 +1,12 @@
 """`authsrv seed`: bulk-create funded, KYC-verified users with active virtual cards (offline).
 
+`--partner NAME` seeds another partner's users. For a partner whose `[partners.NAME]` table says
+`balance_mode = "external"`, the money lives at the partner: users, balances (with their empty
+ledger accounts, as the REST API creates them), cards and the cards file are made here, but no
+funding transfer is; the partner learns each balance from whoever drives it (`POST
+{api_url}/users/{id}/balances`, or the partner simulator's `/_sim/balances`). The partner's
+collateral deposit is still funded with users x amount, so every seeded balance can be spent in full.
+
 Built for 100,000 users in well under a minute on two cores:
 - the store work is one `BEGIN IMMEDIATE` transaction of `insert_all` bulk inserts, with row ids
   reserved up front (consecutive ranges: no per-row lookups, and the ledger side needs no lists);
@@ -33,6 +40,7 @@ import msgspec
 
 from authsrv import cardsec
 from authsrv.config import ConfigError, load_config
+from authsrv.store.partners import sync_partners
 from authsrv.store.db import (
     STORE_FILE_NAME,
     DataDirBusy,
@@ -95,6 +103,7 @@ class SeedReport:
     last_customer_id: int
     cards_file: Path
     seconds: float
+    balance_mode: str = "internal"  # "external": the balances are at the partner, funded there
 
     def summary(self) -> str:
         rate = self.users / self.seconds if self.seconds > 0 else 0.0
@@ -103,11 +112,15 @@ class SeedReport:
             if self.collateral_funded
             else ""
         )
+        funding = (
+            f"balances held at partner {self.partner} (external: link them there, nothing funded here)"
+            if self.balance_mode == "external"
+            else f"each balance funded with {self.amount} {self.currency}"
+        )
         return (
             f"seeded {self.users} users (customer ids {self.first_customer_id}..{self.last_customer_id})"
-            f" with {self.cards} active virtual cards, each balance funded with {self.amount}"
-            f" {self.currency}{collateral}; cards appended to {self.cards_file}"
-            f" in {self.seconds:.1f} s ({rate:,.0f} users/s)"
+            f" with {self.cards} active virtual cards, {funding}{collateral};"
+            f" cards appended to {self.cards_file} in {self.seconds:.1f} s ({rate:,.0f} users/s)"
         )
 
 
@@ -126,9 +139,10 @@ class _Plan:
     balance_ids: range
     account_ids: range
     card_ids: range
-    transfer_ids: range  # one per user, plus the last one for the collateral
+    transfer_ids: range  # one per user (internal balances only), plus the last one for the collateral
     funding_account: int
     collateral_account: int | None
+    external: bool  # the partner holds the balances: accounts here stay empty, no funding transfers
 
 
 def seed(
@@ -174,6 +188,7 @@ def seed(
         last_customer_id=plan.user_ids[-1],
         cards_file=cards_file,
         seconds=time.perf_counter() - started,
+        balance_mode="external" if plan.external else "internal",
     )
 
 
@@ -207,13 +222,15 @@ def _prepare(
         config = load_config(data_dir)
     except ConfigError as error:
         raise SeedError(str(error)) from None
-    partner_row = store.get_partner(partner)
-    if partner not in config.partners or partner_row is None:
+    if partner not in config.partners or store.get_partner(partner) is None:
         raise SeedError(f"unknown partner {partner!r} (add it with `authsrv partner add`)")
-    if partner_row.balance_mode != "internal":
-        raise SeedError(
-            f"partner {partner!r} holds user balances externally; seed funds internal balances only"
-        )
+    # authsrv.toml is what operators edit (e.g. balance_mode = "external" after `partner add`); the
+    # server makes the store follow it at start, and seeding must see the same modes first.
+    sync_partners(store, config)
+    partner_row = store.get_partner(partner)
+    assert partner_row is not None
+    assert partner_row.balance_mode == config.partners[partner].balance_mode
+    external = partner_row.balance_mode == "external"
     program = store.get_program(config_id)
     if program is None:
         raise SeedError(f"unknown card program (configId) {config_id!r}")
@@ -229,7 +246,7 @@ def _prepare(
     balance_ids = store.next_ids("balances", users)
     account_ids = store.next_ids("ledger_accounts", users)
     card_ids = store.next_ids("cards", users * cards_per_user)
-    transfer_ids = store.allocate_transfer_ids(users + 1)
+    transfer_ids = store.allocate_transfer_ids(1 if external else users + 1)
     plan = _Plan(
         users=users,
         cards_per_user=cards_per_user,
@@ -245,6 +262,7 @@ def _prepare(
         transfer_ids=transfer_ids,
         funding_account=kinds[AccountKind.funding],
         collateral_account=collateral,
+        external=external,
     )
     return plan, setup_accounts
 
@@ -376,16 +394,20 @@ def _collateral_funding(plan: _Plan) -> TransferSpec:
 
 
 def _funding_batch(plan: _Plan, first: int, count: int) -> Batch:
+    """The balances' ledger accounts and, for internal balances, their funding transfers."""
     accounts, transfers = [], []
     for position in range(first, first + count):
         account_id = plan.account_ids[position]
         accounts.append(AccountSpec(id=account_id, currency=plan.currency, kind=AccountKind.user_balance,
                                     flags=AccountFlags.debits_must_not_exceed_credits,
                                     user_data=plan.balance_ids[position]))  # fmt: skip
+        if plan.external:
+            continue  # the money is at the partner: an external balance's account here stays at zero
         transfers.append(TransferSpec(id=plan.transfer_ids[position], debit_account_id=plan.funding_account,
                                       credit_account_id=account_id, amount=plan.amount,
                                       code=ManagementTransferCode.user_funding,
                                       reference=f"seed balance {plan.balance_ids[position]}"))  # fmt: skip
+    assert len(transfers) == (0 if plan.external else count)
     return Batch(timestamp_ns=time.time_ns(), accounts=tuple(accounts), transfers=tuple(transfers))
 
 
