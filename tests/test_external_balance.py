@@ -250,3 +250,35 @@ async def test_linking_a_new_balance(data_dir, cards):
             else:
                 raise AssertionError("a failed link must not create the balance")
             assert len(store.balances_of_user(user.id)) == before + 1
+
+
+async def test_kyc_success_opens_and_links_the_automatic_balance(data_dir, cards):
+    """The demo program opens a EUR balance on KYC success; for an external partner it is linked at
+    the partner (documents, "Process of linking balances"). A partner that cannot link it leaves
+    the user verified and without that balance, rather than refusing the KYC update."""
+    from tests.restclient import create_customer, https
+
+    async with world(data_dir, [], link=False) as (sim, server, _):
+        async with https(data_dir, server.rest_port, "partner") as partner:
+            customer = await create_customer(partner, kyc="PENDING")
+            reply = await partner.put(f"/lifecycle/v1/wallet/{customer.customer_id}", json={"kyc": "SUCCESS"})
+            assert reply.status_code == 200, reply.text
+            (balance,) = (await partner.get(f"/secure/customers/{customer.customer_id}/balances")).json()["balances"]
+            (linked,) = sim.state.received_of("link")
+            assert linked.path == f"/users/{customer.customer_id}/balances"
+            assert str(balance["id"]).encode() in linked.body
+
+            await sim_mode(sim, down=True)
+            other = await create_customer(partner, kyc="PENDING")
+            reply = await partner.put(f"/lifecycle/v1/wallet/{other.customer_id}", json={"kyc": "SUCCESS"})
+            assert reply.status_code == 200 and reply.json()["kyc"] == "SUCCESS", reply.text
+            listed = (await partner.get(f"/secure/customers/{other.customer_id}/balances")).json()["balances"]
+            assert listed == []
+
+
+async def sim_mode(sim, **mode) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=sim.url) as client:
+        reply = await client.post("/_sim/mode", json=mode)
+        assert reply.status_code == 200, reply.text

@@ -214,10 +214,20 @@ def auto_balance_hook(ctx: RestContext) -> Callable[[UserRow], list[AccountSpec]
     def hook(user: UserRow) -> list[AccountSpec]:
         accounts: list[AccountSpec] = []
         held = {row.currency for row in store.balances_of_user(user.id) if row.status == BALANCE_ACTIVE}
+        link = external_link(ctx, user.partner)
         for currency in store.auto_balance_currencies(user.partner):
             if currency in held or by_alpha(currency) is None:
                 continue
-            row, specs = open_balance(store, user, currency)
+            try:
+                with store.savepoint():  # a partner that does not link it: no balance, KYC still passes
+                    row, specs = open_balance(store, user, currency)
+                    failure = link(row) if link is not None else ""
+                    if failure:
+                        raise PartnerLinkFailed(failure)
+            except PartnerLinkFailed as failure:
+                log.warning("partner %s did not link the automatic %s balance of customer %d: %s",
+                            user.partner, currency, user.id, failure)
+                continue
             log.info("opened balance %d (%s) for customer %d on KYC success", row.id, currency, user.id)
             accounts.extend(specs)
         return accounts

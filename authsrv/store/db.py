@@ -597,6 +597,20 @@ class Store:
                 update()
 
     @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: undo only this block's writes if it raises (the rest stays)."""
+        assert self._conn.in_transaction, "a savepoint lives inside transaction()"
+        name = f"sp_{secrets.token_hex(4)}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            self._conn.execute(f"RELEASE {name}")
+            raise
+        self._conn.execute(f"RELEASE {name}")
+
+    @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the store lock (e.g. while building the index, so no change slips in between)."""
         with self._lock:
