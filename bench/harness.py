@@ -15,8 +15,8 @@ Targets (`--targets`, all by default):
 - `external-timeout`: the same with the simulator answering after 400 ms, past the ISO budget
   (250 ms): every debit ends in the stand-in decline (91) when the budget runs out.
 The external targets offer only the rates up to EXTERNAL_RATE_MAX (one simulator process answers
-~700 calls/s on an idle 2-core VM, fewer when it shares the cores with the server and the load)
-and seed at most EXTERNAL_USERS_MAX users (each balance is told to the simulator one call at a
+~700 calls/s on an idle 2-core VM, far fewer when it shares the cores with the server and the load,
+and each call costs the server itself ~3 ms of CPU there) and seed at most EXTERNAL_USERS_MAX users (each balance is told to the simulator one call at a
 time). Their ratios are taken against the `authsrv` run of the same invocation.
 """
 
@@ -72,7 +72,9 @@ EXTERNAL_SCENARIOS = {
     "external-5ms": ("--latency-ms", "5", "--no-amount-codes"),
     "external-timeout": ("--latency-ms", "400", "--no-amount-codes"),
 }
-EXTERNAL_RATE_MAX = 500.0  # offered/s: ~80% of the mix calls the partner; one simulator process's ceiling
+# Offered/s. ~80% of the mix calls the partner. On machine A (docs/benchmarks.md) one call costs
+# authsrv ~3 ms of CPU (httpx on trio) and the simulator ~3 ms: 250/s already fills a core each.
+EXTERNAL_RATE_MAX = 250.0
 EXTERNAL_USERS_MAX = 2_000  # linking is one control-API call per balance
 RATES_MAX = 50  # steps per target
 USERS_MAX = 1_000_000
@@ -80,7 +82,7 @@ STEP_SECONDS_MAX = 600.0
 SEED_AMOUNT_MINOR = 1_000_000  # 10,000.00 per balance: the mix spends a few hundred per card per run
 SYNTHETIC_CARDS = 20_000  # cards the baseline is driven with when authsrv did not seed any
 CLIENT_SATURATED_SHARE = 0.9  # generator CPU / wall time above which a step measured the client
-QUICK_RATES = (300.0, 600.0)
+QUICK_RATES = (100.0, 300.0, 600.0)  # external targets: 100 only (EXTERNAL_RATE_MAX)
 QUICK_STEP_SECONDS = 1.5
 QUICK_USERS = 1_000
 
@@ -88,7 +90,7 @@ QUICK_USERS = 1_000
 @attrs.frozen(kw_only=True)
 class BenchConfig:
     # From a rate this machine class sustains up: stepping stops at the first overloaded rate.
-    rates: tuple[float, ...] = (250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 4000.0, 6000.0, 8000.0)
+    rates: tuple[float, ...] = (100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 4000.0, 8000.0)
     step_seconds: float = 10.0
     users: int = 20_000
     cards_per_user: int = 1
@@ -245,10 +247,25 @@ def step_from_report(report: LoadReport, *, server_cpu_s: float, client_cpu_s: f
     )
 
 
-def overload_reason(step: Step, config: BenchConfig) -> str | None:
+def p99_stop_ms(name: str, config: BenchConfig) -> float:
+    """`external-timeout` answers every debit at the end of the ISO budget by design: its stop line
+    sits that much higher, so it measures the stand-in's cost rather than stopping at once."""
+    return config.p99_stop_ms + (ISO_BUDGET_MS if name == "external-timeout" else 0.0)
+
+
+def target_rates(name: str, config: BenchConfig) -> tuple[float, ...]:
+    """The rates a target is offered: external targets stay under the partner simulator's ceiling."""
+    if name not in EXTERNAL_SCENARIOS:
+        return config.rates
+    capped = tuple(rate for rate in config.rates if rate <= EXTERNAL_RATE_MAX)
+    return capped or (min(config.rates[0], EXTERNAL_RATE_MAX),)
+
+
+def overload_reason(step: Step, config: BenchConfig, stop_ms: float | None = None) -> str | None:
     """Why stepping stops after this step, or None to go on."""
-    if step.p99_ms > config.p99_stop_ms:
-        return f"p99 {step.p99_ms:.1f} ms > {config.p99_stop_ms:.0f} ms at {step.offered_rate_per_s:.0f}/s"
+    stop_ms = config.p99_stop_ms if stop_ms is None else stop_ms
+    if step.p99_ms > stop_ms:
+        return f"p99 {step.p99_ms:.1f} ms > {stop_ms:.0f} ms at {step.offered_rate_per_s:.0f}/s"
     if step.achieved_rate_per_s < config.achieved_stop_ratio * step.offered_rate_per_s:
         return (f"achieved {step.achieved_rate_per_s:.0f}/s < {config.achieved_stop_ratio:.0%} of "
                 f"{step.offered_rate_per_s:.0f}/s")  # fmt: skip
@@ -273,16 +290,17 @@ def run_steps(
 ) -> tuple[list[Step], str]:  # fmt: skip
     """Offer each rate in turn; returns the steps and why stepping ended."""
     steps: list[Step] = []
+    rates = target_rates(name, config)
     cards = load_cards(cards_path)  # once per target, not once per step
     if config.warmup_s > 0:
         warmup = LoadConfig(
-            cards_path=cards_path, port=port, rate_per_s=config.rates[0], duration_s=config.warmup_s,
+            cards_path=cards_path, port=port, rate_per_s=rates[0], duration_s=config.warmup_s,
             connections=config.connections, timeout_s=config.timeout_s, seed=config.seed - 1, zpk=zpk,
         )  # fmt: skip
         trio.run(functools.partial(run_load, warmup, cards=cards))
-        log(f"{name:<9} warmed up: {config.warmup_s:.0f} s at {config.rates[0]:,.0f}/s (not recorded)")
+        log(f"{name:<16} warmed up: {config.warmup_s:.0f} s at {rates[0]:,.0f}/s (not recorded)")
         time.sleep(config.pause_s)
-    for rate in config.rates:  # bounded: RATES_MAX
+    for rate in rates:  # bounded: RATES_MAX
         load = LoadConfig(
             cards_path=cards_path, port=port, rate_per_s=rate, duration_s=config.step_seconds,
             connections=config.connections, timeout_s=config.timeout_s, seed=config.seed + len(steps), zpk=zpk,
@@ -298,7 +316,7 @@ def run_steps(
         log(_step_line(name, step))
         if not server.running():
             return steps, f"server exited with {server.process.returncode}"
-        reason = overload_reason(step, config)
+        reason = overload_reason(step, config, p99_stop_ms(name, config))
         if reason:
             return steps, reason
         time.sleep(config.pause_s)
@@ -308,7 +326,7 @@ def run_steps(
 def _step_line(name: str, step: Step) -> str:
     cpu = f"{step.cpu_s_per_1000:.3f}" if step.cpu_s_per_1000 is not None else "-"
     return (
-        f"{name:<9} offered {step.offered_rate_per_s:>7,.0f}/s achieved {step.achieved_rate_per_s:>7,.0f}/s"
+        f"{name:<16} offered {step.offered_rate_per_s:>7,.0f}/s achieved {step.achieved_rate_per_s:>7,.0f}/s"
         f"  p50 {step.p50_ms:7.2f}  p99 {step.p99_ms:7.2f}  p99.9 {step.p999_ms:7.2f}  max {step.max_ms:7.2f} ms"
         f"  cpu/1000 {cpu} s  client {step.client_cpu_share:.0%}{' SATURATED' if step.client_saturated else ''}"
     )
@@ -370,16 +388,83 @@ def bench_baseline(
                         stop_reason=reason, error=error, server_exit_code=exit_code)  # fmt: skip
 
 
+def _prepare_external(data: Path, users: int, sim_url: str, log_path: Path) -> Path:
+    """init, partner `ext` external at `sim_url`, its users seeded and linked at the simulator."""
+    run_cli(authsrv_command("init", "--data", str(data)), log_path=log_path)
+    add_external_partner(data, EXTERNAL_PARTNER, sim_url, log_path)
+    cards_path = seed_partner(data, EXTERNAL_PARTNER, users=users, cards_per_user=1,
+                              amount_minor=collateral_per_user(users, SEED_AMOUNT_MINOR),
+                              out=data / "cards.jsonl", log_path=log_path)  # fmt: skip
+    link_balances(sim_url, cards_path, SEED_AMOUNT_MINOR)
+    return cards_path
+
+
+def _external_calls(figures: ExternalFigures | None, sim_args: tuple[str, ...], sim_cpu_s: float | None) -> ExternalCalls:
+    return ExternalCalls(
+        partner=EXTERNAL_PARTNER, simulator=list(sim_args), calls=figures.calls if figures else {},
+        stand_in=figures.stand_in if figures else {},
+        mean_ms=round(figures.mean_ms, 3) if figures and figures.mean_ms is not None else None,
+        p50_ms_max=figures.p50_ms_max if figures else None, p99_ms_max=figures.p99_ms_max if figures else None,
+        simulator_cpu_s=round(sim_cpu_s, 3) if sim_cpu_s is not None else None,
+    )  # fmt: skip
+
+
+def bench_external(config: BenchConfig, name: str, work: Path, log: Callable[[str], None]) -> TargetResult:
+    """Like bench_authsrv, with every card's balance at the partner simulator (its own process)."""
+    sim_args = EXTERNAL_SCENARIOS[name]
+    data, log_path = work / name, work / f"{name}.log"
+    users = min(config.users, EXTERNAL_USERS_MAX)
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    log(f"{name}: partner simulator {' '.join(sim_args)} on {sim_url}; init + seed {users} users of partner"
+        f" {EXTERNAL_PARTNER} (external) in {data} (log {log_path})")  # fmt: skip
+    sim = server = None
+    try:
+        sim = start_partner_sim(sim_port, work / f"{name}-partner-sim.log", sim_args)
+        cards_path = _prepare_external(data, users, sim_url, log_path)
+        zpk = load_zpk(data / "keys" / "zpk.hex")
+        ports = Ports.free()
+        server = start_authsrv(data, ports, log_path)
+    except (TargetError, OSError, ValueError) as error:
+        for child in (server, sim):
+            if child is not None:
+                child.stop()
+        return TargetResult(name=name, steps=[], sustained_rate_per_s=None, stop_reason="not started",
+                            error=str(error), external=_external_calls(None, sim_args, None))  # fmt: skip
+    steps: list[Step] = []
+    error = figures = None
+    try:
+        steps, reason = run_steps(name, server, port=ports.iso, cards_path=cards_path, zpk=zpk, config=config,
+                                  log=log)  # fmt: skip
+        figures = external_figures(scrape_metrics(ports.metrics), EXTERNAL_PARTNER)
+    except (LoadError, TargetError, OSError, ValueError) as failure:
+        reason, error = "load failed", str(failure)
+    finally:
+        exit_code = server.stop()
+        sim_cpu_s = sim.cpu_s() if sim.running() else None
+        sim.stop()
+    verify = ledger_verify(data, log_path)
+    log(f"{name}: server exit {exit_code}, ledger verify exit {verify.exit_code}"
+        + (f"; {figures.render()}" if figures else ""))  # fmt: skip
+    return TargetResult(
+        name=name, steps=steps, sustained_rate_per_s=sustained_rate(steps, config), stop_reason=reason, error=error,
+        server_exit_code=exit_code, ledger_verify_exit_code=verify.exit_code,
+        external=_external_calls(figures, sim_args, sim_cpu_s),
+    )  # fmt: skip
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 3)
 
 
-def compute_ratios(targets: dict[str, TargetResult]) -> Ratios | None:
-    if "authsrv" not in targets or "baseline" not in targets:
+def compute_ratios(targets: dict[str, TargetResult], ours_name: str = "authsrv",
+                   floor_name: str = "baseline") -> Ratios | None:  # fmt: skip
+    """`ours_name` / `floor_name` at each rate both ran, and of their sustained rates."""
+    if ours_name not in targets or floor_name not in targets:
         return None
-    ours, floor = targets["authsrv"], targets["baseline"]
+    ours, floor = targets[ours_name], targets[floor_name]
     floor_steps = {step.offered_rate_per_s: step for step in floor.steps}
     per_rate = [
         RateRatio(
@@ -394,6 +479,12 @@ def compute_ratios(targets: dict[str, TargetResult]) -> Ratios | None:
     return Ratios(sustained_rate=_ratio(ours.sustained_rate_per_s, floor.sustained_rate_per_s), per_rate=per_rate)
 
 
+def compute_external_ratios(targets: dict[str, TargetResult]) -> dict[str, Ratios]:
+    """Each external target against the internal-partner run (`authsrv`) of the same invocation."""
+    found = {name: compute_ratios(targets, name, "authsrv") for name in EXTERNAL_SCENARIOS if name in targets}
+    return {name: ratios for name, ratios in found.items() if ratios is not None}
+
+
 def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> BenchResults:
     """Run every target, write latest.json and latest.png into `config.out_dir`, return the results."""
     work = Path(tempfile.mkdtemp(prefix="authsrv-bench-"))
@@ -404,6 +495,9 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
             targets["authsrv"], cards_path = bench_authsrv(config, work, log)
         if "baseline" in config.targets:
             targets["baseline"] = bench_baseline(config, work, cards_path, log)
+        for name in EXTERNAL_SCENARIOS:
+            if name in config.targets:
+                targets[name] = bench_external(config, name, work, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # holds the seeded cards file (PANs, PINs)
     results = BenchResults(
@@ -412,6 +506,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         settings=_settings(config),
         targets=targets,
         ratios=compute_ratios(targets),
+        external_ratios=compute_external_ratios(targets),
     )
     write_results(results, config.out_dir)
     return results
@@ -445,10 +540,25 @@ def summary(results: BenchResults) -> str:
         if target.error:
             lines.append(f"  error: {target.error.splitlines()[0]}")
         lines += ["  " + _step_line(target.name, step) for step in target.steps]
-    if results.ratios:
-        lines.append(f"authsrv / baseline sustained rate: {results.ratios.sustained_rate}")
-        for ratio in results.ratios.per_rate:
+        if target.external is not None:
+            lines.append("  " + _external_line(target.external))
+    comparisons = [("authsrv / baseline", results.ratios)]
+    comparisons += [(f"{name} / authsrv", ratios) for name, ratios in results.external_ratios.items()]
+    for label, ratios in comparisons:
+        if ratios is None:
+            continue
+        lines.append(f"{label} sustained rate: {ratios.sustained_rate}")
+        for ratio in ratios.per_rate:
             lines.append(f"  at {ratio.offered_rate_per_s:,.0f}/s: cpu/1000 x{ratio.cpu_s_per_1000}"
                          f"  p50 x{ratio.p50}  p99 x{ratio.p99}")  # fmt: skip
     return "\n".join(lines)
+
+
+def _external_line(external: ExternalCalls) -> str:
+    calls = " ".join(f"{result}:{count}" for result, count in sorted(external.calls.items())) or "none"
+    stand_in = " ".join(f"{decision}:{count}" for decision, count in sorted(external.stand_in.items())) or "none"
+    mean = f"{external.mean_ms:.2f} ms" if external.mean_ms is not None else "-"
+    sim_cpu = f"{external.simulator_cpu_s:.1f} s" if external.simulator_cpu_s is not None else "-"
+    return (f"partner calls {calls}; mean {mean}, p99 <= {external.p99_ms_max} ms; stand-in {stand_in};"
+            f" simulator ({' '.join(external.simulator)}) cpu {sim_cpu}")  # fmt: skip
 

@@ -73,7 +73,7 @@ PARTNER_SIM_ARGS = ("--latency-ms", f"{PARTNER_LATENCY_MS:g}", "--no-amount-code
 # Share of the offered rate sent to the external partner's cards. Below one half because each
 # external call costs authsrv ~2 ms of CPU in httpx on the reference VM (docs/benchmarks.md,
 # section 4) and the simulator ~3 ms, both on the same two cores as the server and the load.
-EXTERNAL_RATE_SHARE = 0.2
+EXTERNAL_RATE_SHARE = 0.1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -55,7 +55,7 @@ def test_quick_bench_against_the_baseline_writes_sane_json_and_png(tmp_path: Pat
     assert results["machine"]["cores"] >= 1 and results["machine"]["python"].startswith("3.")
     baseline = results["targets"]["baseline"]
     assert baseline["error"] is None and baseline["server_exit_code"] == 0  # SIGTERM -> clean exit
-    assert [step["offered_rate_per_s"] for step in baseline["steps"]] == [300.0, 600.0]
+    assert [step["offered_rate_per_s"] for step in baseline["steps"]] == [100.0, 300.0, 600.0]
     for step in baseline["steps"]:
         assert step["achieved_rate_per_s"] >= 0.9 * step["offered_rate_per_s"]
         assert step["answered"] == step["sent"] and step["timeouts"] == 0
@@ -63,8 +63,9 @@ def test_quick_bench_against_the_baseline_writes_sane_json_and_png(tmp_path: Pat
         assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["p999_ms"] <= step["max_ms"] < 5000
         assert 0 < step["cpu_s_per_1000"] < 5  # the baseline spends well under 5 ms per message
         assert 0 < step["client_cpu_share"] < 1.5
-    assert baseline["sustained_rate_per_s"] in (None, 300.0, 600.0)
-    assert results["ratios"] is None  # one target: nothing to compare
+    assert baseline["sustained_rate_per_s"] in (None, 100.0, 300.0, 600.0)
+    assert results["ratios"] is None and results["external_ratios"] == {}  # one target: nothing to compare
+    assert baseline["external"] is None
     png = (tmp_path / "latest.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     assert "baseline" in done.stdout and "latest.json" in done.stdout
@@ -136,6 +137,144 @@ def test_quick_bench_against_authsrv_and_the_baseline(tmp_path: Path) -> None:
     results = load_results(tmp_path / "latest.json")
     ours = results.targets["authsrv"]
     assert ours.error is None and ours.server_exit_code == 0 and ours.ledger_verify_exit_code == 0
-    assert len(ours.steps) == 2 and all(step.answered == step.sent for step in ours.steps)
+    assert len(ours.steps) == 3 and all(step.answered == step.sent for step in ours.steps)
     assert all(step.cpu_s_per_1000 and step.cpu_s_per_1000 > 0 for step in ours.steps)
-    assert results.ratios is not None and len(results.ratios.per_rate) == 2
+    assert results.ratios is not None and len(results.ratios.per_rate) == 3
+    for name in ("external-5ms", "external-timeout"):
+        external = results.targets[name]
+        assert external.error is None and external.server_exit_code == 0 and external.ledger_verify_exit_code == 0
+        assert [step.offered_rate_per_s for step in external.steps] == [100.0]  # under EXTERNAL_RATE_MAX
+        assert external.external is not None and sum(external.external.calls.values()) > 0
+        assert [ratio.offered_rate_per_s for ratio in results.external_ratios[name].per_rate] == [100.0]
+    assert results.targets["external-5ms"].external.calls.get("approved", 0) > 0
+    timeout = results.targets["external-timeout"].external
+    assert set(timeout.calls) == {"timed_out"} and timeout.stand_in.get("decline") == timeout.calls["timed_out"]
+    assert results.targets["external-timeout"].steps[0].code_mix.get("91", 0) > 0
+
+
+# -- external-balance targets (issue 5) ------------------------------------------------------------
+
+
+def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
+    from bench.harness import EXTERNAL_RATE_MAX, ISO_BUDGET_MS, TARGETS, p99_stop_ms, target_rates
+
+    assert set(TARGETS) == {"authsrv", "baseline", "external-5ms", "external-timeout"}
+    config = BenchConfig()
+    assert target_rates("authsrv", config) == config.rates == target_rates("baseline", config)
+    assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)
+    assert all(rate <= EXTERNAL_RATE_MAX for rate in target_rates("external-5ms", config))
+    assert target_rates("external-5ms", BenchConfig.quick_preset()) == (100.0,)
+    assert target_rates("external-5ms", BenchConfig(rates=(4000.0,))) == (EXTERNAL_RATE_MAX,)  # never none
+    assert p99_stop_ms("external-timeout", config) == config.p99_stop_ms + ISO_BUDGET_MS
+    assert p99_stop_ms("external-5ms", config) == config.p99_stop_ms == p99_stop_ms("authsrv", config)
+    slow = make_step(100, p99_ms=240)  # every debit waits out the budget: that is the scenario
+    assert overload_reason(slow, config, p99_stop_ms("external-timeout", config)) is None
+    assert "p99" in overload_reason(slow, config, p99_stop_ms("external-5ms", config))
+
+
+def test_bench_config_accepts_external_targets_only_by_name() -> None:
+    assert BenchConfig(targets=("external-5ms",)).targets == ("external-5ms",)
+    with pytest.raises(ValueError):
+        BenchConfig(targets=("external-1ms",))
+
+
+def test_external_ratios_are_against_the_internal_run() -> None:
+    from bench.harness import compute_external_ratios
+
+    internal = TargetResult(name="authsrv", steps=[make_step(100, cpu=1.0, p99_ms=4), make_step(250, cpu=1.0)],
+                            sustained_rate_per_s=250, stop_reason="all rates offered")  # fmt: skip
+    fast = TargetResult(name="external-5ms", steps=[make_step(100, cpu=3.0, p99_ms=20)],
+                        sustained_rate_per_s=None, stop_reason="p99")  # fmt: skip
+    targets = {"authsrv": internal, "external-5ms": fast}
+    ratios = compute_external_ratios(targets)
+    assert list(ratios) == ["external-5ms"]
+    assert (ratios["external-5ms"].per_rate[0].cpu_s_per_1000, ratios["external-5ms"].per_rate[0].p99) == (3.0, 5.0)
+    assert ratios["external-5ms"].sustained_rate is None
+    assert compute_external_ratios({"external-5ms": fast}) == {}  # no internal run: nothing to compare
+    results = BenchResults(created_utc="2026-01-01T00:00:00+00:00", machine=machine_info(), settings={},
+                           targets=targets, ratios=None, external_ratios=ratios)  # fmt: skip
+    assert "external-5ms / authsrv sustained rate: None" in summary(results)
+
+
+def test_old_results_without_external_fields_still_load(tmp_path: Path) -> None:
+    old = REPO / "bench" / "results" / "latest.json"
+    raw = json.loads(old.read_text())
+    raw.pop("external_ratios", None)
+    for target in raw["targets"].values():
+        target.pop("external", None)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    loaded = load_results(path)
+    assert loaded.external_ratios == {} and all(target.external is None for target in loaded.targets.values())
+
+
+def test_partner_table_is_replaced_in_place() -> None:
+    from authsrv.config import PartnerConfig, decode_config, render_default_config
+    from bench.external import replace_partner_table
+
+    text = render_default_config({"demo": PartnerConfig(), "ext": PartnerConfig(), "zed": PartnerConfig()})
+    updated = replace_partner_table(text, "ext", PartnerConfig(balance_mode="external", api_url="http://127.0.0.1:1"))
+    config = decode_config(updated.encode())
+    assert config.partners["ext"].balance_mode == "external" and config.partners["ext"].api_url == "http://127.0.0.1:1"
+    assert config.partners["demo"] == PartnerConfig() == config.partners["zed"]  # neighbours untouched
+    assert updated.split("[partners.ext]")[0] == text.split("[partners.ext]")[0]
+    with pytest.raises(Exception, match="0 \\[partners.nobody\\] tables"):
+        replace_partner_table(text, "nobody", PartnerConfig())
+
+
+def test_collateral_covers_the_balances_and_one_over_balance_attempt() -> None:
+    from bench.external import collateral_per_user
+    from simulators.network.mix import Amounts
+
+    over = Amounts().over_balance_minor
+    for users in (1, 7, 100, 1_000, 20_000):
+        per_user = collateral_per_user(users, 1_000_000)
+        assert per_user * users >= users * 1_000_000 + over
+        assert per_user * users < users * 1_000_000 + over + users  # rounded up, no more
+
+
+def test_external_figures_from_the_servers_metrics_text() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from authsrv.hotpath.external import ExternalMetrics
+    from bench.external import external_figures
+
+    registry = CollectorRegistry()
+    metrics = ExternalMetrics(registry)
+    for seconds in [0.004] * 98 + [0.02, 0.3]:
+        metrics.seconds.labels(partner="ext").observe(seconds)
+    metrics.seconds.labels(partner="other").observe(5.0)
+    metrics.calls.labels(partner="ext", result="approved").inc(97)
+    metrics.calls.labels(partner="ext", result="timed_out").inc(3)
+    metrics.stand_in.labels(partner="ext", decision="decline").inc(3)
+    figures = external_figures(generate_latest(registry).decode(), "ext")
+    assert figures.calls == {"approved": 97, "timed_out": 3} and figures.stand_in == {"decline": 3}
+    assert figures.seconds_count == 100 and abs(figures.mean_ms - (0.392 + 0.02 + 0.3) * 10) < 1e-6
+    assert (figures.p50_ms_max, figures.p99_ms_max) == (5.0, 25.0)
+    assert "external calls 100" in figures.render()
+    empty = external_figures(generate_latest(registry).decode(), "nobody")
+    assert empty.seconds_count == 0 and empty.mean_ms is None and empty.p99_ms_max is None
+
+
+def test_link_balances_tells_the_partner_simulator_every_balance(tmp_path: Path) -> None:
+    import urllib.request
+
+    from bench.external import link_balances, start_partner_sim
+    from simulators.network.target import free_port
+
+    cards = tmp_path / "cards.jsonl"
+    lines = [{"pan": "x", "expiry": "2901", "cvc2": "1", "pin": "1", "cardId": card, "customerId": 10 + card // 2,
+              "balanceId": 100 + card // 2, "currency": "EUR"} for card in range(40)]  # two cards per balance
+    cards.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    port = free_port()
+    sim = start_partner_sim(port, tmp_path / "sim.log", ("--latency-ms", "50"))
+    try:
+        started = time.monotonic()
+        assert link_balances(f"http://127.0.0.1:{port}", cards, 12_345) == 20
+        assert time.monotonic() - started < 5  # the control API skips the simulated latency
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/balances?limit=100", timeout=5) as response:
+            balances = json.loads(response.read())["balances"]
+    finally:
+        assert sim.stop() == 0
+    assert sorted((b["userId"], b["balanceId"], b["amount"], b["currency"]) for b in balances) == [
+        (str(10 + n), str(100 + n), 12_345, "EUR") for n in range(20)]

@@ -29,7 +29,9 @@ from authsrv.hotpath.limits import (
 from authsrv.hotpath.outcome import Outcome
 from authsrv.iso.request import parse_request
 from authsrv.store.index import CardIndex, CardState, CardStatus
-from tests.isoclient import auth
+from tests.conftest import start_in_process
+from tests.isoclient import IsoClient, auth, reversal_of
+from tests.restclient import admin_login, assert_problem, bearer, create_customer, customer_login, https
 
 CARD_ID, OTHER_CARD_ID, USER_ID = 7, 8, 70
 _keys = itertools.count(1)
@@ -282,7 +284,8 @@ def test_declines_credits_and_no_effect_approvals_do_not_count(h):
     h.journal.add(AuthRecord(key="d1", processing_code="000000", outcome=int(Outcome.insufficient_funds),
                              response_code="51", **base))
     h.journal.add(AuthRecord(key="c1", processing_code="200000", outcome=0, response_code="00", posted=True, **base))
-    h.journal.add(AuthRecord(key="n1", processing_code="000000", outcome=0, response_code="00", **base))  # advice, no effect
+    # an advice acknowledged without effect (no hold, not posted)
+    h.journal.add(AuthRecord(key="n1", processing_code="000000", outcome=0, response_code="00", **base))
     assert h.used(NOON) == (0, 0, 0, 0)
 
 
@@ -391,9 +394,6 @@ def test_empty_spec_removes_controls_from_the_index(h):
 
 # -- the whole path: REST on HTTPS, ISO 8583 on loopback ------------------------------------------------
 
-from tests.conftest import start_in_process  # noqa: E402
-from tests.isoclient import IsoClient, reversal_of  # noqa: E402
-from tests.restclient import admin_login, assert_problem, bearer, create_customer, customer_login, https  # noqa: E402
 
 
 class Live:
@@ -583,3 +583,10 @@ async def test_windows_and_controls_survive_a_restart(data_dir, cards):
             assert (await partner.get(card_path(card))).json()["monthlyUsed"] == {"amount": 1000, "count": 2}
         await iso.aclose()
         server.stop.set()
+
+
+def test_external_balance_approvals_count(h):
+    """An external-balance partner's approval holds no user money here; the partner's answer counts."""
+    record = h.approve("2025-03-14 08:00:00", 400)
+    h.journal.add(msgspec.structs.replace(record, key="ext1", user_hold_id=0, external=1))
+    assert h.used(NOON) == (800, 2, 800, 2)

@@ -10,13 +10,21 @@ Crash safety: the order inside a chunk is what makes "each record applies once" 
     2. check the log has room for the batch (WalFullError here leaves nothing behind);
     3. ONE store transaction: reserve transfer ids, write each record row with the exact transfers;
     4. submit the batch (no await between 1 and 4, so the plan is still true when it applies);
-    5. once durable, mark the rows applied.
+    5. once durable, ONE store transaction marks the rows applied (planned -> applied only) and writes
+       the `transaction.cleared` event of each record that resolved an authorization (cleared.py).
 
 A crash before 3 leaves nothing. Between 3 and 5 the rows say `planned`: a re-run resubmits those
 very transfers, and the ledger answers `exists` for what it already had (ids are remembered for
 24 h after they are applied) or applies what it lacked. Planning again instead would post twice,
 since the state already contains the first post. Ids come from the store's allocator and are
 never handed out twice, so a replanned record could not collide with a lost one either.
+
+The partner's status update rides on step 5, not 3: written at 3 it could be delivered before the
+posting is durable (or for a chain the ledger then refuses). At 5 the event commits with the row's
+move from `planned` to `applied`, which happens once: a crash before it leaves the row planned (the
+re-run resubmits, the ledger answers `exists`, and step 5 writes the event then); a re-run after it
+finds the row applied and writes nothing. The event body is kept in the row's plan, so the re-run
+writes what the first run planned.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import attrs
 import msgspec
 import trio
 
+from authsrv.clearing.cleared import ClearedTransaction
 from authsrv.clearing.plan import MATCHED, Card, ClearingOutcome, Overlay, Plan, Planner, Refusal
 from authsrv.clearing.records import ClearingFile, Line, mask_pan, parse_clearing_file
 from authsrv.clearing.store import ClearingStore, PlanRow, RecordRow, RecordState
@@ -71,6 +80,7 @@ class _Pending:
 
     seq: int
     applied: list[str]  # identities whose chains the ledger took
+    cleared: dict[str, ClearedTransaction]  # of those, the ones that resolved an authorization
 
 
 class ClearingRun:
@@ -145,14 +155,17 @@ class ClearingRun:
         transfers = tuple(spec for row in chains for spec in row.transfers)
         result, seq = self._deps.ledger.submit(Batch(timestamp_ns=ts_ns, transfers=transfers))
         lines = {line.identity: line for line in chunk}
-        self._pending = _Pending(seq, self._settle(lines, chains, result.transfer_results))
+        applied = self._settle(lines, chains, result.transfer_results)
+        by_identity = {row.identity: row.plan.cleared_event for row in chains}
+        cleared = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
+        self._pending = _Pending(seq, applied, cleared)
         return seq
 
     def durable(self) -> None:
         """The last chunk's batch is on disk: its rows become `applied`."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._rows.set_state(pending.applied, RecordState.applied)
+            self.summary.cleared_events += self._rows.mark_applied(pending.applied, pending.cleared)
             self.summary.ledger_seq = pending.seq
 
     def finish(self) -> ClearingSummary:
@@ -172,7 +185,8 @@ class ClearingRun:
         if partner is not None and partner.collateral == "deposit":
             collateral = partner.collateral_account_ids.get(state.currency, 0)
             usage = partner.collateral_usage_account_ids.get(state.currency, 0)
-        return Card(state.card_id, state.balance_account_id, state.currency, collateral if usage else 0, usage)
+        return Card(state.card_id, state.balance_account_id, state.currency, collateral if usage else 0, usage,
+                    partner=state.partner, balance_id=state.balance_id, pan_last4=state.pan_last4)
 
     def _known(self, line: Line, row: RecordRow, resumed: list[RecordRow], overlay: Overlay) -> None:
         if row.file_sha256 != self._file.sha256:
@@ -194,7 +208,7 @@ class ClearingRun:
             transfers = tuple(msgspec.structs.replace(spec, id=next(ids)) for spec in plan.transfers)
             record = line.record
             summary_row = PlanRow(str(plan.outcome), plan.currency, plan.cleared, plan.released, plan.refunded,
-                                  plan.referenced, plan.hold_id, mask_pan(record.pan))
+                                  plan.referenced, plan.hold_id, mask_pan(record.pan), plan.cleared_event)
             rows.append(RecordRow(line.identity, self._file.sha256, record.record_id, line.number,
                                   RecordState.planned, transfers, summary_row))
         assert next(ids, None) is None, "every reserved id is used"

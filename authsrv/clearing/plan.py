@@ -25,8 +25,10 @@ import enum
 
 import attrs
 
+from authsrv.clearing.cleared import ClearedTransaction
 from authsrv.clearing.records import ClearingRecord, RecordType
-from authsrv.hotpath.journal import AuthJournal, AuthRecord
+from authsrv.hotpath.external import transaction_id
+from authsrv.hotpath.journal import AuthJournal, AuthRecord, open_hold_id
 from ledger.state import HoldState, Ledger
 from ledger.types import TransferFlags, TransferSpec
 
@@ -81,8 +83,9 @@ class Plan:
     cleared: int = 0  # charged to the cardholder's balance (posted + forced)
     released: int = 0  # what a final post released from the hold
     refunded: int = 0
-    hold_id: int = 0  # the matched user hold (0: none)
+    hold_id: int = 0  # the matched hold (0: none): the user hold, or an external partner's collateral hold
     referenced: bool = False  # a refund that matched a purchase
+    cleared_event: ClearedTransaction | None = None  # the record resolved its authorization (cleared.py)
 
     def __attrs_post_init__(self) -> None:
         assert (self.outcome is None) != (self.refusal is None)
@@ -116,6 +119,9 @@ class Card:
     currency: str
     collateral_account_id: int = 0  # deposit partners only
     usage_account_id: int = 0
+    partner: str = ""
+    balance_id: int = 0
+    pan_last4: str = ""
 
 
 class Planner:
@@ -140,7 +146,7 @@ class Planner:
         if record.type is RecordType.refund:
             return _refund(record, card, settlement, referenced=authorization is not None)
         if authorization is not None and is_open:
-            remaining = self._remaining(authorization.user_hold_id, overlay, ts_ns)
+            remaining = self._remaining(open_hold_id(authorization), overlay, ts_ns)
             if remaining > 0:
                 return self._post(record, card, authorization, remaining, last, overlay, ts_ns)
             late = True
@@ -169,9 +175,13 @@ class Planner:
 
     def _post(self, record: ClearingRecord, card: Card, authorization: AuthRecord, remaining: int, last: bool,
               overlay: Overlay, ts_ns: int) -> Plan:
+        """Post the authorization's hold. Internal: the user hold (and the collateral hold beside it).
+        External-balance partner: the deposit collateral hold alone, with the collateral codes; the
+        user's money lives at the partner, which hears of the clearing from the outbox (cleared.py)."""
         amount = record.billing_amount
-        hold = self._ledger.hold(authorization.user_hold_id)
+        hold = self._ledger.hold(open_hold_id(authorization))
         assert hold is not None and remaining > 0
+        cleared_before = hold.posted + overlay.taken.get(hold.id, 0)  # earlier records (split)
         if amount >= remaining:
             posted, resolve = remaining, True
             outcome = ClearingOutcome.exact if amount == remaining else ClearingOutcome.over
@@ -180,18 +190,25 @@ class Planner:
             outcome = ClearingOutcome.partial if last else ClearingOutcome.split
         excess = amount - posted
         transfers: list[TransferSpec] = []
-        if authorization.collateral_hold_id:
-            transfers += self._collateral(card, authorization, record, posted, amount, resolve, overlay, ts_ns)
+        if authorization.user_hold_id:
+            post_code, excess_code = ClearingCode.post, ClearingCode.excess
+            if authorization.collateral_hold_id:
+                transfers += self._collateral(card, authorization, record, posted, amount, resolve, overlay, ts_ns)
+        else:
+            assert hold.id == authorization.collateral_hold_id
+            post_code, excess_code = ClearingCode.collateral_post, ClearingCode.collateral_excess
         flags = _POST | _FINAL if resolve else _POST
-        transfers.append(TransferSpec(0, 0, 0, posted, flags=flags, pending_id=hold.id, code=ClearingCode.post,
+        transfers.append(TransferSpec(0, 0, 0, posted, flags=flags, pending_id=hold.id, code=post_code,
                                       reference=record.rrn))
         if excess:
             transfers.append(TransferSpec(0, hold.debit_account_id, hold.credit_account_id, excess, flags=_FORCED,
-                                          code=ClearingCode.excess, reference=record.rrn))
+                                          code=excess_code, reference=record.rrn))
         overlay.take(hold.id, posted, resolve)
         released = remaining - posted if resolve else 0
+        event = _cleared(record, card, authorization, hold.amount, cleared_before + amount, outcome) if resolve \
+            else None
         return Plan(outcome, None, _linked(transfers), hold.currency, cleared=amount, released=released,
-                    hold_id=hold.id)
+                    hold_id=hold.id, cleared_event=event)
 
     def _collateral(self, card: Card, authorization: AuthRecord, record: ClearingRecord, posted: int,
                     amount: int, resolve: bool, overlay: Overlay, ts_ns: int) -> list[TransferSpec]:
@@ -215,6 +232,22 @@ class Planner:
             transfers.append(TransferSpec(0, debit, credit, rest, flags=_FORCED, code=ClearingCode.collateral_excess,
                                           reference=record.rrn))
         return transfers
+
+
+def _cleared(record: ClearingRecord, card: Card, authorization: AuthRecord, authorized: int, total: int,
+             outcome: ClearingOutcome) -> ClearedTransaction | None:
+    """The `transaction.cleared` event of a record that resolved its authorization (cleared.py)."""
+    if not card.partner:
+        return None
+    assert total >= record.billing_amount > 0
+    return ClearedTransaction(
+        partner=card.partner, transaction_id=transaction_id(authorization.key), balance_id=card.balance_id,
+        card_id=card.card_id, amount=total, currency=record.billing_currency, authorized_amount=authorized,
+        original_amount=record.amount, original_currency=record.currency, record_id=record.record_id,
+        outcome=str(outcome), processing_code=authorization.processing_code,
+        authorized_at_ns=authorization.timestamp_ns, rrn=record.rrn, mcc=record.mcc,
+        merchant_name=record.merchant_name, pan_last4=card.pan_last4,
+    )
 
 
 def _force(record: ClearingRecord, card: Card, settlement: int, outcome: ClearingOutcome) -> Plan:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import attrs
 import msgspec
 
+from authsrv.clearing.cleared import CLEARED_EVENT_KIND, ClearedTransaction, event_body
 from authsrv.store.db import Store, utc_now_iso
 from ledger.types import TransferSpec
 
@@ -34,6 +35,7 @@ class PlanRow(msgspec.Struct, frozen=True, rename="camel"):
     referenced: bool
     hold_id: int
     masked_pan: str
+    cleared_event: ClearedTransaction | None = None  # written when the row becomes applied (cleared.py)
 
 
 @attrs.frozen
@@ -108,6 +110,24 @@ class ClearingStore:
                  for row in rows],
             )
         return rows
+
+    def mark_applied(self, identities: list[str], cleared: dict[str, ClearedTransaction]) -> int:
+        """In one transaction: planned rows become applied, and each row that moves writes its
+        `transaction.cleared` event. A row already applied (a concurrent or later run) moves not,
+        so its event is never written twice. Returns the events written."""
+        assert set(cleared) <= set(identities)
+        written = 0
+        with self._store.transaction():
+            for identity in identities:  # bounded: one chunk's records
+                moved = self._store.db.execute(
+                    "UPDATE clearing_records SET state = ? WHERE identity = ? AND state = ?",
+                    (RecordState.applied, identity, RecordState.planned)).rowcount
+                event = cleared.get(identity)
+                if moved and event is not None:
+                    self._store.append_event(event.partner, CLEARED_EVENT_KIND, f"transaction:{event.transaction_id}",
+                                             event_body(event))
+                    written += 1
+        return written
 
     def set_state(self, identities: list[str], state: str) -> None:
         if not identities:

@@ -45,6 +45,7 @@ class ClearingSummary(msgspec.Struct, rename="camel"):
     exceptions: list[ClearingException] = []
     totals: dict[str, CurrencyTotals] = {}
     ledger_seq: int = 0  # last ledger log record of the run
+    cleared_events: int = 0  # `transaction.cleared` events written for the partners' outbox (cleared.py)
 
     def add_exception(self, entry: ClearingException) -> None:
         self.exceptions_count += 1

@@ -37,7 +37,7 @@ def shown(record: AuthRecord) -> bool:
     acknowledged without effect)."""
     if not record.card_id or record.reverses or record.processing_code[:2] in INQUIRIES:
         return False
-    return record.outcome not in _APPROVALS or bool(record.user_hold_id or record.posted)
+    return record.outcome not in _APPROVALS or bool(record.user_hold_id or record.posted or record.external)
 
 
 class ActivityLog:

@@ -7,8 +7,10 @@ journal is rebuilt from the ledger snapshot's application blob plus the log reco
 
 Two lifetimes live here. Duplicate detection needs a record for 24 h (`retention_ns`). Clearing
 needs an approved authorization for as long as its hold holds money (7 or 30 days, CONTRACT
-section 4), so approvals with a pending user hold are also kept in the *open-authorization index*
-(RRN -> records) until the hold is fully posted, voided or expired. Membership is a pure function
+section 4), so approvals with a pending hold are also kept in the *open-authorization index*
+(RRN -> records) until the hold is fully posted, voided or expired. The hold is the user hold; for
+an external-balance partner's approval, whose user money lives at the partner, it is the deposit
+collateral hold, the only money held here (`open_hold_id`). Membership is a pure function
 of the records and the ledger's hold states (`hold_open`), so replaying the same log rebuilds the
 same index; entries leave through `close_holds` (expiry, a final clearing post) or `prune`. Closed
 entries are remembered a while longer (`CLOSED_MAX`) so a clearing that arrives after expiry is
@@ -30,7 +32,7 @@ from ledger.types import Batch
 
 RETENTION_NS_DEFAULT = 24 * 3600 * 10**9  # duplicates are answered for at least 24 h (contract)
 RECORDS_MAX = 20_000_000  # hard memory bound: ~24 h at ~230 requests/s sustained; oldest go first
-# Each open authorization names one distinct pending user hold, so the ledger's bound is this one's.
+# Each open authorization names one distinct pending hold, so the ledger's bound is this one's.
 OPEN_AUTHORIZATIONS_MAX = HOLDS_PENDING_MAX
 # Closed authorizations kept to recognise a late clearing (after expiry or a final post); oldest go
 # first. Reporting only: a late record is force-posted whether or not it is still remembered here.
@@ -102,9 +104,20 @@ _snapshot_decoder = msgspec.msgpack.Decoder(JournalImage | list[AuthRecord])
 _APPROVALS = frozenset(int(outcome) for outcome in Outcome if is_approval(outcome))  # plain ints: no enum call
 
 
+def open_hold_id(record: AuthRecord) -> int:
+    """The hold clearing posts for this record (0: none): the user hold, or, for an external-balance
+    partner (`external` set, no user hold: the user's money lives at the partner), the deposit
+    collateral hold that is the only money held here (authsrv/hotpath/external.py)."""
+    if record.user_hold_id:
+        return record.user_hold_id
+    if record.external and not record.posted:
+        return record.collateral_hold_id
+    return 0
+
+
 def holds_money(record: AuthRecord) -> bool:
-    """An approval that placed a user hold (0100, 0120): what clearing posts later."""
-    return bool(record.user_hold_id) and not record.reverses and record.outcome in _APPROVALS
+    """An approval that placed a hold (0100, 0120): what clearing posts later."""
+    return bool(open_hold_id(record)) and not record.reverses and record.outcome in _APPROVALS
 
 
 def encode_record(record: AuthRecord) -> bytes:
@@ -148,7 +161,7 @@ class AuthJournal:
         return len(self._open)
 
     def open_authorizations(self, rrn: str) -> list[AuthRecord]:
-        """Approvals with this RRN whose user hold still holds money, oldest first."""
+        """Approvals with this RRN whose hold (`open_hold_id`) still holds money, oldest first."""
         return [self._open[hold_id] for hold_id in self._open_by_rrn.get(rrn, ())]
 
     def closed_authorizations(self, rrn: str) -> list[AuthRecord]:
@@ -177,7 +190,8 @@ class AuthJournal:
         return self.hold_open is None or self.hold_open(hold_id)
 
     def _index_open(self, record: AuthRecord) -> None:
-        hold_id = record.user_hold_id
+        hold_id = open_hold_id(record)
+        assert hold_id
         if hold_id not in self._open:
             _bucket_add(self._open_by_rrn, record.rrn, hold_id)
         self._open[hold_id] = record
@@ -189,7 +203,8 @@ class AuthJournal:
         self._remember_closed(record)
 
     def _remember_closed(self, record: AuthRecord) -> None:
-        hold_id = record.user_hold_id
+        hold_id = open_hold_id(record)
+        assert hold_id
         if hold_id in self._closed:
             self._closed[hold_id] = record
             return
@@ -202,12 +217,11 @@ class AuthJournal:
     def _track(self, record: AuthRecord) -> None:
         """Open-index bookkeeping for a record about to be stored under record.key."""
         previous = self._by_key.get(record.key)
-        if previous is not None and previous.user_hold_id in self._open and (
-            previous.user_hold_id != record.user_hold_id
-        ):
-            self._close(previous.user_hold_id)  # e.g. a stand-in decline replaced the approval
+        previous_hold = open_hold_id(previous) if previous is not None else 0
+        if previous_hold in self._open and (previous_hold != open_hold_id(record) or not holds_money(record)):
+            self._close(previous_hold)  # e.g. a stand-in decline replaced the approval
         if holds_money(record):
-            if self._is_open(record.user_hold_id):
+            if self._is_open(open_hold_id(record)):
                 self._index_open(record)
             else:
                 self._remember_closed(record)  # replay: resolved later in the log
@@ -233,11 +247,12 @@ class AuthJournal:
             if original is not None:
                 updated = msgspec.structs.replace(original, reversed_amount=original.reversed_amount + record.amount)
                 self._by_key[original.key] = updated
-                if original.user_hold_id in self._open:
-                    if self._is_open(original.user_hold_id):
-                        self._open[original.user_hold_id] = updated
+                hold_id = open_hold_id(original)
+                if hold_id in self._open:
+                    if self._is_open(hold_id):
+                        self._open[hold_id] = updated
                     else:
-                        self._close(original.user_hold_id)  # a full reversal voided the hold
+                        self._close(hold_id)  # a full reversal voided the hold
         self._track(record)
         if record.key not in self._by_key:
             self._order.append(record.key)

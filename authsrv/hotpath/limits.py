@@ -29,7 +29,8 @@ Channels. ATM: processing code 01 (cash) or MCC 6011. The others come from field
 Windows are UTC calendar days and months of the request's receipt time (`ctx.now_ns`). Usage is
 counted from journal records (`SpendWindows.on_add`, called by AuthJournal.add for live records
 and replayed ones alike): an approved debit that moved money (a hold or a posting) adds its amount
-and one to the windows of its day and month; a reversal gives back the amount it released to the
+and one to the windows of its day and month (for an external-balance partner, the partner's
+approval); a reversal gives back the amount it released to the
 windows the original was counted in (if they are still current), and the count once the original
 is fully reversed; a decline that replaces an approval (stand-in) takes the approval back. Clearing
 and expiry do not change usage. The monthly windows outlive the journal's 24 h, so the card windows
@@ -181,17 +182,6 @@ class Controls:
         return self.spec == ControlsSpec()
 
 
-def channel_of(processing: str, mcc: str | None, pos_entry_mode: str | None) -> list[Channel]:
-    """The channels a message belongs to (ATM and an entry-mode channel may both apply)."""
-    channels = []
-    if processing == CASH_PROCESSING or mcc == ATM_MCC:
-        channels.append(Channel.atm)
-    entry = ENTRY_MODE_CHANNELS.get((pos_entry_mode or "")[:2])
-    if entry is not None:
-        channels.append(entry)
-    return channels
-
-
 # -- windows -------------------------------------------------------------------------------------
 
 
@@ -268,9 +258,10 @@ WindowRow = tuple[int, int, int, int, int, int, int]
 
 
 def counts(record: AuthRecord) -> bool:
-    """An approved debit that moved money (a hold or a posting): what the windows count."""
-    return (record.outcome in _APPROVALS and (record.user_hold_id != 0 or record.posted) and not record.reverses
-            and record.card_id != 0 and record.processing_code[:2] in DEBITS)
+    """An approved debit that moved money (a hold, a posting, or the partner's external balance): what
+    the windows count."""
+    return (record.outcome in _APPROVALS and (record.user_hold_id != 0 or record.posted or record.external != 0)
+            and not record.reverses and record.card_id != 0 and record.processing_code[:2] in DEBITS)
 
 
 class SpendWindows:

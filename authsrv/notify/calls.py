@@ -20,6 +20,18 @@ Calls per journal record (reference documents, "External Balance" and "Transacti
 The stand-in approval sends a reversal first because the partner may have applied the timed-out
 debit late: the reversal gives that back (a no-op if it never arrived) and the force-debit then
 applies exactly once. Both are calls the partner may not refuse.
+
+Calls per store event (`calls_of_event`):
+
+| event                     | call(s)                                                             |
+| ------------------------- | ------------------------------------------------------------------- |
+| kyc.submitted/accepted/rejected | POST /notifications/verification* (notify "verification")     |
+| partner_balance.low       | POST /notifications/partnerBalanceLow (notify "partner_balance")    |
+| transaction.cleared       | external partner: PUT /transactions/{transactionId} (status CLEARED, the event's key); |
+|                           | notify "transaction": POST /notifications/transaction, status CLEARED |
+
+A clearing's PUT goes in the balance's order (`balance:{id}`), behind the authorization's own calls
+(its force-debit after a stand-in): those were scheduled from the journal before the clearing ran.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from typing import Any
 
 import attrs
 
+from authsrv.clearing.cleared import CLEARED_EVENT_KIND, cleared_decoder
 from authsrv.hotpath.journal import AuthRecord
 from authsrv.hotpath.outcome import RESPONSE, Outcome, is_approval
 
@@ -368,6 +381,102 @@ def _transaction_notification(record: AuthRecord, original: AuthRecord | None, c
 
 
 # -- store events ----------------------------------------------------------------------------------
+
+
+def calls_of_event(event_id: int, partner: str, kind: str, body_json: str, idempotency_key: str,
+                   view: PartnerView | None, user: Callable[[int], UserInfo | None]) -> list[PartnerCall]:
+    """Every call a store event causes (the second table in the module docstring)."""
+    if kind == CLEARED_EVENT_KIND:
+        return calls_of_cleared(event_id, body_json, idempotency_key, view)
+    call = call_of_event(event_id, partner, kind, body_json, idempotency_key, view, user)
+    return [] if call is None else [call]
+
+
+def calls_of_cleared(event_id: int, body_json: str, idempotency_key: str,
+                     view: PartnerView | None) -> list[PartnerCall]:
+    """A cleared authorization (authsrv/clearing/cleared.py): the documents' status update to an
+    external-balance partner, and a transaction notification with status CLEARED to a subscriber."""
+    if view is None or not view.has_api:
+        return []
+    cleared = cleared_decoder.decode(body_json)
+    order_key, source = f"balance:{cleared.balance_id}", f"event:{event_id}"
+    calls = []
+    if view.balance_mode == "external":
+        method, path = CALL_PATHS[CallKind.status_update]
+        calls.append(PartnerCall(
+            partner=cleared.partner, kind=CallKind.status_update, method=method,
+            path=path.format(id=cleared.transaction_id), body=_json(_status_update_body(cleared)),
+            idempotency_key=idempotency_key, order_key=order_key, source=source))
+    if "transaction" in view.notify:
+        method, path = CALL_PATHS[CallKind.transaction]
+        calls.append(PartnerCall(
+            partner=cleared.partner, kind=CallKind.transaction, method=method, path=path,
+            body=_json(_cleared_notification_body(cleared)),
+            idempotency_key=derived_key(CallKind.transaction.value, idempotency_key),
+            order_key=order_key, source=source))
+    return calls
+
+
+def _cleared_transaction_data(cleared) -> dict[str, str]:
+    data = {"mcc": cleared.mcc}
+    if cleared.merchant_name:
+        data["merchantName"] = cleared.merchant_name[:DESCRIPTION_CHARS_MAX]
+    if len(cleared.pan_last4) == 4:
+        data["lastFourDigits"] = cleared.pan_last4
+    return data
+
+
+def _cleared_description(cleared) -> str:
+    return cleared.merchant_name[:DESCRIPTION_CHARS_MAX] or "clearing"
+
+
+def _status_update_body(cleared) -> dict[str, Any]:
+    """The External Balance "Transaction object" with status CLEARED and the final amount."""
+    body: dict[str, Any] = {
+        "balanceId": external_balance_id(cleared.balance_id),
+        "resourceId": str(cleared.card_id),
+        "resource": "card",
+        "transactionId": cleared.transaction_id,
+        "type": EXTERNAL_TYPE.get(cleared.processing_code[:2], "POS"),
+        "amount": cleared.amount,
+        "currency": cleared.currency,
+        "status": cleared.status,
+        "description": _cleared_description(cleared),
+        "date": iso_utc(cleared.authorized_at_ns),
+        "transactionData": _cleared_transaction_data(cleared),
+    }
+    if cleared.original_currency != cleared.currency:
+        body["originalAmount"] = cleared.original_amount
+        body["originalCurrency"] = cleared.original_currency
+    return body
+
+
+def _cleared_notification_body(cleared) -> dict[str, Any]:
+    """The "Transactions notifier" body for a clearing: processed (SUCCESS, APPROVED), status CLEARED."""
+    processing = cleared.processing_code[:2]
+    date = iso_utc(cleared.authorized_at_ns)
+    transaction: dict[str, Any] = {
+        "id": cleared.transaction_id,
+        "balanceId": external_balance_id(cleared.balance_id),
+        "resourceId": str(cleared.card_id),
+        "resource": "card",
+        "cardId": str(cleared.card_id),
+        "externalTransactionId": cleared.rrn,
+        "referenceExternalTransactionId": None,
+        "type": NOTIFIED_TYPE.get(processing, "POS"),
+        "category": "CREDIT" if processing in CREDIT_CODES else "DEBIT",
+        "amount": cleared.amount,
+        "currency": cleared.currency,
+        "originalAmount": cleared.original_amount or None,
+        "originalCurrency": cleared.original_currency or None,
+        "status": cleared.status,
+        "description": _cleared_description(cleared),
+        "date": date,
+        "referenceExternalTransactionDate": None,
+        "transactionData": _cleared_transaction_data(cleared),
+    }
+    status, description = notification_status(int(Outcome.approved))
+    return {"status": status, "date": date, "description": description, "transaction": transaction}
 
 
 @attrs.frozen

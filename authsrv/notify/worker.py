@@ -3,7 +3,8 @@
 Tasks (one nursery, started by `authsrv.app._run`):
 - journal: records from `AuthJournal.listeners` (a bounded channel; the hot path only does a
   `send_nowait`), once the log is durable up to them, become delivery rows (`calls_of_record`);
-- events: store events after the `events` cursor become rows (`call_of_event`);
+- events: store events after the `events` cursor become rows (`calls_of_event`; a clearing's
+  `transaction.cleared` event becomes the partner's status update);
 - dispatch: due rows, first of their order key, at most `in_flight_max` at once, one HTTP try each;
 - results: tries written back in batches (one store commit for many);
 - upkeep: gauges, pruning of delivered rows.
@@ -27,7 +28,7 @@ from authsrv.notify.calls import (
     PartnerView,
     RecordLookups,
     UserInfo,
-    call_of_event,
+    calls_of_event,
     calls_of_record,
     recovered_record,
 )
@@ -192,10 +193,8 @@ class DeliveryWorker:
         events = self._store.events(after_id=after_id, limit=EVENTS_PAGE)
         calls = []
         for event in events:
-            call = call_of_event(event.id, event.partner, event.kind, event.body, event.idempotency_key,
-                                 self._views.get(event.partner), self._user)
-            if call is not None:
-                calls.append(call)
+            calls.extend(calls_of_event(event.id, event.partner, event.kind, event.body, event.idempotency_key,
+                                        self._views.get(event.partner), self._user))
         last = events[-1].id if events else after_id
         if events:
             self.outbox.schedule(calls, tries_max=self._delivery.tries_max, cursor=(EVENTS_CURSOR, last))

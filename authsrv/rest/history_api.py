@@ -32,10 +32,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from authsrv.hotpath.journal import open_hold_id
 from authsrv.hotpath.outcome import Outcome, is_approval
 from authsrv.iso.fields import country_from_field43
 from authsrv.rest.cards_domain import masked_pan
-from authsrv.rest.context import ALL_ROLES, Access, Call, Doc, RestContext, customer_routes, invalid, json_response, parse_id
+from authsrv.rest.context import (
+    ALL_ROLES,
+    Access,
+    Call,
+    Doc,
+    RestContext,
+    customer_routes,
+    invalid,
+    json_response,
+    parse_id,
+)
 from authsrv.rest.errors import Title, problem
 from authsrv.store.db import BalanceRow
 from ledger.state import HISTORY_PER_ACCOUNT_MAX, HistoryKind, HoldState
@@ -165,8 +176,8 @@ def transaction(record, card, statuses: Statuses) -> Transaction:
     cleared = None
     if not approved:
         status = "DECLINED"
-    elif record.user_hold_id:
-        status, cleared = statuses.of_hold(record.user_hold_id)
+    elif open_hold_id(record):  # the user hold; an external-balance partner's: the collateral hold
+        status, cleared = statuses.of_hold(open_hold_id(record))
         status = status or _posted_status(record)
     else:
         status = _posted_status(record)

@@ -38,7 +38,17 @@ from authsrv.hotpath.limits import (
     encode_spec,
     month_of_day,
 )
-from authsrv.rest.context import ALL_ROLES, Access, Call, Doc, RestContext, customer_routes, invalid, json_response, parse_id
+from authsrv.rest.context import (
+    ALL_ROLES,
+    Access,
+    Call,
+    Doc,
+    RestContext,
+    customer_routes,
+    invalid,
+    json_response,
+    parse_id,
+)
 from authsrv.rest.errors import Title, problem
 from authsrv.store.db import CardRow, Role, card_visible
 
