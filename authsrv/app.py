@@ -64,6 +64,10 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("AUTHSRV_LOG_LEVEL", "INFO").upper())
+    # One INFO line per partner or bureau request is noise and CPU on the hot path; failures are
+    # logged by our own code with the context that matters.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def serve_main(data_dir: Path, *, iso_port: int | None = None, rest_port: int | None = None,

@@ -70,7 +70,7 @@ PARTNER_LATENCY_MS = 5.0  # the simulated partner's answer time (fixed)
 # No forced 422s by amount ending: the mix's random amounts would otherwise end in 51/59/61 now and
 # then and be declined, which the network simulator (which knows nothing of the partner) does not expect.
 PARTNER_SIM_ARGS = ("--latency-ms", f"{PARTNER_LATENCY_MS:g}", "--no-amount-codes")
-# Share of the offered rate sent to the external partner's cards. Below one half because each
+# Share of the offered rate sent to the external partner's cards. Far below one half because each
 # external call costs authsrv ~2 ms of CPU in httpx on the reference VM (docs/benchmarks.md,
 # section 4) and the simulator ~3 ms, both on the same two cores as the server and the load.
 EXTERNAL_RATE_SHARE = 0.1
