@@ -22,7 +22,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry
+from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry, watch_expiry_fees
 from authsrv.hotpath.cardstate import CardStateWriter
 from authsrv.hotpath.fees import FeeBook
 from authsrv.hotpath.fx import RatesFile
@@ -114,6 +114,7 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
     for name in sync_partners(store, config):
         log.info("partner %s: settings taken from authsrv.toml", name)
     index = load_index(store)
+    watch_expiry_fees(ledger, journal, index)  # before any new batch: it also makes refunds a crash lost
     _create_missing_accounts(ledger, store)
     keys = cardsec.CardKeys.load(data_dir / "keys")
     # The ledger is millions of long-lived objects: move them out of the collector's view, and
@@ -161,6 +162,7 @@ def offline_state(data_dir: Path) -> Iterator[OfflineState]:
         watch_expiry(ledger, journal)
         with Store.open(data_dir) as store:
             index = load_index(store)
+            watch_expiry_fees(ledger, journal, index)
             _create_missing_accounts(ledger, store)
             state = OfflineState(config, ledger, journal, store, index)
             yield state

@@ -24,7 +24,8 @@ posting is durable (or for a chain the ledger then refuses). At 5 the event comm
 move from `planned` to `applied`, which happens once: a crash before it leaves the row planned (the
 re-run resubmits, the ledger answers `exists`, and step 5 writes the event then); a re-run after it
 finds the row applied and writes nothing. The event body is kept in the row's plan, so the re-run
-writes what the first run planned.
+writes what the first run planned. The `transaction.forced` event of an external card's forced post
+or refund (cleared.py) rides on step 5 the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import attrs
 import msgspec
 import trio
 
-from authsrv.clearing.cleared import ClearedTransaction
+from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction
 from authsrv.clearing.plan import MATCHED, Card, ClearingOutcome, Overlay, Plan, Planner, Refusal
 from authsrv.clearing.records import ClearingFile, Line, mask_pan, parse_clearing_file
 from authsrv.clearing.store import ClearingStore, PlanRow, RecordRow, RecordState
@@ -80,7 +81,7 @@ class _Pending:
 
     seq: int
     applied: list[str]  # identities whose chains the ledger took
-    cleared: dict[str, ClearedTransaction]  # of those, the ones that resolved an authorization
+    events: dict[str, ClearedTransaction | ForcedTransaction]  # of those, the ones that tell a partner
 
 
 class ClearingRun:
@@ -138,7 +139,7 @@ class ClearingRun:
                 continue
             last = self._last_line[_match_key(line)] == self._next + offset
             plan = self._planner.plan(line.record, self._card(line.record.pan), last=last, overlay=overlay,
-                                      ts_ns=ts_effective)
+                                      ts_ns=ts_effective, identity=line.identity)
             if plan.outcome is None:
                 self._refused(line, plan.refusal)
             else:
@@ -156,16 +157,18 @@ class ClearingRun:
         result, seq = self._deps.ledger.submit(Batch(timestamp_ns=ts_ns, transfers=transfers))
         lines = {line.identity: line for line in chunk}
         applied = self._settle(lines, chains, result.transfer_results)
-        by_identity = {row.identity: row.plan.cleared_event for row in chains}
-        cleared = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
-        self._pending = _Pending(seq, applied, cleared)
+        by_identity = {row.identity: row.plan.event for row in chains}
+        events = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
+        self._pending = _Pending(seq, applied, events)
         return seq
 
     def durable(self) -> None:
         """The last chunk's batch is on disk: its rows become `applied`."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self.summary.cleared_events += self._rows.mark_applied(pending.applied, pending.cleared)
+            cleared, forced = self._rows.mark_applied(pending.applied, pending.events)
+            self.summary.cleared_events += cleared
+            self.summary.forced_events += forced
             self.summary.ledger_seq = pending.seq
 
     def finish(self) -> ClearingSummary:
@@ -180,13 +183,17 @@ class ClearingRun:
         state = index.card_by_pan_index(self._deps.vault.index(pan))
         if state is None:
             return None
-        collateral = usage = 0
+        collateral = usage = fee_income = 0
         partner = index.partner(state.partner)
         if partner is not None and partner.collateral == "deposit":
             collateral = partner.collateral_account_ids.get(state.currency, 0)
             usage = partner.collateral_usage_account_ids.get(state.currency, 0)
+        if partner is not None:
+            fee_income = partner.fee_income_account_ids.get(state.currency, 0)
         return Card(state.card_id, state.balance_account_id, state.currency, collateral if usage else 0, usage,
-                    partner=state.partner, balance_id=state.balance_id, pan_last4=state.pan_last4)
+                    partner=state.partner, balance_id=state.balance_id, pan_last4=state.pan_last4,
+                    fee_income_account_id=fee_income,
+                    external=partner is not None and partner.balance_mode == "external")
 
     def _known(self, line: Line, row: RecordRow, resumed: list[RecordRow], overlay: Overlay) -> None:
         if row.file_sha256 != self._file.sha256:
@@ -208,7 +215,8 @@ class ClearingRun:
             transfers = tuple(msgspec.structs.replace(spec, id=next(ids)) for spec in plan.transfers)
             record = line.record
             summary_row = PlanRow(str(plan.outcome), plan.currency, plan.cleared, plan.released, plan.refunded,
-                                  plan.referenced, plan.hold_id, mask_pan(record.pan), plan.cleared_event)
+                                  plan.referenced, plan.hold_id, mask_pan(record.pan), plan.cleared_event,
+                                  plan.forced_event, plan.fee_refunded)
             rows.append(RecordRow(line.identity, self._file.sha256, record.record_id, line.number,
                                   RecordState.planned, transfers, summary_row))
         assert next(ids, None) is None, "every reserved id is used"
@@ -266,6 +274,7 @@ class ClearingRun:
         totals.cleared += plan.cleared
         totals.released += plan.released
         totals.refunded += plan.refunded
+        totals.fee_refunded += plan.fee_refunded
         if outcome in _REASONS:
             summary.add_exception(ClearingException(line.record.record_id, line.number, _REASONS[outcome],
                                                     plan.masked_pan, posted))

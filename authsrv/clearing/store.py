@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 import msgspec
 
-from authsrv.clearing.cleared import CLEARED_EVENT_KIND, ClearedTransaction, event_body
+from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction, event_body, event_kind
 from authsrv.store.db import Store, utc_now_iso
 from ledger.types import TransferSpec
 
@@ -36,6 +36,15 @@ class PlanRow(msgspec.Struct, frozen=True, rename="camel"):
     hold_id: int
     masked_pan: str
     cleared_event: ClearedTransaction | None = None  # written when the row becomes applied (cleared.py)
+    # Rows planned before these fields existed decode with the defaults.
+    forced_event: ForcedTransaction | None = None  # an external card's forced post or refund (cleared.py)
+    fee_refunded: int = 0  # the transaction fee's share given back with a release (plan.py)
+
+    @property
+    def event(self) -> ClearedTransaction | ForcedTransaction | None:
+        """The partner event this row writes once applied (at most one of the two is set)."""
+        assert self.cleared_event is None or self.forced_event is None
+        return self.cleared_event or self.forced_event
 
 
 @attrs.frozen
@@ -111,23 +120,25 @@ class ClearingStore:
             )
         return rows
 
-    def mark_applied(self, identities: list[str], cleared: dict[str, ClearedTransaction]) -> int:
+    def mark_applied(self, identities: list[str],
+                     events: dict[str, ClearedTransaction | ForcedTransaction]) -> tuple[int, int]:
         """In one transaction: planned rows become applied, and each row that moves writes its
-        `transaction.cleared` event. A row already applied (a concurrent or later run) moves not,
-        so its event is never written twice. Returns the events written."""
-        assert set(cleared) <= set(identities)
-        written = 0
+        `transaction.cleared` or `transaction.forced` event. A row already applied (a concurrent
+        or later run) moves not, so its event is never written twice. Returns the events written
+        (cleared, forced)."""
+        assert set(events) <= set(identities)
+        written = [0, 0]
         with self._store.transaction():
             for identity in identities:  # bounded: one chunk's records
                 moved = self._store.db.execute(
                     "UPDATE clearing_records SET state = ? WHERE identity = ? AND state = ?",
                     (RecordState.applied, identity, RecordState.planned)).rowcount
-                event = cleared.get(identity)
+                event = events.get(identity)
                 if moved and event is not None:
-                    self._store.append_event(event.partner, CLEARED_EVENT_KIND, f"transaction:{event.transaction_id}",
+                    self._store.append_event(event.partner, event_kind(event), f"transaction:{event.transaction_id}",
                                              event_body(event))
-                    written += 1
-        return written
+                    written[isinstance(event, ForcedTransaction)] += 1
+        return written[0], written[1]
 
     def set_state(self, identities: list[str], state: str) -> None:
         if not identities:

@@ -23,6 +23,7 @@ class CurrencyTotals(msgspec.Struct, rename="camel"):
     cleared: int = 0  # charged to cardholders (hold posts, excess and forced posts)
     released: int = 0  # held amounts released by final posts below the hold
     refunded: int = 0  # credited to cardholders
+    fee_refunded: int = 0  # transaction fees given back with the released rest (under-clearing)
 
 
 class ClearingSummary(msgspec.Struct, rename="camel"):
@@ -46,6 +47,7 @@ class ClearingSummary(msgspec.Struct, rename="camel"):
     totals: dict[str, CurrencyTotals] = {}
     ledger_seq: int = 0  # last ledger log record of the run
     cleared_events: int = 0  # `transaction.cleared` events written for the partners' outbox (cleared.py)
+    forced_events: int = 0  # `transaction.forced` events: external cards' forced posts and refunds
 
     def add_exception(self, entry: ClearingException) -> None:
         self.exceptions_count += 1
@@ -68,7 +70,8 @@ class ClearingSummary(msgspec.Struct, rename="camel"):
         ]
         for currency, totals in sorted(self.totals.items()):
             lines.append(f"  {currency}: {totals.records} records, cleared {totals.cleared}, released"
-                         f" {totals.released}, refunded {totals.refunded} (minor units)")
+                         f" {totals.released}, refunded {totals.refunded}, fees refunded {totals.fee_refunded}"
+                         " (minor units)")
         for entry in self.exceptions[:20]:
             what = "force-posted" if entry.posted else "not posted"
             lines.append(f"  exception line {entry.line} record {entry.record_id or '?'} {entry.masked_pan}:"

@@ -8,7 +8,8 @@ defaults are all 0: no fees (CONTRACT section 1).
 
 Transaction fees are posted at authorization from the user balance to the partner's fee-income
 account, in the same linked ledger chain as the hold (authsrv/hotpath/funds.py), so the balance
-check covers amount + fee; a reversal gives the fee back in proportion (docs/money.md, "Fees").
+check covers amount + fee; a reversal, a clearing for less (authsrv/clearing/plan.py) and an
+expiry (authsrv/clearing/expiry.py) give the fee back in proportion (docs/money.md, "Fees").
 Account and card creation fees and the monthly fees are charged by authsrv/feesrun.py.
 
 Everything here is pure: the hot path calls `FeeBook.schedule` (a dict lookup after the first
@@ -55,7 +56,7 @@ class FeeCode:
     201... Kept apart from both sequences. Never renumber."""
 
     transaction = 41  # user balance -> fee income, with the authorization (POS, e-commerce, ATM + FX)
-    transaction_refund = 42  # fee income -> user balance, with a reversal or a compensation
+    transaction_refund = 42  # fee income -> user balance: reversal, compensation, expiry, clearing under
     account_creation = 141
     card_creation = 142
     monthly_per_card = 143
@@ -194,3 +195,20 @@ def refund_share(fee: int, amount: int, outstanding_before: int, outstanding_aft
         return fee * outstanding // amount
 
     return kept(outstanding_before) - kept(outstanding_after)
+
+
+# Transfer ids of expiry fee refunds (authsrv/clearing/expiry.py): derived from the hold id, so a
+# re-run after a crash names the same transfer and the ledger answers `exists`. Hot-path ids (hold
+# ids among them) are nanosecond clocks below 2**62 until 2116; management ids are 2**63 + n with n
+# a counter far below 2**62 (authsrv/store/db.py). This range, 2**63 + 2**62 + hold id, meets
+# neither and stays below 2**64 (a plain msgpack int in the log).
+EXPIRY_FEE_REFUND_ID_BASE = 2**63 + 2**62
+HOLD_ID_DERIVABLE_MAX = 2**62 - 1
+
+
+def expiry_fee_refund_id(hold_id: int) -> int:
+    """The one transfer id that refunds the fee of the authorization whose user hold expired."""
+    assert 0 < hold_id <= HOLD_ID_DERIVABLE_MAX, hold_id
+    transfer_id = EXPIRY_FEE_REFUND_ID_BASE + hold_id
+    assert EXPIRY_FEE_REFUND_ID_BASE < transfer_id < 2**64
+    return transfer_id

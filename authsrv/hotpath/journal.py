@@ -168,6 +168,10 @@ class AuthJournal:
         """Recently closed approvals with this RRN (hold posted, voided or expired), oldest first."""
         return [self._closed[hold_id] for hold_id in self._closed_by_rrn.get(rrn, ())]
 
+    def recently_closed(self) -> list[AuthRecord]:
+        """Approvals whose holds closed recently (bounded by closed_max), oldest first."""
+        return list(self._closed.values())
+
     def open_authorization(self, hold_id: int) -> AuthRecord | None:
         return self._open.get(hold_id)
 

@@ -29,6 +29,9 @@ Calls per store event (`calls_of_event`):
 | partner_balance.low       | POST /notifications/partnerBalanceLow (notify "partner_balance")    |
 | transaction.cleared       | external partner: PUT /transactions/{transactionId} (status CLEARED, the event's key); |
 |                           | notify "transaction": POST /notifications/transaction, status CLEARED |
+| transaction.forced        | external partner: POST /transactions/force-debit (force-credit for a refund record), |
+|                           | the event's key: a clearing record with no open authorization (clearing/cleared.py); |
+|                           | late after the hold expired: POST /transactions/reversal of the authorization first |
 
 A clearing's PUT goes in the balance's order (`balance:{id}`), behind the authorization's own calls
 (its force-debit after a stand-in): those were scheduled from the journal before the clearing ran.
@@ -46,7 +49,7 @@ from typing import Any
 
 import attrs
 
-from authsrv.clearing.cleared import CLEARED_EVENT_KIND, cleared_decoder
+from authsrv.clearing.cleared import CLEARED_EVENT_KIND, FORCED_EVENT_KIND, cleared_decoder, forced_decoder
 from authsrv.hotpath.journal import AuthRecord
 from authsrv.hotpath.outcome import RESPONSE, Outcome, is_approval
 
@@ -388,6 +391,8 @@ def calls_of_event(event_id: int, partner: str, kind: str, body_json: str, idemp
     """Every call a store event causes (the second table in the module docstring)."""
     if kind == CLEARED_EVENT_KIND:
         return calls_of_cleared(event_id, body_json, idempotency_key, view)
+    if kind == FORCED_EVENT_KIND:
+        return calls_of_forced(event_id, body_json, idempotency_key, view)
     call = call_of_event(event_id, partner, kind, body_json, idempotency_key, view, user)
     return [] if call is None else [call]
 
@@ -415,6 +420,63 @@ def calls_of_cleared(event_id: int, body_json: str, idempotency_key: str,
             idempotency_key=derived_key(CallKind.transaction.value, idempotency_key),
             order_key=order_key, source=source))
     return calls
+
+
+def calls_of_forced(event_id: int, body_json: str, idempotency_key: str,
+                    view: PartnerView | None) -> list[PartnerCall]:
+    """A clearing posting on an external card with no authorization to clear (cleared.py): the
+    partner's force-debit (a refund record: force-credit), which it may not refuse."""
+    if view is None or not view.has_api or view.balance_mode != "external":
+        return []
+    forced = forced_decoder.decode(body_json)
+    order_key, source = f"balance:{forced.balance_id}", f"event:{event_id}"
+    calls = []
+    if forced.reverse_first and forced.reference_transaction_id:
+        method, path = CALL_PATHS[CallKind.reversal]
+        calls.append(PartnerCall(partner=forced.partner, kind=CallKind.reversal, method=method, path=path,
+                                 body=_json(_expired_reversal_body(forced)),
+                                 idempotency_key=derived_key(CallKind.reversal.value, idempotency_key),
+                                 order_key=order_key, source=source))
+    kind = CallKind.force_credit if forced.direction == "credit" else CallKind.force_debit
+    method, path = CALL_PATHS[kind]
+    calls.append(PartnerCall(partner=forced.partner, kind=kind, method=method, path=path,
+                             body=_json(_forced_body(forced)), idempotency_key=idempotency_key,
+                             order_key=order_key, source=source))
+    return calls
+
+
+def _expired_reversal_body(forced) -> dict[str, Any]:
+    """Reverse what the expired authorization's debit still holds at the partner."""
+    body = _forced_body(forced)
+    body.pop("originalAmount", None)
+    body.pop("originalCurrency", None)
+    body.update(transactionId=derived_key("expired", forced.reference_transaction_id),
+                referenceTransactionId=forced.reference_transaction_id, amount=forced.reverse_first,
+                status="REVERSED", description="authorization expired")
+    return body
+
+
+def _forced_body(forced) -> dict[str, Any]:
+    """The External Balance "Transaction object" of a forced clearing posting (final: CLEARED)."""
+    body: dict[str, Any] = {
+        "balanceId": external_balance_id(forced.balance_id),
+        "resourceId": str(forced.card_id),
+        "resource": "card",
+        "transactionId": forced.transaction_id,
+        "type": "POS",  # a clearing file says purchase or refund, not the channel
+        "amount": forced.amount,
+        "currency": forced.currency,
+        "status": forced.status,
+        "description": _cleared_description(forced),
+        "date": iso_utc(forced.posted_at_ns),
+        "transactionData": _cleared_transaction_data(forced),
+    }
+    if forced.reference_transaction_id:
+        body["referenceTransactionId"] = forced.reference_transaction_id
+    if forced.original_currency != forced.currency:
+        body["originalAmount"] = forced.original_amount
+        body["originalCurrency"] = forced.original_currency
+    return body
 
 
 def _cleared_transaction_data(cleared) -> dict[str, str]:
