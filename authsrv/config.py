@@ -9,6 +9,7 @@ checks that it decodes to exactly the defaults below and mentions every field.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -31,6 +32,7 @@ CONFIG_SIZE_MAX_BYTES = 1_048_576  # a config file larger than this is a mistake
 Port = Annotated[int, Meta(ge=0, le=PORT_MAX)]
 Positive = Annotated[int, Meta(ge=1)]
 PartnerName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
+PATH_CHARS_MAX = 4096  # a file path setting (Linux PATH_MAX)
 
 
 class ConfigError(Exception):
@@ -188,6 +190,9 @@ class PartnerConfig(_Section):
     # and the most approved that way per card and UTC day (minor units of the card's currency).
     stand_in_max_amount: StandInAmount = 0
     stand_in_daily_max: StandInAmount = 0
+    # The CA that signs an https api_url's server certificate (PEM; absolute or relative to the data
+    # directory; "" = the development CA, pki/ca.crt). Checked at start: authsrv/pki.py.
+    ca_file: Annotated[str, Meta(max_length=PATH_CHARS_MAX)] = ""
 
     def __post_init__(self) -> None:
         problem = api_url_problem(self.api_url)
@@ -436,6 +441,9 @@ stand_in = "{partner.stand_in}"
 stand_in_max_amount = {partner.stand_in_max_amount}
 # Most stand-in approves per card and UTC day (minor units; 0: none).
 stand_in_daily_max = {partner.stand_in_daily_max}
+# CA certificate (PEM) that signs the partner's HTTPS server certificate, for an https api_url:
+# absolute or relative to the data directory; "" = this directory's development CA (pki/ca.crt).
+ca_file = {json.dumps(partner.ca_file)}
 """
 
 

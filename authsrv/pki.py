@@ -209,3 +209,30 @@ def ensure_authsrv_client_certificate(pki_dir: Path) -> tuple[Path, Path]:
                 raise
     assert cert.exists() and key.exists()
     return cert, key
+
+
+def partner_ca_path(data_dir: Path, ca_file: str) -> Path:
+    """The CA certificate that verifies a partner's https server (`[partners.NAME] ca_file`): an
+    absolute path, or one relative to the data directory; "" is the development CA `pki/ca.crt`."""
+    if not ca_file:
+        return Path(data_dir) / "pki" / f"{CA_STEM}.crt"
+    path = Path(ca_file)
+    return path if path.is_absolute() else Path(data_dir) / path
+
+
+def partner_client_ssl_context(data_dir: Path, partner: str, ca_file: str) -> ssl.SSLContext:
+    """TLS client context for calls to `partner`: trusts only its CA (`partner_ca_path`) and presents
+    authsrv's own client certificate (issued by the development CA on first need, whoever the
+    partner's CA is). PkiError naming the partner and the file when the CA cannot be used."""
+    ca_path = partner_ca_path(data_dir, ca_file)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_path))
+    except FileNotFoundError:
+        raise PkiError(f"partner {partner!r}: CA file {ca_path} (ca_file) not found") from None
+    except (OSError, ssl.SSLError) as error:  # unreadable, or not a PEM certificate
+        raise PkiError(f"partner {partner!r}: CA file {ca_path} (ca_file) unusable: {error}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    pki_dir = Path(data_dir) / "pki"
+    cert, key = ensure_authsrv_client_certificate(pki_dir)
+    context.load_cert_chain(cert, key)
+    return context

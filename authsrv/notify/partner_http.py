@@ -1,10 +1,10 @@
 """HTTP to partners for the outbox: one long-lived httpx client per partner, signing, the public key.
 
 HTTP/1.1 keep-alive pools on trio (httpx picks the trio backend through anyio), explicit limits and
-timeouts. With an https `api_url` the client trusts the dev CA (`DIR/pki/ca.crt`) and presents
-authsrv's own client certificate (`DIR/pki/authsrv-client.crt`, made on first start), as the
-documents' Security section asks ("Verestro will authorize itself with each request with a
-certificate").
+timeouts. With an https `api_url` the client trusts the partner's CA (`[partners.NAME] ca_file`, ""
+= the dev CA `DIR/pki/ca.crt`) and presents authsrv's own client certificate
+(`DIR/pki/authsrv-client.crt`, made on first start), as the documents' Security section asks
+("Verestro will authorize itself with each request with a certificate").
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ def ensure_client_certificate(data_dir: Path) -> tuple[Path, Path]:
     return pki.ensure_authsrv_client_certificate(Path(data_dir) / "pki")
 
 
+def _configured_ca_file(data_dir: Path, name: str) -> str:
+    from authsrv.config import load_config
+
+    partner = load_config(data_dir).partners.get(name)
+    return partner.ca_file if partner is not None else ""
+
+
 class _PublicKeyAnswer(msgspec.Struct):
     publicKey: str  # noqa: N815 (the documents' field name)
 
@@ -52,15 +59,19 @@ class Answer:
 class PartnerClient:
     """Calls to one partner. `close()` (await) at shutdown."""
 
-    def __init__(self, name: str, api_url: str, *, data_dir: Path, timeout_s: float) -> None:
+    def __init__(self, name: str, api_url: str, *, data_dir: Path, timeout_s: float,
+                 ca_file: str | None = None) -> None:
+        """`ca_file`: the partner's `[partners.NAME] ca_file`; None reads it from DIR/authsrv.toml.
+        Raises authsrv.pki.PkiError naming the partner when an https partner's CA is unusable."""
         assert api_url
         self.name = name
         self.api_url = api_url.rstrip("/")
         self._secret = signing.load_or_create_secret(data_dir, name)
         verify: object = True
         if self.api_url.startswith("https://"):
-            ensure_client_certificate(data_dir)
-            verify = pki.client_ssl_context(Path(data_dir) / "pki", CLIENT_CERT_STEM)
+            if ca_file is None:
+                ca_file = _configured_ca_file(Path(data_dir), name)
+            verify = pki.partner_client_ssl_context(Path(data_dir), name, ca_file)
         self._client = httpx.AsyncClient(
             http1=True, http2=False, verify=verify,
             limits=httpx.Limits(max_connections=CONNECTIONS_PER_PARTNER_MAX,
