@@ -352,7 +352,7 @@ class ExternalMetrics:
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, looked up once per label set instead of once per call."""
-        key = (metric._name, *labels)
+        key = (id(metric), *labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
