@@ -10,6 +10,9 @@ not the server, was the limit of that step.
 Targets (`--targets`, all by default):
 - `authsrv`: the internal-balance partner `demo` (balances in our ledger);
 - `baseline`: the codec + transport floor (bench/baseline_server.py);
+- `postgres`: the same front end with each authorization a PostgreSQL transaction (bench/pg_baseline.py,
+  a throwaway instance from bench/postgres.py); skipped, with the reason printed, where initdb/pg_ctl
+  or psycopg cannot be found;
 - `external-5ms`: every card on partner `ext` with `balance_mode = "external"`, its api_url the
   partner simulator (its own process) answering in 5 ms;
 - `external-timeout`: the same with the simulator answering after 400 ms, past the ISO budget
@@ -27,6 +30,7 @@ import functools
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +40,7 @@ import attrs
 import msgspec
 import trio
 
+from bench import postgres
 from bench.external import (
     ExternalFigures,
     add_external_partner,
@@ -63,7 +68,7 @@ from simulators.network.target import (
     start_baseline,
 )
 
-TARGETS = ("authsrv", "baseline", "external-5ms", "external-timeout")
+TARGETS = ("authsrv", "baseline", "postgres", "external-5ms", "external-timeout")
 EXTERNAL_PARTNER = "ext"
 ISO_BUDGET_MS = 250  # authsrv.toml [iso] budget_ms at its default: what a timed-out call costs
 # Partner simulator settings per external target. No forced 422s by amount ending: the mix's
@@ -203,6 +208,7 @@ class BenchResults(msgspec.Struct, frozen=True, kw_only=True):
     targets: dict[str, TargetResult]
     ratios: Ratios | None  # authsrv / baseline
     external_ratios: dict[str, Ratios] = {}  # external target -> it / authsrv (internal), same run
+    postgres_ratios: Ratios | None = None  # authsrv / postgres, same run
 
 
 def machine_info() -> Machine:
@@ -388,6 +394,73 @@ def bench_baseline(
                         stop_reason=reason, error=error, server_exit_code=exit_code)  # fmt: skip
 
 
+@attrs.define
+class ServerWithDatabase:
+    """The PostgreSQL baseline's front end and its database, seen by run_steps as one server:
+    its CPU figure adds the postmaster's processes, where most of the work happens."""
+
+    child: ChildProcess
+    database: postgres.PgInstance
+
+    @property
+    def process(self):  # noqa: ANN201  run_steps reads process.returncode
+        return self.child.process
+
+    def running(self) -> bool:
+        return self.child.running()
+
+    def cpu_s(self) -> float:
+        return self.child.cpu_s() + self.database.cpu_s()
+
+
+def _postgres_inputs(config: BenchConfig, work: Path, cards_path: Path | None) -> tuple[Path, Path]:
+    """The cards file and ZPK file the PostgreSQL baseline is loaded and driven with: authsrv's when it
+    seeded (so both answer the same PIN blocks), else synthetic cards and a random key."""
+    if cards_path is not None and (cards_path.parent / "keys" / "zpk.hex").is_file():
+        return cards_path, cards_path.parent / "keys" / "zpk.hex"
+    if cards_path is None:
+        cards_path = work / "synthetic-cards.jsonl"
+        if not cards_path.exists():
+            write_synthetic_cards(cards_path, min(SYNTHETIC_CARDS, config.users * config.cards_per_user),
+                                  seed=config.seed)  # fmt: skip
+    zpk_path = work / "postgres-zpk.hex"
+    descriptor = os.open(zpk_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as out:
+        out.write(os.urandom(16).hex().upper() + "\n")
+    return cards_path, zpk_path
+
+
+def bench_postgres(
+    config: BenchConfig, work: Path, cards_path: Path | None, log: Callable[[str], None]
+) -> TargetResult:
+    """A throwaway PostgreSQL loaded with the same cards, the pg_baseline server in front, stepped."""
+    reason = postgres.unavailable_reason()
+    if reason:
+        log(f"postgres: skipped: {reason}")
+        return TargetResult(name="postgres", steps=[], sustained_rate_per_s=None, stop_reason=f"skipped: {reason}")
+    cards_path, zpk_path = _postgres_inputs(config, work, cards_path)
+    port, log_path = free_port(), work / "pg-baseline.log"
+    steps: list[Step] = []
+    error, exit_code, reason = None, None, "not started"
+    try:
+        with postgres.running_postgres(cards_path, amount_minor=SEED_AMOUNT_MINOR) as database:
+            log(f"postgres: PostgreSQL up on port {database.port}, cards loaded (log {log_path})")
+            args = [sys.executable, "-m", "bench.pg_baseline", "--port", str(port), "--conninfo", database.conninfo,
+                    "--zpk-file", str(zpk_path)]  # fmt: skip
+            child = ChildProcess.start("PostgreSQL baseline server", args, log_path)
+            try:
+                child.wait_tcp_ready(port)
+                steps, reason = run_steps("postgres", ServerWithDatabase(child, database), port=port,
+                                          cards_path=cards_path, zpk=load_zpk(zpk_path), config=config, log=log)  # fmt: skip
+            finally:
+                exit_code = child.stop()
+    except (postgres.PostgresError, LoadError, TargetError, OSError, ValueError) as failure:
+        reason = "load failed" if steps else reason
+        error = str(failure)
+    return TargetResult(name="postgres", steps=steps, sustained_rate_per_s=sustained_rate(steps, config),
+                        stop_reason=reason, error=error, server_exit_code=exit_code)  # fmt: skip
+
+
 def _prepare_external(data: Path, users: int, sim_url: str, log_path: Path) -> Path:
     """init, partner `ext` external at `sim_url`, its users seeded and linked at the simulator."""
     run_cli(authsrv_command("init", "--data", str(data)), log_path=log_path)
@@ -495,6 +568,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
             targets["authsrv"], cards_path = bench_authsrv(config, work, log)
         if "baseline" in config.targets:
             targets["baseline"] = bench_baseline(config, work, cards_path, log)
+        if "postgres" in config.targets:
+            targets["postgres"] = bench_postgres(config, work, cards_path, log)
         for name in EXTERNAL_SCENARIOS:
             if name in config.targets:
                 targets[name] = bench_external(config, name, work, log)
@@ -507,6 +582,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         targets=targets,
         ratios=compute_ratios(targets),
         external_ratios=compute_external_ratios(targets),
+        postgres_ratios=compute_ratios(targets, "authsrv", "postgres"),
     )
     write_results(results, config.out_dir)
     return results
@@ -542,7 +618,7 @@ def summary(results: BenchResults) -> str:
         lines += ["  " + _step_line(target.name, step) for step in target.steps]
         if target.external is not None:
             lines.append("  " + _external_line(target.external))
-    comparisons = [("authsrv / baseline", results.ratios)]
+    comparisons = [("authsrv / baseline", results.ratios), ("authsrv / postgres", results.postgres_ratios)]
     comparisons += [(f"{name} / authsrv", ratios) for name, ratios in results.external_ratios.items()]
     for label, ratios in comparisons:
         if ratios is None:

@@ -15,7 +15,7 @@ import matplotlib.ticker
 if TYPE_CHECKING:
     from bench.harness import BenchResults
 
-COLOURS = {"authsrv": "tab:blue", "baseline": "tab:grey", "external-5ms": "tab:green", "external-timeout": "tab:orange"}
+COLOURS = {"authsrv": "tab:blue", "baseline": "tab:grey", "external-5ms": "tab:green", "external-timeout": "tab:orange", "postgres": "tab:purple"}
 PERCENTILES = (("p50_ms", "p50", "-"), ("p99_ms", "p99", "--"), ("p999_ms", "p99.9", ":"))
 FIGURE_SIZE_IN = (9.0, 5.5)
 DPI = 110

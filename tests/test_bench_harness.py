@@ -158,7 +158,7 @@ def test_quick_bench_against_authsrv_and_the_baseline(tmp_path: Path) -> None:
 def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
     from bench.harness import EXTERNAL_RATE_MAX, ISO_BUDGET_MS, TARGETS, p99_stop_ms, target_rates
 
-    assert set(TARGETS) == {"authsrv", "baseline", "external-5ms", "external-timeout"}
+    assert set(TARGETS) == {"authsrv", "baseline", "external-5ms", "external-timeout", "postgres"}
     config = BenchConfig()
     assert target_rates("authsrv", config) == config.rates == target_rates("baseline", config)
     assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)
