@@ -53,10 +53,7 @@ class DeadLetterPage(msgspec.Struct, frozen=True, rename="camel"):
 
 
 def dead_letter(row: Delivery) -> DeadLetter:
-    return DeadLetter(id=row.id, partner=row.partner, kind=row.kind, method=row.method, path=row.path,
-                      body=row.body, idempotency_key=row.idempotency_key, order_key=row.order_key,
-                      source=row.source, state=row.state, tries=row.tries, last_status=row.last_status,
-                      last_error=row.last_error, created_at=row.created_at, updated_at=row.updated_at)
+    return msgspec.convert(row, DeadLetter, from_attributes=True)  # the store row's fields, by name
 
 
 def _page_args(request: Request) -> tuple[int, int] | None:
