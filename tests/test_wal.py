@@ -409,7 +409,7 @@ async def test_flush_sync_writes_a_group_the_committer_could_not_start_yet(tmp_p
     its worker thread has not started (it needs this very thread), flush_sync must write that
     group itself rather than wait for it (which would deadlock)."""
     commits: list[int] = []
-    log = Wal.open(tmp_path, on_commit=lambda records, size, seconds: commits.append(records))
+    log = Wal.open(tmp_path, on_commit=lambda records, size, seconds: commits.append(records), inline_commit_s_max=0)
     limiter = trio.to_thread.current_default_thread_limiter()
     holders = [object() for _ in range(int(limiter.total_tokens))]
     async with trio.open_nursery() as nursery:
@@ -434,7 +434,7 @@ async def test_flush_sync_writes_a_group_the_committer_could_not_start_yet(tmp_p
 
 
 async def test_flush_sync_waits_for_a_write_in_flight(tmp_path: Path, monkeypatch) -> None:
-    log = Wal.open(tmp_path)
+    log = Wal.open(tmp_path, inline_commit_s_max=0)  # the write in flight is in a worker thread
     in_fsync = threading.Event()
     real_fdatasync = os.fdatasync
 
@@ -495,3 +495,43 @@ def test_log_matches_a_list_model(tmp_path_factory, actions) -> None:
         assert list(log.replay(first)) == [(seq, model[seq - 1]) for seq in range(first, durable + 1)]
     log.close()
     assert replayed(directory, first) == [(seq, model[seq - 1]) for seq in range(first, len(model) + 1)]
+
+
+async def test_fast_disk_commits_in_the_trio_thread_and_slow_disk_in_a_worker(tmp_path: Path, monkeypatch) -> None:
+    """Group commit writes inline while fdatasync is fast, moves to a worker thread when it turns
+    slow (the loop must not block on a slow disk), and re-measures with an inline probe now and then."""
+    log = Wal.open(tmp_path, inline_commit_s_max=0.05)
+    threads: set[int] = set()
+    real_fdatasync = os.fdatasync
+    delay_s = [0.0]
+
+    def timed_fdatasync(fd: int) -> None:
+        threads.add(threading.get_ident())
+        time.sleep(delay_s[0])
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", timed_fdatasync)
+
+    async def commit_groups(count: int) -> None:
+        for index in range(count):
+            with trio.fail_after(10):
+                await log.wait_durable(log.append(b"record %d" % index))
+
+    probe = wal_module.INLINE_PROBE_GROUPS
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run_committer)
+        await commit_groups(probe)  # an unmeasured disk: the thread, then one inline probe
+        assert (log.groups_threaded, log.groups_inline) == (probe - 1, 1)
+        threads.clear()
+        await commit_groups(5)  # measured fast: inline from now on
+        assert (log.groups_threaded, log.groups_inline) == (probe - 1, 6)
+        assert threads == {threading.get_ident()}
+        delay_s[0] = 0.5  # one slow group pulls the average far over 50 ms
+        await commit_groups(1)
+        delay_s[0] = 0.0
+        await commit_groups(probe)
+        assert (log.groups_threaded, log.groups_inline) == (2 * probe - 2, 8)  # thread again, one probe
+        assert len(threads) > 1
+        nursery.cancel_scope.cancel()
+    log.close()
+    assert len(replayed(tmp_path)) == 2 * probe + 6

@@ -21,6 +21,55 @@ class FramingError(Exception):
     """The byte stream is not (or no longer) a sequence of valid frames: close the connection."""
 
 
+class FrameSplitter:
+    """Splits a received byte stream into frame payloads, keeping a partial frame between feeds.
+
+    The buffer holds at most one incomplete frame plus one receive: a bound, not a queue.
+    A framing error is kept in `error` (the frames before it are still returned, so their answers
+    can go out before the connection is closed); nothing more is accepted after one.
+    """
+
+    __slots__ = ("_buffer", "_frame_size_max", "error")
+
+    def __init__(self, frame_size_max: int = FRAME_SIZE_MAX) -> None:
+        assert 1 <= frame_size_max <= FRAME_SIZE_LIMIT
+        self._buffer = bytearray()
+        self._frame_size_max = frame_size_max
+        self.error: FramingError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame waiting for the rest."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append `data`; return the payloads of every frame it completes, in order.
+
+        Sets `error` on a zero length or a length above the maximum (checked as soon as the
+        prefix is there, before the body arrives) and returns the good frames before it.
+        """
+        assert self.error is None, "the stream lost its framing: close it"
+        buffer = self._buffer
+        assert len(buffer) + len(data) <= LENGTH_PREFIX_SIZE + self._frame_size_max + RECEIVE_SIZE
+        buffer += data
+        payloads = []
+        start, available, size_max = 0, len(buffer), self._frame_size_max
+        while available - start >= LENGTH_PREFIX_SIZE:
+            size = (buffer[start] << 8) | buffer[start + 1]
+            if size == 0 or size > size_max:
+                self.error = FramingError("zero-length frame" if size == 0 else
+                                          f"frame length {size} above maximum {size_max}")  # fmt: skip
+                break
+            end = start + LENGTH_PREFIX_SIZE + size
+            if end > available:
+                break
+            payloads.append(bytes(buffer[start + LENGTH_PREFIX_SIZE : end]))
+            start = end
+        if start:
+            del buffer[:start]  # one move per receive, not one per frame
+        return payloads
+
+
 async def read_frames(
     stream: trio.abc.ReceiveStream, *, frame_size_max: int = FRAME_SIZE_MAX
 ) -> AsyncIterator[bytes]:
@@ -31,34 +80,17 @@ async def read_frames(
     waiting for the body). A caller that may stop early can wrap the generator in
     `contextlib.aclosing` so it is finalized at once rather than by trio's async-generator hooks.
     """
-    assert 1 <= frame_size_max <= FRAME_SIZE_LIMIT
-    buffer = bytearray()
-    # The buffer holds at most one incomplete frame plus one receive: a bound, not a queue.
-    buffer_size_max = LENGTH_PREFIX_SIZE + frame_size_max + RECEIVE_SIZE
+    splitter = FrameSplitter(frame_size_max)
     while True:
-        start = 0
-        available = len(buffer)
-        while available - start >= LENGTH_PREFIX_SIZE:
-            size = (buffer[start] << 8) | buffer[start + 1]
-            if size == 0:
-                raise FramingError("zero-length frame")
-            if size > frame_size_max:
-                raise FramingError(f"frame length {size} above maximum {frame_size_max}")
-            end = start + LENGTH_PREFIX_SIZE + size
-            if end > available:
-                break
-            yield bytes(buffer[start + LENGTH_PREFIX_SIZE : end])
-            start = end
-        if start:
-            del buffer[:start]  # one move per receive, not one per frame
-        assert len(buffer) < LENGTH_PREFIX_SIZE + frame_size_max
         data = await stream.receive_some(RECEIVE_SIZE)
         if not data:
-            if buffer:
-                raise FramingError(f"end of stream inside a frame ({len(buffer)} bytes pending)")
+            if splitter.pending:
+                raise FramingError(f"end of stream inside a frame ({splitter.pending} bytes pending)")
             return
-        buffer += data
-        assert len(buffer) <= buffer_size_max
+        for payload in splitter.feed(data):
+            yield payload
+        if splitter.error is not None:
+            raise splitter.error
 
 
 def frame(payload: bytes) -> bytes:
