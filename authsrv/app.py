@@ -109,6 +109,7 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
 
     started = time.perf_counter()
     ledger, journal = open_ledger_and_journal(data_dir, config, on_commit=metrics.on_wal_commit)
+    metrics.watch_retention(journal, ledger.ledger)
     watch_expiry(ledger, journal, metrics.holds_expired)
     store = Store.open(data_dir)
     for name in sync_partners(store, config):
@@ -130,11 +131,14 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
 def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     """Ledger (snapshot + log) and the journal riding on it, rebuilt the same way by the server and
     by offline commands (`clearing ingest`)."""
-    journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9)
+    journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9,
+                          records_max=config.duplicates.records_max)
     replayed: list[bytes] = []
     options = {"on_commit": on_commit} if on_commit is not None else {}
     ledger = ObservedLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
                                  segment_size_max=config.ledger.segment_size_max_bytes, **options)
+    # After replay, which ran with the bound the snapshot recorded: the next batch evicts down to it.
+    ledger.ledger.set_ids_max(config.ledger.ids_max)
     # Replay has finished, so hold states are final: the open-authorization index keeps only the
     # approvals whose holds still hold money at the end of the log.
     journal.hold_open = hold_pending(ledger.ledger)

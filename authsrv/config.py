@@ -21,12 +21,17 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from authsrv.hotpath.journal import RECORDS_MAX
+from ledger.state import HOLDS_PENDING_MAX, IDS_MAX
+
 CONFIG_FILE_NAME = "authsrv.toml"
 PORT_MAX = 65535
 PARTNER_NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 MCC_MAX = 9999
 HOLD_EXPIRY_DAYS_MAX = 366  # card-network rules never keep an authorization open longer
 CONFIG_SIZE_MAX_BYTES = 1_048_576  # a config file larger than this is a mistake, not a config
+# Duplicate records kept at least: below this the journal would forget a retry within seconds.
+RECORDS_MAX_MIN = 1_000
 
 # Port 0 means "any free port" (tests and benchmarks start servers on ephemeral ports).
 Port = Annotated[int, Meta(ge=0, le=PORT_MAX)]
@@ -63,6 +68,14 @@ class IsoConfig(_Section):
 class LedgerConfig(_Section):
     snapshot_interval_records: Positive = 500_000
     segment_size_max_bytes: Annotated[int, Meta(ge=4096)] = 67_108_864
+    # Transfer ids remembered for idempotency (24 h); past it the oldest go early, counted.
+    ids_max: Positive = IDS_MAX
+
+    def __post_init__(self) -> None:
+        # Pending hold ids are never evicted, so the bound must leave room for every one of them.
+        if self.ids_max <= HOLDS_PENDING_MAX:
+            raise ValueError(f"ids_max {self.ids_max} must be above the ledger's pending-hold bound "
+                             f"{HOLDS_PENDING_MAX} (pending hold ids are never evicted)")
 
 
 class MccRule(_Section):
@@ -105,6 +118,8 @@ class HoldsConfig(_Section):
 class DuplicatesConfig(_Section):
     # CONTRACT section 2: duplicates answered identically for at least 24 hours.
     retention_hours: Annotated[int, Meta(ge=24, le=24 * 366)] = 24
+    # Authorization records kept for duplicates at most; past it the oldest go early, counted.
+    records_max: Annotated[int, Meta(ge=RECORDS_MAX_MIN)] = RECORDS_MAX
 
 
 class SessionsConfig(_Section):
@@ -328,6 +343,12 @@ shutdown_grace_s = 5
 snapshot_interval_records = 500000
 # Start a new write-ahead log segment when the current one reaches this size.
 segment_size_max_bytes = 67108864
+# Transfer ids remembered so a retried transfer is not applied twice (24 h retention); about 0.25 KB
+# each plus the transfer, so this bounds memory. Size it to transfers/s x 86400 (about two per cleared
+# authorization). Past it the oldest ids are forgotten early (authsrv_ledger_ids_evicted_early_total):
+# a retry older than the bound is no longer recognized. Must be above 1000000, the pending-hold
+# bound (pending hold ids are never forgotten).
+ids_max = 10000000
 
 [holds]
 # Days an authorization hold stays open before it is released when no clearing arrives.
@@ -343,6 +364,11 @@ mcc_rules = [
 [duplicates]
 # How long a repeated request gets the original response instead of being processed again.
 retention_hours = 24
+# Authorization records kept for duplicate answers at most (at least 1000), so this bounds memory
+# (bench/soak.py reports the bytes per authorization). Size it to authorizations/s x 3600 x
+# retention_hours. Past it the oldest go before retention_hours (authsrv_journal_records_evicted_early_total):
+# a duplicate older than the bound is no longer recognized and is processed again.
+records_max = 20000000
 
 [sessions]
 # Lifetime of a customer session token (POST /customers/sessions).

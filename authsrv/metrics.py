@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import http.server
 import threading
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -26,6 +29,36 @@ class _StepHistograms(dict):
     def __missing__(self, step: str):
         child = self[step] = self._family.labels(step=step)
         return child
+
+
+class _JournalCounts(Protocol):
+    evicted_early: int
+
+
+class _LedgerCounts(Protocol):
+    @property
+    def ids_evicted_count(self) -> int: ...
+
+
+class _RetentionCollector:
+    """Early evictions of the 24-hour windows, read at scrape time from the objects that count them.
+
+    A collector rather than counters bumped on the hot path: the journal and the ledger already keep
+    the counts (and the ledger's survives a restart in its snapshot), so nothing is added per request.
+    Reading two ints from the metrics thread needs no lock."""
+
+    def __init__(self, journal: _JournalCounts, ledger: _LedgerCounts) -> None:
+        self._journal, self._ledger = journal, ledger
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "authsrv_journal_records_evicted_early",
+            "Authorization records dropped by [duplicates] records_max before retention_hours ran out",
+            value=self._journal.evicted_early)
+        yield CounterMetricFamily(
+            "authsrv_ledger_ids_evicted_early",
+            "Transfer ids dropped by [ledger] ids_max before their 24 h retention ran out",
+            value=self._ledger.ids_evicted_count)
 
 
 class Metrics:
@@ -75,6 +108,13 @@ class Metrics:
         self.outbox_dead_letters = Gauge("authsrv_outbox_dead_letters", "Calls to partners given up (dead letters)",
                                          registry=r)
         self.outbox_pending = Gauge("authsrv_outbox_pending", "Calls to partners not delivered yet", registry=r)
+        self._retention: _RetentionCollector | None = None  # set by watch_retention
+
+    def watch_retention(self, journal: _JournalCounts, ledger: _LedgerCounts) -> None:
+        """Expose the journal's and the ledger's early-eviction counts (once, after they are opened)."""
+        assert self._retention is None, "watch_retention called twice"
+        self._retention = _RetentionCollector(journal, ledger)
+        self.registry.register(self._retention)
 
     def answered(self, mti: str, code: str, seconds: float) -> None:
         child = self._request_children.get((mti, code))

@@ -1,4 +1,5 @@
-"""`python -m bench` (`make bench`): authsrv against the baseline; writes bench/results/latest.{json,png}."""
+"""`python -m bench` (`make bench`): authsrv against the baseline (postgres) and the floor (codec +
+transport only); writes bench/results/latest.{json,png}."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ def _floats(text: str) -> tuple[float, ...]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short steps at modest rates (a smoke test)")
-    parser.add_argument("--rates", type=_floats, default=None, help="offered rates, e.g. 1000,2000,4000")
+    parser.add_argument("--rates", type=_floats, default=None,
+                        help="offered rates, rising, e.g. 1000,2000,4000 (default: 250 .. 10000)")
     parser.add_argument("--step-seconds", type=float, default=None, help="seconds per rate step")
     parser.add_argument("--warmup-seconds", type=float, default=None, help="unrecorded load before the steps")
     parser.add_argument("--users", type=int, default=None, help="users to seed (one card each)")
     parser.add_argument("--connections", type=int, default=None)
-    parser.add_argument("--targets", default=",".join(TARGETS), help="authsrv,baseline or one of them")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="a comma-separated subset, e.g. authsrv,floor")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     return parser
 

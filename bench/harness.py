@@ -1,4 +1,4 @@
-"""The benchmark (CONTRACT.md section 6): authsrv against the codec + transport baseline.
+"""The benchmark (CONTRACT.md section 6): authsrv against the baseline (PostgreSQL) and the floor.
 
 For each target the harness offers the simulator's open-loop mix at a rising series of rates
 (stopping once p99 passes `p99_stop_ms` or the achieved rate falls under `achieved_stop_ratio` of
@@ -9,10 +9,11 @@ not the server, was the limit of that step.
 
 Targets (`--targets`, all by default):
 - `authsrv`: the internal-balance partner `demo` (balances in our ledger);
-- `baseline`: the codec + transport floor (bench/baseline_server.py);
-- `postgres`: the same front end with each authorization a PostgreSQL transaction (bench/pg_baseline.py,
-  a throwaway instance from bench/postgres.py); skipped, with the reason printed, where initdb/pg_ctl
-  or psycopg cannot be found;
+- `floor`: codec + transport only (bench/floor_server.py): what any Python ISO 8583 server on trio
+  costs before doing any work;
+- `postgres`, the baseline (issue 7): the same front end with each authorization a PostgreSQL
+  transaction (bench/pg_baseline.py, a throwaway instance from bench/postgres.py); skipped, with the
+  reason printed, where initdb/pg_ctl or psycopg cannot be found;
 - `external-5ms`: every card on partner `ext` with `balance_mode = "external"`, its api_url the
   partner simulator (its own process) answering in 5 ms;
 - `external-timeout`: the same with the simulator answering after 400 ms, past the ISO budget
@@ -21,6 +22,9 @@ The external targets offer only the rates up to EXTERNAL_RATE_MAX (one simulator
 ~700 calls/s on an idle 2-core VM, far fewer when it shares the cores with the server and the load,
 and each call costs the server itself ~3 ms of CPU there) and seed at most EXTERNAL_USERS_MAX users (each balance is told to the simulator one call at a
 time). Their ratios are taken against the `authsrv` run of the same invocation.
+
+Results carry two comparisons: `ratios`, authsrv / the baseline (`BenchResults.baseline`, postgres),
+and `floor_ratios`, authsrv / the floor.
 """
 
 from __future__ import annotations
@@ -65,10 +69,12 @@ from simulators.network.target import (
     ledger_verify,
     run_cli,
     start_authsrv,
-    start_baseline,
+    start_floor,
 )
 
-TARGETS = ("authsrv", "baseline", "postgres", "external-5ms", "external-timeout")
+TARGETS = ("authsrv", "floor", "postgres", "external-5ms", "external-timeout")
+BASELINE = "postgres"  # issue 7: the implementation authsrv is compared with
+FLOOR = "floor"  # codec + transport only
 EXTERNAL_PARTNER = "ext"
 ISO_BUDGET_MS = 250  # authsrv.toml [iso] budget_ms at its default: what a timed-out call costs
 # Partner simulator settings per external target. No forced 422s by amount ending: the mix's
@@ -85,8 +91,10 @@ RATES_MAX = 50  # steps per target
 USERS_MAX = 1_000_000
 STEP_SECONDS_MAX = 600.0
 SEED_AMOUNT_MINOR = 1_000_000  # 10,000.00 per balance: the mix spends a few hundred per card per run
-SYNTHETIC_CARDS = 20_000  # cards the baseline is driven with when authsrv did not seed any
+SYNTHETIC_CARDS = 20_000  # cards the floor and the baseline are driven with when authsrv did not seed any
 CLIENT_SATURATED_SHARE = 0.9  # generator CPU / wall time above which a step measured the client
+DEFAULT_RATES = (250.0, 500.0, 750.0, 1000.0, 1250.0, 1500.0, 2000.0, 2500.0, 3000.0, 4000.0, 5000.0, 6000.0,
+                 8000.0, 10000.0)  # fmt: skip
 QUICK_RATES = (100.0, 300.0, 600.0)  # external targets: 100 only (EXTERNAL_RATE_MAX)
 QUICK_STEP_SECONDS = 1.5
 QUICK_USERS = 1_000
@@ -94,8 +102,8 @@ QUICK_USERS = 1_000
 
 @attrs.frozen(kw_only=True)
 class BenchConfig:
-    # From a rate this machine class sustains up: stepping stops at the first overloaded rate.
-    rates: tuple[float, ...] = (100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 4000.0, 8000.0)
+    # Fine steps up to the 8,000/s target and past it: stepping stops at the first overloaded rate.
+    rates: tuple[float, ...] = DEFAULT_RATES
     step_seconds: float = 10.0
     users: int = 20_000
     cards_per_user: int = 1
@@ -189,13 +197,14 @@ class TargetResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class RateRatio(msgspec.Struct, frozen=True, kw_only=True):
     offered_rate_per_s: float
-    cpu_s_per_1000: float | None  # authsrv / baseline
+    cpu_s_per_1000: float | None  # ours / theirs
     p50: float | None
     p99: float | None
 
 
 class Ratios(msgspec.Struct, frozen=True, kw_only=True):
-    """authsrv / baseline: above 1 means authsrv costs more (CPU, latency) or sustains more (rate)."""
+    """ours / theirs (authsrv / postgres, authsrv / floor, external-* / authsrv): above 1 means ours
+    costs more (CPU, latency) or sustains more (rate)."""
 
     sustained_rate: float | None
     per_rate: list[RateRatio]
@@ -206,9 +215,10 @@ class BenchResults(msgspec.Struct, frozen=True, kw_only=True):
     machine: Machine
     settings: dict[str, object]
     targets: dict[str, TargetResult]
-    ratios: Ratios | None  # authsrv / baseline
+    ratios: Ratios | None  # authsrv / the baseline; None when either did not run (postgres skipped)
+    baseline: str = BASELINE  # the target `ratios` divides by
+    floor_ratios: Ratios | None = None  # authsrv / floor, same run
     external_ratios: dict[str, Ratios] = {}  # external target -> it / authsrv (internal), same run
-    postgres_ratios: Ratios | None = None  # authsrv / postgres, same run
 
 
 def machine_info() -> Machine:
@@ -369,28 +379,29 @@ def bench_authsrv(config: BenchConfig, work: Path, log: Callable[[str], None]) -
     ), cards_path  # fmt: skip
 
 
-def bench_baseline(
+def bench_floor(
     config: BenchConfig, work: Path, cards_path: Path | None, log: Callable[[str], None]
 ) -> TargetResult:
+    """The floor server (codec + transport only), stepped like authsrv with the same cards."""
     if cards_path is None:  # no seeded cards: same file format, synthetic numbers
         cards_path = work / "synthetic-cards.jsonl"
         write_synthetic_cards(cards_path, min(SYNTHETIC_CARDS, config.users * config.cards_per_user), seed=config.seed)
-    port, log_path = free_port(), work / "baseline.log"
+    port, log_path = free_port(), work / "floor.log"
     try:
-        server = start_baseline(port, log_path)
+        server = start_floor(port, log_path)
     except (TargetError, OSError) as error:
-        return TargetResult(name="baseline", steps=[], sustained_rate_per_s=None, stop_reason="not started",
+        return TargetResult(name=FLOOR, steps=[], sustained_rate_per_s=None, stop_reason="not started",
                             error=str(error))  # fmt: skip
     steps: list[Step] = []
     error = None
     try:
-        steps, reason = run_steps("baseline", server, port=port, cards_path=cards_path, zpk=None,
+        steps, reason = run_steps(FLOOR, server, port=port, cards_path=cards_path, zpk=None,
                                   config=config, log=log)  # fmt: skip
     except (LoadError, TargetError, OSError, ValueError) as failure:
         reason, error = "load failed", str(failure)
     finally:
         exit_code = server.stop()
-    return TargetResult(name="baseline", steps=steps, sustained_rate_per_s=sustained_rate(steps, config),
+    return TargetResult(name=FLOOR, steps=steps, sustained_rate_per_s=sustained_rate(steps, config),
                         stop_reason=reason, error=error, server_exit_code=exit_code)  # fmt: skip
 
 
@@ -533,23 +544,24 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def compute_ratios(targets: dict[str, TargetResult], ours_name: str = "authsrv",
-                   floor_name: str = "baseline") -> Ratios | None:  # fmt: skip
-    """`ours_name` / `floor_name` at each rate both ran, and of their sustained rates."""
-    if ours_name not in targets or floor_name not in targets:
+                   theirs_name: str = BASELINE) -> Ratios | None:  # fmt: skip
+    """`ours_name` / `theirs_name` at each rate both ran, and of their sustained rates; None when
+    either did not run or has no steps (a skipped PostgreSQL)."""
+    if ours_name not in targets or theirs_name not in targets or not targets[theirs_name].steps:
         return None
-    ours, floor = targets[ours_name], targets[floor_name]
-    floor_steps = {step.offered_rate_per_s: step for step in floor.steps}
+    ours, theirs = targets[ours_name], targets[theirs_name]
+    their_steps = {step.offered_rate_per_s: step for step in theirs.steps}
     per_rate = [
         RateRatio(
             offered_rate_per_s=step.offered_rate_per_s,
-            cpu_s_per_1000=_ratio(step.cpu_s_per_1000, floor_steps[step.offered_rate_per_s].cpu_s_per_1000),
-            p50=_ratio(step.p50_ms, floor_steps[step.offered_rate_per_s].p50_ms),
-            p99=_ratio(step.p99_ms, floor_steps[step.offered_rate_per_s].p99_ms),
+            cpu_s_per_1000=_ratio(step.cpu_s_per_1000, their_steps[step.offered_rate_per_s].cpu_s_per_1000),
+            p50=_ratio(step.p50_ms, their_steps[step.offered_rate_per_s].p50_ms),
+            p99=_ratio(step.p99_ms, their_steps[step.offered_rate_per_s].p99_ms),
         )
         for step in ours.steps
-        if step.offered_rate_per_s in floor_steps
+        if step.offered_rate_per_s in their_steps
     ]
-    return Ratios(sustained_rate=_ratio(ours.sustained_rate_per_s, floor.sustained_rate_per_s), per_rate=per_rate)
+    return Ratios(sustained_rate=_ratio(ours.sustained_rate_per_s, theirs.sustained_rate_per_s), per_rate=per_rate)
 
 
 def compute_external_ratios(targets: dict[str, TargetResult]) -> dict[str, Ratios]:
@@ -566,8 +578,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         cards_path = None
         if "authsrv" in config.targets:
             targets["authsrv"], cards_path = bench_authsrv(config, work, log)
-        if "baseline" in config.targets:
-            targets["baseline"] = bench_baseline(config, work, cards_path, log)
+        if FLOOR in config.targets:
+            targets[FLOOR] = bench_floor(config, work, cards_path, log)
         if "postgres" in config.targets:
             targets["postgres"] = bench_postgres(config, work, cards_path, log)
         for name in EXTERNAL_SCENARIOS:
@@ -580,9 +592,10 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         machine=machine_info(),
         settings=_settings(config),
         targets=targets,
-        ratios=compute_ratios(targets),
+        ratios=compute_ratios(targets, "authsrv", BASELINE),
+        baseline=BASELINE,
+        floor_ratios=compute_ratios(targets, "authsrv", FLOOR),
         external_ratios=compute_external_ratios(targets),
-        postgres_ratios=compute_ratios(targets, "authsrv", "postgres"),
     )
     write_results(results, config.out_dir)
     return results
@@ -618,10 +631,13 @@ def summary(results: BenchResults) -> str:
         lines += ["  " + _step_line(target.name, step) for step in target.steps]
         if target.external is not None:
             lines.append("  " + _external_line(target.external))
-    comparisons = [("authsrv / baseline", results.ratios), ("authsrv / postgres", results.postgres_ratios)]
+    comparisons = [(f"authsrv / {results.baseline} (baseline)", results.ratios),
+                   (f"authsrv / {FLOOR} (codec + transport only)", results.floor_ratios)]  # fmt: skip
     comparisons += [(f"{name} / authsrv", ratios) for name, ratios in results.external_ratios.items()]
     for label, ratios in comparisons:
         if ratios is None:
+            if label.startswith(f"authsrv / {results.baseline}") and "authsrv" in results.targets:
+                lines.append(f"{label}: not compared ({results.baseline} did not run)")
             continue
         lines.append(f"{label} sustained rate: {ratios.sustained_rate}")
         for ratio in ratios.per_rate:

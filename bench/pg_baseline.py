@@ -7,7 +7,7 @@ commit on; the answer is sent only after COMMIT returns. A 0400/0420 releases th
 (all of it, or down to field 95's remaining amount). Declines that change nothing roll back; a wrong
 PIN commits its try counter (the third in a row locks the card: 75), as authsrv does.
 
-The front end is bench/baseline_server.py's: trio, 2-byte length framing, pyiso8583 `specs.default`,
+The front end is bench/floor_server.py's: trio, 2-byte length framing, pyiso8583 `specs.default`,
 responses of one connection batched into one `send_all`. Requests of one connection are worked on
 concurrently (up to IN_FLIGHT_MAX), so the pool, not the connection count, bounds the concurrency.
 psycopg (sync) runs in worker threads through `trio.to_thread.run_sync`, one thread per connection.
@@ -31,7 +31,7 @@ import iso8583
 import iso8583.specs
 import trio
 
-from bench.baseline_server import ECHOED_FIELDS, ECHOED_FIELDS_MANAGEMENT, RECEIVE_SIZE_MAX
+from bench.floor_server import ECHOED_FIELDS, ECHOED_FIELDS_MANAGEMENT, RECEIVE_SIZE_MAX
 from bench.postgres import PIN_TRIES_MAX, STATUS_ACTIVE, STATUS_PIN_LOCKED, pan_index
 from simulators.network.codec import FrameReader, FramingError, frame
 from simulators.network.pinblock import decrypt_pin_block, load_zpk

@@ -1,4 +1,4 @@
-"""The benchmark's latency plot: p50 / p99 / p99.9 against offered rate, one colour per target."""
+"""The benchmark's latency plot: one line per system against offered rate, p99 and p50 side by side."""
 
 from __future__ import annotations
 
@@ -15,36 +15,45 @@ import matplotlib.ticker
 if TYPE_CHECKING:
     from bench.harness import BenchResults
 
-COLOURS = {"authsrv": "tab:blue", "baseline": "tab:grey", "external-5ms": "tab:green", "external-timeout": "tab:orange", "postgres": "tab:purple"}
-PERCENTILES = (("p50_ms", "p50", "-"), ("p99_ms", "p99", "--"), ("p999_ms", "p99.9", ":"))
-FIGURE_SIZE_IN = (9.0, 5.5)
+COLOURS = {"authsrv": "tab:blue", "floor": "tab:grey", "postgres": "tab:purple", "external-5ms": "tab:green",
+           "external-timeout": "tab:orange"}  # fmt: skip
+ROLES = {"floor": "codec + transport only"}  # the baseline's role comes from BenchResults.baseline
+PANELS = (("p99_ms", "p99"), ("p50_ms", "p50"))
+FIGURE_SIZE_IN = (12.0, 5.5)
 DPI = 110
+LATENCY_MS_MIN = 0.001  # log axis: a zero would vanish
+
+
+def system_label(name: str, baseline: str) -> str:
+    role = "baseline" if name == baseline else ROLES.get(name)
+    return f"{name} ({role})" if role else name
 
 
 def write_latency_plot(results: BenchResults, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=DPI)
+    figure, panels = plt.subplots(1, len(PANELS), figsize=FIGURE_SIZE_IN, dpi=DPI, sharey=True)
     try:
         plotted = False
-        for name, target in results.targets.items():
-            if not target.steps:
-                continue
-            rates = [step.offered_rate_per_s for step in target.steps]
-            for attribute, label, style in PERCENTILES:
-                values = [max(getattr(step, attribute), 0.001) for step in target.steps]
-                axes.plot(rates, values, style, marker="o", color=COLOURS.get(name, "tab:red"),
-                          label=f"{name} {label}")  # fmt: skip
+        for axes, (attribute, label) in zip(panels, PANELS, strict=True):
+            for name, target in results.targets.items():
+                if not target.steps:
+                    continue
+                rates = [step.offered_rate_per_s for step in target.steps]
+                values = [max(getattr(step, attribute), LATENCY_MS_MIN) for step in target.steps]
+                axes.plot(rates, values, "-", marker="o", color=COLOURS.get(name, "tab:red"),
+                          label=system_label(name, results.baseline))  # fmt: skip
                 plotted = True
-        axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        axes.set_xlabel("offered rate (requests/s, open loop)")
-        axes.set_ylabel("latency (ms, from intended send)")
+            axes.set_yscale("log")
+            axes.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axes.set_xlabel("offered rate (requests/s, open loop)")
+            axes.set_ylabel(f"{label} latency (ms, from intended send)")
+            axes.set_title(f"{label} per system", fontsize=9)
+            axes.grid(True, which="both", alpha=0.3)
+            if plotted:
+                axes.legend(fontsize=8)
+            else:
+                axes.text(0.5, 0.5, "no steps measured", transform=axes.transAxes, ha="center")
         machine = results.machine
-        axes.set_title(f"ISO 8583 latency vs offered rate - {machine.cpu_model}, {machine.cores} cores", fontsize=9)
-        axes.grid(True, which="both", alpha=0.3)
-        if plotted:
-            axes.legend(fontsize=8)
-        else:
-            axes.text(0.5, 0.5, "no steps measured", transform=axes.transAxes, ha="center")
+        figure.suptitle(f"ISO 8583 latency vs offered rate - {machine.cpu_model}, {machine.cores} cores", fontsize=9)
         figure.tight_layout()
         figure.savefig(path, format="png")
     finally:

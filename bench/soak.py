@@ -1,6 +1,7 @@
 """The memory soak (issue 7): `authsrv serve` under a steady open-loop load, its RSS sampled throughout.
 
-    python -m bench.soak --rate R --duration S [--users N] [--sample-seconds 10] [--out bench/results/soak.json]
+    python -m bench.soak --rate R --duration S [--users N] [--sample-seconds 10] [--clearing-seconds 60]
+        [--journal-records-max N] [--ledger-ids-max N] [--settle-seconds S] [--out bench/results/soak.json]
 
 Seeds and starts `authsrv serve` as the benchmark harness does (bench/harness.py), offers the
 realistic mix for `--warmup-seconds` unrecorded, then for `--duration` seconds at `--rate`, one
@@ -8,35 +9,63 @@ uninterrupted open-loop run. Every `--sample-seconds` it reads the server's VmRS
 /proc/PID/status and, for explaining growth, the ledger and journal gauges from /metrics. At the end
 it stops the server with SIGTERM, runs `authsrv ledger verify`, prints the figures and writes them.
 
-The flatness rule (`memory flat: yes/no`): the RSS growth from the first sample of the recorded run
-(i.e. after the warm-up) to the last must stay within RSS_GROWTH_FRACTION_MAX of that first sample
-or RSS_GROWTH_BYTES_FLOOR, whichever is larger. The floor absorbs what is not a leak: pymalloc
-arenas and the allocator's free lists settling, the snapshot writer's buffers, the every-10-s
-`gc.freeze()`. The rule is meant for runs of minutes; over a short run it says little (the state
-the traffic builds, holds and journal records, has not reached its steady size yet).
+What the traffic leaves behind, and how the soak bounds it within minutes:
+- Pending holds (ledger hold, open-authorization index): released when clearing posts them. As an
+  issuer does, the soak clears during the run: every `--clearing-seconds` it writes the approvals
+  seen since the last file (simulators/network/clearing.py) and uploads them to the running server
+  (`POST /admin/clearing`, as `authsrv clearing ingest` does) from a task beside the load.
+- The 24-hour windows (journal records for duplicate answers, the ledger's remembered transfer
+  ids): a run of minutes cannot reach their 24-hour steady size, so the soak writes small count
+  bounds into the data directory's authsrv.toml (`[duplicates] records_max`, `[ledger] ids_max`;
+  by default what the offered rate fills in BOUND_FILL_S) and reports the RSS growth per
+  authorization before the first bound is reached: the figure to multiply by rate x 86,400 to size
+  memory for the real windows. The ledger's bound cannot go below HOLDS_PENDING_MAX + 1 (pending
+  hold ids are never evicted), so at a few hundred authorizations/s it fills later than the journal's.
+
+The flatness rule (`memory flat: yes/no`): the RSS growth from the first sample of the judged part
+to the last must stay within RSS_GROWTH_FRACTION_MAX of that first sample or
+RSS_GROWTH_BYTES_FLOOR, whichever is larger. The judged part starts at the first sample after the
+warm-up taken once both bounds evict (the /metrics early-eviction counters), or `--settle-seconds`
+into the recorded run when given; when neither happens it is the whole recorded run, and the output
+says which. The floor absorbs what is not a leak: pymalloc arenas and the allocator's free lists
+settling, the snapshot writer's buffers, the every-10-s `gc.freeze()`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
+import json
+import random
+import re
 import shutil
+import threading
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
+import httpx
 import msgspec
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from authsrv.clearing.cli import ADMIN_USERNAME, IngestError
+from authsrv.clearing.records import ClearingFileError
+from authsrv.clearing.summary import ClearingSummary, summary_decoder
+from authsrv.config import RECORDS_MAX_MIN, ConfigError, config_path, decode_config
+from authsrv.pki import client_ssl_context
 from bench.external import scrape_metrics
 from bench.harness import SEED_AMOUNT_MINOR, Machine, Step, machine_info, step_from_report
+from ledger.state import HOLDS_PENDING_MAX
 from simulators.network.cards import load_cards
+from simulators.network.clearing import Clearable, ClearingLog
 from simulators.network.load import LoadConfig, LoadError, run_load
-from simulators.network.mix import MixWeights
+from simulators.network.mix import REVERSAL_POOL_MAX, MixWeights
 from simulators.network.pinblock import load_zpk
 from simulators.network.report import LoadReport
 from simulators.network.target import (
@@ -58,11 +87,29 @@ RSS_GROWTH_BYTES_FLOOR = 20 * 1024 * 1024
 SAMPLES_MAX = 10_000  # per phase; duration / sample-seconds is far below this within the bounds above
 MIB = 1024 * 1024
 WARMUP_WEIGHTS = MixWeights(wrong_pin=0)  # the realistic mix without PIN-counter traffic (see drive)
-# /metrics gauges recorded with each sample: the state that traffic builds up in the server.
+CLEARING_S_MIN = 5.0
+GENERATION_APPROVALS = 2_000  # approvals per clearing file
+HOLD_BACK_APPROVALS = 2 * REVERSAL_POOL_MAX  # margin: the pool holds reversible kinds, not only purchases
+HOLD_BACK_APPROVALS_MAX = 1_000_000  # ClearingLog's APPROVALS_MAX
+ADMIN_TOKEN_REFRESH_S = 240.0  # below the default admin_token_ttl_s (600 s)
+UPLOAD_TIMEOUT_S = 120.0
+INGESTIONS_MAX = 1_000  # per run; duration / clearing-seconds is far below this within the bounds above
+# Default bounds: what the offered rate fills in this time (warm-up included), long enough for the
+# first clearing upload to come before the journal's bound, so the growth per authorization is
+# measured with pending holds level.
+BOUND_FILL_S = 180.0
+# Remembered ledger ids per cleared approval, for the default bound: the user hold and the partner's
+# collateral hold (holds_pending is twice open_authorizations), each posted by clearing.
+IDS_PER_AUTHORIZATION = 4
+BOUND_COUNT_MAX = 100_000_000
+# /metrics values recorded with each sample: the state that traffic builds up in the server, and the
+# early evictions that show a count bound has been reached.
 GAUGES = {
     "authsrv_ledger_holds_pending": "holds_pending",
     "authsrv_open_authorizations": "open_authorizations",
     "authsrv_journal_records": "journal_records",
+    "authsrv_journal_records_evicted_early_total": "journal_evicted_early",
+    "authsrv_ledger_ids_evicted_early_total": "ledger_ids_evicted_early",
 }
 
 
@@ -75,6 +122,11 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     warmup_s: float = 30.0
     timeout_s: float = 5.0
     seed: int = 1
+    clearing_s: float = 60.0  # 0: no clearing during the run
+    clearing_hold_back: int = HOLD_BACK_APPROVALS  # newest approvals not cleared yet (see _ClearingFeed)
+    journal_records_max: int = 0  # 0: derived from the rate (default_bounds)
+    ledger_ids_max: int = 0  # 0: derived from the rate (default_bounds)
+    settle_s: float | None = None  # judge flatness from this far into the recorded run
 
     def __post_init__(self) -> None:
         if not self.rate_per_s > 0:
@@ -87,6 +139,42 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"sample interval must be in [{SAMPLE_S_MIN}, {SAMPLE_S_MAX:.0f}] s")
         if not 0 < self.users <= USERS_MAX:
             raise ValueError(f"users must be in 1..{USERS_MAX}")
+        if self.clearing_s != 0 and not CLEARING_S_MIN <= self.clearing_s <= DURATION_S_MAX:
+            raise ValueError(f"clearing interval must be 0 (off) or in [{CLEARING_S_MIN:.0f}, {DURATION_S_MAX:.0f}] s")
+        if not 0 <= self.clearing_hold_back <= HOLD_BACK_APPROVALS_MAX:
+            raise ValueError(f"clearing hold-back must be in [0, {HOLD_BACK_APPROVALS_MAX}] approvals")
+        if self.journal_records_max != 0 and not RECORDS_MAX_MIN <= self.journal_records_max <= BOUND_COUNT_MAX:
+            raise ValueError(f"journal records bound must be in [{RECORDS_MAX_MIN}, {BOUND_COUNT_MAX}]")
+        if self.ledger_ids_max != 0 and not HOLDS_PENDING_MAX < self.ledger_ids_max <= BOUND_COUNT_MAX:
+            raise ValueError(f"ledger ids bound must be above {HOLDS_PENDING_MAX} (the pending-hold bound)"
+                             f" and at most {BOUND_COUNT_MAX}")
+        if self.settle_s is not None and not 0 <= self.settle_s < self.duration_s:
+            raise ValueError("settle time must be in [0, duration) s")
+
+
+def default_bounds(config: SoakConfig) -> SoakConfig:
+    """The config with its zero bounds replaced by what the offered rate fills in BOUND_FILL_S."""
+    records = config.journal_records_max or min(max(RECORDS_MAX_MIN, int(config.rate_per_s * BOUND_FILL_S)),
+                                                BOUND_COUNT_MAX)
+    ids = config.ledger_ids_max or min(
+        max(HOLDS_PENDING_MAX + 1, int(config.rate_per_s * BOUND_FILL_S * IDS_PER_AUTHORIZATION)), BOUND_COUNT_MAX)
+    return msgspec.structs.replace(config, journal_records_max=records, ledger_ids_max=ids)
+
+
+def write_bounds(data: Path, *, records_max: int, ids_max: int) -> None:
+    """Set the two count bounds in the data directory's authsrv.toml (keys of the default template)."""
+    path = config_path(data)
+    text = path.read_text()
+    for key, value in (("records_max", records_max), ("ids_max", ids_max)):
+        text, found = re.subn(rf"^{key} = \d+$", f"{key} = {value}", text, flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"{path}: expected one `{key} = N` line, found {found}")
+    try:
+        config = decode_config(text.encode(), source=str(path))
+    except ConfigError as error:  # run_soak reports ValueErrors as the run's error
+        raise ValueError(str(error)) from None
+    assert config.duplicates.records_max == records_max and config.ledger.ids_max == ids_max
+    path.write_text(text)
 
 
 class RssSample(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +182,33 @@ class RssSample(msgspec.Struct, frozen=True, kw_only=True):
     elapsed_s: float  # since the server was ready
     rss_bytes: int
     gauges: dict[str, float]  # GAUGES values at that moment; empty when /metrics did not answer
+
+
+class Ingestion(msgspec.Struct, frozen=True, kw_only=True):
+    """One clearing file uploaded to the running server during the run."""
+
+    phase: str  # "warmup" or "soak": the load running meanwhile
+    elapsed_s: float  # since the server was ready, when the upload started
+    approvals: int  # approvals taken from the load for this file
+    records: int  # lines of the file (splits are two; plus one refund)
+    applied: int
+    matched: int
+    exceptions: int
+    seconds: float  # upload to summary, while the load kept running
+    error: str | None = None
+
+
+class RetentionBounds(msgspec.Struct, frozen=True, kw_only=True):
+    journal_records_max: int
+    ledger_ids_max: int
+    journal_reached_s: float | None  # first sample showing early evictions (elapsed since ready)
+    ledger_reached_s: float | None
+    # RSS growth over the rise in journal records up to the last sample before either bound evicted:
+    # what one authorization leaves in memory while the 24-hour windows fill (with pending holds
+    # kept level by clearing when the span starts after an upload). Times rate x 86,400 sizes a day.
+    growth_bytes_per_authorization: float | None
+    growth_span_s: float | None  # the span that figure covers
+    growth_from: str = ""  # where that span starts: after the first clearing upload, or the warm-up
 
 
 class RssVerdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +224,8 @@ class RssVerdict(msgspec.Struct, frozen=True, kw_only=True):
     # of the state each hold carries (ledger hold, journal record, open authorization) means the
     # growth is retained state that hold expiry bounds, not a leak. None when holds did not rise.
     growth_bytes_per_hold_added: float | None = None
+    judged_from_s: float | None = None  # elapsed (since ready) of the first sample judged
+    judged_from: str = ""  # why from there: bounds reached, settle time, or the whole run
 
 
 class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,6 +238,8 @@ class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
     mismatch_detail: dict[str, dict[str, int]]  # kind -> "expected->got" -> count (the load report's)
     rss_samples: list[RssSample]
     rss: RssVerdict
+    bounds: RetentionBounds | None
+    ingestions: list[Ingestion]
     error: str | None
     server_exit_code: int | None
     ledger_verify_exit_code: int | None
@@ -152,14 +271,20 @@ def _scrape_gauges(metrics_port: int) -> dict[str, float]:
         return {}
 
 
-def rss_verdict(samples: list[RssSample]) -> RssVerdict:
-    """The flatness rule over the samples taken after the warm-up (phases soak and end)."""
-    rule = (f"flat when RSS growth from the first sample after the warm-up to the last is at most "
+def _recorded(samples: list[RssSample]) -> list[RssSample]:
+    return [sample for sample in samples if sample.phase in ("soak", "end")]
+
+
+def rss_verdict(samples: list[RssSample], *, from_s: float | None = None, judged_from: str = "") -> RssVerdict:
+    """The flatness rule over the samples taken after the warm-up (phases soak and end), from the
+    first one at or after `from_s` (elapsed since ready) when given."""
+    rule = (f"flat when RSS growth from the first judged sample to the last is at most "
             f"max({RSS_GROWTH_FRACTION_MAX:.0%} of the first, {RSS_GROWTH_BYTES_FLOOR // MIB} MiB)")  # fmt: skip
-    recorded = [sample for sample in samples if sample.phase in ("soak", "end")]
+    recorded = [sample for sample in _recorded(samples) if from_s is None or sample.elapsed_s >= from_s]
     if len(recorded) < 2:
         return RssVerdict(first_bytes=None, last_bytes=None, peak_bytes=None, growth_bytes=None,
-                          growth_mib_per_min=None, bound_bytes=None, flat=None, rule=rule)  # fmt: skip
+                          growth_mib_per_min=None, bound_bytes=None, flat=None, rule=rule,
+                          judged_from=judged_from)  # fmt: skip
     first, last = recorded[0], recorded[-1]
     assert last.elapsed_s >= first.elapsed_s
     growth = last.rss_bytes - first.rss_bytes
@@ -170,8 +295,56 @@ def rss_verdict(samples: list[RssSample]) -> RssVerdict:
         peak_bytes=max(sample.rss_bytes for sample in recorded), growth_bytes=growth,
         growth_mib_per_min=round(growth / MIB / minutes, 3) if minutes > 0 else None,
         bound_bytes=bound, flat=growth <= bound, rule=rule,
-        growth_bytes_per_hold_added=_per_hold(first, last, growth),
+        growth_bytes_per_hold_added=_per_hold(first, last, growth), judged_from_s=first.elapsed_s,
+        judged_from=judged_from,
     )  # fmt: skip
+
+
+def _first_evicting_s(samples: list[RssSample], counter: str) -> float | None:
+    """Elapsed time of the first sample whose early-eviction counter is above zero: the bound is reached."""
+    return next((sample.elapsed_s for sample in samples if sample.gauges.get(counter, 0) > 0), None)
+
+
+def retention_bounds(samples: list[RssSample], config: SoakConfig,
+                     ingestions: Sequence[Ingestion] = ()) -> RetentionBounds:
+    """When each bound started evicting, and the RSS growth per authorization while they filled:
+    from the first sample after the first clearing upload (pending holds level from then on) when
+    there are two such samples before the first bound, else from the first sample after the warm-up."""
+    journal_s = _first_evicting_s(samples, "journal_evicted_early")
+    ledger_s = _first_evicting_s(samples, "ledger_ids_evicted_early")
+    first_reached_s = min((s for s in (journal_s, ledger_s) if s is not None), default=None)
+    filling = [sample for sample in _recorded(samples) if "journal_records" in sample.gauges
+               and (first_reached_s is None or sample.elapsed_s < first_reached_s)]  # fmt: skip
+    cleared_s = next((done.elapsed_s + done.seconds for done in ingestions if done.error is None), None)
+    cleared = [sample for sample in filling if cleared_s is not None and sample.elapsed_s >= cleared_s]
+    span, growth_from = (cleared, "after the first clearing upload") if len(cleared) >= 2 else (
+        filling, "after the warm-up, pending holds still rising")  # fmt: skip
+    per_authorization = span_s = None
+    if len(span) >= 2:
+        first, last = span[0], span[-1]
+        authorizations = last.gauges["journal_records"] - first.gauges["journal_records"]
+        if authorizations > 0:
+            per_authorization = round((last.rss_bytes - first.rss_bytes) / authorizations, 1)
+            span_s = round(last.elapsed_s - first.elapsed_s, 2)
+    return RetentionBounds(journal_records_max=config.journal_records_max, ledger_ids_max=config.ledger_ids_max,
+                           journal_reached_s=journal_s, ledger_reached_s=ledger_s,
+                           growth_bytes_per_authorization=per_authorization, growth_span_s=span_s,
+                           growth_from=growth_from if per_authorization is not None else "")  # fmt: skip
+
+
+def judged_start(samples: list[RssSample], bounds: RetentionBounds, settle_s: float | None) -> tuple[float | None, str]:
+    """Where the flatness rule starts (elapsed since ready; None: the whole recorded run), and why."""
+    recorded = _recorded(samples)
+    if not recorded:
+        return None, "no samples after the warm-up"
+    if settle_s is not None:
+        return recorded[0].elapsed_s + settle_s, f"from {settle_s:.0f} s into the recorded run (--settle-seconds)"
+    if bounds.journal_reached_s is not None and bounds.ledger_reached_s is not None:
+        reached_s = max(bounds.journal_reached_s, bounds.ledger_reached_s)
+        return reached_s, f"from {reached_s:.0f} s after ready, when both count bounds were evicting"
+    missing = [name for name, reached in (("journal records_max", bounds.journal_reached_s),
+                                          ("ledger ids_max", bounds.ledger_reached_s)) if reached is None]  # fmt: skip
+    return None, f"whole recorded run: {' and '.join(missing)} not reached, retained state still filling"
 
 
 def _per_hold(first: RssSample, last: RssSample, growth_bytes: int) -> float | None:
@@ -179,6 +352,123 @@ def _per_hold(first: RssSample, last: RssSample, growth_bytes: int) -> float | N
     if "holds_pending" not in first.gauges or "holds_pending" not in last.gauges or holds_added <= 0:
         return None
     return round(growth_bytes / holds_added, 1)
+
+
+class _ClearingFeed:
+    """What the load learns for clearing, in generations of GENERATION_APPROVALS, handed over at each
+    upload so that every approval is cleared once. The newest `hold_back` stay: the load reverses the
+    oldest of its last REVERSAL_POOL_MAX approvals, and a reversal after clearing finds no open
+    authorization (25, counted as a mismatch). A run too short to fill the pool reverses its first
+    approvals, so with a smaller hold-back such 25s are expected there. The load's pump thread adds
+    approvals while the soak's trio thread takes them: hence the lock (held for dict work, never I/O)."""
+
+    def __init__(self, hold_back: int) -> None:
+        assert hold_back >= 0
+        self._hold_back = hold_back
+        self._lock = threading.Lock()
+        self._sealed: collections.deque[ClearingLog] = collections.deque()
+        self._current = ClearingLog()
+
+    def approved(self, clearable: Clearable, auth_code: str) -> None:
+        with self._lock:
+            self._current.approved(clearable, auth_code)
+            if len(self._current) >= GENERATION_APPROVALS:
+                self._sealed.append(self._current)
+                self._current = ClearingLog()
+
+    def reversed(self, rrn: str, remaining: int | None) -> None:
+        # Bounded: about hold_back / GENERATION_APPROVALS generations, plus one interval's worth.
+        with self._lock:
+            self._current.reversed(rrn, remaining)
+            for generation in self._sealed:
+                generation.reversed(rrn, remaining)
+
+    def take(self) -> list[ClearingLog]:
+        """The oldest sealed generations, leaving at least `hold_back` approvals behind."""
+        taken: list[ClearingLog] = []
+        with self._lock:
+            # Counted afresh: full reversals shrink sealed generations.
+            held = sum(len(generation) for generation in self._sealed)
+            while self._sealed and held - len(self._sealed[0]) >= self._hold_back:
+                generation = self._sealed.popleft()
+                held -= len(generation)
+                taken.append(generation)
+        return taken
+
+
+class _Clearer:
+    """Every `interval_s`, the approvals so far as a clearing file, applied by the running server."""
+
+    def __init__(self, data: Path, work: Path, config: SoakConfig, clock: Callable[[], float]) -> None:
+        assert config.clearing_s > 0
+        self.data, self.work, self.interval_s, self.clock = data, work, config.clearing_s, clock
+        self.feed = _ClearingFeed(config.clearing_hold_back)
+        self.ingestions: list[Ingestion] = []
+        self._rng = random.Random(config.seed)
+        self._client: httpx.Client | None = None  # used from one worker thread at a time
+        self._token: str | None = None
+        self._token_s = 0.0
+
+    async def every_interval(self, phase: str) -> None:
+        for _ in range(INGESTIONS_MAX):  # bounded; cancelled when the load run ends
+            await trio.sleep(self.interval_s)
+            if len(self.ingestions) >= INGESTIONS_MAX:
+                return
+            with trio.CancelScope(shield=True):  # taken approvals are cleared, even as the load ends
+                await self.ingest(phase)
+
+    async def ingest(self, phase: str) -> None:
+        for generation in self.feed.take():  # bounded by the generations sealed since the last upload
+            if len(self.ingestions) >= INGESTIONS_MAX:
+                return
+            await self._upload(phase, generation)
+
+    async def _upload(self, phase: str, generation: ClearingLog) -> None:
+        elapsed_s, started = self.clock(), time.perf_counter()
+        path = self.work / f"clearing-{len(self.ingestions) + 1:04d}.jsonl"
+        records = applied = matched = exceptions = 0
+        error = None
+        try:
+            records, summary = await trio.to_thread.run_sync(self._write_and_apply, generation, path)
+            applied, matched, exceptions = summary.applied, summary.matched, summary.exceptions_count
+        except (IngestError, ClearingFileError, OSError, httpx.HTTPError, msgspec.DecodeError) as failure:
+            error = str(failure)[:500]  # reported; the soak goes on
+        finally:
+            path.unlink(missing_ok=True)  # card numbers
+        seconds = round(time.perf_counter() - started, 3)
+        self.ingestions.append(Ingestion(
+            phase=phase, elapsed_s=round(elapsed_s, 2), approvals=len(generation), records=records, applied=applied,
+            matched=matched, exceptions=exceptions, seconds=seconds, error=error))  # fmt: skip
+
+    def _write_and_apply(self, generation: ClearingLog, path: Path) -> tuple[int, ClearingSummary]:
+        counts = generation.write(path, rng=self._rng)
+        reply = self._post(path)
+        if reply.status_code == 401:  # the admin token expired early (a shorter configured TTL)
+            self._token = None
+            reply = self._post(path)
+        if reply.status_code != 200:
+            raise IngestError(f"the server refused the clearing file: {reply.status_code} {reply.text[:300]}")
+        return counts.records, summary_decoder.decode(reply.content)
+
+    def _post(self, path: Path) -> httpx.Response:
+        """One admin session per ADMIN_TOKEN_REFRESH_S: each login costs the server a scrypt (~16 MiB
+        in a store thread), which a login per file would add to the RSS being measured."""
+        if self._client is None:
+            port = json.loads((self.data / "run.json").read_text())["rest_port"]
+            self._client = httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=UPLOAD_TIMEOUT_S,
+                                        verify=client_ssl_context(self.data / "pki"))  # fmt: skip
+        if self._token is None or time.monotonic() - self._token_s > ADMIN_TOKEN_REFRESH_S:
+            password = (self.data / "admin-password").read_text().strip()
+            login = self._client.post("/admin/sessions", json={"username": ADMIN_USERNAME, "password": password})
+            if login.status_code not in (200, 201):
+                raise IngestError(f"admin login refused: {login.status_code} {login.text[:200]}")
+            self._token, self._token_s = login.json()["token"], time.monotonic()
+        return self._client.post("/admin/clearing", content=path.read_bytes(), headers={
+            "Authorization": f"Bearer {self._token}", "Content-Type": "application/x-ndjson", "X-File-Name": path.name})
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 class _Sampler:
@@ -203,10 +493,17 @@ class _Sampler:
             await self.take(phase)
             await trio.sleep(self.interval_s)
 
-    async def beside(self, phase: str, load: LoadConfig, cards: tuple) -> LoadReport:
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.ready_s
+
+    async def beside(self, phase: str, load: LoadConfig, cards: tuple, clearer: _Clearer | None) -> LoadReport:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.every_interval, phase)
-            report = await run_load(load, cards=cards)
+            feed = None
+            if clearer is not None:
+                nursery.start_soon(clearer.every_interval, phase)
+                feed = cast(ClearingLog, clearer.feed)  # the two methods the load calls, behind a lock
+            report = await run_load(load, cards=cards, clearing=feed)
             nursery.cancel_scope.cancel()
         return report
 
@@ -220,7 +517,8 @@ def _load_config(config: SoakConfig, *, port: int, cards_path: Path, zpk: bytes 
 
 
 def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Path, zpk: bytes | None,
-          sampler: _Sampler, log: Callable[[str], None]) -> tuple[Step, LoadReport]:  # fmt: skip
+          sampler: _Sampler, clearer: _Clearer | None,
+          log: Callable[[str], None]) -> tuple[Step, LoadReport]:  # fmt: skip
     """Warm-up (unrecorded), then the soak, the sampler beside each; returns the soak's figures."""
     cards = load_cards(cards_path)
     trio.run(sampler.take, "start")
@@ -229,13 +527,14 @@ def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Pa
         # their counters, so a card the warm-up locked would answer 75 where the soak expects 00.
         warmup = _load_config(config, port=ports.iso, cards_path=cards_path, zpk=zpk, duration_s=config.warmup_s,
                               seed=config.seed - 1, weights=WARMUP_WEIGHTS)  # fmt: skip
-        trio.run(functools.partial(sampler.beside, "warmup", warmup, cards))
+        trio.run(functools.partial(sampler.beside, "warmup", warmup, cards, clearer))
         log(f"soak: warmed up {config.warmup_s:.0f} s at {config.rate_per_s:,.0f}/s (not recorded)")
     load = _load_config(config, port=ports.iso, cards_path=cards_path, zpk=zpk, duration_s=config.duration_s,
                         seed=config.seed, weights=MixWeights())  # fmt: skip
-    log(f"soak: {config.duration_s:.0f} s at {config.rate_per_s:,.0f}/s, RSS every {config.sample_s:.0f} s")
+    clearing = f", clearing every {config.clearing_s:.0f} s" if clearer is not None else ", no clearing"
+    log(f"soak: {config.duration_s:.0f} s at {config.rate_per_s:,.0f}/s, RSS every {config.sample_s:.0f} s{clearing}")
     server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
-    report = trio.run(functools.partial(sampler.beside, "soak", load, cards))
+    report = trio.run(functools.partial(sampler.beside, "soak", load, cards, clearer))
     step = step_from_report(
         report, server_cpu_s=server.cpu_s() - server_before, client_cpu_s=time.process_time() - client_before,
         wall_s=time.perf_counter() - wall_before,
@@ -245,23 +544,36 @@ def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Pa
 
 
 def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakResults:
-    """Init, seed, serve, warm up, soak with RSS samples, stop, verify."""
+    """Init, seed, bound, serve, warm up, soak with RSS samples and clearing, stop, verify."""
+    config = default_bounds(config)
     work = Path(tempfile.mkdtemp(prefix="authsrv-soak-"))
     data, log_path = work / "data", work / "authsrv.log"
     step = report = server = None
     error = exit_code = verify_code = None
     samples: list[RssSample] = []
+    ingestions: list[Ingestion] = []
     try:
         log(f"soak: init + seed {config.users} users in {data} (log {log_path})")
         cards_path = init_and_seed(data, users=config.users, cards_per_user=1, amount_minor=SEED_AMOUNT_MINOR,
                                    log_path=log_path)  # fmt: skip
         zpk_path = data / "keys" / "zpk.hex"
         zpk = load_zpk(zpk_path) if zpk_path.exists() else None
+        write_bounds(data, records_max=config.journal_records_max, ids_max=config.ledger_ids_max)
+        log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
+            f" [ledger] ids_max = {config.ledger_ids_max:,}")  # fmt: skip
         ports = Ports.free()
         server = start_authsrv(data, ports, log_path)
         sampler = _Sampler(server, ports.metrics, config.sample_s)
         samples = sampler.samples
-        step, report = drive(config, server, ports, cards_path, zpk, sampler, log)
+        clearer = None
+        if config.clearing_s > 0:
+            clearer = _Clearer(data, work, config, sampler.elapsed_s)
+            ingestions = clearer.ingestions
+        try:
+            step, report = drive(config, server, ports, cards_path, zpk, sampler, clearer, log)
+        finally:
+            if clearer is not None:
+                clearer.close()
         if not server.running():
             error = f"server exited with {server.process.returncode} during the soak"
     except (LoadError, TargetError, OSError, ValueError) as failure:
@@ -270,16 +582,31 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakR
         if server is not None:
             exit_code = server.stop()
         if data.exists() and server is not None:
-            verify_code = ledger_verify(data, log_path).exit_code
+            verified = ledger_verify(data, log_path)
+            verify_code = verified.exit_code
             log(f"soak: server exit {exit_code}, ledger verify exit {verify_code}")
+            if verify_code != 0:
+                log(f"soak: ledger verify: {_verify_problems(verified.output)}")
         shutil.rmtree(work, ignore_errors=True)  # holds the seeded cards file (PANs, PINs)
+    bounds = retention_bounds(samples, config, ingestions)
+    from_s, judged_from = judged_start(samples, bounds, config.settle_s)
     return SoakResults(
         created_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         machine=machine_info(), settings=config, soak=step, unsent=report.unsent if report else None,
         connection_errors=list(report.connection_errors) if report else [],
         mismatch_detail=dict(report.mismatch_detail) if report else {}, rss_samples=samples,
-        rss=rss_verdict(samples), error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify_code,
+        rss=rss_verdict(samples, from_s=from_s, judged_from=judged_from), bounds=bounds, ingestions=ingestions,
+        error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify_code,
     )  # fmt: skip
+
+
+def _verify_problems(output: str) -> str:
+    """The problems and cross-check of `authsrv ledger verify`'s JSON report (no card data in it)."""
+    try:
+        report = json.loads(output)
+    except ValueError:
+        return output[-500:]
+    return f"problems {report.get('problems')}; cross-check: {report.get('cross_check')}"
 
 
 def summary(results: SoakResults) -> str:
@@ -301,16 +628,19 @@ def summary(results: SoakResults) -> str:
             f"server cpu/1000 {cpu} s  client cpu share {step.client_cpu_share:.0%}"
             + ("  CLIENT SATURATED" if step.client_saturated else ""),
         ]  # fmt: skip
-    lines.append("RSS samples (elapsed s, phase, MiB, holds pending / open auths / journal records):")
+    lines.append("RSS samples (elapsed s, phase, MiB, holds pending / open auths / journal records"
+                 " / journal evicted early / ledger ids evicted early):")
     for sample in results.rss_samples:
         gauges = " / ".join(f"{sample.gauges[name]:.0f}" if name in sample.gauges else "-" for name in GAUGES.values())
         lines.append(f"  {sample.elapsed_s:8.1f}  {sample.phase:<6}  {sample.rss_bytes / MIB:8.1f}  {gauges}")
+    lines += _ingestion_lines(results.ingestions) + _bounds_lines(results)
+    lines.append(f"judged: {rss.judged_from}")
     if rss.flat is None:
-        lines.append("RSS growth: too few samples after the warm-up")
+        lines.append("RSS growth: too few samples in the judged part")
     else:
         assert rss.growth_bytes is not None and rss.first_bytes is not None and rss.bound_bytes is not None
         per_min = f"{rss.growth_mib_per_min:+.2f} MiB/min" if rss.growth_mib_per_min is not None else "-"
-        lines.append(f"RSS growth after warm-up: {rss.growth_bytes / MIB:+.1f} MiB"
+        lines.append(f"RSS growth over the judged part: {rss.growth_bytes / MIB:+.1f} MiB"
                      f" ({rss.growth_bytes / rss.first_bytes:+.1%} of {rss.first_bytes / MIB:.1f} MiB; {per_min});"
                      f" bound {rss.bound_bytes / MIB:.1f} MiB")  # fmt: skip
         if rss.growth_bytes_per_hold_added is not None:
@@ -321,6 +651,37 @@ def summary(results: SoakResults) -> str:
         lines.append(f"error: {results.error}")
     lines.append(f"memory flat: {'unknown' if rss.flat is None else 'yes' if rss.flat else 'no'}")
     return "\n".join(lines)
+
+
+def _ingestion_lines(ingestions: list[Ingestion]) -> list[str]:
+    if not ingestions:
+        return ["clearing: none during the run"]
+    lines = ["clearing uploads (elapsed s, phase, approvals, records, matched, applied, exceptions, seconds):"]
+    for done in ingestions:
+        lines.append(f"  {done.elapsed_s:8.1f}  {done.phase:<6}  {done.approvals:7d}  {done.records:7d}"
+                     f"  {done.matched:7d}  {done.applied:7d}  {done.exceptions:5d}  {done.seconds:7.2f}"
+                     + (f"  ERROR {done.error}" if done.error else ""))  # fmt: skip
+    return lines
+
+
+def _bounds_lines(results: SoakResults) -> list[str]:
+    bounds = results.bounds
+    if bounds is None:
+        return []
+
+    def reached(at_s: float | None) -> str:
+        return f"evicting from {at_s:.0f} s" if at_s is not None else "not reached"
+
+    lines = [f"bounds: journal records_max {bounds.journal_records_max:,} ({reached(bounds.journal_reached_s)}),"
+             f" ledger ids_max {bounds.ledger_ids_max:,} ({reached(bounds.ledger_reached_s)})"]  # fmt: skip
+    if bounds.growth_bytes_per_authorization is not None:
+        day_bytes = bounds.growth_bytes_per_authorization * results.settings.rate_per_s * 86_400
+        per_authorization = bounds.growth_bytes_per_authorization
+        lines.append(f"RSS growth per authorization before the first bound: {per_authorization:,.0f} B"
+                     f" over {bounds.growth_span_s:.0f} s {bounds.growth_from};"
+                     f" x rate x 86,400 = {day_bytes / 1024**3:,.1f} GiB"
+                     f" for 24 h at {results.settings.rate_per_s:,.0f}/s")  # fmt: skip
+    return lines
 
 
 def write_results(results: SoakResults, out: Path) -> None:
@@ -341,6 +702,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="RSS sampling interval")
     parser.add_argument("--warmup-seconds", type=float, default=30.0, help="unrecorded load before the soak")
+    parser.add_argument("--clearing-seconds", type=float, default=60.0,
+                        help="upload the approvals so far as a clearing file this often (0: no clearing)")
+    parser.add_argument("--clearing-hold-back", type=int, default=HOLD_BACK_APPROVALS,
+                        help="newest approvals kept out of clearing so the load can still reverse them")
+    parser.add_argument("--journal-records-max", type=int, default=0,
+                        help=f"[duplicates] records_max for the run (default: rate x {BOUND_FILL_S:.0f} s)")
+    parser.add_argument("--ledger-ids-max", type=int, default=0,
+                        help=f"[ledger] ids_max for the run (default: rate x {BOUND_FILL_S:.0f} s x"
+                             f" {IDS_PER_AUTHORIZATION}, at least {HOLDS_PENDING_MAX + 1})")
+    parser.add_argument("--settle-seconds", type=float, default=None,
+                        help="judge flatness from this far into the recorded run (default: once both bounds evict)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     return parser
 
@@ -350,7 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = SoakConfig(rate_per_s=args.rate, duration_s=args.duration, users=args.users,
                             connections=args.connections, sample_s=args.sample_seconds,
-                            warmup_s=args.warmup_seconds)  # fmt: skip
+                            warmup_s=args.warmup_seconds, clearing_s=args.clearing_seconds,
+                            clearing_hold_back=args.clearing_hold_back,
+                            journal_records_max=args.journal_records_max, ledger_ids_max=args.ledger_ids_max,
+                            settle_s=args.settle_seconds)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -363,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(results))
     print(f"\nwrote {args.out}")
     clean = results.error is None and results.server_exit_code == 0 and results.ledger_verify_exit_code == 0
+    clean = clean and not any(done.error for done in results.ingestions)
     return 0 if clean and results.soak is not None and results.soak.mismatches == 0 else 1
 
 

@@ -185,16 +185,17 @@ class AccountView:
     credits_posted: int
 
 
-@attrs.frozen
-class BalanceView:
+# The views are frozen msgspec Structs rather than attrs classes: the hot path reads one per
+# approval (field 54's balance, the open-authorization check of the hold), and a frozen attrs
+# class costs ~1.2 us to build where a Struct takes ~0.2 us. Same fields, order, repr and equality.
+class BalanceView(msgspec.Struct, frozen=True):
     posted: int  # credits_posted - debits_posted
     debits_pending: int
     credits_pending: int
     available: int  # posted - debits_pending: incoming holds are not spendable yet
 
 
-@attrs.frozen
-class HoldView:
+class HoldView(msgspec.Struct, frozen=True):
     id: int
     debit_account_id: int
     credit_account_id: int
@@ -324,7 +325,7 @@ class _Hold(_Record):
         self.credit = credit
         self.posted = 0
         self.released = 0
-        self.state = HoldState.pending
+        self.state = _HOLD_PENDING
         self.deadline_ns = deadline_ns
 
 
@@ -336,6 +337,8 @@ _H_TIMESTAMP, _H_TRANSFER, _H_PENDING, _H_AMOUNT, _H_RELEASED, _H_KIND = 0, 1, 2
 _H_FORCED, _H_CODE, _H_REFERENCE, _H_DEBIT, _H_CREDIT = 6, 7, 8, 9, 10
 _history_timestamp = operator.itemgetter(_H_TIMESTAMP)
 _KIND_HOLD, _KIND_TRANSFER = int(HistoryKind.hold), int(HistoryKind.transfer)
+# Read per hold placed or settled: an Enum class attribute costs ~200 ns on Python 3.11.
+_HOLD_PENDING = HoldState.pending
 _KIND_VALUE = {kind: int(kind) for kind in HistoryKind}
 
 # Undo log tags (linked chains only).
@@ -463,6 +466,14 @@ class Ledger:
         self._pending: dict[int, _Hold] = {}
         self._heap: list[tuple[int, int]] = []  # (deadline_ns, hold id), may hold stale entries
         self._undo: list[tuple] | None = None  # set only while a linked chain is applied
+
+    def set_ids_max(self, ids_max: int) -> None:
+        """Change the remembered-ids bound (the operator's `[ledger] ids_max`) after opening.
+
+        The next `apply` evicts the oldest ids down to it, counted in `ids_evicted_count`, as the
+        cap always does. Pending hold ids are never evicted, so the cap must leave room for them."""
+        assert ids_max > self._holds_pending_max, (ids_max, self._holds_pending_max)
+        self._ids_max = ids_max
 
     # -- the mutator ------------------------------------------------------------------------
 
@@ -659,7 +670,7 @@ class Ledger:
             t.credit_account_id != 0 and t.credit_account_id != hold.credit.id
         ):
             return _S.pending_transfer_has_different_accounts
-        if hold.state is not HoldState.pending:
+        if hold.state is not _HOLD_PENDING:
             return HOLD_RESOLVED_STATUS[hold.state]
         remaining = hold.spec.amount - hold.posted - hold.released
         assert remaining > 0
@@ -691,7 +702,7 @@ class Ledger:
     ) -> None:
         """Post or release `amount` of the hold; when `resolve`, release the rest and resolve it."""
         remaining = hold.spec.amount - hold.posted - hold.released
-        assert 0 < amount <= remaining and hold.state is HoldState.pending
+        assert 0 < amount <= remaining and hold.state is _HOLD_PENDING
         rest = remaining - amount if resolve else 0
         if self._undo is not None:
             self._undo.append((_UNDO_HOLD, hold, hold.posted, hold.released))

@@ -1,4 +1,4 @@
-"""The benchmark harness: a quick run against the baseline server, and its pure decision rules."""
+"""The benchmark harness: a quick run against the floor server, and its pure decision rules."""
 
 from __future__ import annotations
 
@@ -42,33 +42,35 @@ def make_step(rate: float, *, p99_ms: float = 2.0, achieved: float | None = None
     )  # fmt: skip
 
 
-def test_quick_bench_against_the_baseline_writes_sane_json_and_png(tmp_path: Path) -> None:
+def test_quick_bench_against_the_floor_writes_sane_json_and_png(tmp_path: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--targets", "baseline", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", "--targets", "floor", "--out-dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert time.monotonic() - started < 20
     results = json.loads((tmp_path / "latest.json").read_text())
-    assert load_results(tmp_path / "latest.json").targets["baseline"].name == "baseline"  # schema round trip
+    assert load_results(tmp_path / "latest.json").targets["floor"].name == "floor"  # schema round trip
     assert results["machine"]["cores"] >= 1 and results["machine"]["python"].startswith("3.")
-    baseline = results["targets"]["baseline"]
-    assert baseline["error"] is None and baseline["server_exit_code"] == 0  # SIGTERM -> clean exit
-    assert [step["offered_rate_per_s"] for step in baseline["steps"]] == [100.0, 300.0, 600.0]
-    for step in baseline["steps"]:
+    floor = results["targets"]["floor"]
+    assert floor["error"] is None and floor["server_exit_code"] == 0  # SIGTERM -> clean exit
+    assert [step["offered_rate_per_s"] for step in floor["steps"]] == [100.0, 300.0, 600.0]
+    for step in floor["steps"]:
         assert step["achieved_rate_per_s"] >= 0.9 * step["offered_rate_per_s"]
         assert step["answered"] == step["sent"] and step["timeouts"] == 0
         assert sum(step["code_mix"].values()) == step["answered"] and step["code_mix"].get("00") == step["answered"]
         assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["p999_ms"] <= step["max_ms"] < 5000
-        assert 0 < step["cpu_s_per_1000"] < 5  # the baseline spends well under 5 ms per message
+        assert 0 < step["cpu_s_per_1000"] < 5  # the floor spends well under 5 ms per message
         assert 0 < step["client_cpu_share"] < 1.5
-    assert baseline["sustained_rate_per_s"] in (None, 100.0, 300.0, 600.0)
-    assert results["ratios"] is None and results["external_ratios"] == {}  # one target: nothing to compare
-    assert baseline["external"] is None
+    assert floor["sustained_rate_per_s"] in (None, 100.0, 300.0, 600.0)
+    assert results["ratios"] is None and results["floor_ratios"] is None  # one target: nothing to compare
+    assert results["baseline"] == "postgres" and results["external_ratios"] == {}
+    assert "postgres_ratios" not in results
+    assert floor["external"] is None
     png = (tmp_path / "latest.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
-    assert "baseline" in done.stdout and "latest.json" in done.stdout
+    assert "floor" in done.stdout and "latest.json" in done.stdout
 
 
 def test_stepping_stops_on_latency_or_throughput_and_picks_the_sustained_rate() -> None:
@@ -85,32 +87,60 @@ def test_stepping_stops_on_latency_or_throughput_and_picks_the_sustained_rate() 
 def test_ratios_compare_the_rates_both_targets_ran() -> None:
     ours = TargetResult(name="authsrv", steps=[make_step(1000, cpu=0.6, p99_ms=4), make_step(2000, cpu=0.5)],
                         sustained_rate_per_s=2000, stop_reason="p99")  # fmt: skip
-    floor = TargetResult(name="baseline", steps=[make_step(1000, cpu=0.2, p99_ms=2)], sustained_rate_per_s=8000,
+    floor = TargetResult(name="floor", steps=[make_step(1000, cpu=0.2, p99_ms=2)], sustained_rate_per_s=8000,
                          stop_reason="all rates offered")  # fmt: skip
-    ratios = compute_ratios({"authsrv": ours, "baseline": floor})
+    ratios = compute_ratios({"authsrv": ours, "floor": floor}, "authsrv", "floor")
     assert ratios.sustained_rate == 0.25
     assert len(ratios.per_rate) == 1 and ratios.per_rate[0].cpu_s_per_1000 == 3.0 and ratios.per_rate[0].p99 == 2.0
-    assert compute_ratios({"authsrv": ours}) is None
+    assert compute_ratios({"authsrv": ours, "floor": floor}) is None  # the default divisor is the baseline
+    assert compute_ratios({"authsrv": ours}, "authsrv", "floor") is None
+    skipped = TargetResult(name="postgres", steps=[], sustained_rate_per_s=None, stop_reason="skipped: no initdb")
+    assert compute_ratios({"authsrv": ours, "postgres": skipped}) is None
+
+
+def test_summary_names_both_comparisons() -> None:
+    ours = TargetResult(name="authsrv", steps=[make_step(1000, cpu=0.6)], sustained_rate_per_s=1000,
+                        stop_reason="all rates offered")  # fmt: skip
+    floor = TargetResult(name="floor", steps=[make_step(1000, cpu=0.2)], sustained_rate_per_s=1000,
+                         stop_reason="all rates offered")  # fmt: skip
+    postgres = TargetResult(name="postgres", steps=[make_step(1000, cpu=1.2)], sustained_rate_per_s=500,
+                            stop_reason="p99")  # fmt: skip
+    targets = {"authsrv": ours, "floor": floor, "postgres": postgres}
+    results = BenchResults(created_utc="2026-01-01T00:00:00+00:00", machine=machine_info(), settings={},
+                           targets=targets, ratios=compute_ratios(targets),
+                           floor_ratios=compute_ratios(targets, "authsrv", "floor"))  # fmt: skip
+    text = summary(results)
+    assert "authsrv / postgres (baseline) sustained rate: 2.0" in text
+    assert "authsrv / floor (codec + transport only) sustained rate: 1.0" in text
+    assert "cpu/1000 x0.5" in text and "cpu/1000 x3.0" in text
+    without_postgres = BenchResults(created_utc="2026-01-01T00:00:00+00:00", machine=machine_info(), settings={},
+                                    targets={"authsrv": ours, "floor": floor}, ratios=None,
+                                    floor_ratios=results.floor_ratios)  # fmt: skip
+    assert "authsrv / postgres (baseline): not compared (postgres did not run)" in summary(without_postgres)
 
 
 def test_results_with_both_targets_plot_and_summarise(tmp_path: Path) -> None:
     targets = {
         "authsrv": TargetResult(name="authsrv", steps=[make_step(1000), make_step(2000, p99_ms=60)],
                                 sustained_rate_per_s=1000, stop_reason="p99"),
-        "baseline": TargetResult(name="baseline", steps=[], sustained_rate_per_s=None, stop_reason="not started",
-                                 error="baseline server exited with 1\ntraceback..."),
+        "floor": TargetResult(name="floor", steps=[], sustained_rate_per_s=None, stop_reason="not started",
+                              error="floor server exited with 1\ntraceback..."),
     }  # fmt: skip
     results = BenchResults(created_utc="2026-01-01T00:00:00+00:00", machine=machine_info(), settings={},
                            targets=targets, ratios=compute_ratios(targets))  # fmt: skip
     write_results(results, tmp_path / "out")
     assert (tmp_path / "out" / "latest.png").read_bytes().startswith(PNG_SIGNATURE)
     text = summary(results)
-    assert "sustained with p99 < 10 ms: 1,000/s" in text and "error: baseline server exited with 1" in text
+    assert "sustained with p99 < 10 ms: 1,000/s" in text and "error: floor server exited with 1" in text
 
 
 def test_bench_config_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         BenchConfig(rates=(2000.0, 1000.0))
+    with pytest.raises(ValueError):
+        BenchConfig(targets=("baseline",))  # the old name of the floor: postgres is the baseline now
+    rates = BenchConfig().rates
+    assert rates[0] == 250.0 and rates[-1] >= 8000.0 and 8000.0 in rates and list(rates) == sorted(rates)
     with pytest.raises(ValueError):
         BenchConfig(targets=("nginx",))
     with pytest.raises(ValueError):
@@ -127,7 +157,7 @@ def test_process_cpu_reads_proc_stat() -> None:
 
 
 @pytest.mark.slow
-def test_quick_bench_against_authsrv_and_the_baseline(tmp_path: Path) -> None:
+def test_quick_bench_against_authsrv_and_the_floor(tmp_path: Path) -> None:
     """`make bench` in miniature, with the real server: both targets measured and compared."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out-dir", str(tmp_path)],
@@ -139,7 +169,8 @@ def test_quick_bench_against_authsrv_and_the_baseline(tmp_path: Path) -> None:
     assert ours.error is None and ours.server_exit_code == 0 and ours.ledger_verify_exit_code == 0
     assert len(ours.steps) == 3 and all(step.answered == step.sent for step in ours.steps)
     assert all(step.cpu_s_per_1000 and step.cpu_s_per_1000 > 0 for step in ours.steps)
-    assert results.ratios is not None and len(results.ratios.per_rate) == 3
+    assert results.floor_ratios is not None and len(results.floor_ratios.per_rate) == 3
+    assert results.baseline == "postgres" and (results.ratios is None) == (not results.targets["postgres"].steps)
     for name in ("external-5ms", "external-timeout"):
         external = results.targets[name]
         assert external.error is None and external.server_exit_code == 0 and external.ledger_verify_exit_code == 0
@@ -158,10 +189,10 @@ def test_quick_bench_against_authsrv_and_the_baseline(tmp_path: Path) -> None:
 def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
     from bench.harness import EXTERNAL_RATE_MAX, ISO_BUDGET_MS, TARGETS, p99_stop_ms, target_rates
 
-    assert set(TARGETS) == {"authsrv", "baseline", "external-5ms", "external-timeout", "postgres"}
+    assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres"}
     config = BenchConfig()
-    assert target_rates("authsrv", config) == config.rates == target_rates("baseline", config)
-    assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)
+    assert target_rates("authsrv", config) == config.rates == target_rates("floor", config)
+    assert target_rates("external-5ms", config) == (250.0,) == target_rates("external-timeout", config)
     assert all(rate <= EXTERNAL_RATE_MAX for rate in target_rates("external-5ms", config))
     assert target_rates("external-5ms", BenchConfig.quick_preset()) == (100.0,)
     assert target_rates("external-5ms", BenchConfig(rates=(4000.0,))) == (EXTERNAL_RATE_MAX,)  # never none

@@ -112,8 +112,9 @@ def test_harness_knows_the_postgres_target_and_prints_its_ratio() -> None:
     assert isinstance(ratios, Ratios) and ratios.sustained_rate == 4.0 and ratios.per_rate[0].cpu_s_per_1000 == 0.2
     results = BenchResults(created_utc="2026-01-01T00:00:00+00:00",
                            machine=Machine(cpu_model="x", cores=2, python="3.11", platform="linux"), settings={},
-                           targets=targets, ratios=None, postgres_ratios=ratios)  # fmt: skip
-    assert "authsrv / postgres sustained rate: 4.0" in summary(results)
+                           targets=targets, ratios=ratios)  # fmt: skip
+    assert results.baseline == "postgres"
+    assert "authsrv / postgres (baseline) sustained rate: 4.0" in summary(results)
 
 
 # -- against a real throwaway PostgreSQL ------------------------------------------------------

@@ -24,6 +24,10 @@ class Vote(enum.Enum):
     done = "done"  # the outcome is decided without a decline (a duplicate, an inquiry); stop
     deferred = "deferred"  # the decision needs an await (a partner's external balance): the switch completes it
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is Python code (hash of the name), and `kind in ADVICES` runs several times a request.
+    __hash__ = object.__hash__
+
 
 class External(enum.IntEnum):
     """What the partner's external balance said (AuthRecord.external). Never renumber."""
@@ -46,6 +50,10 @@ class Kind(enum.Enum):
     advice_post = "advice_post"  # 0220: forced post
     reversal = "reversal"  # 0400
     reversal_advice = "reversal_advice"  # 0420: always acknowledged
+
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own
+    # __hash__ is Python code (hash of the name), and `kind in ADVICES` runs several times a request.
+    __hash__ = object.__hash__
 
 
 KIND_BY_MTI = {

@@ -222,10 +222,12 @@ class AuthJournal:
         """Open-index bookkeeping for a record about to be stored under record.key."""
         previous = self._by_key.get(record.key)
         previous_hold = open_hold_id(previous) if previous is not None else 0
-        if previous_hold in self._open and (previous_hold != open_hold_id(record) or not holds_money(record)):
+        hold_id = open_hold_id(record)
+        holds = bool(hold_id) and not record.reverses and record.outcome in _APPROVALS  # holds_money()
+        if previous_hold in self._open and (previous_hold != hold_id or not holds):
             self._close(previous_hold)  # e.g. a stand-in decline replaced the approval
-        if holds_money(record):
-            if self._is_open(open_hold_id(record)):
+        if holds:
+            if self._is_open(hold_id):
                 self._index_open(record)
             else:
                 self._remember_closed(record)  # replay: resolved later in the log

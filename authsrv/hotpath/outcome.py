@@ -98,5 +98,8 @@ def response_code(outcome: Outcome) -> str:
     return RESPONSE[outcome][0]
 
 
+_APPROVALS = (Outcome.approved, Outcome.approved_partial)  # built once: an Enum attribute costs ~200 ns
+
+
 def is_approval(outcome: Outcome) -> bool:
-    return outcome in (Outcome.approved, Outcome.approved_partial)
+    return outcome in _APPROVALS

@@ -14,8 +14,10 @@ dict it is given, so `encode(decode(raw)) == raw` for every message of this prof
 
 Speed: pyiso8583 is a general codec (any spec, any encoding) and costs 20-40 us per message each
 way. `decode` and `encode` first try a small table-driven walk of SPEC that handles only what this
-profile uses and costs a few microseconds; anything it does not like (a truncated field, non-ASCII
-data, a tertiary bitmap, a value too long) is handed to pyiso8583, whose verdict is final. So
+profile uses and costs a few microseconds (each layout, the bitmaps or a doc's keys in order, is
+worked out once and remembered: a network sends a few dozen); anything it does not like (a
+truncated field, non-ASCII data, a tertiary bitmap, a value too long) is handed to pyiso8583,
+whose verdict is final. So
 pyiso8583 decides every error and the fast path only ever returns what pyiso8583 would; the tests
 check the two against each other on random messages and random bytes.
 
@@ -114,71 +116,145 @@ _FAST_PATH = (
     and SPEC["p"]["max_len"] == SPEC["1"]["max_len"] == BITMAP_SIZE
 )
 _LENGTH_PREFIX = {2: b"%02d", 3: b"%03d"}
+# Length prefixes as text, both ways: an exact table lookup replaces isdigit() + int() and "%02d",
+# and accepts nothing but ASCII digits of the right count.
+_PREFIX_SIZE = {n: {f"{size:0{n}d}": size for size in range(10**n)} for n in (2, 3)}
+_PREFIX_TEXT = {n: tuple(f"{size:0{n}d}" for size in range(10**n)) for n in (2, 3)}
+# Layouts seen (the bitmaps when decoding, the doc's keys in order when encoding) -> the fields to
+# walk. A network sends a few dozen layouts; past this bound a new one is worked out every time.
+LAYOUTS_CACHED_MAX = 4096
+
+_Entry = tuple[str, int, int, bool]  # key, length-prefix digits, size max, binary
 
 
 class _Irregular(Exception):
     """The fast path stepped out of its lane: let pyiso8583 handle the message."""
 
 
-def _decode_fast(raw: bytes) -> Doc:
-    size_total = len(raw)
-    if size_total < MTI_SIZE + BITMAP_SIZE:
-        raise _Irregular
-    offset = MTI_SIZE + BITMAP_SIZE
-    doc: Doc = {"t": raw[:MTI_SIZE].decode("ascii")}  # UnicodeDecodeError is a ValueError
-    bits = int.from_bytes(raw[MTI_SIZE:offset], "big") << 64
-    if bits >> 127:
-        secondary = raw[offset : offset + BITMAP_SIZE]
-        if len(secondary) != BITMAP_SIZE:
-            raise _Irregular
-        bits |= int.from_bytes(secondary, "big")
-        offset += BITMAP_SIZE
-    bits &= (1 << 127) - 1  # bit 1 announced the secondary bitmap, read above
-    fields = _FIELDS
+_decode_layouts: dict[bytes, tuple[_Entry, ...]] = {}
+
+
+def _decode_layout(bitmaps: bytes) -> tuple[_Entry, ...]:
+    """The fields the bitmaps announce, in wire order."""
+    layout = _decode_layouts.get(bitmaps)
+    if layout is not None:
+        return layout
+    bits = int.from_bytes(bitmaps, "big")
+    if len(bitmaps) == BITMAP_SIZE:
+        bits <<= 64
+    bits &= (1 << 127) - 1  # bit 1 announced the secondary bitmap
+    entries = []
     while bits:  # one pass per field present: at most 127
         number = 129 - bits.bit_length()  # lowest field number still present
         bits ^= 1 << (128 - number)
-        entry = fields[number]
+        entry = _FIELDS[number]
         if entry is None:
             raise _Irregular
-        key, len_type, size, binary = entry
+        entries.append(entry)
+    layout = tuple(entries)
+    if len(_decode_layouts) < LAYOUTS_CACHED_MAX:
+        _decode_layouts[bitmaps] = layout
+    return layout
+
+
+def _decode_fast(raw: bytes) -> Doc:
+    size_total = len(raw)
+    offset = MTI_SIZE + BITMAP_SIZE
+    if size_total < offset:
+        raise _Irregular
+    if raw[MTI_SIZE] & 0x80:  # bit 1: a secondary bitmap follows
+        offset += BITMAP_SIZE
+        if size_total < offset:
+            raise _Irregular
+    # Text is sliced from one latin-1 view of the whole message (latin-1 maps every byte to one
+    # character, so offsets agree); that it is all ASCII is checked once, at the end, on the bytes.
+    text = raw.decode("latin-1")
+    doc: Doc = {"t": text[:MTI_SIZE]}
+    text_from = offset  # the next stretch of text (prefixes, text fields) starts here
+    ascii_ = raw[:MTI_SIZE].isascii()
+    for key, len_type, size, binary in _decode_layout(raw[MTI_SIZE:offset]):
         if len_type:
-            digits = raw[offset : offset + len_type]
-            if len(digits) != len_type or not digits.isdigit():
+            end = offset + len_type
+            size_sent = _PREFIX_SIZE[len_type].get(text[offset:end])
+            if size_sent is None or size_sent > size:
                 raise _Irregular
-            offset += len_type
-            if int(digits) > size:
-                raise _Irregular
-            size = int(digits)
+            offset, size = end, size_sent
         end = offset + size
         if end > size_total:
             raise _Irregular
-        doc[key] = raw[offset:end] if binary else raw[offset:end].decode("ascii")
+        if binary:
+            doc[key] = raw[offset:end]
+            ascii_ = ascii_ and raw[text_from:offset].isascii()
+            text_from = end
+        else:
+            doc[key] = text[offset:end]
         offset = end
-    if offset != size_total:
+    if offset != size_total or not (ascii_ and raw[text_from:].isascii()):
         raise _Irregular
     return doc
 
 
-def _encode_fast(doc: Mapping[str, str | bytes]) -> bytes:
-    mti = doc["t"]
-    if mti.__class__ is not str or len(mti) != MTI_SIZE:
-        raise _Irregular
-    present: list[tuple[int, str | bytes]] = []
+_encode_layouts: dict[tuple, tuple[bytes, tuple[_Entry, ...], bool]] = {}
+
+
+def _encode_layout(keys: tuple) -> tuple[bytes, tuple[_Entry, ...], bool]:
+    """For a doc's keys: the bitmaps, the fields in wire order, and whether any is binary."""
+    layout = _encode_layouts.get(keys)
+    if layout is not None:
+        return layout
+    numbers = []
     bits = 0
-    for key, value in doc.items():
+    for key in keys:
         number = _NUMBER_OF_KEY.get(key)
         if number is None:
             if key == "t" or key in BITMAP_KEYS:
                 continue
             raise _Irregular
         bits |= 1 << (128 - number)
-        present.append((number, value))
-    present.sort()
+        numbers.append(number)
+    numbers.sort()
+    if bits & ((1 << 64) - 1):
+        bitmaps = (bits | (1 << 127)).to_bytes(2 * BITMAP_SIZE, "big")
+    else:
+        bitmaps = (bits >> 64).to_bytes(BITMAP_SIZE, "big")
+    entries = tuple(_FIELDS[number] for number in numbers)
+    layout = (bitmaps, entries, any(entry[3] for entry in entries))  # type: ignore[index]
+    if len(_encode_layouts) < LAYOUTS_CACHED_MAX:
+        _encode_layouts[keys] = layout
+    return layout  # type: ignore[return-value]
+
+
+def _encode_fast(doc: Mapping[str, str | bytes]) -> bytes:
+    mti = doc["t"]
+    if mti.__class__ is not str or len(mti) != MTI_SIZE:
+        raise _Irregular
+    bitmaps, entries, has_binary = _encode_layout(tuple(doc))
+    if has_binary:
+        return mti.encode("ascii") + bitmaps + _encode_fields(doc, entries)
+    # Text only (every response): one str, encoded once; a non-ASCII value fails the encode.
+    parts = []
+    append = parts.append
+    for key, len_type, size_max, _ in entries:
+        value = doc[key]
+        if value.__class__ is not str:
+            raise _Irregular
+        size = len(value)
+        if len_type == 0:
+            if size != size_max:
+                raise _Irregular
+        elif size > size_max:
+            raise _Irregular
+        else:
+            append(_PREFIX_TEXT[len_type][size])
+        append(value)
+    return mti.encode("ascii") + bitmaps + "".join(parts).encode("ascii")  # type: ignore[arg-type]
+
+
+def _encode_fields(doc: Mapping[str, str | bytes], entries: tuple[_Entry, ...]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
-    for number, value in present:
-        _, len_type, size_max, binary = _FIELDS[number]  # type: ignore[misc]
+    for key, len_type, size_max, binary in entries:
+        value = doc[key]
         if binary:
             data = value if value.__class__ is bytes else bytes.fromhex(value)  # type: ignore
         elif value.__class__ is str:
@@ -194,11 +270,7 @@ def _encode_fast(doc: Mapping[str, str | bytes]) -> bytes:
         else:
             append(_LENGTH_PREFIX[len_type] % size)
         append(data)  # type: ignore[arg-type]
-    if bits & ((1 << 64) - 1):
-        bitmap = (bits | (1 << 127)).to_bytes(2 * BITMAP_SIZE, "big")
-    else:
-        bitmap = (bits >> 64).to_bytes(BITMAP_SIZE, "big")
-    return mti.encode("ascii") + bitmap + b"".join(parts)
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,10 +215,12 @@ def processing_code(value: str) -> tuple[str, str, str]:
     return value[0:2], value[2:4], value[4:6]
 
 
+_ASCII_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Every pair of ASCII letters -> upper case (2,704 entries): one lookup per request.
+_COUNTRY_OF_PAIR = {first + second: (first + second).upper() for first in _ASCII_LETTERS for second in _ASCII_LETTERS}
+
+
 def country_from_field43(value: str) -> str | None:
     """The ISO 3166 alpha-2 country in the last 2 characters of field 43, or None if those are
     not two letters."""
-    country = value[-2:]
-    if len(country) != 2 or not country.isascii() or not country.isalpha():
-        return None
-    return country.upper()
+    return _COUNTRY_OF_PAIR.get(value[-2:])

@@ -433,15 +433,13 @@ def _billing(doc: Mapping[str, str]) -> tuple[int | None, str | None, str | None
     return int(amount), numeric, known.alpha
 
 
+# Valid MMDD and hhmm (the digits are checked already): one set lookup instead of two range tests.
+_MONTH_DAYS = frozenset(f"{month:02d}{day:02d}" for month in range(1, 13) for day in range(1, 32))
+_HOURS_MINUTES = frozenset(f"{hour:02d}{minute:02d}" for hour in range(24) for minute in range(60))
+
+
 def _transmission_datetime(value: str) -> str:
-    # The digits are checked already; string comparison of 2-digit slices checks the ranges.
-    if not (
-        "01" <= value[0:2] <= "12"
-        and "01" <= value[2:4] <= "31"
-        and value[4:6] <= "23"
-        and value[6:8] <= "59"
-        and value[8:10] <= "59"
-    ):
+    if not (value[0:4] in _MONTH_DAYS and value[4:8] in _HOURS_MINUTES and value[8:10] <= "59"):
         raise FormatError(7, "must be MMDDhhmmss")
     return value
 

@@ -9,20 +9,34 @@ HdrHistogram's own guidance). Requests are pipelined: many are in flight per con
 section 3). A request unanswered `timeout_s` after it was sent counts as a timeout and is recorded
 at the latency it had reached then.
 
-Timer resolution: trio sleeps on epoll, which rounds timeouts up to whole milliseconds, so a send
-that waits for its intended time would start up to about 1 ms late and charge the client's timer to
-the server. The sender therefore wakes one tick (`TIMER_SLACK_S`) early and sends everything due by
-then; latency counts from the EARLIER of the intended and the actual send, so an early send is
-measured from when it really left (never flattering), a late one from when it should have left.
-`send_lag` reports how far sends fell behind their intended time (client saturation shows there).
+Timer resolution: the sender wakes in ticks of about a millisecond (`TICK_S`) and each time sends
+everything due within the next `TIMER_SLACK_S`, so a request leaves up to 1 ms early rather than a
+timer's granularity late. Latency counts from the EARLIER of the intended and the actual send, so
+an early send is measured from when it really left (never flattering), a late one from when it
+should have left. `send_lag` reports how far sends fell behind their intended time (client
+saturation shows there).
+
+Cost: the client must stay far cheaper than the server it measures (issue 7: 8,000/s on 2 cores,
+the generator on one). On a small VM a wake-up of a trio task costs ~90 us of CPU and a bare one
+~20 us, so one loop (`_pump`) in a worker thread drives every connection through non-blocking
+sockets and its own epoll, once per tick: requests due in a tick share one write per connection,
+answers are read on the tick and timed by the kernel's receive timestamp (SO_TIMESTAMPNS) of the
+newest segment of each read, so reading on a tick never adds the tick to the latency.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import os
 import random
 import secrets
+import selectors
+import socket
+import struct
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +45,18 @@ import trio
 
 from simulators.network.cards import SimCard, load_cards
 from simulators.network.clearing import ClearingLog
-from simulators.network.codec import Codec, DecodeError, FrameReader, FramingError, decode, encode, frame
+from simulators.network.codec import (
+    Codec,
+    DecodeError,
+    FrameReader,
+    FramingError,
+    Reply,
+    decode,
+    decode_reply,
+    encode,
+    frame,
+    reply_of,
+)
 from simulators.network.mix import MANAGEMENT_KINDS, STAN_MAX, Amounts, Kind, MixWeights, Request, RequestFactory
 from simulators.network.report import KindCounts, LatencySummary, LoadReport, Recorder
 
@@ -41,18 +66,24 @@ RATE_PER_S_MAX = 200_000.0
 DURATION_S_MAX = 3_600.0
 COUNT_MAX = 100_000_000
 TIMEOUT_S_MAX = 60.0
-RECEIVE_SIZE_MAX = 65_536  # bytes per receive_some
-SEND_BATCH_MAX = 64  # frames joined into one send_all when the sender is behind schedule
-# trio sleeps on epoll, which rounds timeouts UP to whole milliseconds: waking one tick early and
-# sending then keeps the timer's granularity out of the measured latency (see the module docstring).
-TIMER_SLACK_S = 0.001
+RECEIVE_SIZE_MAX = 65_536  # bytes per read
+SEND_BATCH_MAX = 64  # frames built and joined into one write before the pump reads again
+TIMER_SLACK_S = 0.001  # a request is sent up to this early (see the module docstring)
 START_LEAD_S = 0.05  # between the last sign-on and the first intended send
-REAP_INTERVAL_S = 0.05
-DRAIN_POLL_S = 0.005
+TICK_S = 0.001  # the pump's period while answers are awaited
+assert TICK_S <= TIMER_SLACK_S, "a tick must not make a send late"
+REAP_INTERVAL_S = 0.05  # timeouts are counted this often (and late answers heard meanwhile)
+RECEIVES_PER_TICK_MAX = 16  # reads per connection per tick
 TIMED_OUT_KEYS_MAX = 10_000  # remembered per connection to tell late responses from stray ones
 SIGN_ON_FRAMES_MAX = 100
 RUN_SLACK_S = 10.0  # beyond schedule + 2 timeouts before the whole run is cut short
 CONNECTION_ERRORS_MAX = 20  # kept in the report
+# Linux stamps each received segment (SO_TIMESTAMPNS, wall clock) when asked: answers read on the
+# pump's tick are still timed at their arrival. Elsewhere the read time stands in (up to a tick late).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ARRIVAL_TIMES = sys.platform == "linux"
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if _ARRIVAL_TIMES else 0
 
 
 def _positive(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
@@ -119,6 +150,9 @@ class PeerClosedError(Exception):
     """The server closed the connection."""
 
 
+_now = time.perf_counter  # the run's clock: the pump runs in a thread, outside trio's
+
+
 CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, FramingError, PeerClosedError)
 
 
@@ -141,14 +175,17 @@ class _Tally:
 
 
 class _Run:
-    """Counters and histograms of one run, shared by its connections (one trio thread: no locks)."""
+    """Counters and histograms of one run, shared by its connections. One thread at a time uses it
+    (trio's during sign-on, then the pump's, then trio's for the report): no locks."""
 
     def __init__(self, config: LoadConfig, factory: RequestFactory) -> None:
         self.config = config
         self.factory = factory
         self.planned = config.planned
+        self.interval_s = 1.0 / config.rate_per_s
         self.t0 = 0.0
-        self.go = trio.Event()
+        self.due = 0  # schedule indices below this are due (sent, or held back by an in-flight bound)
+        self.stopping = False  # set from the trio side when the run is cancelled
         self.tallies = {kind: _Tally() for kind in Kind}
         self.latency = Recorder()
         self.service = Recorder()
@@ -166,11 +203,13 @@ class _Run:
             self.sent += 1
             self.send_lag.record_s(sent_s - intended_s)
 
-    def record_answer(self, entry: InFlight, message: dict[str, str], received_s: float) -> None:
+    def record_answer(self, entry: InFlight, reply: Reply, received_s: float) -> None:
+        # Kernel arrival times follow the wall clock: a clock step must not put an answer before its request.
+        received_s = max(received_s, entry.sent_s)
         request = entry.request
         tally = self.tallies[request.kind]
         tally.answered += 1
-        code = message.get("39", "--")
+        code = reply.code or "--"
         tally.codes[code] += 1
         if request.kind not in MANAGEMENT_KINDS:
             self.answered += 1
@@ -178,12 +217,12 @@ class _Run:
             self.latency.record_s(received_s - min(entry.intended_s, entry.sent_s))
             self.service.record_s(received_s - entry.sent_s)
             self.last_response_s = max(self.last_response_s, received_s)
-        got = code if message["t"] == request.response_mti else f"MTI {message['t']}"
+        got = code if reply.mti == request.response_mti else f"MTI {reply.mti}"
         if request.expected is not None and got not in request.expected:
             tally.mismatches += 1
             self.mismatches += 1
             self.mismatch_detail[request.kind.name][f"{'/'.join(sorted(request.expected))}->{got}"] += 1
-        self.factory.on_answer(request, code, message.get("38", ""))
+        self.factory.on_answer(request, code, reply.auth_code)
 
     def record_timeout(self, entry: InFlight, now_s: float) -> None:
         self.tallies[entry.request.kind].timeouts += 1
@@ -273,7 +312,8 @@ class _BoundedSet:
 
 
 class _Connection:
-    """One TCP connection: an open-loop sender, a receiver, a timeout reaper and an echo timer."""
+    """One TCP connection, driven by the run's pump (`_pump`) through a non-blocking duplicate of
+    the trio stream's socket: no task of its own, so no wake-up of its own."""
 
     def __init__(self, index: int, stream: trio.SocketStream, reader: FrameReader, run: _Run) -> None:
         config = run.config
@@ -284,10 +324,15 @@ class _Connection:
         self.codec = config.codec
         self.stan = 0
         self.outstanding: dict[tuple[str, str], InFlight] = {}
-        self.slots = trio.Semaphore(config.outstanding_per_connection_max)
-        self.send_lock = trio.Lock()
+        self.slots_free = config.outstanding_per_connection_max  # authorizations, not management
+        self.next_index = index  # this connection's next request on the run's schedule
         self.timed_out = _BoundedSet(TIMED_OUT_KEYS_MAX)
-        self.scope = trio.CancelScope()
+        self.closed = False
+        self.socket = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self.socket.setblocking(False)
+        if _ARRIVAL_TIMES:
+            self.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._pending = bytearray()  # bytes the kernel did not take yet; at most the in-flight frames
 
     def next_stan(self) -> str:
         # Unique across the run's connections (connection i sends i+1, i+1+n, i+1+2n, ...): a
@@ -301,48 +346,39 @@ class _Connection:
         return f"{self.stan:06d}"
 
     async def sign_on(self) -> None:
-        """0800 / 001 and its answer, before the receive loop runs (CONTRACT.md section 3)."""
+        """0800 / 001 and its answer, before the pump runs (CONTRACT.md section 3)."""
         request = self.run.factory.management(Kind.signon, self.next_stan())
-        sent_s = trio.current_time()
+        payload = frame(encode(request.message, self.codec))
+        sent_s = _now()
         self._register(request, sent_s, sent_s)
         try:
             with trio.fail_after(self.run.config.connect_timeout_s):
-                await self.stream.send_all(frame(encode(request.message, self.codec)))
+                await self.stream.send_all(payload)
                 for _ in range(SIGN_ON_FRAMES_MAX):
                     data = await self.stream.receive_some(RECEIVE_SIZE_MAX)
                     if not data:
                         raise PeerClosedError("server closed the connection during sign-on")
                     for payload in self.reader.feed(data):
-                        self._on_frame(payload, trio.current_time())
+                        self._on_frame(payload, _now())
                     if not self.outstanding:
                         return
         except (*CONNECTION_ERRORS, trio.TooSlowError) as error:
             raise LoadError(f"sign-on on connection {self.index} failed: {error!r}") from None
         raise LoadError(f"no sign-on response on connection {self.index}")
 
-    async def serve(self) -> None:
-        """Run this connection's share of the schedule, then drain; contain its I/O failures."""
-        try:
-            with self.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guard, self._receive_loop)
-                    nursery.start_soon(self._guard, self._reap_loop)
-                    nursery.start_soon(self._guard, self._echo_loop)
-                    await self._guard(self._send_schedule)
-                    await self._drain()
-                    nursery.cancel_scope.cancel()
-        finally:
-            for entry in self.outstanding.values():
-                self.run.record_lost(entry)
-            self.outstanding.clear()
+    def fail(self, error: BaseException) -> None:
+        """One broken connection must not end the run: record it, count its in-flight requests
+        lost, and leave its remaining schedule unsent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.run.record_error(self.index, error)
+        self.release_outstanding()
 
-    async def _guard(self, body: Callable[[], object]) -> None:
-        # One broken connection must not end the run: record it and stop only this connection.
-        try:
-            await body()
-        except CONNECTION_ERRORS as error:
-            self.run.record_error(self.index, error)
-            self.scope.cancel()
+    def release_outstanding(self) -> None:
+        for entry in self.outstanding.values():
+            self.run.record_lost(entry)
+        self.outstanding.clear()
 
     def _register(self, request: Request, intended_s: float, sent_s: float) -> None:
         message = request.message
@@ -351,98 +387,222 @@ class _Connection:
         self.outstanding[key] = InFlight(request, intended_s, sent_s, sent_s + self.run.config.timeout_s)
         self.run.record_sent(request, intended_s, sent_s)
 
-    async def _flush(self, batch: list[bytes]) -> None:
-        async with self.send_lock:
-            await self.stream.send_all(b"".join(batch))
-        batch.clear()
-
-    async def _send_schedule(self) -> None:
+    def send_due(self, due: int) -> bool:
+        """Send this connection's requests with schedule index below `due`, as far as free slots
+        allow (those held back go when answers or timeouts free a slot: their wait is charged), at
+        most SEND_BATCH_MAX of them, joined into one write. True: more are due and could go now."""
+        if self.closed or self.next_index >= due or not self.slots_free:
+            return False
         run = self.run
-        interval_s = 1.0 / run.config.rate_per_s
-        step = run.config.connections
-        batch: list[bytes] = []
-        index = self.index
-        while index < run.planned:  # bounded: `planned` requests spread over the connections
-            intended_s = run.t0 + index * interval_s
-            now_s = trio.current_time()
-            if intended_s - TIMER_SLACK_S > now_s:
-                if batch:
-                    await self._flush(batch)
-                await trio.sleep_until(intended_s - TIMER_SLACK_S)
-                now_s = trio.current_time()
-            try:
-                self.slots.acquire_nowait()
-            except trio.WouldBlock:
-                if batch:
-                    await self._flush(batch)
-                await self.slots.acquire()  # the intended time stays: the wait is charged
-                now_s = trio.current_time()
-            request = run.factory.next_request(self.next_stan())
-            batch.append(frame(encode(request.message, self.codec)))
-            self._register(request, intended_s, now_s)
-            if len(batch) >= SEND_BATCH_MAX:
-                await self._flush(batch)
+        factory, codec, interval_s, step = run.factory, self.codec, run.interval_s, run.config.connections
+        index, batch = self.next_index, []
+        size_max = min(self.slots_free, SEND_BATCH_MAX)
+        while index < due and len(batch) < size_max:  # bounded by size_max
+            request = factory.next_request(self.next_stan())
+            batch.append((request, run.t0 + index * interval_s, frame(encode(request.message, codec))))
             index += step
-        if batch:
-            await self._flush(batch)
+        self.next_index = index
+        self.slots_free -= len(batch)
+        sent_s = _now()
+        if not self.write(b"".join(payload for _, _, payload in batch)):
+            for request, _, _ in batch:  # never sent: unsent in the report; release their cards
+                factory.on_lost(request)
+            return False
+        for request, intended_s, _ in batch:  # after the write: no other task ran in between
+            self._register(request, intended_s, sent_s)
+        return index < due and self.slots_free > 0
 
-    async def _receive_loop(self) -> None:
-        while True:  # bounded by the connection's cancel scope (end of drain, run time bound)
-            data = await self.stream.receive_some(RECEIVE_SIZE_MAX)
+    def write(self, data: bytes) -> bool:
+        """Hand `data` to the kernel, keeping what it does not take for `flush`; False: broken."""
+        if self.closed:
+            return False
+        self._pending += data
+        self.flush()
+        return not self.closed
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        if not self._pending or self.closed:
+            return
+        try:
+            del self._pending[: self.socket.send(self._pending)]
+        except BlockingIOError:
+            pass  # the kernel buffer is full (the server is not reading): the next tick retries
+        except OSError as error:
+            self.fail(error)
+
+    def receive(self) -> None:
+        """Read what arrived, match it, and free the slots of the answered requests."""
+        sock, reader = self.socket, self.reader
+        for _ in range(RECEIVES_PER_TICK_MAX):
+            try:
+                data, ancillary, _, _ = sock.recvmsg(RECEIVE_SIZE_MAX, _ANCILLARY_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self.fail(error)
+                return
             if not data:
-                raise PeerClosedError("server closed the connection")
-            received_s = trio.current_time()
-            for payload in self.reader.feed(data):
+                self.fail(PeerClosedError("server closed the connection"))
+                return
+            received_s = _arrival_s(ancillary)
+            try:
+                payloads = reader.feed(data)
+            except FramingError as error:
+                self.fail(error)
+                return
+            for payload in payloads:
                 self._on_frame(payload, received_s)
+            if len(data) < RECEIVE_SIZE_MAX:
+                return  # drained, most likely: the next tick's epoll says if more came (saves a read)
 
     def _on_frame(self, payload: bytes, received_s: float) -> None:
         run = self.run
         try:
-            message = decode(payload, self.codec)
+            reply = decode_reply(payload) if self.codec is Codec.fast else reply_of(decode(payload, self.codec))
         except DecodeError:
             run.undecodable += 1
             return
-        key = (message.get("11", ""), message.get("37", ""))
-        entry = self.outstanding.pop(key, None)
+        entry = self.outstanding.pop((reply.stan, reply.rrn), None)
         if entry is None:
-            if key in self.timed_out:
+            if (reply.stan, reply.rrn) in self.timed_out:
                 run.late += 1
             else:
                 run.unmatched += 1
             return
         if entry.request.kind not in MANAGEMENT_KINDS:
-            self.slots.release()
-        run.record_answer(entry, message, received_s)
+            self.slots_free += 1
+        run.record_answer(entry, reply, received_s)
 
-    async def _reap_loop(self) -> None:
-        while True:  # bounded by the connection's cancel scope
-            await trio.sleep(REAP_INTERVAL_S)
-            now_s = trio.current_time()
-            expired = []
-            for key, entry in self.outstanding.items():  # insertion order is deadline order
-                if entry.deadline_s > now_s:
-                    break
-                expired.append(key)
-            for key in expired:
-                entry = self.outstanding.pop(key)
-                if entry.request.kind not in MANAGEMENT_KINDS:
-                    self.slots.release()
-                self.timed_out.add(key)
-                self.run.record_timeout(entry, now_s)
+    def reap(self, now_s: float) -> None:
+        """Count the requests past their deadline as timeouts, at the latency they reached."""
+        expired = []
+        for key, entry in self.outstanding.items():  # insertion order is deadline order
+            if entry.deadline_s > now_s:
+                break
+            expired.append(key)
+        for key in expired:
+            entry = self.outstanding.pop(key)
+            if entry.request.kind not in MANAGEMENT_KINDS:
+                self.slots_free += 1
+            self.timed_out.add(key)
+            self.run.record_timeout(entry, now_s)
 
-    async def _echo_loop(self) -> None:
-        while True:  # bounded by the connection's cancel scope
-            await trio.sleep(self.run.config.echo_interval_s)
-            request = self.run.factory.management(Kind.echo, self.next_stan())
-            now_s = trio.current_time()
+    def send_echo(self) -> None:
+        request = self.run.factory.management(Kind.echo, self.next_stan())
+        payload = frame(encode(request.message, self.codec))
+        now_s = _now()
+        if self.write(payload):
             self._register(request, now_s, now_s)
-            async with self.send_lock:
-                await self.stream.send_all(frame(encode(request.message, self.codec)))
 
-    async def _drain(self) -> None:
-        deadline_s = trio.current_time() + self.run.config.timeout_s + 2 * REAP_INTERVAL_S
-        while self.outstanding and trio.current_time() < deadline_s:
-            await trio.sleep(DRAIN_POLL_S)
+
+def _arrival_s(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """When the kernel received the newest segment of this read, on the run's clock (never in the
+    future); the read's own time when the kernel gave none. Every frame of the read is charged
+    the newest arrival: never flattering, and the pump's tick stays out of the latency."""
+    read_s = _now()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            arrived_s = read_s - (time.time() - (seconds + nanoseconds / 1e9))
+            return arrived_s if arrived_s < read_s else read_s
+    return read_s
+
+
+@attrs.define
+class _Timers:
+    """When the pump next reaps timeouts, sends echoes and reports progress."""
+
+    reap_s: float
+    echo_s: float
+    progress_s: float
+    answered_before: int = 0
+    progress_before_s: float = 0.0
+
+
+def _pump(
+    run: _Run, connections: list[_Connection], end_s: float, progress: Callable[[Progress], None] | None,
+    progress_interval_s: float,
+) -> bool:  # fmt: skip
+    """The load generator's loop, in a worker thread: each tick it reads what arrived, reaps timeouts,
+    sends what is due, then sleeps until the next request is due (up to one tick early, see the
+    module docstring) or one tick while answers are awaited. It polls its own selector and sleeps in
+    the kernel: a trio wake-up costs several times a bare one, and one tick serves all connections.
+    Returns True when the run's time bound (`end_s`) or a cancellation cut it short."""
+    rate_per_s, planned, tick_s = run.config.rate_per_s, run.planned, TICK_S
+    drain_deadline_s = None
+    timers = _Timers(reap_s=run.t0 + REAP_INTERVAL_S, echo_s=run.t0 + run.config.echo_interval_s,
+                     progress_s=run.t0 + progress_interval_s, progress_before_s=run.t0)  # fmt: skip
+    with selectors.DefaultSelector() as poller:  # epoll on Linux
+        for connection in connections:
+            poller.register(connection.socket, selectors.EVENT_READ, connection)
+        while True:  # bounded: `due` rises with the clock to `planned`, then the drain deadline, `end_s`
+            now_s = _now()
+            if run.stopping or now_s >= end_s:
+                return True
+            for key, _ in poller.select(0):
+                if not key.data.closed:
+                    key.data.receive()
+            live = [connection for connection in connections if not connection.closed]
+            _run_timers(run, live, timers, now_s, progress, progress_interval_s)
+            run.due = min(planned, int((now_s + TIMER_SLACK_S - run.t0) * rate_per_s) + 1)
+            behind = False
+            for connection in live:
+                behind = connection.send_due(run.due) or behind
+                connection.flush()
+            if behind:  # a backlog after a stall: the next batch at once, after reading again
+                continue
+            awaiting = any(connection.outstanding or connection.pending for connection in live)
+            if not any(connection.next_index < planned for connection in live):
+                if drain_deadline_s is None:
+                    drain_deadline_s = now_s + run.config.timeout_s + 2 * REAP_INTERVAL_S
+                if not awaiting or now_s > drain_deadline_s:
+                    return False
+            wake_s = run.t0 + run.due * run.interval_s - TIMER_SLACK_S if run.due < planned else math.inf
+            if awaiting or run.due >= planned:
+                wake_s = min(wake_s, now_s + tick_s)
+            wake_s = min(max(wake_s, now_s + tick_s), timers.reap_s, end_s)  # a tick apart: never late
+            time.sleep(max(0.0, wake_s - _now()))
+
+
+def _run_timers(
+    run: _Run, live: list[_Connection], timers: _Timers, now_s: float, progress: Callable[[Progress], None] | None,
+    progress_interval_s: float,
+) -> None:  # fmt: skip
+    if now_s >= timers.reap_s:
+        timers.reap_s = now_s + REAP_INTERVAL_S
+        for connection in live:
+            connection.reap(now_s)
+    if now_s >= timers.echo_s:
+        timers.echo_s = now_s + run.config.echo_interval_s
+        for connection in live:
+            connection.send_echo()
+    if progress is not None and now_s >= timers.progress_s:
+        timers.progress_s = now_s + progress_interval_s
+        elapsed_s = max(now_s - timers.progress_before_s, 1e-9)
+        progress(
+            Progress(
+                elapsed_s=round(now_s - run.t0, 1),
+                sent=run.sent,
+                answered=run.answered,
+                timeouts=run.timeouts,
+                mismatches=run.mismatches,
+                rate_per_s=round((run.answered - timers.answered_before) / elapsed_s, 1),
+                latency_p99_ms=round(run.latency.histogram.get_value_at_percentile(99) / 1000, 3),
+            )
+        )
+        timers.answered_before, timers.progress_before_s = run.answered, now_s
+
+
+async def _stop_on_cancel(run: _Run) -> None:
+    # The pump's thread cannot be cancelled: a cancellation of the run reaches it through this flag.
+    try:
+        await trio.sleep_forever()
+    finally:
+        run.stopping = True
 
 
 async def _open_connection(index: int, run: _Run) -> _Connection:
@@ -457,6 +617,7 @@ async def _open_connection(index: int, run: _Run) -> _Connection:
     try:
         await connection.sign_on()
     except BaseException:
+        connection.socket.close()
         await stream.aclose()
         raise
     return connection
@@ -495,37 +656,18 @@ async def run_load(
     try:
         for index in range(config.connections):
             connections.append(await _open_connection(index, run))
-        run.t0 = trio.current_time() + START_LEAD_S
-        time_bound_s = START_LEAD_S + run.planned / config.rate_per_s + 2 * config.timeout_s + RUN_SLACK_S
-        with trio.move_on_after(time_bound_s) as bound:
-            async with trio.open_nursery() as nursery:
-                if progress is not None:
-                    nursery.start_soon(_report_progress, run, progress, progress_interval_s)
-                async with trio.open_nursery() as connection_nursery:
-                    for connection in connections:
-                        connection_nursery.start_soon(connection.serve)
-                nursery.cancel_scope.cancel()
+        run.t0 = _now() + START_LEAD_S
+        end_s = run.t0 + run.planned / config.rate_per_s + 2 * config.timeout_s + RUN_SLACK_S
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_cancel, run)
+            pump = functools.partial(_pump, run, connections, end_s, progress, progress_interval_s)
+            aborted = await trio.to_thread.run_sync(pump)
+            nursery.cancel_scope.cancel()
     finally:
+        run.stopping = True
         with trio.CancelScope(shield=True):
             for connection in connections:
+                connection.release_outstanding()
+                connection.socket.close()
                 await connection.stream.aclose()
-    return run.report(aborted=bound.cancelled_caught, end_s=trio.current_time())
-
-
-async def _report_progress(run: _Run, progress: Callable[[Progress], None], interval_s: float) -> None:
-    answered_before, time_before = 0, run.t0
-    while True:  # bounded by the run's nursery, cancelled when the connections are done
-        await trio.sleep(interval_s)
-        now_s = trio.current_time()
-        progress(
-            Progress(
-                elapsed_s=round(now_s - run.t0, 1),
-                sent=run.sent,
-                answered=run.answered,
-                timeouts=run.timeouts,
-                mismatches=run.mismatches,
-                rate_per_s=round((run.answered - answered_before) / max(now_s - time_before, 1e-9), 1),
-                latency_p99_ms=round(run.latency.histogram.get_value_at_percentile(99) / 1000, 3),
-            )
-        )
-        answered_before, time_before = run.answered, now_s
+    return run.report(aborted=aborted, end_s=_now())

@@ -12,18 +12,22 @@ depends on earlier traffic keep just enough state here to stay exact:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
+import functools
 import random
 import time
 
 import attrs
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from simulators.network import cards as cards_module
 from simulators.network.cards import SimCard
 from simulators.network.clearing import Clearable, ClearingLog, clearable_of
 from simulators.network.codec import Message
-from simulators.network.pinblock import encrypt_pin_block
+from simulators.network.pinblock import PIN_BLOCK_SIZE, clear_pin_block
 
 AMOUNT_MINOR_MAX = 999_999_999_999  # 12 digits, field 4
 REVERSAL_POOL_MAX = 10_000  # approvals remembered for later reversal
@@ -33,6 +37,7 @@ VICTIM_PICK_TRIES_MAX = 8
 WRONG_PINS_TO_LOCK = 3  # CONTRACT.md section 3: the third wrong PIN in a row locks (75)
 CROSS_CURRENCY_RATE_PERCENT = 92  # billing = amount * 0.92, a fixed network-provided rate
 STAN_MAX = 999_999
+PIN_BLOCKS_MAX = 100_000  # encrypted PIN blocks remembered per (PIN, PAN)
 RRN_TAG_DIGITS = 3
 RRN_SEQUENCE_MAX = 999_999_999  # 9 digits after the run tag: 12 characters (field 37)
 
@@ -220,7 +225,6 @@ class RequestFactory:
         assert acquirer_id.isdigit() and 1 <= len(acquirer_id) <= 11  # field 32, LL n..11
         self._rng = rng
         self._clearing = clearing
-        self._zpk = zpk
         self._amounts = amounts
         self._acquirer_id = acquirer_id
         self._rrn_tag = rrn_tag
@@ -235,6 +239,8 @@ class RequestFactory:
             total += value
             cumulative.append(total)
         self._cumulative = cumulative
+        self._total = cumulative[-1] + 0.0
+        self._pin_blocks = _PinBlocks(zpk)
         self._builders = {
             Kind.purchase: self._purchase,
             Kind.cross_currency: self._cross_currency,
@@ -260,7 +266,9 @@ class RequestFactory:
         return len(self._pool)
 
     def next_request(self, stan: str) -> Request:
-        kind = self._rng.choices(self._kinds, cum_weights=self._cumulative)[0]
+        # What random.choices(kinds, cum_weights=...) does, without its per-call list and checks.
+        index = bisect.bisect(self._cumulative, self._rng.random() * self._total, 0, len(self._kinds) - 1)
+        kind = self._kinds[index]
         return self.build(kind, stan)
 
     def build(self, kind: Kind, stan: str) -> Request:
@@ -304,15 +312,16 @@ class RequestFactory:
     # -- builders: one per kind ---------------------------------------------------------------
 
     def _purchase(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
-        merchant = self._rng.choice(MERCHANTS)
+        card = self._pick(self._normal)
+        merchant = self._pick(MERCHANTS)
         message = self._base("0100", "000000", self._purchase_amount(), card.currency_numeric, stan, merchant)
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
-        return Request(kind, message, EXPECTED_CODES[kind], "0110", reversible=self._approved(message, card.pan),
+        reversible = self._approved(message, card.pan, merchant)
+        return Request(kind, message, EXPECTED_CODES[kind], "0110", reversible=reversible,
                        clearable=self._clearable(message, card))
 
     def _cross_currency(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         foreign = "978" if card.currency_numeric == "840" else "840"
         amount = self._purchase_amount()
         message = self._base("0100", "000000", amount, foreign, stan, self._merchant())
@@ -322,32 +331,32 @@ class RequestFactory:
         return Request(kind, message, EXPECTED_CODES[kind], "0110", clearable=self._clearable(message, card))
 
     def _atm(self, kind: Kind, stan: str, card: SimCard | None = None, pin: str | None = None) -> Request:
-        card = card or self._rng.choice(self._normal)
+        card = card or self._pick(self._normal)
         amount = self._rng.choice(self._amounts.atm_minor_choices)
         message = self._base("0200", "010000", amount, card.currency_numeric, stan, ATM)
         # An ATM reads the chip or stripe: track 2 replaces fields 2 and 14 (CONTRACT.md section 3).
         message["35"] = f"{card.pan}={card.expiry}2010000000000"
         message["22"] = "051"
-        message["52"] = encrypt_pin_block(pin or card.pin, card.pan, self._zpk).hex().upper()
-        reversible = self._approved(message, card.pan) if pin is None else None
+        message["52"] = self._pin_blocks.field_52(pin or card.pin, card.pan)
+        reversible = self._approved(message, card.pan, ATM) if pin is None else None
         return Request(kind, message, EXPECTED_CODES[kind], "0210", reversible=reversible)
 
     def _refund(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         mti = self._rng.choice(("0100", "0200"))
         message = self._base(mti, "200000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
         return Request(kind, message, EXPECTED_CODES[kind], response_mti(mti))
 
     def _advice(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         message = self._base("0120", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
         # An advice reports a stand-in approval: it cannot be declined (CONTRACT.md section 3).
         return Request(kind, message, EXPECTED_CODES[kind], "0130", clearable=self._clearable(message, card))
 
     def _balance_inquiry(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         message = self._base("0100", "300000", 0, card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
         return Request(kind, message, EXPECTED_CODES[kind], "0110")
@@ -360,14 +369,14 @@ class RequestFactory:
         return Request(kind, message, EXPECTED_CODES[kind], "0110")
 
     def _wrong_cvc2(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         wrong = f"{(int(card.cvc2) + self._rng.randint(1, 999)) % 1000:03d}"
         message = self._base("0100", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, wrong)
         return Request(kind, message, EXPECTED_CODES[kind], "0110")
 
     def _wrong_expiry(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         # A year later than the real expiry: not expired, just not this card's date.
         wrong = f"{(int(card.expiry[:2]) + 1) % 100:02d}{card.expiry[2:]}"
         message = self._base("0100", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
@@ -375,7 +384,7 @@ class RequestFactory:
         return Request(kind, message, EXPECTED_CODES[kind], "0110")
 
     def _over_balance(self, kind: Kind, stan: str) -> Request:
-        card = self._rng.choice(self._normal)
+        card = self._pick(self._normal)
         amount = self._amounts.over_balance_minor
         message = self._base("0100", "000000", amount, card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
@@ -445,7 +454,7 @@ class RequestFactory:
         return f"{self._rrn_tag}{self._rrn_sequence:09d}"
 
     def _merchant(self) -> tuple[str, ...]:
-        return self._rng.choice(MERCHANTS)
+        return self._pick(MERCHANTS)
 
     def _base(
         self, mti: str, processing_code: str, amount: int, currency: str, stan: str, merchant: tuple[str, ...]
@@ -467,7 +476,7 @@ class RequestFactory:
             "37": self._next_rrn(),
             "41": terminal,
             "42": merchant_id,
-            "43": f"{name:<25.25}{city:<13.13}{country}",
+            "43": _location(name, city, country),
             "49": currency,
         }
 
@@ -478,7 +487,11 @@ class RequestFactory:
         if cvc2 is not None:
             message["48"] = "92" + "03" + cvc2  # subelement 92, length 03, the CVC2
 
-    def _approved(self, message: Message, pan: str) -> Approved:
+    def _pick(self, choices: tuple | list):  # noqa: ANN202  (any element type)
+        # Like Random.choice, from one random() call: its bias, under len / 2**53, does not show.
+        return choices[int(self._rng.random() * len(choices))]
+
+    def _approved(self, message: Message, pan: str, merchant: tuple[str, ...]) -> Approved:
         return Approved(
             mti=message["t"],
             processing_code=message["3"],
@@ -488,14 +501,44 @@ class RequestFactory:
             stan=message["11"],
             transmission=message["7"],
             rrn=message["37"],
-            merchant=(message["41"], message["42"], *_merchant_tail(message)),
+            merchant=merchant,  # the tuple `_base` took: field 43 holds it whole (see _fits_field_43)
         )
 
 
-def _merchant_tail(message: Message) -> tuple[str, ...]:
-    """Field 43 and 18 back into the merchant tuple shape `_base` takes."""
-    location = message["43"]
-    return (location[:25].rstrip(), location[25:38].rstrip(), location[38:], message["18"])
+@functools.lru_cache(maxsize=64)
+def _location(name: str, city: str, country: str) -> str:
+    """Field 43: name (25), city (13), country (2), padded; a few merchants, so cached."""
+    return f"{name:<25.25}{city:<13.13}{country}"
+
+
+def _fits_field_43(merchant: tuple[str, ...]) -> bool:
+    """A reversal copies `Approved.merchant` back into `_base`: field 43 must not cut it."""
+    _, _, name, city, _, _ = merchant
+    return len(name) <= 25 and len(city) <= 13 and name == name.rstrip() and city == city.rstrip()
+
+
+assert all(_fits_field_43(merchant) for merchant in (*MERCHANTS, ATM))
+
+
+class _PinBlocks:
+    """Field 52 per (PIN, PAN) under one ZPK: one 3DES-ECB encryptor for the run (ECB keeps no
+    state between blocks) and a bounded memo, since the same card sends the same block."""
+
+    def __init__(self, zpk: bytes) -> None:
+        assert len(zpk) in (16, 24), "ZPK must be a double- or triple-length DES key"
+        key = zpk + zpk[:8] if len(zpk) == 16 else zpk  # K1 K2 -> K1 K2 K1, as pinblock does
+        self._encryptor = Cipher(TripleDES(key), modes.ECB()).encryptor()
+        self._memo: dict[tuple[str, str], str] = {}
+
+    def field_52(self, pin: str, pan: str) -> str:
+        value = self._memo.get((pin, pan))
+        if value is None:
+            block = self._encryptor.update(clear_pin_block(pin, pan))
+            assert len(block) == PIN_BLOCK_SIZE
+            value = block.hex().upper()
+            if len(self._memo) < PIN_BLOCKS_MAX:
+                self._memo[(pin, pan)] = value
+        return value
 
 
 def _split_victims(

@@ -1,4 +1,4 @@
-"""The server under test as a child process: `authsrv` through its CLI, or the baseline server.
+"""The server under test as a child process: `authsrv` through its CLI, or the floor server.
 
 Used by `make demo` (simulators/demo.py) and `make bench` (bench/). Children run in their own
 session so a Ctrl-C in the terminal reaches only the driver, which then stops them in order
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 
-READY_TIMEOUT_S = 60.0  # until /readyz answers 200 (or the baseline accepts a connection)
+READY_TIMEOUT_S = 60.0  # until /readyz answers 200 (or the floor server accepts a connection)
 READY_POLL_S = 0.1
 STOP_TIMEOUT_S = 30.0  # SIGTERM to exit: authsrv drains in-flight work first
 KILL_TIMEOUT_S = 5.0
@@ -188,9 +188,10 @@ def start_authsrv(data: Path, ports: Ports, log_path: Path) -> ChildProcess:
     return server
 
 
-def start_baseline(port: int, log_path: Path) -> ChildProcess:
-    args = [sys.executable, "-m", "bench.baseline_server", "--port", str(port)]
-    server = ChildProcess.start("baseline server", args, log_path)
+def start_floor(port: int, log_path: Path) -> ChildProcess:
+    """bench/floor_server.py (codec + transport only) on `port`, once it accepts connections."""
+    args = [sys.executable, "-m", "bench.floor_server", "--port", str(port)]
+    server = ChildProcess.start("floor server", args, log_path)
     try:
         server.wait_tcp_ready(port)
     except BaseException:

@@ -1,4 +1,5 @@
-"""The benchmark's baseline: the codec + transport floor of a Python ISO 8583 server on trio.
+"""The benchmark's floor: codec + transport only, a Python ISO 8583 server on trio (issue 7 names it
+the floor; the baseline is the PostgreSQL implementation, bench/pg_baseline.py).
 
 Same wire profile as authsrv (CONTRACT.md section 3: 2-byte big-endian length, pyiso8583
 `specs.default`). Each request is decoded with pyiso8583, answered `00` with the echoed fields and
@@ -6,7 +7,7 @@ an authorization code, encoded with pyiso8583 and written. No ledger, no fsync, 
 authsrv costs beyond this is the price of its actual work. Responses to all frames of one receive
 are written with one `send_all`, as a good server would (STACK.md: batching multiplies the rate).
 
-    python -m bench.baseline_server --port N
+    python -m bench.floor_server --port N
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SPEC = iso8583.specs.default
 RECEIVE_SIZE_MAX = 65_536  # bytes per receive_some
 ECHOED_FIELDS = ("2", "3", "4", "6", "7", "11", "32", "37", "41", "42", "49", "51")  # CONTRACT.md section 3
 ECHOED_FIELDS_MANAGEMENT = ("7", "11", "70")
-AUTHORIZATION_CODE = "BASE01"
+AUTHORIZATION_CODE = "FLOOR1"
 
 
 def build_response(request: dict[str, str]) -> dict[str, str]:
@@ -83,14 +84,14 @@ async def handle_connection(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def serve_baseline(
+async def serve_floor(
     port: int,
     *,
     host: str = "127.0.0.1",
     handler=handle_connection,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; `await nursery.start(serve_baseline, 0)` returns the bound port."""
+    """Serve until cancelled; `await nursery.start(serve_floor, 0)` returns the bound port."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_port = listeners[0].socket.getsockname()[1]
     task_status.started(bound_port)
@@ -100,15 +101,15 @@ async def serve_baseline(
 async def _main(host: str, port: int) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            bound_port = await nursery.start(functools.partial(serve_baseline, port, host=host))
-            print(f"baseline ISO 8583 server listening on {host}:{bound_port}", flush=True)
+            bound_port = await nursery.start(functools.partial(serve_floor, port, host=host))
+            print(f"floor ISO 8583 server listening on {host}:{bound_port}", flush=True)
             async for _ in signals:  # the first SIGTERM or SIGINT ends the server with exit 0
                 nursery.cancel_scope.cancel()
                 break
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.floor_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8583, help="TCP port (0: any free port, printed)")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
