@@ -467,6 +467,17 @@ class Ledger:
         self._heap: list[tuple[int, int]] = []  # (deadline_ns, hold id), may hold stale entries
         self._undo: list[tuple] | None = None  # set only while a linked chain is applied
 
+    def empty_like(self) -> Ledger:
+        """A new, empty ledger with this one's bounds: a rebuild from the log that must reach the
+        same state (the operator's ids bound is applied at open, not logged)."""
+        return Ledger(holds_pending_max=self._holds_pending_max, accounts_max=self._accounts_max,
+                      ids_retention_ns=self._ids_retention_ns, ids_max=self._ids_max,
+                      history_per_account_max=self._history_max)  # fmt: skip
+
+    @property
+    def ids_max(self) -> int:
+        return self._ids_max
+
     def set_ids_max(self, ids_max: int) -> None:
         """Change the remembered-ids bound (the operator's `[ledger] ids_max`) after opening.
 

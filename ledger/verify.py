@@ -88,11 +88,14 @@ def _cross_check(durable: DurableLedger, digest: str, problems: list[str]) -> st
     bases = [seq for seq, _ in list_snapshots(durable.directory) if seq < durable.snapshot_seq]
     bases = [seq for seq in bases if seq + 1 >= log_first_seq]
     try:
+        # With the bounds the state was built under: the operator's ids bound is set at open.
         if log_first_seq == 1:
-            base_seq, ledger = 0, Ledger()
+            base_seq, ledger = 0, durable.ledger.empty_like()
         elif bases:
             base_seq = bases[0]
             ledger, _ = decode_snapshot(read_snapshot(_snapshot_file(durable, base_seq))[1])
+            if ledger.ids_max != durable.ledger.ids_max:
+                ledger.set_ids_max(durable.ledger.ids_max)
         else:
             return "not possible: the log does not reach back before the snapshot"
         replay_into(ledger, durable.wal, base_seq + 1, None)

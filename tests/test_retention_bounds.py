@@ -103,3 +103,32 @@ def _scrape(metrics: Metrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def test_ledger_verify_rebuilds_with_the_operators_ids_bound(tmp_path: Path, monkeypatch) -> None:
+    """A ledger whose ids bound was lowered at open, snapshotted with ids evicted: verify's second
+    rebuild from the first record uses the same bound and finds the same digest (no false alarm)."""
+    from ledger.durable import DurableLedger
+    from ledger.verify import verify
+
+    # Small default bounds so that a few hundred transfers reach them (the real ones are millions).
+    defaults = dict(Ledger.__init__.__kwdefaults__, holds_pending_max=2, ids_max=400)
+    monkeypatch.setattr(Ledger.__init__, "__kwdefaults__", defaults)
+    durable = DurableLedger.open(tmp_path)
+    try:
+        durable.ledger.set_ids_max(100)
+        accounts = (AccountSpec(id=1, currency="EUR", kind=AccountKind.settlement),
+                    AccountSpec(id=2, currency="EUR", kind=AccountKind.settlement))  # fmt: skip
+        durable.submit(Batch(timestamp_ns=T0_NS, accounts=accounts))
+        for start in range(0, 300, 50):
+            transfers = tuple(TransferSpec(id=1_000 + n, debit_account_id=1, credit_account_id=2, amount=1)
+                              for n in range(start, start + 50))  # fmt: skip
+            durable.submit(Batch(timestamp_ns=T0_NS + 1 + start, transfers=transfers))
+        assert durable.ledger.ids_evicted_count > 0
+        durable.flush_sync()
+        durable.snapshot()
+    finally:
+        durable.close()
+    report = verify(tmp_path)
+    assert report.ok, report.problems
+    assert "digest matches" in report.cross_check
