@@ -36,6 +36,7 @@ import collections
 import fcntl
 import logging
 import os
+import queue
 import re
 import struct
 import threading
@@ -44,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+import outcome
 import trio
 from crc32c import crc32c
 
@@ -253,6 +255,10 @@ class Wal:
         self._inflight_last_seq = last_seq
         self._inflight_event = trio.Event()
         self._next_event = trio.Event()
+        # The committer's own writer thread (started by run_committer): one long-lived thread is
+        # cheaper per group than trio's thread cache (no job naming, no limiter; measured ~120 vs
+        # ~250 us of CPU per round trip on a 2-core VM).
+        self._writer_jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._inline_commit_s_max = inline_commit_s_max
         # Moving average of inline groups' write + fdatasync; None until the first probe, so the
         # first groups go to the thread (an unknown disk may be slow: never block the loop on it).
@@ -503,6 +509,8 @@ class Wal:
         assert self._committer_token is None, "one committer per log"
         self._committer_token = trio.lowlevel.current_trio_token()
         self._committer_thread = threading.get_ident()
+        writer = threading.Thread(target=self._writer_thread, name="wal-writer", daemon=True)
+        writer.start()
         task_status.started()
         try:
             # Service loop: each pass either commits a non-empty group or sleeps until an append.
@@ -517,6 +525,7 @@ class Wal:
             self._wake_all()
             raise
         finally:
+            self._writer_jobs.put(None)  # the thread ends after any write it is doing
             self._committer_stopped = True
             self._committer_idle = False
             if self._fatal is None:
@@ -534,8 +543,7 @@ class Wal:
             self._inline_write_s = seconds if average is None else average + (seconds - average) / INLINE_EWMA_WEIGHT
             self.groups_inline += 1
         else:
-            # Not abandonable: a cancelled committer still finishes the write it started.
-            records, size, seconds = await trio.to_thread.run_sync(self._write_through, last)
+            records, size, seconds = await self._write_in_thread(last)
             self.groups_threaded += 1
         assert self._written_seq >= last
         self._publish()
@@ -544,6 +552,35 @@ class Wal:
         # Let the readers run before the next group (an inline write never yielded): what they
         # append meanwhile forms that group, so groups still grow with the load.
         await trio.lowlevel.checkpoint()
+
+    async def _write_in_thread(self, last: int) -> tuple[int, int, float]:
+        """_write_through(last) in the writer thread. Not abandonable: a cancelled committer still
+        waits for the write it started."""
+        done = trio.Event()
+        result: list[outcome.Outcome] = []
+
+        def deliver(written: outcome.Outcome) -> None:  # in the trio thread
+            result.append(written)
+            done.set()
+
+        self._writer_jobs.put((last, deliver))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return result[0].unwrap()
+
+    def _writer_thread(self) -> None:
+        token = self._committer_token
+        assert token is not None
+        while True:  # one job per commit group, until run_committer ends
+            job = self._writer_jobs.get()
+            if job is None:
+                return
+            last, deliver = job
+            written = outcome.capture(self._write_through, last)
+            try:
+                token.run_sync_soon(deliver, written)
+            except trio.RunFinishedError:
+                return
 
     def _commit_inline(self) -> bool:
         """Write this group in the trio thread? Yes while the disk has been fast, and now and then

@@ -404,31 +404,35 @@ async def test_concurrent_truncate_from_a_thread_while_committing(tmp_path: Path
     assert first > 1
 
 
-async def test_flush_sync_writes_a_group_the_committer_could_not_start_yet(tmp_path: Path) -> None:
-    """A snapshot calls flush_sync in the trio thread. If the committer has handed off a group but
-    its worker thread has not started (it needs this very thread), flush_sync must write that
-    group itself rather than wait for it (which would deadlock)."""
+async def test_flush_sync_writes_what_the_writer_thread_has_not_written_yet(tmp_path: Path, monkeypatch) -> None:
+    """A snapshot calls flush_sync in the trio thread while the committer's writer thread may hold a
+    queued group: flush_sync waits for that write (the thread never needs the trio thread to
+    finish it, so no deadlock) and writes the rest itself."""
     commits: list[int] = []
     log = Wal.open(tmp_path, on_commit=lambda records, size, seconds: commits.append(records), inline_commit_s_max=0)
-    limiter = trio.to_thread.current_default_thread_limiter()
-    holders = [object() for _ in range(int(limiter.total_tokens))]
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        in_fsync.set()
+        release.wait(5)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", held_fdatasync)
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run_committer)
-        for holder in holders:  # no worker thread can start until these are released
-            await limiter.acquire_on_behalf_of(holder)
         seq = log.append(b"handed off")
-        await trio.testing.wait_all_tasks_blocked()
-        assert log.buffered_bytes == 0 and log.durable_seq == 0  # queued, not written
+        await trio.to_thread.run_sync(in_fsync.wait, 5)  # the writer thread is inside its fdatasync
+        assert log.durable_seq == 0
         log.append(b"still buffered")
+        threading.Timer(0.1, release.set).start()  # the writer finishes while flush_sync waits
         log.flush_sync()
         assert log.durable_seq == 2
         with trio.fail_after(5):
             await log.wait_durable(seq)
-        for holder in holders:
-            limiter.release_on_behalf_of(holder)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
-    assert commits == [2]  # flush_sync reported its write; the committer found nothing left
+    assert sorted(commits) == [1, 1]  # the writer's group and flush_sync's own
     log.close()
     assert replayed(tmp_path) == [(1, b"handed off"), (2, b"still buffered")]
 
