@@ -192,7 +192,7 @@ def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
     assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres"}
     config = BenchConfig()
     assert target_rates("authsrv", config) == config.rates == target_rates("floor", config)
-    assert target_rates("external-5ms", config) == (250.0,) == target_rates("external-timeout", config)
+    assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)
     assert all(rate <= EXTERNAL_RATE_MAX for rate in target_rates("external-5ms", config))
     assert target_rates("external-5ms", BenchConfig.quick_preset()) == (100.0,)
     assert target_rates("external-5ms", BenchConfig(rates=(4000.0,))) == (EXTERNAL_RATE_MAX,)  # never none
