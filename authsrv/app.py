@@ -341,8 +341,10 @@ async def _tick(ledger, journal, metrics, config) -> None:
         if ticks % GC_FREEZE_INTERVAL_TICKS == 0:
             # Collect only what was allocated since the last freeze, then freeze it too: the ledger's
             # long-lived objects would otherwise make every full collection a stall of 100+ ms.
+            started = time.perf_counter()
             gc.collect()
             gc.freeze()
+            metrics.gc_pause_seconds.observe(time.perf_counter() - started)
         if ledger.ledger.pending_count():
             ledger.submit(Batch(timestamp_ns=time.time_ns()))  # expiries counted by watch_expiry
         _check_open_authorizations(ledger, journal)
