@@ -190,7 +190,7 @@ class IsoServer:
                 group = first
                 for _ in range(RESPONSE_GROUP_MAX - 1):
                     try:
-                        group = group + receive.receive_nowait()
+                        group.extend(receive.receive_nowait())  # the lists are the writer's once sent
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 seq = max(outgoing.seq for outgoing in group)
