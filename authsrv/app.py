@@ -37,10 +37,12 @@ from authsrv.rest.cards import CardsApi
 PARTNER_BALANCE_CHECK_INTERVAL_S = 5.0
 log = logging.getLogger("authsrv")
 
-TICK_INTERVAL_S = 1.0
-MCC_CACHE_MAX = 10_000
+TICK_INTERVAL_S = 1.0  # hold expiry runs on the logged clock: an empty batch per tick advances it
+MCC_CACHE_MAX = 10_000  # there are fewer than 10,000 MCCs
 GC_GEN0_THRESHOLD = 100_000
-GC_FREEZE_INTERVAL_TICKS = 10  # there are fewer than 10,000 MCCs  # hold expiry runs on the logged clock: an empty batch per tick advances it
+# Every tick: the pause grows with what was allocated since the last freeze (machine A, 800/s: 50 ms
+# every 10 s, 4.5 ms every 1 s), and a pause, unlike the total, shows in p99.9.
+GC_FREEZE_INTERVAL_TICKS = 1
 
 
 class JsonLogFormatter(logging.Formatter):
