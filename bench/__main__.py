@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-seconds", type=float, default=None, help="unrecorded load before the steps")
     parser.add_argument("--users", type=int, default=None, help="users to seed (one card each)")
     parser.add_argument("--connections", type=int, default=None)
+    parser.add_argument("--hot-cards", type=float, default=None, metavar="FRACTION",
+                        help="share of the cards that are hot (default 0.01; 0: uniform picks)")
+    parser.add_argument("--hot-share", type=float, default=None, metavar="FRACTION",
+                        help="share of the purchases the hot cards get (default 0.2; 0: uniform picks)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="a comma-separated subset, e.g. authsrv,floor")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     return parser
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup_seconds,
             "users": args.users,
             "connections": args.connections,
+            "hot_cards": args.hot_cards,
+            "hot_share": args.hot_share,
         }.items()
         if value is not None
     }

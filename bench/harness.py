@@ -57,6 +57,7 @@ from bench.external import (
 )
 from simulators.network.cards import load_cards, write_synthetic_cards
 from simulators.network.load import LoadConfig, LoadError, run_load
+from simulators.network.mix import HOT_CARDS_FRACTION_DEFAULT, HOT_SHARE_DEFAULT, HotCards
 from simulators.network.pinblock import load_zpk
 from simulators.network.report import LoadReport
 from simulators.network.target import (
@@ -119,8 +120,13 @@ class BenchConfig:
     warmup_s: float = 3.0  # unrecorded load at the first rate: caches, allocator, first-touch pages
     seed: int = 1
     quick: bool = False
+    # The realistic card mix (issue 7): a few hot cards get a large share of the purchases. The
+    # external targets run without (their balances sit at the partner simulator, funded alike).
+    hot_cards: float = HOT_CARDS_FRACTION_DEFAULT
+    hot_share: float = HOT_SHARE_DEFAULT
 
     def __attrs_post_init__(self) -> None:
+        _ = self.hot  # HotCards checks both fractions (ValueError)
         if not 0 < len(self.rates) <= RATES_MAX or any(rate <= 0 for rate in self.rates):
             raise ValueError(f"rates: 1..{RATES_MAX} positive values")
         if list(self.rates) != sorted(self.rates):
@@ -133,6 +139,10 @@ class BenchConfig:
             raise ValueError(f"users must be in 1..{USERS_MAX}")
         if not self.targets or set(self.targets) - set(TARGETS):
             raise ValueError(f"targets: a subset of {TARGETS}")
+
+    @property
+    def hot(self) -> HotCards:
+        return HotCards(fraction=self.hot_cards, share=self.hot_share)
 
     @classmethod
     def quick_preset(cls, **overrides: object) -> BenchConfig:
@@ -313,10 +323,11 @@ def run_steps(
     steps: list[Step] = []
     rates = target_rates(name, config)
     cards = load_cards(cards_path)  # once per target, not once per step
+    hot = HotCards() if name in EXTERNAL_SCENARIOS else config.hot  # see BenchConfig.hot_cards
     if config.warmup_s > 0:
         warmup = LoadConfig(
             cards_path=cards_path, port=port, rate_per_s=rates[0], duration_s=config.warmup_s,
-            connections=config.connections, timeout_s=config.timeout_s, seed=config.seed - 1, zpk=zpk,
+            connections=config.connections, timeout_s=config.timeout_s, seed=config.seed - 1, zpk=zpk, hot=hot,
         )  # fmt: skip
         trio.run(functools.partial(run_load, warmup, cards=cards))
         log(f"{name:<16} warmed up: {config.warmup_s:.0f} s at {rates[0]:,.0f}/s (not recorded)")
@@ -325,6 +336,7 @@ def run_steps(
         load = LoadConfig(
             cards_path=cards_path, port=port, rate_per_s=rate, duration_s=config.step_seconds,
             connections=config.connections, timeout_s=config.timeout_s, seed=config.seed + len(steps), zpk=zpk,
+            hot=hot,
         )  # fmt: skip
         server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
         report = trio.run(functools.partial(run_load, load, cards=cards))
@@ -359,7 +371,7 @@ def bench_authsrv(config: BenchConfig, work: Path, log: Callable[[str], None]) -
     log(f"authsrv: init + seed {config.users} users in {data} (log {log_path})")
     try:
         cards_path = init_and_seed(data, users=config.users, cards_per_user=config.cards_per_user,
-                                   amount_minor=SEED_AMOUNT_MINOR, log_path=log_path)  # fmt: skip
+                                   amount_minor=SEED_AMOUNT_MINOR, log_path=log_path, hot=config.hot)  # fmt: skip
         zpk_path = data / "keys" / "zpk.hex"
         zpk = load_zpk(zpk_path) if zpk_path.exists() else None
         ports = Ports.free()
@@ -459,7 +471,10 @@ def bench_postgres(
     steps: list[Step] = []
     error, exit_code, reason = None, None, "not started"
     try:
-        with postgres.running_postgres(cards_path, amount_minor=SEED_AMOUNT_MINOR) as database:
+        # Every baseline balance gets what a hot one needs (the baseline cannot tell hot cards
+        # apart, and a larger number costs it nothing).
+        amount_minor = SEED_AMOUNT_MINOR * config.hot.funding_factor(len(load_cards(cards_path)))
+        with postgres.running_postgres(cards_path, amount_minor=amount_minor) as database:
             log(f"postgres: PostgreSQL up on port {database.port}, cards loaded (log {log_path})")
             args = [sys.executable, "-m", "bench.pg_baseline", "--port", str(port), "--conninfo", database.conninfo,
                     "--zpk-file", str(zpk_path)]  # fmt: skip

@@ -583,3 +583,20 @@ def test_demo_end_to_end_against_authsrv(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "RESULT: PASS" in done.stdout and "ledger verify: PASS" in done.stdout
+
+
+def test_load_config_leaves_hot_cards_off_unless_asked(cards_path: Path) -> None:
+    """Library callers that seeded every balance alike keep the uniform pick (tests/test_hot_cards.py
+    covers the model itself); the command line too, unless --hot-cards is given (the bench gives it)."""
+    from simulators.network import HotCards
+    from simulators.network.__main__ import _parser
+
+    assert not LoadConfig(cards_path=cards_path, port=1).hot.enabled
+    args = _parser().parse_args(["--cards", str(cards_path)])
+    assert not HotCards(fraction=args.hot_cards, share=args.hot_share).enabled
+    args = _parser().parse_args(["--cards", str(cards_path), "--hot-cards", "0.01"])
+    assert HotCards(fraction=args.hot_cards, share=args.hot_share) == HotCards.default()
+    hot = LoadConfig(cards_path=cards_path, port=1, hot=HotCards.default()).hot
+    factory = RequestFactory(load_cards(cards_path), weights=MixWeights(), rng=random.Random(1), zpk=ZPK,
+                             amounts=Amounts(), acquirer_id="535001", rrn_tag="123", hot=hot)  # fmt: skip
+    assert factory.hot_cards == load_cards(cards_path)[:2]  # 1% of 200

@@ -18,6 +18,7 @@ from simulators.network.load import LoadError as LoadError
 from simulators.network.load import Progress as Progress
 from simulators.network.load import run_load as run_load
 from simulators.network.mix import Amounts as Amounts
+from simulators.network.mix import HotCards as HotCards
 from simulators.network.mix import Kind as Kind
 from simulators.network.mix import MixWeights as MixWeights
 from simulators.network.report import LatencySummary as LatencySummary

@@ -1,4 +1,11 @@
-"""`python -m simulators.network`: drive open-loop ISO 8583 load at a server and print the report."""
+"""`python -m simulators.network`: drive open-loop ISO 8583 load at a server and print the report.
+
+Hot cards are off by default (a plain `authsrv seed` funds every card alike); `--hot-cards 0.01
+--hot-share 0.2` (what `make bench` uses) gives the first cards of the file 20% of the purchases.
+Seed them with a larger balance first (target.init_and_seed(hot=...) does it; by hand, run
+`authsrv seed` for the hot users first with a larger --amount) or a long run will find them out of
+funds (51 where 00 is expected).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from simulators.network.cards import load_cards
 from simulators.network.clearing import ClearingLog
 from simulators.network.codec import Codec
 from simulators.network.load import LoadConfig, LoadError, Progress, run_load
-from simulators.network.mix import MixWeights
+from simulators.network.mix import HOT_CARDS_FRACTION_DEFAULT, HOT_SHARE_DEFAULT, HotCards, MixWeights
 from simulators.network.pinblock import load_zpk
 
 
@@ -32,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--echo-interval", type=float, default=3.0, help="seconds between 0800 echoes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--mix", default="", help="weight overrides, e.g. purchase=50,atm=10")
+    parser.add_argument("--hot-cards", type=float, default=0.0, metavar="FRACTION",
+                        help=f"share of the cards that are hot: the first ones of the file (default 0: uniform "
+                             f"picks; the bench uses {HOT_CARDS_FRACTION_DEFAULT})")
+    parser.add_argument("--hot-share", type=float, default=HOT_SHARE_DEFAULT, metavar="FRACTION",
+                        help="share of the purchase-type requests that go to the hot cards, when --hot-cards > 0")
     parser.add_argument("--zpk-file", type=Path, default=None, help="DIR/keys/zpk.hex of the server")
     parser.add_argument("--codec", choices=[codec.value for codec in Codec], default=Codec.fast.value)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             echo_interval_s=args.echo_interval,
             seed=args.seed,
             weights=MixWeights.parse(args.mix),
+            hot=HotCards(fraction=args.hot_cards, share=args.hot_share),
             zpk=load_zpk(args.zpk_file) if args.zpk_file else None,
             codec=Codec(args.codec),
         )

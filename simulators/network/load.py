@@ -57,7 +57,16 @@ from simulators.network.codec import (
     frame,
     reply_of,
 )
-from simulators.network.mix import MANAGEMENT_KINDS, STAN_MAX, Amounts, Kind, MixWeights, Request, RequestFactory
+from simulators.network.mix import (
+    MANAGEMENT_KINDS,
+    STAN_MAX,
+    Amounts,
+    HotCards,
+    Kind,
+    MixWeights,
+    Request,
+    RequestFactory,
+)
 from simulators.network.report import KindCounts, LatencySummary, LoadReport, Recorder
 
 CONNECTIONS_MAX = 256
@@ -109,6 +118,8 @@ class LoadConfig:
     seed: int = 1
     weights: MixWeights = attrs.Factory(MixWeights)
     amounts: Amounts = attrs.Factory(Amounts)
+    # Off by default: hot cards need their balances funded for it (mix.py, target.init_and_seed).
+    hot: HotCards = attrs.Factory(HotCards)
     zpk: bytes | None = attrs.field(default=None, repr=False)  # None: a random key (target checks no PINs)
     acquirer_id: str = "535001"
     rrn_tag: str | None = None  # 3 digits leading every RRN; None: random, so reruns do not collide
@@ -650,6 +661,7 @@ async def run_load(
         acquirer_id=config.acquirer_id,
         rrn_tag=config.rrn_tag if config.rrn_tag is not None else f"{secrets.randbelow(1000):03d}",
         clearing=clearing,
+        hot=config.hot,
     )
     run = _Run(config, factory)
     connections: list[_Connection] = []

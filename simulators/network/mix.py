@@ -8,6 +8,16 @@ depends on earlier traffic keep just enough state here to stay exact:
   so the server sees the attempts in the order the expectations assume. Half of those cards get
   three wrong PINs in a row and are then locked (75 afterwards), the other half alternate one
   wrong PIN with a correct one and never lock.
+
+Hot cards (`HotCards`, off unless asked for): a realistic card population is not uniform. A few
+cards (`fraction` of the file, at least one) are a merchant's favourite cards and receive `share` of
+the purchase-type traffic (`HOT_KINDS`: purchases, cross-currency purchases, advices, refunds); the
+rest of that traffic and every other kind go uniformly to the other cards. The hot cards are the
+FIRST lines of the cards file, so whoever seeds can fund them: `simulators.network.target.
+init_and_seed(hot=...)` seeds their users first with `funding_factor` times the normal balance, so a
+hot card has the same headroom relative to its traffic as any other card and its expected codes
+(00) hold for the whole run. They never carry wrong-PIN, wrong-CVC2, wrong-expiry or over-balance
+traffic, so no counter or lock of theirs changes what a purchase expects.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import bisect
 import collections
 import enum
 import functools
+import math
 import random
 import time
 
@@ -40,6 +51,12 @@ STAN_MAX = 999_999
 PIN_BLOCKS_MAX = 100_000  # encrypted PIN blocks remembered per (PIN, PAN)
 RRN_TAG_DIGITS = 3
 RRN_SEQUENCE_MAX = 999_999_999  # 9 digits after the run tag: 12 characters (field 37)
+HOT_CARDS_FRACTION_DEFAULT = 0.01  # of the cards in the file (what the command line and the bench use)
+HOT_SHARE_DEFAULT = 0.20  # of the purchase-type requests
+HOT_CARDS_FRACTION_MAX = 0.5
+HOT_SHARE_MAX = 0.9  # below 1: cold cards keep some purchases, and the funding factor stays finite
+HOT_COLD_CARDS_MIN = 2  # left cold whatever the fraction: the other kinds (and a PIN victim) need them
+HOT_FUNDING_HEADROOM = 2  # a hot balance is funded for twice its traffic relative to a cold balance
 
 MERCHANTS = (  # (field 41 terminal, field 42 merchant, field 43 name/city/country, field 18 MCC)
     ("TERM0001", "MERCHANT0000001", "CORNER GROCERY", "BERLIN", "DE", "5411"),
@@ -73,6 +90,8 @@ class Kind(enum.IntEnum):
 
 
 MANAGEMENT_KINDS = frozenset({Kind.echo, Kind.signon})
+# Card-present-at-a-merchant kinds a hot card receives its share of (module docstring).
+HOT_KINDS = frozenset({Kind.purchase, Kind.cross_currency, Kind.advice, Kind.refund})
 
 # Field 39 each kind expects when nothing else is known (CONTRACT.md section 3, response codes).
 EXPECTED_CODES = {
@@ -132,6 +151,54 @@ class MixWeights:
                 raise ValueError(f"unknown request kind {name!r}")
             overrides[name] = float(value)
         return cls(**overrides)
+
+
+def _fraction_max(bound: float):  # noqa: ANN202  (an attrs validator)
+    def check(instance: object, attribute: attrs.Attribute, value: float) -> None:
+        if not 0 <= value <= bound:
+            raise ValueError(f"{attribute.name} must be in 0..{bound}, got {value}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class HotCards:
+    """The hot-card model (module docstring). Both at 0 (the default): every card is picked uniformly."""
+
+    fraction: float = attrs.field(default=0.0, converter=float, validator=_fraction_max(HOT_CARDS_FRACTION_MAX))
+    share: float = attrs.field(default=0.0, converter=float, validator=_fraction_max(HOT_SHARE_MAX))
+
+    @classmethod
+    def default(cls) -> HotCards:
+        return cls(fraction=HOT_CARDS_FRACTION_DEFAULT, share=HOT_SHARE_DEFAULT)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 and self.share > 0
+
+    def count(self, cards_total: int) -> int:
+        """How many of `cards_total` cards are hot: the first ones of the file, at least one when
+        enabled, and never so many that fewer than HOT_COLD_CARDS_MIN stay cold (then none)."""
+        assert cards_total >= 0
+        if not self.enabled or cards_total < HOT_COLD_CARDS_MIN + 1:
+            return 0
+        return min(cards_total - HOT_COLD_CARDS_MIN, max(1, int(cards_total * self.fraction)))
+
+    def funding_factor(self, cards_total: int) -> int:
+        """How many times a normal balance a hot card's balance needs for the same headroom.
+
+        A hot card gets share / hot of the purchase-type requests, a cold one at most (1 - share) /
+        cold (plus the other kinds, which only makes the cold card's traffic larger): the factor is
+        that ratio, rounded up, times HOT_FUNDING_HEADROOM. Per balance it is the same ratio, since a
+        user's cards are all hot or (but for the last hot user) all cold."""
+        hot = self.count(cards_total)
+        if hot == 0:
+            return 1
+        cold = cards_total - hot
+        ratio = self.share * cold / ((1.0 - self.share) * hot)
+        factor = max(1, math.ceil(HOT_FUNDING_HEADROOM * ratio))
+        assert factor >= 1
+        return factor
 
 
 @attrs.frozen
@@ -219,6 +286,7 @@ class RequestFactory:
         acquirer_id: str,
         rrn_tag: str,
         clearing: ClearingLog | None = None,
+        hot: HotCards = HotCards(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
         assert cards, "no cards"
         assert len(rrn_tag) == RRN_TAG_DIGITS and rrn_tag.isdigit()
@@ -232,7 +300,13 @@ class RequestFactory:
         self._clock = _Clock()
         self._known_pans = frozenset(card.pan for card in cards)
         self._pool: collections.deque[Approved] = collections.deque(maxlen=REVERSAL_POOL_MAX)
-        self._normal, self._victims = _split_victims(cards, rng, weights.wrong_pin > 0)
+        # The hot cards are the file's first ones (the seeding funded those); with none, nothing
+        # below draws from the rng for them, so a run without hot cards is the uniform run it was.
+        hot_count = hot.count(len(cards))
+        self._hot = cards[:hot_count]
+        self._hot_share = hot.share if hot_count else 0.0
+        self._normal, self._victims = _split_victims(cards[hot_count:], rng, weights.wrong_pin > 0)
+        assert self._normal, "no card left for the normal traffic"
         self._kinds = [Kind[name] for name in attrs.fields_dict(MixWeights)]
         cumulative, total = [], 0.0
         for value in attrs.astuple(weights):
@@ -260,6 +334,10 @@ class RequestFactory:
     @staticmethod
     def expected_codes(kind: Kind) -> frozenset[str]:
         return EXPECTED_CODES[kind]
+
+    @property
+    def hot_cards(self) -> tuple[SimCard, ...]:
+        return self._hot
 
     @property
     def reversal_pool_size(self) -> int:
@@ -312,7 +390,7 @@ class RequestFactory:
     # -- builders: one per kind ---------------------------------------------------------------
 
     def _purchase(self, kind: Kind, stan: str) -> Request:
-        card = self._pick(self._normal)
+        card = self._spender()
         merchant = self._pick(MERCHANTS)
         message = self._base("0100", "000000", self._purchase_amount(), card.currency_numeric, stan, merchant)
         self._card_fields(message, card.pan, card.expiry, card.cvc2)
@@ -321,7 +399,7 @@ class RequestFactory:
                        clearable=self._clearable(message, card))
 
     def _cross_currency(self, kind: Kind, stan: str) -> Request:
-        card = self._pick(self._normal)
+        card = self._spender()
         foreign = "978" if card.currency_numeric == "840" else "840"
         amount = self._purchase_amount()
         message = self._base("0100", "000000", amount, foreign, stan, self._merchant())
@@ -342,14 +420,14 @@ class RequestFactory:
         return Request(kind, message, EXPECTED_CODES[kind], "0210", reversible=reversible)
 
     def _refund(self, kind: Kind, stan: str) -> Request:
-        card = self._pick(self._normal)
+        card = self._spender()
         mti = self._rng.choice(("0100", "0200"))
         message = self._base(mti, "200000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
         return Request(kind, message, EXPECTED_CODES[kind], response_mti(mti))
 
     def _advice(self, kind: Kind, stan: str) -> Request:
-        card = self._pick(self._normal)
+        card = self._spender()
         message = self._base("0120", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
         # An advice reports a stand-in approval: it cannot be declined (CONTRACT.md section 3).
@@ -432,6 +510,12 @@ class RequestFactory:
         return attrs.evolve(request, expected=expected, victim=victim)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _spender(self) -> SimCard:
+        """The card of a purchase-type request: a hot one with probability `share`, else any cold one."""
+        if self._hot_share and self._rng.random() < self._hot_share:
+            return self._pick(self._hot)
+        return self._pick(self._normal)
 
     def _pick_victim(self) -> PinVictim | None:
         if not self._victims:  # wrong_pin weighted 0 at construction: no cards were reserved

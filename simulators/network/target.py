@@ -19,6 +19,8 @@ from pathlib import Path
 
 import attrs
 
+from simulators.network.mix import AMOUNT_MINOR_MAX, HotCards
+
 READY_TIMEOUT_S = 60.0  # until /readyz answers 200 (or the floor server accepts a connection)
 READY_POLL_S = 0.1
 STOP_TIMEOUT_S = 30.0  # SIGTERM to exit: authsrv drains in-flight work first
@@ -157,10 +159,41 @@ class Ports:
         raise TargetError("could not find three free loopback ports")
 
 
-def init_and_seed(data: Path, *, users: int, cards_per_user: int, amount_minor: int, log_path: Path) -> Path:
-    """`authsrv init` then `authsrv seed`; returns the cards file."""
+def hot_users(hot: HotCards, *, users: int, cards_per_user: int) -> int:
+    """Users whose cards include the hot ones (the first lines of the cards file), rounded up."""
+    assert users > 0 and cards_per_user > 0
+    count = -(-hot.count(users * cards_per_user) // cards_per_user)
+    assert 0 <= count <= users
+    return count
+
+
+def init_and_seed(data: Path, *, users: int, cards_per_user: int, amount_minor: int, log_path: Path,
+                  hot: HotCards = HotCards()) -> Path:  # noqa: B008  (frozen: one shared default is safe)
+    """`authsrv init` then `authsrv seed`; returns the cards file.
+
+    With `hot` enabled the hot cards' users are seeded first, each balance funded with
+    `hot.funding_factor` times `amount_minor` (mix.py: hot cards are the first lines of the file and
+    need that much more to stay approvable for as long as the others), then everyone else."""
     cards_path = data / "cards.jsonl"
     run_cli(authsrv_command("init", "--data", str(data)), log_path=log_path)
+    hot_count = hot_users(hot, users=users, cards_per_user=cards_per_user)
+    if hot_count:
+        hot_amount_minor = amount_minor * hot.funding_factor(users * cards_per_user)
+        assert hot_amount_minor <= AMOUNT_MINOR_MAX, "a hot balance must fit field 54 (12 digits)"
+        _seed(data, cards_path, users=hot_count, cards_per_user=cards_per_user, amount_minor=hot_amount_minor,
+              log_path=log_path)  # fmt: skip
+    if users > hot_count:  # none left only when one user's cards are all there is
+        _seed(data, cards_path, users=users - hot_count, cards_per_user=cards_per_user, amount_minor=amount_minor,
+              log_path=log_path)  # fmt: skip
+    if not cards_path.is_file():
+        raise TargetError(f"`authsrv seed` wrote no cards file at {cards_path}")
+    return cards_path
+
+
+def _seed(data: Path, cards_path: Path, *, users: int, cards_per_user: int, amount_minor: int,
+          log_path: Path) -> None:  # fmt: skip
+    """One `authsrv seed` run: it appends its cards to `cards_path` in the order of its users."""
+    assert users > 0 and amount_minor > 0
     run_cli(
         authsrv_command(
             "seed", "--data", str(data), "--users", str(users), "--cards-per-user", str(cards_per_user),
@@ -168,9 +201,6 @@ def init_and_seed(data: Path, *, users: int, cards_per_user: int, amount_minor: 
         ),
         log_path=log_path,
     )  # fmt: skip
-    if not cards_path.is_file():
-        raise TargetError(f"`authsrv seed` wrote no cards file at {cards_path}")
-    return cards_path
 
 
 def start_authsrv(data: Path, ports: Ports, log_path: Path) -> ChildProcess:
