@@ -251,15 +251,29 @@ class MoveFunds:
 
 
 class FindOriginal:
-    """Field 90 names the original; an unknown original is 25 for a 0400 and acknowledged for 0420."""
+    """Field 90 names the original; an unknown original is 25 for a 0400 and acknowledged for 0420.
+
+    Field 90 (MTI, STAN, field 7, acquirer) is unique only per acquirer and STAN counter: two
+    acquirer systems sharing an acquirer id, or a STAN counter that wrapped within a second, name
+    two authorizations. So the original whose RRN equals the reversal's (the usual case) wins, and
+    a match on field 90 alone must be the reversal's own card: a reversal never releases another
+    card's hold.
+    """
 
     name = "original"
 
-    def __init__(self, journal: AuthJournal) -> None:
+    def __init__(self, journal: AuthJournal, vault, index) -> None:
         self._journal = journal
+        self._vault = vault
+        self._index = index
 
     def prepare(self, ctx: AuthContext) -> Vote:
-        found = self._journal.find_original("|".join(ctx.request.original.key))
+        original_key = "|".join(ctx.request.original.key)
+        found = self._journal.get(f"{original_key}|{ctx.request.rrn}")
+        if found is None or found.reverses:
+            found = self._journal.find_original(original_key)
+            if found is not None and found.card_id and found.card_id != self._card_id(ctx):
+                found = None
         if found is None:
             if ctx.kind is Kind.reversal_advice:
                 ctx.outcome, ctx.cause = Outcome.approved, "reversal advice for an unknown original: ignored"
@@ -267,6 +281,10 @@ class FindOriginal:
             return ctx.decline(Outcome.original_not_found)
         ctx.original = found
         return Vote.prepared
+
+    def _card_id(self, ctx: AuthContext) -> int:
+        card = self._index.card_by_pan_index(self._vault.index(ctx.request.pan))
+        return card.card_id if card is not None else 0
 
 
 class Reverse:

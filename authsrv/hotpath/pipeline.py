@@ -95,7 +95,7 @@ class Switch:
         self._ids = ids = TransferIds(journal.timestamp_ns_max)
         self._funds = funds = MoveFunds(ledger, index, journal, ids, hold_timeout_s, fees)
         checks = (CheckCardStatus(), CheckExpiry(), CheckCvc2(keys), CheckPin(keys, cards))
-        reversal = (duplicate, FindOriginal(journal), Reverse(ledger, index, journal, ids))
+        reversal = (duplicate, FindOriginal(journal, vault, index), Reverse(ledger, index, journal, ids))
         # Always present: `funds` leaves external partners' cards to it, and without a configured
         # api_url it declines them (91) rather than approve with nothing asked.
         self._external = external = ExternalBalance(
