@@ -1,0 +1,48 @@
+"""Non-blocking socket calls that go through trio only when the kernel says they would block.
+
+trio's `SocketStream.receive_some` / `send_all` pass through the scheduler after every call that
+succeeds at once (a cancel-shielded checkpoint, on top of a cancellation check): on a 2-core VM
+that is two scheduler round trips per message at low load, more than the codec costs. Here a
+receive or send that the kernel can satisfy now is one system call; only "would block" waits, with
+`trio.lowlevel.wait_readable` (a real, cancellable checkpoint) or trio's own `send_all`. Callers
+must checkpoint themselves when they loop on data that is always ready (see IsoServer._reader).
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+
+class StreamSocket:
+    """One connection's socket: `receive_nowait`, `wait_readable`, `send_all`. Errors as trio's."""
+
+    __slots__ = ("_stream", "_fd")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+
+    def receive_nowait(self, size: int) -> bytes | None:
+        """The bytes the kernel has (b"" at end of stream), or None if there are none yet."""
+        try:
+            return os.read(self._fd, size)
+        except BlockingIOError:
+            return None
+        except OSError as error:  # reset by the peer, or closed under us
+            raise trio.BrokenResourceError(f"receive failed: {error}") from error
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._fd)
+
+    async def send_all(self, data: bytes) -> None:
+        """Write now what the kernel takes; the rest (a full socket buffer) through trio."""
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            raise trio.BrokenResourceError(f"send failed: {error}") from error
+        if sent < len(data):
+            await self._stream.send_all(memoryview(data)[sent:])
