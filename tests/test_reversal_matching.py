@@ -54,3 +54,4 @@ async def test_reversal_matched_on_field_90_alone_must_be_for_the_same_card(serv
     _, fresh_rrn = next_ids()
     assert (await client.call({**reversal_of(other), "37": fresh_rrn}))["39"] == "00"
     assert balance(server, second).available == SEED_AMOUNT
+

@@ -24,6 +24,8 @@ import trio
 
 from authsrv.iso.framing import LENGTH_PREFIX_SIZE, RECEIVE_SIZE, FrameSplitter
 from authsrv.iso.transport import StreamSocket
+from ledger.durable import LedgerFailedError
+from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.iso")
 
@@ -96,7 +98,8 @@ class IsoServer:
         await self._idle.wait()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        # serve_listeners lets a handler error crash the server: contain one bad peer here.
+        # serve_listeners lets a handler error crash the server: contain one bad peer (or one
+        # connection's bug) here.
         if self._connections >= self._connections_max:
             log.warning("refusing a connection: %d open", self._connections)
             await trio.aclose_forcefully(stream)
@@ -116,6 +119,13 @@ class IsoServer:
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             # The peer went away (reset, closed mid-answer): its own problem, not the server's.
             log.info("ISO 8583 connection lost: %s", group.exceptions[0])
+        except* (LedgerFailedError, WalFatalError, AssertionError):
+            raise  # the ledger cannot go on, or an invariant broke: stop the process
+        except* Exception as group:
+            # A bug in this connection's bookkeeping: close it (its peer times out and reverses,
+            # as after a drop) instead of taking every other connection down with it.
+            self._metrics.internal_errors.inc()
+            log.error("closing ISO 8583 connection after an internal error", exc_info=group)
         finally:
             self._metrics.in_flight.dec(in_flight.count)  # decided but never sent: the peer left
             self._metrics.connections.dec()
@@ -207,8 +217,9 @@ class IsoServer:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 seq = max(outgoing.seq for outgoing in group)
-                if seq > ledger.durable_seq:
-                    group = await self._commit(group, seq)
+                durable = ledger.durable_seq  # read once: a writer thread may move it on at any moment
+                if seq > durable:
+                    group = await self._commit(group, seq, durable)
                 await sock.send_all(b"".join(outgoing.data for outgoing in group))
                 now = time.perf_counter_ns()
                 for outgoing in group:
@@ -216,11 +227,11 @@ class IsoServer:
                 metrics.in_flight.dec(len(group))
                 in_flight.sent(len(group))
 
-    async def _commit(self, group: list, seq: int) -> list:
+    async def _commit(self, group: list, seq: int, durable: int) -> list:
         """Wait until every approval in the group is on disk; approvals that miss the budget are
         compensated and answered with the stand-in decision instead."""
         ledger = self._ledger
-        deadline_ns = min(outgoing.deadline_ns for outgoing in group if outgoing.seq > ledger.durable_seq)
+        deadline_ns = min(outgoing.deadline_ns for outgoing in group if outgoing.seq > durable)
         with trio.move_on_after(max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)):
             await ledger.wait_durable(seq)
             return group
