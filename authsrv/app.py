@@ -134,13 +134,15 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     """Ledger (snapshot + log) and the journal riding on it, rebuilt the same way by the server and
     by offline commands (`clearing ingest`)."""
     journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9,
-                          records_max=config.duplicates.records_max)
+                          records_max=config.duplicates.records_max, closed_max=config.duplicates.closed_max,
+                          activities_max=config.history.activities_max)
     replayed: list[bytes] = []
     options = {"on_commit": on_commit} if on_commit is not None else {}
     ledger = ObservedLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
                                  segment_size_max=config.ledger.segment_size_max_bytes, **options)
-    # After replay, which ran with the bound the snapshot recorded: the next batch evicts down to it.
-    ledger.ledger.set_ids_max(config.ledger.ids_max)
+    # After replay, which ran with the bounds the snapshot recorded: the next batch evicts down to
+    # the ids bound; history lists are trimmed now.
+    set_ledger_bounds(ledger.ledger, config.ledger)
     # Replay has finished, so hold states are final: the open-authorization index keeps only the
     # approvals whose holds still hold money at the end of the log.
     journal.hold_open = hold_pending(ledger.ledger)
@@ -151,6 +153,19 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     journal.prune()  # holds resolved after the snapshot (expired, posted by clearing, voided)
     ledger.journal = journal
     return ledger, journal
+
+
+def set_ledger_bounds(ledger, bounds) -> None:
+    """The operator's `[ledger]` count bounds onto an opened ledger. ids_max > holds_pending_max
+    must hold after each setter, so the one that makes room goes first."""
+    if bounds.holds_pending_max < ledger.holds_pending_max:
+        ledger.set_holds_pending_max(bounds.holds_pending_max)
+        ledger.set_ids_max(bounds.ids_max)
+    else:
+        ledger.set_ids_max(bounds.ids_max)
+        ledger.set_holds_pending_max(bounds.holds_pending_max)
+    ledger.set_history_per_account_max(bounds.history_per_account_max)
+    assert ledger.ids_max > ledger.holds_pending_max
 
 
 @contextlib.contextmanager

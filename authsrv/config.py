@@ -21,8 +21,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from authsrv.hotpath.journal import RECORDS_MAX
-from ledger.state import HOLDS_PENDING_MAX, IDS_MAX
+from authsrv.hotpath.activity import ACTIVITIES_MAX
+from authsrv.hotpath.journal import CLOSED_MAX, RECORDS_MAX
+from ledger.state import HISTORY_PER_ACCOUNT_MAX, HOLDS_PENDING_MAX, IDS_MAX
 
 CONFIG_FILE_NAME = "authsrv.toml"
 PORT_MAX = 65535
@@ -32,6 +33,19 @@ HOLD_EXPIRY_DAYS_MAX = 366  # card-network rules never keep an authorization ope
 CONFIG_SIZE_MAX_BYTES = 1_048_576  # a config file larger than this is a mistake, not a config
 # Duplicate records kept at least: below this the journal would forget a retry within seconds.
 RECORDS_MAX_MIN = 1_000
+# Closed authorizations kept to call a late clearing "late": below this a clearing a few minutes
+# behind its final post would already read as unmatched.
+CLOSED_MAX_MIN = 1_000
+# Ledger events kept per account: the newest hold and the event that resolved it. Statement depth,
+# the fee run's month spend (docs/money.md "Fees") and the history API's status of a hold the
+# ledger forgot all read this history, so a bound this low is for tests and the soak, not production.
+HISTORY_PER_ACCOUNT_MAX_MIN = 2
+# At most: ~0.3-0.6 GB per account at this bound; readers page it with int limits below it.
+HISTORY_PER_ACCOUNT_MAX_MAX = 1_000_000
+# Pending holds at least: a ledger that refuses holds below this is misconfigured, not protected.
+HOLDS_PENDING_MAX_MIN = 1_000
+# Card activity rows kept in total at least (one card's ACTIVITY_PER_CARD_MAX is 100).
+ACTIVITIES_MAX_MIN = 1_000
 
 # Port 0 means "any free port" (tests and benchmarks start servers on ephemeral ports).
 Port = Annotated[int, Meta(ge=0, le=PORT_MAX)]
@@ -70,12 +84,18 @@ class LedgerConfig(_Section):
     segment_size_max_bytes: Annotated[int, Meta(ge=4096)] = 67_108_864
     # Transfer ids remembered for idempotency (24 h); past it the oldest go early, counted.
     ids_max: Positive = IDS_MAX
+    # Holds pending at once (awaiting clearing or expiry); past it a new hold fails (declined).
+    # Above HOLDS_PENDING_MAX the open-authorization index's own bound would be passed.
+    holds_pending_max: Annotated[int, Meta(ge=HOLDS_PENDING_MAX_MIN, le=HOLDS_PENDING_MAX)] = HOLDS_PENDING_MAX
+    # Ledger events kept per account (statement depth); lists grow to twice this before trimming.
+    history_per_account_max: Annotated[int, Meta(ge=HISTORY_PER_ACCOUNT_MAX_MIN, le=HISTORY_PER_ACCOUNT_MAX_MAX)] = (
+        HISTORY_PER_ACCOUNT_MAX)
 
     def __post_init__(self) -> None:
         # Pending hold ids are never evicted, so the bound must leave room for every one of them.
-        if self.ids_max <= HOLDS_PENDING_MAX:
+        if self.ids_max <= self.holds_pending_max:
             raise ValueError(f"ids_max {self.ids_max} must be above the ledger's pending-hold bound "
-                             f"{HOLDS_PENDING_MAX} (pending hold ids are never evicted)")
+                             f"{self.holds_pending_max} (pending hold ids are never evicted)")
 
 
 class MccRule(_Section):
@@ -120,6 +140,14 @@ class DuplicatesConfig(_Section):
     retention_hours: Annotated[int, Meta(ge=24, le=24 * 366)] = 24
     # Authorization records kept for duplicates at most; past it the oldest go early, counted.
     records_max: Annotated[int, Meta(ge=RECORDS_MAX_MIN)] = RECORDS_MAX
+    # Approvals kept after their hold closed, to report a late clearing as late; oldest go first.
+    closed_max: Annotated[int, Meta(ge=CLOSED_MAX_MIN)] = CLOSED_MAX
+
+
+class HistoryConfig(_Section):
+    # Card activity rows (authorizations and declines with merchant, for the transaction history
+    # API) kept in total; past it the card charged longest ago loses its oldest row.
+    activities_max: Annotated[int, Meta(ge=ACTIVITIES_MAX_MIN)] = ACTIVITIES_MAX
 
 
 class SessionsConfig(_Section):
@@ -225,6 +253,7 @@ class Config(_Section):
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     holds: HoldsConfig = msgspec.field(default_factory=HoldsConfig)
     duplicates: DuplicatesConfig = msgspec.field(default_factory=DuplicatesConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     bureau: BureauConfig = msgspec.field(default_factory=BureauConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
@@ -346,9 +375,17 @@ segment_size_max_bytes = 67108864
 # Transfer ids remembered so a retried transfer is not applied twice (24 h retention); about 0.25 KB
 # each plus the transfer, so this bounds memory. Size it to transfers/s x 86400 (about two per cleared
 # authorization). Past it the oldest ids are forgotten early (authsrv_ledger_ids_evicted_early_total):
-# a retry older than the bound is no longer recognized. Must be above 1000000, the pending-hold
-# bound (pending hold ids are never forgotten).
+# a retry older than the bound is no longer recognized. Must be above holds_pending_max (pending
+# hold ids are never forgotten).
 ids_max = 10000000
+# Holds pending at once (approvals awaiting clearing or expiry; two per approval), 1000 to 1000000;
+# about 0.8 KB each with its share of the approval kept for clearing. Past it a new hold fails and
+# the authorization is declined.
+holds_pending_max = 1000000
+# Ledger events kept per account for statements, the fee run's monthly spend and the history API
+# (2 to 1000000). An account holds 1 to 2 times this many, about 0.3 KB each: size it to accounts x
+# 2 x this x 0.31 KB (docs/operations.md). Older events stay in the log and the management store.
+history_per_account_max = 1000
 
 [holds]
 # Days an authorization hold stays open before it is released when no clearing arrives.
@@ -369,6 +406,16 @@ retention_hours = 24
 # retention_hours. Past it the oldest go before retention_hours (authsrv_journal_records_evicted_early_total):
 # a duplicate older than the bound is no longer recognized and is processed again.
 records_max = 20000000
+# Approvals remembered after their hold closed (final clearing, expiry), so a clearing arriving
+# later is reported as late rather than unmatched (at least 1000; about 0.8 KB each once the record
+# has left the duplicate window). Reporting only: a late clearing is force-posted either way.
+closed_max = 200000
+
+[history]
+# Card activity rows (authorizations and declines, with merchant and response code) kept in total
+# for the transaction history API, at most 100 per card (at least 1000; about 0.6 KB each once the
+# record has left the duplicate window). Past it the card charged longest ago loses its oldest row.
+activities_max = 1000000
 
 [sessions]
 # Lifetime of a customer session token (POST /customers/sessions).

@@ -14,7 +14,8 @@ Rules (docs/money.md, "Fees"):
   monthly fee"): when `monthly_waiver_spend` > 0 and the balance spent more than that in the month,
   its monthly fees (card and account) are waived, and the waiver is recorded. Spending comes from
   the balance's ledger history (purchases and cash, held or posted in the month, less what was
-  released or reversed); the history keeps the last HISTORY_PER_ACCOUNT_MAX events per account.
+  released or reversed); the history keeps the last `[ledger] history_per_account_max` events per
+  account (1,000 by default): a month with more events than that is under-counted.
 - A fee never takes a balance below zero: a balance short of it is charged what it has and the
   rest is recorded as owed; every run first collects owed fees from balances that have funds.
 
@@ -50,7 +51,6 @@ PLANNED = "planned"
 APPLIED = "applied"
 TRANSFERS_PER_BATCH = 4_096  # below the ledger's TRANSFERS_PER_BATCH_MAX (8,192)
 SUBJECTS_MAX = 50_000_000  # cards (CARDS_MAX) or balances charged in one run
-HISTORY_SCANNED_MAX = 1_000  # ledger.state.HISTORY_PER_ACCOUNT_MAX: all the history there is
 # Debits that count as spending for the conditional fee (hot path and clearing codes).
 SPENDING_CODES = frozenset({TransferCode.purchase, TransferCode.cash, TransferCode.completion,
                             202, 203})  # authsrv.clearing.plan.ClearingCode.excess / .forced
@@ -223,7 +223,8 @@ def month_spend(ledger, account_id: int, start_ns: int, end_ns: int) -> int:
     """Purchases and cash of the month on this balance: holds and posted debits, less what was
     released (void, expiry, the rest of a final post) or reversed back, from the ledger history."""
     spend = 0
-    for entry in ledger.history(account_id, limit=HISTORY_SCANNED_MAX):  # newest first
+    # All the history there is: the ledger's configured bound (ledger.history clamps to it).
+    for entry in ledger.history(account_id, limit=ledger.history_per_account_max):  # newest first
         if entry.timestamp_ns >= end_ns:
             continue
         if entry.timestamp_ns < start_ns:
@@ -393,7 +394,8 @@ class FeesRun:
             return status in (TransferStatus.created, TransferStatus.exists)
         # Older than the ledger's id retention: look for it in the balance's history.
         return any(entry.transfer_id == transfer.id
-                   for entry in self._ledger.ledger.history(transfer.debit_account_id, limit=HISTORY_SCANNED_MAX))
+                   for entry in self._ledger.ledger.history(transfer.debit_account_id,
+                                                            limit=self._ledger.ledger.history_per_account_max))
 
 
 # -- the command ------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -33,11 +33,21 @@ class _StepHistograms(dict):
 
 class _JournalCounts(Protocol):
     evicted_early: int
+    activity: Sized
+
+    @property
+    def closed_count(self) -> int: ...
 
 
 class _LedgerCounts(Protocol):
     @property
     def ids_evicted_count(self) -> int: ...
+
+    @property
+    def history_trimmed_count(self) -> int: ...
+
+    @property
+    def history_entries_count(self) -> int: ...
 
 
 class _RetentionCollector:
@@ -50,7 +60,7 @@ class _RetentionCollector:
     def __init__(self, journal: _JournalCounts, ledger: _LedgerCounts) -> None:
         self._journal, self._ledger = journal, ledger
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         yield CounterMetricFamily(
             "authsrv_journal_records_evicted_early",
             "Authorization records dropped by [duplicates] records_max before retention_hours ran out",
@@ -59,6 +69,20 @@ class _RetentionCollector:
             "authsrv_ledger_ids_evicted_early",
             "Transfer ids dropped by [ledger] ids_max before their 24 h retention ran out",
             value=self._ledger.ids_evicted_count)
+        # The other count bounds, so an operator (and bench/soak.py) sees them fill: O(1) reads.
+        yield CounterMetricFamily(
+            "authsrv_ledger_history_trimmed",
+            "Ledger history entries dropped by [ledger] history_per_account_max (since the process started)",
+            value=self._ledger.history_trimmed_count)
+        yield GaugeMetricFamily(
+            "authsrv_ledger_history_entries", "Ledger history entries kept over all accounts (1-2x the bound each)",
+            value=self._ledger.history_entries_count)
+        yield GaugeMetricFamily(
+            "authsrv_journal_closed", "Approvals remembered after their hold closed ([duplicates] closed_max)",
+            value=self._journal.closed_count)
+        yield GaugeMetricFamily(
+            "authsrv_activity_records", "Card activity rows kept for the history API ([history] activities_max)",
+            value=len(self._journal.activity))
 
 
 class Metrics:
@@ -80,7 +104,7 @@ class Metrics:
                                       registry=r)
         self.duplicates = Counter("authsrv_iso_duplicates", "Duplicate requests answered from the journal",
                                   registry=r)
-        self.internal_errors = Counter("authsrv_iso_internal_errors", "Messages answered 96 after an unexpected error",
+        self.internal_errors = Counter("authsrv_iso_internal_errors", "Messages answered 96, or ISO connections closed, after an unexpected error",
                                        registry=r)
         self.stand_in = Counter("authsrv_stand_in_decisions", "Stand-in decisions (budget or partner)", registry=r)
         self.wal_fsync_seconds = Histogram("authsrv_wal_fsync_seconds", "Write-ahead log group write + fsync",

@@ -1,7 +1,8 @@
 """The memory soak (issue 7): `authsrv serve` under a steady open-loop load, its RSS sampled throughout.
 
     python -m bench.soak --rate R --duration S [--users N] [--sample-seconds 10] [--clearing-seconds 60]
-        [--journal-records-max N] [--ledger-ids-max N] [--settle-seconds S] [--out bench/results/soak.json]
+        [--journal-records-max N] [--ledger-ids-max N] [--holds-pending-max N] [--history-per-account-max N]
+        [--closed-max N] [--activities-max N] [--settle-seconds S] [--out bench/results/soak.json]
 
 Seeds and starts `authsrv serve` as the benchmark harness does (bench/harness.py), offers the
 realistic mix for `--warmup-seconds` unrecorded, then for `--duration` seconds at `--rate`, one
@@ -14,18 +15,23 @@ What the traffic leaves behind, and how the soak bounds it within minutes:
   issuer does, the soak clears during the run: every `--clearing-seconds` it writes the approvals
   seen since the last file (simulators/network/clearing.py) and uploads them to the running server
   (`POST /admin/clearing`, as `authsrv clearing ingest` does) from a task beside the load.
-- The 24-hour windows (journal records for duplicate answers, the ledger's remembered transfer
-  ids): a run of minutes cannot reach their 24-hour steady size, so the soak writes small count
-  bounds into the data directory's authsrv.toml (`[duplicates] records_max`, `[ledger] ids_max`;
-  by default what the offered rate fills in BOUND_FILL_S) and reports the RSS growth per
-  authorization before the first bound is reached: the figure to multiply by rate x 86,400 to size
-  memory for the real windows. The ledger's bound cannot go below HOLDS_PENDING_MAX + 1 (pending
-  hold ids are never evicted), so at a few hundred authorizations/s it fills later than the journal's.
+- Every other structure traffic grows, each bounded by a count in authsrv.toml: the 24-hour
+  windows (journal records for duplicate answers, `[duplicates] records_max`; the ledger's
+  remembered transfer ids, `[ledger] ids_max`), per-account ledger history (`[ledger]
+  history_per_account_max`), approvals remembered after their hold closed (`[duplicates]
+  closed_max`), card activity for the history API (`[history] activities_max`). A run of minutes
+  cannot reach their production sizes, so the soak writes small bounds into the data directory's
+  authsrv.toml (by default what the offered rate fills in about BOUND_FILL_S; see default_bounds),
+  reports when each was reached (its /metrics eviction counter or count gauge), the RSS growth per
+  authorization before the first bound, and a sizing table: each bound x the bytes one entry
+  retains (BYTES_PER_ENTRY, measured in process with tracemalloc; docs/operations.md). The ids
+  bound must stay above `[ledger] holds_pending_max` (pending hold ids are never evicted), so with
+  clearing on the soak lowers that one too, to what clearing keeps pending with headroom.
 
 The flatness rule (`memory flat: yes/no`): the RSS growth from the first sample of the judged part
 to the last must stay within RSS_GROWTH_FRACTION_MAX of that first sample or
 RSS_GROWTH_BYTES_FLOOR, whichever is larger. The judged part starts at the first sample after the
-warm-up taken once both bounds evict (the /metrics early-eviction counters), or `--settle-seconds`
+warm-up taken once every bound is reached (the /metrics counters and gauges), or `--settle-seconds`
 into the recorded run when given; when neither happens it is the whole recorded run, and the output
 says which. The floor absorbs what is not a leak: pymalloc arenas and the allocator's free lists
 settling, the snapshot writer's buffers, the every-10-s `gc.freeze()`.
@@ -57,7 +63,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from authsrv.clearing.cli import ADMIN_USERNAME, IngestError
 from authsrv.clearing.records import ClearingFileError
 from authsrv.clearing.summary import ClearingSummary, summary_decoder
-from authsrv.config import RECORDS_MAX_MIN, ConfigError, config_path, decode_config
+from authsrv.config import (
+    ACTIVITIES_MAX_MIN,
+    CLOSED_MAX_MIN,
+    HISTORY_PER_ACCOUNT_MAX_MIN,
+    HOLDS_PENDING_MAX_MIN,
+    RECORDS_MAX_MIN,
+    ConfigError,
+    config_path,
+    decode_config,
+)
 from authsrv.pki import client_ssl_context
 from bench.external import scrape_metrics
 from bench.harness import SEED_AMOUNT_MINOR, Machine, Step, machine_info, step_from_report
@@ -94,14 +109,42 @@ HOLD_BACK_APPROVALS_MAX = 1_000_000  # ClearingLog's APPROVALS_MAX
 ADMIN_TOKEN_REFRESH_S = 240.0  # below the default admin_token_ttl_s (600 s)
 UPLOAD_TIMEOUT_S = 120.0
 INGESTIONS_MAX = 1_000  # per run; duration / clearing-seconds is far below this within the bounds above
-# Default bounds: what the offered rate fills in this time (warm-up included), long enough for the
-# first clearing upload to come before the journal's bound, so the growth per authorization is
-# measured with pending holds level.
-BOUND_FILL_S = 180.0
+# Default bounds: what the offered rate fills in this time (warm-up included), so that every bound
+# is reached in the first ~2-3 minutes and the rest of a 4-minute run judges flatness with all of
+# them evicting. (The growth per authorization before the first bound then often spans rising
+# pending holds too: the first clearing upload comes after a minute plus the hold-back.)
+BOUND_FILL_S = 90.0
 # Remembered ledger ids per cleared approval, for the default bound: the user hold and the partner's
 # collateral hold (holds_pending is twice open_authorizations), each posted by clearing.
 IDS_PER_AUTHORIZATION = 4
 BOUND_COUNT_MAX = 100_000_000
+# Pending holds per open approval (user and collateral), and how long clearing may lag behind the
+# load before the soak's lowered `[ledger] holds_pending_max` would decline new holds: wide headroom.
+HOLDS_PER_AUTHORIZATION = 2
+HOLDS_HEADROOM_S = 60.0
+# Ledger history events per authorization on the cardholder's balance (the hold, the clearing post).
+# The bound is chosen so that an average account passes twice it (where trimming starts) by BOUND_FILL_S.
+HISTORY_EVENTS_PER_AUTHORIZATION = 2
+# Closed approvals and card activity rows fill fast (one per cleared or shown authorization).
+SMALL_FILL_S = 30.0
+# History has no single eviction point (each account trims on its own): reached once the kept entries
+# grow by at most this fraction over this window.
+LEVEL_GROWTH_FRACTION = 0.05
+LEVEL_WINDOW_S = 60.0
+# Bytes one entry of each bounded structure retains, measured in process (tracemalloc from before
+# the warm-up, net growth while one structure fills and the others are at their bounds, less the
+# pending holds' share; CPython 3.11; history: one event on a cardholder's account with its id and
+# reference forgotten). The record columns count the AuthRecord
+# with its strings once: an approval in the journal, the activity log and the closed map at once
+# is one record, so these overstate when the windows overlap. docs/operations.md has the table.
+BYTES_PER_ENTRY = {
+    "journal records (records_max)": 730,
+    "ledger ids (ids_max)": 250,
+    "pending holds (holds_pending_max)": 830,
+    "history entries (history_per_account_max x accounts x 2)": 310,
+    "closed approvals (closed_max)": 820,
+    "activity rows (activities_max)": 620,
+}
 # /metrics values recorded with each sample: the state that traffic builds up in the server, and the
 # early evictions that show a count bound has been reached.
 GAUGES = {
@@ -110,6 +153,10 @@ GAUGES = {
     "authsrv_journal_records": "journal_records",
     "authsrv_journal_records_evicted_early_total": "journal_evicted_early",
     "authsrv_ledger_ids_evicted_early_total": "ledger_ids_evicted_early",
+    "authsrv_ledger_history_trimmed_total": "history_trimmed",
+    "authsrv_ledger_history_entries": "history_entries",
+    "authsrv_journal_closed": "journal_closed",
+    "authsrv_activity_records": "activity_records",
 }
 
 
@@ -126,6 +173,10 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     clearing_hold_back: int = HOLD_BACK_APPROVALS  # newest approvals not cleared yet (see _ClearingFeed)
     journal_records_max: int = 0  # 0: derived from the rate (default_bounds)
     ledger_ids_max: int = 0  # 0: derived from the rate (default_bounds)
+    holds_pending_max: int = 0  # 0: derived (default_bounds)
+    history_per_account_max: int = 0  # 0: derived from rate and users (default_bounds)
+    closed_max: int = 0  # 0: derived from the rate (default_bounds)
+    activities_max: int = 0  # 0: derived from the rate (default_bounds)
     settle_s: float | None = None  # judge flatness from this far into the recorded run
 
     def __post_init__(self) -> None:
@@ -145,27 +196,63 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"clearing hold-back must be in [0, {HOLD_BACK_APPROVALS_MAX}] approvals")
         if self.journal_records_max != 0 and not RECORDS_MAX_MIN <= self.journal_records_max <= BOUND_COUNT_MAX:
             raise ValueError(f"journal records bound must be in [{RECORDS_MAX_MIN}, {BOUND_COUNT_MAX}]")
-        if self.ledger_ids_max != 0 and not HOLDS_PENDING_MAX < self.ledger_ids_max <= BOUND_COUNT_MAX:
-            raise ValueError(f"ledger ids bound must be above {HOLDS_PENDING_MAX} (the pending-hold bound)"
+        holds = self.holds_pending_max or HOLDS_PENDING_MAX
+        if self.ledger_ids_max != 0 and not holds < self.ledger_ids_max <= BOUND_COUNT_MAX:
+            raise ValueError(f"ledger ids bound must be above {holds} (the pending-hold bound)"
                              f" and at most {BOUND_COUNT_MAX}")
+        if self.holds_pending_max != 0 and not HOLDS_PENDING_MAX_MIN <= self.holds_pending_max <= HOLDS_PENDING_MAX:
+            raise ValueError(f"pending-hold bound must be in [{HOLDS_PENDING_MAX_MIN}, {HOLDS_PENDING_MAX}]")
+        for name, value, low in (("history_per_account_max", self.history_per_account_max, HISTORY_PER_ACCOUNT_MAX_MIN),
+                                 ("closed_max", self.closed_max, CLOSED_MAX_MIN),
+                                 ("activities_max", self.activities_max, ACTIVITIES_MAX_MIN)):  # fmt: skip
+            if value != 0 and not low <= value <= BOUND_COUNT_MAX:
+                raise ValueError(f"{name} must be 0 (derived) or in [{low}, {BOUND_COUNT_MAX}]")
         if self.settle_s is not None and not 0 <= self.settle_s < self.duration_s:
             raise ValueError("settle time must be in [0, duration) s")
 
 
+def _filled(count: float, low: int) -> int:
+    return min(max(low, int(count)), BOUND_COUNT_MAX)
+
+
 def default_bounds(config: SoakConfig) -> SoakConfig:
-    """The config with its zero bounds replaced by what the offered rate fills in BOUND_FILL_S."""
-    records = config.journal_records_max or min(max(RECORDS_MAX_MIN, int(config.rate_per_s * BOUND_FILL_S)),
-                                                BOUND_COUNT_MAX)
-    ids = config.ledger_ids_max or min(
-        max(HOLDS_PENDING_MAX + 1, int(config.rate_per_s * BOUND_FILL_S * IDS_PER_AUTHORIZATION)), BOUND_COUNT_MAX)
-    return msgspec.structs.replace(config, journal_records_max=records, ledger_ids_max=ids)
+    """The config with its zero bounds replaced by what the offered rate fills in about BOUND_FILL_S.
+
+    Pending holds: with clearing on, what clearing keeps pending (an interval's approvals plus the
+    hold-back) with HOLDS_HEADROOM_S of headroom, so that the ids bound above it can be reached
+    within minutes; without clearing nothing releases holds, so the production bound stays."""
+    rate = config.rate_per_s
+    records = config.journal_records_max or _filled(rate * BOUND_FILL_S, RECORDS_MAX_MIN)
+    holds = config.holds_pending_max
+    if not holds:
+        holds = HOLDS_PENDING_MAX
+        if config.clearing_s > 0:
+            pending = rate * HOLDS_PER_AUTHORIZATION * (HOLDS_HEADROOM_S + config.clearing_s)
+            holds = min(HOLDS_PENDING_MAX, _filled(pending + HOLDS_PER_AUTHORIZATION * config.clearing_hold_back,
+                                                   HOLDS_PENDING_MAX_MIN))  # fmt: skip
+    ids = config.ledger_ids_max or _filled(rate * BOUND_FILL_S * IDS_PER_AUTHORIZATION, holds + 1)
+    events_per_account = rate * BOUND_FILL_S * HISTORY_EVENTS_PER_AUTHORIZATION / config.users
+    history = config.history_per_account_max or _filled(events_per_account / 4, HISTORY_PER_ACCOUNT_MAX_MIN)
+    closed = config.closed_max or _filled(rate * SMALL_FILL_S, CLOSED_MAX_MIN)
+    activities = config.activities_max or _filled(rate * SMALL_FILL_S, ACTIVITIES_MAX_MIN)
+    return msgspec.structs.replace(config, journal_records_max=records, ledger_ids_max=ids, holds_pending_max=holds,
+                                   history_per_account_max=history, closed_max=closed,
+                                   activities_max=activities)  # fmt: skip
 
 
-def write_bounds(data: Path, *, records_max: int, ids_max: int) -> None:
-    """Set the two count bounds in the data directory's authsrv.toml (keys of the default template)."""
+def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_max: int | None = None,
+                 history_per_account_max: int | None = None, closed_max: int | None = None,
+                 activities_max: int | None = None) -> None:  # fmt: skip
+    """Set the count bounds in the data directory's authsrv.toml (keys of the default template);
+    None leaves a key as it is."""
     path = config_path(data)
     text = path.read_text()
-    for key, value in (("records_max", records_max), ("ids_max", ids_max)):
+    wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
+              "history_per_account_max": history_per_account_max, "closed_max": closed_max,
+              "activities_max": activities_max}  # fmt: skip
+    for key, value in wanted.items():
+        if value is None:
+            continue
         text, found = re.subn(rf"^{key} = \d+$", f"{key} = {value}", text, flags=re.MULTILINE)
         if found != 1:
             raise ValueError(f"{path}: expected one `{key} = N` line, found {found}")
@@ -173,7 +260,11 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int) -> None:
         config = decode_config(text.encode(), source=str(path))
     except ConfigError as error:  # run_soak reports ValueErrors as the run's error
         raise ValueError(str(error)) from None
-    assert config.duplicates.records_max == records_max and config.ledger.ids_max == ids_max
+    written = {"records_max": config.duplicates.records_max, "ids_max": config.ledger.ids_max,
+               "holds_pending_max": config.ledger.holds_pending_max,
+               "history_per_account_max": config.ledger.history_per_account_max,
+               "closed_max": config.duplicates.closed_max, "activities_max": config.history.activities_max}  # fmt: skip
+    assert all(value is None or written[key] == value for key, value in wanted.items()), written
     path.write_text(text)
 
 
@@ -209,6 +300,20 @@ class RetentionBounds(msgspec.Struct, frozen=True, kw_only=True):
     growth_bytes_per_authorization: float | None
     growth_span_s: float | None  # the span that figure covers
     growth_from: str = ""  # where that span starts: after the first clearing upload, or the warm-up
+    # The other bounds (0 in results of older runs) and when each was reached (None: not reached, or
+    # its gauge absent from /metrics: see `unobserved`): closed and activity when their count gauge
+    # reaches the bound; history when its entry count levelled (grew less than LEVEL_GROWTH_FRACTION
+    # over LEVEL_WINDOW_S: accounts hold between 1 and 2 times the bound, so the gauge never equals it).
+    holds_pending_max: int = 0
+    history_per_account_max: int = 0
+    closed_max: int = 0
+    activities_max: int = 0
+    history_reached_s: float | None = None
+    closed_reached_s: float | None = None
+    activities_reached_s: float | None = None
+    unobserved: list[str] = []  # bounds whose gauge no sample had
+    # bound name -> (bound, bytes per entry, bytes at the bound): BYTES_PER_ENTRY x the bound.
+    sizing: dict[str, tuple[int, int, int]] = {}
 
 
 class RssVerdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -305,6 +410,35 @@ def _first_evicting_s(samples: list[RssSample], counter: str) -> float | None:
     return next((sample.elapsed_s for sample in samples if sample.gauges.get(counter, 0) > 0), None)
 
 
+def _first_at_least_s(samples: list[RssSample], gauge: str, bound: int) -> float | None:
+    return next((sample.elapsed_s for sample in samples if bound and sample.gauges.get(gauge, -1) >= bound), None)
+
+
+def _first_level_s(samples: list[RssSample], gauge: str) -> float | None:
+    """Elapsed time of the first sample whose gauge grew by at most LEVEL_GROWTH_FRACTION of its value
+    over the LEVEL_WINDOW_S before it (bounded: quadratic in the samples, at most SAMPLES_MAX x 2)."""
+    seen = [sample for sample in samples if gauge in sample.gauges]
+    for index, sample in enumerate(seen):
+        earlier = [old for old in seen[:index] if sample.elapsed_s - old.elapsed_s >= LEVEL_WINDOW_S]
+        if earlier and sample.gauges[gauge] > 0:
+            growth = sample.gauges[gauge] - earlier[-1].gauges[gauge]
+            if growth <= LEVEL_GROWTH_FRACTION * sample.gauges[gauge]:
+                return sample.elapsed_s
+    return None
+
+
+def sizing(config: SoakConfig) -> dict[str, tuple[int, int, int]]:
+    """Each bound of the run x the bytes one entry retains (BYTES_PER_ENTRY): RAM at the bound."""
+    counts = {"journal records (records_max)": config.journal_records_max,
+              "ledger ids (ids_max)": config.ledger_ids_max,
+              "pending holds (holds_pending_max)": config.holds_pending_max,
+              "history entries (history_per_account_max x accounts x 2)":
+                  config.history_per_account_max * config.users * 2,
+              "closed approvals (closed_max)": config.closed_max,
+              "activity rows (activities_max)": config.activities_max}  # fmt: skip
+    return {name: (count, BYTES_PER_ENTRY[name], count * BYTES_PER_ENTRY[name]) for name, count in counts.items()}
+
+
 def retention_bounds(samples: list[RssSample], config: SoakConfig,
                      ingestions: Sequence[Ingestion] = ()) -> RetentionBounds:
     """When each bound started evicting, and the RSS growth per authorization while they filled:
@@ -326,10 +460,29 @@ def retention_bounds(samples: list[RssSample], config: SoakConfig,
         if authorizations > 0:
             per_authorization = round((last.rss_bytes - first.rss_bytes) / authorizations, 1)
             span_s = round(last.elapsed_s - first.elapsed_s, 2)
+    observed = {name for sample in samples for name in sample.gauges}
+    gauges = (("history_per_account_max", "history_entries"), ("closed_max", "journal_closed"),
+              ("activities_max", "activity_records"))
+    unobserved = [name for name, gauge in gauges if gauge not in observed]
     return RetentionBounds(journal_records_max=config.journal_records_max, ledger_ids_max=config.ledger_ids_max,
                            journal_reached_s=journal_s, ledger_reached_s=ledger_s,
                            growth_bytes_per_authorization=per_authorization, growth_span_s=span_s,
-                           growth_from=growth_from if per_authorization is not None else "")  # fmt: skip
+                           growth_from=growth_from if per_authorization is not None else "",
+                           holds_pending_max=config.holds_pending_max,
+                           history_per_account_max=config.history_per_account_max, closed_max=config.closed_max,
+                           activities_max=config.activities_max,
+                           history_reached_s=_first_level_s(samples, "history_entries"),
+                           closed_reached_s=_first_at_least_s(samples, "journal_closed", config.closed_max),
+                           activities_reached_s=_first_at_least_s(samples, "activity_records", config.activities_max),
+                           unobserved=unobserved, sizing=sizing(config))  # fmt: skip
+
+
+def reached_times(bounds: RetentionBounds) -> dict[str, float | None]:
+    """Bound name -> when it was reached (None: not reached); bounds without a gauge left out."""
+    times = {"journal records_max": bounds.journal_reached_s, "ledger ids_max": bounds.ledger_reached_s,
+             "history_per_account_max": bounds.history_reached_s, "closed_max": bounds.closed_reached_s,
+             "activities_max": bounds.activities_reached_s}  # fmt: skip
+    return {name: at_s for name, at_s in times.items() if name not in bounds.unobserved}
 
 
 def judged_start(samples: list[RssSample], bounds: RetentionBounds, settle_s: float | None) -> tuple[float | None, str]:
@@ -339,11 +492,11 @@ def judged_start(samples: list[RssSample], bounds: RetentionBounds, settle_s: fl
         return None, "no samples after the warm-up"
     if settle_s is not None:
         return recorded[0].elapsed_s + settle_s, f"from {settle_s:.0f} s into the recorded run (--settle-seconds)"
-    if bounds.journal_reached_s is not None and bounds.ledger_reached_s is not None:
-        reached_s = max(bounds.journal_reached_s, bounds.ledger_reached_s)
-        return reached_s, f"from {reached_s:.0f} s after ready, when both count bounds were evicting"
-    missing = [name for name, reached in (("journal records_max", bounds.journal_reached_s),
-                                          ("ledger ids_max", bounds.ledger_reached_s)) if reached is None]  # fmt: skip
+    times = reached_times(bounds)
+    missing = [name for name, at_s in times.items() if at_s is None]
+    if not missing:
+        reached_s = max(at_s for at_s in times.values() if at_s is not None)
+        return reached_s, f"from {reached_s:.0f} s after ready, when every count bound observed was reached"
     return None, f"whole recorded run: {' and '.join(missing)} not reached, retained state still filling"
 
 
@@ -558,9 +711,15 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakR
                                    log_path=log_path)  # fmt: skip
         zpk_path = data / "keys" / "zpk.hex"
         zpk = load_zpk(zpk_path) if zpk_path.exists() else None
-        write_bounds(data, records_max=config.journal_records_max, ids_max=config.ledger_ids_max)
+        write_bounds(data, records_max=config.journal_records_max, ids_max=config.ledger_ids_max,
+                     holds_pending_max=config.holds_pending_max,
+                     history_per_account_max=config.history_per_account_max, closed_max=config.closed_max,
+                     activities_max=config.activities_max)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
-            f" [ledger] ids_max = {config.ledger_ids_max:,}")  # fmt: skip
+            f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
+            f" holds_pending_max = {config.holds_pending_max:,},"
+            f" history_per_account_max = {config.history_per_account_max:,};"
+            f" [history] activities_max = {config.activities_max:,}")  # fmt: skip
         ports = Ports.free()
         server = start_authsrv(data, ports, log_path)
         sampler = _Sampler(server, ports.metrics, config.sample_s)
@@ -629,7 +788,8 @@ def summary(results: SoakResults) -> str:
             + ("  CLIENT SATURATED" if step.client_saturated else ""),
         ]  # fmt: skip
     lines.append("RSS samples (elapsed s, phase, MiB, holds pending / open auths / journal records"
-                 " / journal evicted early / ledger ids evicted early):")
+                 " / journal evicted early / ledger ids evicted early / history trimmed / history entries"
+                 " / closed / activity rows):")
     for sample in results.rss_samples:
         gauges = " / ".join(f"{sample.gauges[name]:.0f}" if name in sample.gauges else "-" for name in GAUGES.values())
         lines.append(f"  {sample.elapsed_s:8.1f}  {sample.phase:<6}  {sample.rss_bytes / MIB:8.1f}  {gauges}")
@@ -674,6 +834,22 @@ def _bounds_lines(results: SoakResults) -> list[str]:
 
     lines = [f"bounds: journal records_max {bounds.journal_records_max:,} ({reached(bounds.journal_reached_s)}),"
              f" ledger ids_max {bounds.ledger_ids_max:,} ({reached(bounds.ledger_reached_s)})"]  # fmt: skip
+    if bounds.history_per_account_max:
+        def seen(name: str, at_s: float | None, how: str) -> str:
+            if name in bounds.unobserved:
+                return "no gauge"
+            return f"{how} {at_s:.0f} s" if at_s is not None else "not reached"
+
+        lines.append(f"        holds_pending_max {bounds.holds_pending_max:,},"
+                     f" history_per_account_max {bounds.history_per_account_max:,}"
+                     f" ({seen('history_per_account_max', bounds.history_reached_s, 'levelled at')}),"
+                     f" closed_max {bounds.closed_max:,} ({seen('closed_max', bounds.closed_reached_s, 'full at')}),"
+                     f" activities_max {bounds.activities_max:,}"
+                     f" ({seen('activities_max', bounds.activities_reached_s, 'full at')})")  # fmt: skip
+    if bounds.sizing:
+        lines.append("sizing at these bounds (bound x bytes per entry, docs/operations.md):")
+        for name, (count, per_entry, total) in bounds.sizing.items():
+            lines.append(f"  {name:<58} {count:>12,} x {per_entry:>4} B = {total / MIB:9.1f} MiB")
     if bounds.growth_bytes_per_authorization is not None:
         day_bytes = bounds.growth_bytes_per_authorization * results.settings.rate_per_s * 86_400
         per_authorization = bounds.growth_bytes_per_authorization
@@ -711,6 +887,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ledger-ids-max", type=int, default=0,
                         help=f"[ledger] ids_max for the run (default: rate x {BOUND_FILL_S:.0f} s x"
                              f" {IDS_PER_AUTHORIZATION}, at least {HOLDS_PENDING_MAX + 1})")
+    parser.add_argument("--holds-pending-max", type=int, default=0,
+                        help="[ledger] holds_pending_max for the run (default with clearing: rate x"
+                             f" {HOLDS_PER_AUTHORIZATION} x ({HOLDS_HEADROOM_S:.0f} s + clearing interval) + hold-back;"
+                             f" without: {HOLDS_PENDING_MAX})")
+    parser.add_argument("--history-per-account-max", type=int, default=0,
+                        help="[ledger] history_per_account_max for the run (default: a quarter of the events an"
+                             f" average account sees in {BOUND_FILL_S:.0f} s, at least {HISTORY_PER_ACCOUNT_MAX_MIN})")
+    parser.add_argument("--closed-max", type=int, default=0,
+                        help=f"[duplicates] closed_max for the run (default: rate x {SMALL_FILL_S:.0f} s)")
+    parser.add_argument("--activities-max", type=int, default=0,
+                        help=f"[history] activities_max for the run (default: rate x {SMALL_FILL_S:.0f} s)")
     parser.add_argument("--settle-seconds", type=float, default=None,
                         help="judge flatness from this far into the recorded run (default: once both bounds evict)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
@@ -725,7 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                             warmup_s=args.warmup_seconds, clearing_s=args.clearing_seconds,
                             clearing_hold_back=args.clearing_hold_back,
                             journal_records_max=args.journal_records_max, ledger_ids_max=args.ledger_ids_max,
-                            settle_s=args.settle_seconds)  # fmt: skip
+                            holds_pending_max=args.holds_pending_max,
+                            history_per_account_max=args.history_per_account_max, closed_max=args.closed_max,
+                            activities_max=args.activities_max, settle_s=args.settle_seconds)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -77,6 +77,9 @@ ACCOUNTS_MAX = 10_000_000
 IDS_MAX = 10_000_000
 IDS_RETENTION_NS = 24 * 3600 * 10**9
 # What a statement screen pages through; older activity lives in the management store and the log.
+# The operator's `[ledger] history_per_account_max` (set_history_per_account_max). A list grows to
+# twice the bound before it is trimmed back (amortized O(1)), so an account holds 1-2x the bound;
+# ~0.3 KB an entry once the transfer's own id is forgotten (docs/operations.md, sizing).
 HISTORY_PER_ACCOUNT_MAX = 1_000
 # One write-ahead log record; TigerBeetle's batch is 8190 events for the same reason: bounded work
 # per apply.
@@ -459,6 +462,8 @@ class Ledger:
 
         self._timestamp_ns = 0
         self._ids_evicted_count = 0
+        self._history_trimmed_count = 0  # entries dropped by the history bound, since this process began
+        self._history_entries = 0  # over all accounts, an event counted once per account listing it
         self._accounts: dict[int, _Account] = {}
         self._totals: dict[tuple[str, AccountKind], _TotalsBucket] = {}
         self._ids: dict[int, _Record] = {}  # every remembered id, pending holds included
@@ -485,6 +490,38 @@ class Ledger:
         cap always does. Pending hold ids are never evicted, so the cap must leave room for them."""
         assert ids_max > self._holds_pending_max, (ids_max, self._holds_pending_max)
         self._ids_max = ids_max
+
+    @property
+    def holds_pending_max(self) -> int:
+        return self._holds_pending_max
+
+    def set_holds_pending_max(self, holds_pending_max: int) -> None:
+        """Change the pending-holds bound (the operator's `[ledger] holds_pending_max`) after opening.
+        Holds already pending stay; past the bound a new hold fails with `pending_transfers_full`."""
+        assert 0 < holds_pending_max < self._ids_max, (holds_pending_max, self._ids_max)
+        self._holds_pending_max = holds_pending_max
+
+    @property
+    def history_per_account_max(self) -> int:
+        return self._history_max
+
+    def set_history_per_account_max(self, history_per_account_max: int) -> None:
+        """Change the per-account history bound (the operator's `[ledger] history_per_account_max`)
+        after opening. Lists above the new bound are trimmed now, not on their next event: an account
+        that sees no more traffic would otherwise keep the old bound's memory. O(accounts), once."""
+        assert history_per_account_max > 0, history_per_account_max
+        self._history_max = history_per_account_max
+        self._history_trim_len = 2 * history_per_account_max
+        for a in self._accounts.values():
+            if len(a.history) > history_per_account_max:
+                self._trim_history(a.history)
+
+    def _trim_history(self, history: list[tuple]) -> None:
+        dropped = len(history) - self._history_max
+        assert dropped > 0, dropped
+        self._history_trimmed_count += dropped
+        self._history_entries -= dropped
+        del history[:-self._history_max]
 
     # -- the mutator ------------------------------------------------------------------------
 
@@ -596,7 +633,7 @@ class Ledger:
             if entry[0] == _UNDO_HISTORY:
                 for history in entry[1:3]:
                     if len(history) > self._history_trim_len:
-                        del history[: -self._history_max]
+                        self._trim_history(history)
         return results
 
     def _create_transfer(self, t: TransferSpec, now: int) -> TransferStatus:
@@ -813,13 +850,14 @@ class Ledger:
         debit_history, credit_history = debit.history, credit.history
         debit_history.append(entry)
         credit_history.append(entry)
+        self._history_entries += 2
         if self._undo is not None:
             self._undo.append((_UNDO_HISTORY, debit_history, credit_history))
             return  # no trimming inside a chain, so the undo can pop; _create_chain trims at the end
         if len(debit_history) > self._history_trim_len:
-            del debit_history[: -self._history_max]
+            self._trim_history(debit_history)
         if len(credit_history) > self._history_trim_len:
-            del credit_history[: -self._history_max]
+            self._trim_history(credit_history)
 
     def _rollback(self, undo: list[tuple]) -> None:
         """Undo a failed chain, newest change first, so state is exactly as before the chain."""
@@ -839,6 +877,7 @@ class Ledger:
             elif tag == _UNDO_HISTORY:
                 entry[1].pop()
                 entry[2].pop()
+                self._history_entries -= 2
             elif tag == _UNDO_RECORD:
                 del self._ids[entry[1]]
                 self._queue.pop()
@@ -867,6 +906,17 @@ class Ledger:
     def ids_evicted_count(self) -> int:
         """Ids dropped before their retention because IDS_MAX was reached."""
         return self._ids_evicted_count
+
+    @property
+    def history_trimmed_count(self) -> int:
+        """History entries dropped by the per-account bound since this process began (not in the
+        snapshot: by design, not a loss to alarm on; the soak reads it to see the bound reached)."""
+        return self._history_trimmed_count
+
+    @property
+    def history_entries_count(self) -> int:
+        """History entries kept, over all accounts (an event in two accounts' lists counts twice)."""
+        return self._history_entries
 
     def account(self, account_id: int) -> AccountView | None:
         a = self._accounts.get(account_id)
@@ -1116,6 +1166,7 @@ def _restore_accounts(ledger: Ledger, rows: list) -> None:
                 entry = tuple(h)
                 shared[h[_H_TIMESTAMP]] = entry
             a.history.append(entry)
+        ledger._history_entries += len(row[12])
 
 
 def _restore_records(ledger: Ledger, queue_rows: list, pending_rows: list) -> None:
@@ -1156,6 +1207,7 @@ def _check_accounts(ledger: Ledger) -> None:
     sums: dict[str, list[int]] = {}  # currency -> [debits_pending, debits_posted, credits_pending, credits_posted]
     buckets: dict[tuple[str, AccountKind], list[int]] = {}
     history_len_max = ledger._history_trim_len + TRANSFERS_PER_BATCH_MAX
+    entries = 0
     for account_id, a in ledger._accounts.items():
         values = [a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted]
         if account_id != a.id or a.spec.id != a.id:
@@ -1173,6 +1225,7 @@ def _check_accounts(ledger: Ledger) -> None:
         for i, value in enumerate(values + [1, a.forced_count, a.forced_amount]):
             bucket[i] += value
         _check_history(a, history_len_max)
+        entries += len(a.history)
     for currency, (dp, dpost, cp, cpost) in sorted(sums.items()):
         if dpost != cpost:
             _fail("per currency, debits_posted == credits_posted", currency)
@@ -1190,6 +1243,8 @@ def _check_accounts(ledger: Ledger) -> None:
         ]
         if buckets.get(key) != live:
             _fail("totals equal the sum of their accounts", key)
+    if entries != ledger._history_entries:
+        _fail("the history entry count is the sum of the lists", (entries, ledger._history_entries))
     if len(buckets) != len(ledger._totals):
         _fail("every account kind has totals", sorted(set(buckets) - set(ledger._totals)))
 

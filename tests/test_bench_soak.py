@@ -15,6 +15,10 @@ import pytest
 from authsrv.config import load_config, render_default_config
 from bench.soak import (
     BOUND_FILL_S,
+    BYTES_PER_ENTRY,
+    HOLDS_HEADROOM_S,
+    HOLDS_PER_AUTHORIZATION,
+    SMALL_FILL_S,
     GENERATION_APPROVALS,
     Ingestion,
     IDS_PER_AUTHORIZATION,
@@ -101,7 +105,7 @@ def test_flatness_is_judged_from_when_both_bounds_evict() -> None:
     assert bounds.growth_span_s == 10
     assert bounds.growth_from.startswith("after the warm-up")  # no clearing upload given
     from_s, why = judged_start(samples, bounds, settle_s=None)
-    assert from_s == 50 and "both count bounds" in why
+    assert from_s == 50 and "every count bound observed" in why  # no history/closed/activity gauges here
     verdict = rss_verdict(samples, from_s=from_s, judged_from=why)
     assert verdict.first_bytes == 150 * MIB and verdict.growth_bytes == 2 * MIB and verdict.flat is True
     assert verdict.judged_from_s == 50 and verdict.judged_from == why
@@ -132,14 +136,44 @@ def test_settle_time_overrides_and_unreached_bounds_judge_the_whole_run() -> Non
     assert from_s is None and "ledger ids_max not reached" in why and "journal" not in why
 
 
-def test_default_bounds_fill_in_two_minutes_but_the_ledger_stays_above_the_hold_bound() -> None:
+def test_default_bounds_fill_in_minutes_and_the_ids_bound_stays_above_the_hold_bound() -> None:
     config = default_bounds(SoakConfig(rate_per_s=400.0, duration_s=60.0))
     assert config.journal_records_max == int(400 * BOUND_FILL_S)
-    assert config.ledger_ids_max == HOLDS_PENDING_MAX + 1  # 400/s x 120 s x 4 is below it
-    fast = default_bounds(SoakConfig(rate_per_s=10_000.0, duration_s=60.0))
+    # Clearing every 60 s keeps ~2 x 400 x 60 holds pending plus the hold-back: HOLDS_HEADROOM_S more.
+    holds = 400 * HOLDS_PER_AUTHORIZATION * (60 + int(HOLDS_HEADROOM_S)) + HOLDS_PER_AUTHORIZATION * 20_000
+    assert config.holds_pending_max == holds
+    assert config.ledger_ids_max == max(holds + 1, 400 * int(BOUND_FILL_S) * IDS_PER_AUTHORIZATION)
+    assert config.history_per_account_max == 2  # 400 x 90 x 2 / 20,000 users / 4 = 0.9, at least the minimum
+    assert config.closed_max == config.activities_max == int(400 * SMALL_FILL_S)
+    no_clearing = default_bounds(SoakConfig(rate_per_s=400.0, duration_s=60.0, clearing_s=0))
+    assert no_clearing.holds_pending_max == HOLDS_PENDING_MAX and no_clearing.ledger_ids_max == HOLDS_PENDING_MAX + 1
+    fast = default_bounds(SoakConfig(rate_per_s=10_000.0, duration_s=60.0, users=1_000))
     assert fast.ledger_ids_max == 10_000 * int(BOUND_FILL_S) * IDS_PER_AUTHORIZATION
-    given = default_bounds(SoakConfig(rate_per_s=400.0, duration_s=60.0, journal_records_max=5_000))
-    assert given.journal_records_max == 5_000
+    assert fast.holds_pending_max == HOLDS_PENDING_MAX  # capped at the production bound
+    assert fast.history_per_account_max == 10_000 * int(BOUND_FILL_S) * 2 // 1_000 // 4
+    given = default_bounds(SoakConfig(rate_per_s=400.0, duration_s=60.0, journal_records_max=5_000,
+                                      history_per_account_max=20, closed_max=7_000))  # fmt: skip
+    assert (given.journal_records_max, given.history_per_account_max, given.closed_max) == (5_000, 20, 7_000)
+
+
+def test_reached_times_of_the_gauge_bounds_and_the_sizing_table() -> None:
+    config = default_bounds(SoakConfig(rate_per_s=100.0, duration_s=200.0, users=1_000, closed_max=3_000,
+                                       activities_max=4_000, history_per_account_max=10))  # fmt: skip
+    samples = [sample("soak", float(t), 100, journal_records=1_000, journal_evicted_early=0,
+                      ledger_ids_evicted_early=0, history_entries=history, journal_closed=closed,
+                      activity_records=activity)
+               for t, history, closed, activity in (
+                   (10, 5_000, 1_000, 1_000), (40, 9_000, 2_999, 4_000), (70, 12_000, 3_000, 4_000),
+                   (100, 14_500, 3_000, 4_000), (130, 15_000, 3_000, 4_000), (160, 15_100, 3_000, 4_000))]  # fmt: skip
+    bounds = retention_bounds(samples, config)
+    assert bounds.closed_reached_s == 70 and bounds.activities_reached_s == 40
+    # Levelled: 15,100 - 14,500 (the sample 60 s before) is under 5% of 15,100; 15,000 - 12,000 is not.
+    assert bounds.history_reached_s == 160
+    assert bounds.unobserved == [] and bounds.journal_reached_s is None
+    assert "journal records_max and ledger ids_max not reached" in judged_start(samples, bounds, None)[1]
+    name = "history entries (history_per_account_max x accounts x 2)"
+    assert bounds.sizing[name] == (10 * 1_000 * 2, BYTES_PER_ENTRY[name], 20_000 * BYTES_PER_ENTRY[name])
+    assert set(bounds.sizing) == set(BYTES_PER_ENTRY)
 
 
 def test_bounds_are_written_into_the_data_directory_config(tmp_path: Path) -> None:
@@ -147,6 +181,14 @@ def test_bounds_are_written_into_the_data_directory_config(tmp_path: Path) -> No
     write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5)
     config = load_config(tmp_path)
     assert config.duplicates.records_max == 4_321 and config.ledger.ids_max == HOLDS_PENDING_MAX + 5
+    assert config.ledger.history_per_account_max == 1_000  # None: left as it was
+    write_bounds(tmp_path, records_max=4_321, ids_max=50_001, holds_pending_max=50_000, history_per_account_max=3,
+                 closed_max=1_234, activities_max=5_678)  # fmt: skip
+    config = load_config(tmp_path)
+    assert (config.ledger.ids_max, config.ledger.holds_pending_max, config.ledger.history_per_account_max) == (
+        50_001, 50_000, 3)
+    assert (config.duplicates.closed_max, config.history.activities_max) == (1_234, 5_678)
+    write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, holds_pending_max=HOLDS_PENDING_MAX)
     with pytest.raises(ValueError):  # refused by the config's own validation; the file is left as it was
         write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX)
     assert load_config(tmp_path).ledger.ids_max == HOLDS_PENDING_MAX + 5
@@ -181,7 +223,9 @@ def test_clearing_feed_hands_over_each_approval_once_and_holds_back_the_newest()
     "settings",
     [{"duration_s": 3601}, {"duration_s": 0}, {"rate_per_s": 0}, {"sample_s": 0.1}, {"users": 0}, {"warmup_s": -1},
      {"clearing_s": 1}, {"clearing_hold_back": -1}, {"journal_records_max": 999},
-     {"ledger_ids_max": HOLDS_PENDING_MAX}, {"settle_s": 60.0}],
+     {"ledger_ids_max": HOLDS_PENDING_MAX}, {"settle_s": 60.0}, {"holds_pending_max": 999},
+     {"holds_pending_max": 5_000, "ledger_ids_max": 5_000}, {"history_per_account_max": 1}, {"closed_max": 999},
+     {"activities_max": 999}],
 )
 def test_config_bounds(settings: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -203,7 +247,8 @@ def test_short_soak_clears_during_the_run_bounds_the_journal_and_reports_every_f
         [sys.executable, "-m", "bench.soak", "--rate", "200", "--duration", str(SOAK_SECONDS), "--users", "2000",
          "--warmup-seconds", "2", "--sample-seconds", "2", "--connections", "2", "--out", str(out),
          "--clearing-seconds", "8", "--clearing-hold-back", "0", "--journal-records-max", "2000",
-         "--ledger-ids-max", "10000000"],
+         "--ledger-ids-max", "10000000", "--closed-max", "1000", "--activities-max", "1000",
+         "--history-per-account-max", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-2000:]
@@ -231,7 +276,16 @@ def test_short_soak_clears_during_the_run_bounds_the_journal_and_reports_every_f
     assert bounds is not None and bounds.journal_records_max == 2000 and bounds.journal_reached_s is not None
     assert bounds.ledger_ids_max == 10_000_000 and bounds.ledger_reached_s is None
     assert max(item.gauges.get("journal_records", 0) for item in results.rss_samples) <= 2000
-    assert results.rss.judged_from.startswith("whole recorded run: ledger ids_max not reached")
+    # The gauge bounds: closed approvals and activity rows fill and stay at theirs; history levels
+    # over a minute, longer than this run.
+    assert bounds.closed_max == 1000 and bounds.closed_reached_s is not None
+    assert bounds.activities_max == 1000 and bounds.activities_reached_s is not None
+    assert max(item.gauges.get("journal_closed", 0) for item in results.rss_samples) <= 1000
+    assert max(item.gauges.get("activity_records", 0) for item in results.rss_samples) <= 1000
+    assert bounds.history_per_account_max == 2 and bounds.unobserved == []
+    assert max(item.gauges.get("history_trimmed", 0) for item in results.rss_samples) > 0
+    assert results.rss.judged_from.startswith(
+        "whole recorded run: ledger ids_max and history_per_account_max not reached")
     phases = [item.phase for item in results.rss_samples]
     assert phases[0] == "start" and phases[-1] == "end" and "warmup" in phases
     elapsed = [item.elapsed_s for item in results.rss_samples]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from authsrv.hotpath.activity import ActivityLog
+from authsrv.hotpath.activity import ACTIVITIES_MAX, ACTIVITY_PER_CARD_MAX, ActivityLog
 from authsrv.hotpath.limits import SpendWindows
 from authsrv.hotpath.outcome import Outcome, is_approval
 from ledger.state import HOLDS_PENDING_MAX
@@ -36,12 +36,17 @@ RECORDS_MAX = 20_000_000  # hard memory bound: ~24 h at ~230 requests/s sustaine
 OPEN_AUTHORIZATIONS_MAX = HOLDS_PENDING_MAX
 # Closed authorizations kept to recognise a late clearing (after expiry or a final post); oldest go
 # first. Reporting only: a late record is force-posted whether or not it is still remembered here.
+# The operator's `[duplicates] closed_max`; ~0.8 KB each with its record once that has left the
+# journal's window (docs/operations.md).
 CLOSED_MAX = 200_000
 SNAPSHOT_VERSION = 2
 
 
-class AuthRecord(msgspec.Struct, array_like=True, frozen=True):
-    """What was decided for one request. Append fields at the end only (it is a log format)."""
+class AuthRecord(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """What was decided for one request. Append fields at the end only (it is a log format).
+
+    `gc=False`: only strs, ints and bools inside, so it can never be part of a cycle; untracked, it
+    is 16 bytes smaller and millions of retained records add nothing to a collection's work."""
 
     key: str  # duplicate key: MTI class | acquirer | STAN | field 7 | RRN
     original_key: str  # MTI class | acquirer | STAN | field 7: what a later field 90 names
@@ -126,8 +131,9 @@ def encode_record(record: AuthRecord) -> bytes:
 
 class AuthJournal:
     def __init__(self, *, retention_ns: int = RETENTION_NS_DEFAULT, records_max: int = RECORDS_MAX,
-                 hold_open: Callable[[int], bool] | None = None, closed_max: int = CLOSED_MAX):
-        assert retention_ns > 0 and records_max > 0 and closed_max > 0
+                 hold_open: Callable[[int], bool] | None = None, closed_max: int = CLOSED_MAX,
+                 activities_max: int = ACTIVITIES_MAX):
+        assert retention_ns > 0 and records_max > 0 and closed_max > 0 and activities_max > 0
         self._retention_ns = retention_ns
         self._records_max = records_max
         self._by_key: dict[str, AuthRecord] = {}
@@ -149,10 +155,21 @@ class AuthJournal:
         self.listeners: list[Callable[[AuthRecord], None]] = []
         # Fed by every record added (live or replayed) and kept in the snapshot.
         self.windows = SpendWindows()  # spend-control usage (authsrv/hotpath/limits.py)
-        self.activity = ActivityLog()  # recent records per card, for history (authsrv/hotpath/activity.py)
+        # Recent records per card, for history (authsrv/hotpath/activity.py); `activities_max` is the
+        # operator's `[history] activities_max`. Each card keeps at most ACTIVITY_PER_CARD_MAX.
+        self.activity = ActivityLog(per_card_max=min(ACTIVITY_PER_CARD_MAX, activities_max),
+                                    total_max=activities_max)
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    @property
+    def closed_max(self) -> int:
+        return self._closed_max
+
+    @property
+    def closed_count(self) -> int:
+        return len(self._closed)
 
     # -- open authorizations (clearing) ---------------------------------------------------------
 

@@ -14,7 +14,8 @@ Where the rows come from (the choice and its bounds):
   forgotten a resolved hold, 24 h after it, the balance account's ledger history says how it
   ended); a transaction posted at once (0200, advices, credits) is CLEARED, or REVERSED once fully
   reversed; a decline is DECLINED. When neither source remembers a resolved hold (more than the
-  account's last 1,000 ledger events ago), a fully reversed one is REVERSED and any other CLEARED.
+  account's last `[ledger] history_per_account_max` ledger events ago, 1,000 by default), a fully
+  reversed one is REVERSED and any other CLEARED.
 - Amounts: `amount`/`currency` as the transaction was sent (field 4 / 49); `billingAmount`/
   `billingCurrency` what the balance was charged, when that differs; `reversedAmount` released by
   reversals; `clearedAmount` posted by clearing (while the ledger remembers the hold); `fees`.
@@ -49,11 +50,12 @@ from authsrv.rest.context import (
 )
 from authsrv.rest.errors import Title, problem
 from authsrv.store.db import BalanceRow
-from ledger.state import HISTORY_PER_ACCOUNT_MAX, HistoryKind, HoldState
+from ledger.state import HistoryKind, HoldState
 
 HISTORY_PAGE_MAX = 100
 HISTORY_PAGE_DEFAULT = 20
 CURSOR_MAX = 2**63 - 1
+HISTORY_KEPT_ALL = 2**31  # above any history_per_account_max (config: at most 1,000,000): all that is kept
 ACCESS = Access(customer=True, partner=True, admin=ALL_ROLES)
 
 TYPES = {"00": "PURCHASE", "01": "CASH", "09": "PURCHASE_WITH_CASHBACK", "20": "REFUND", "28": "PAYMENT"}
@@ -164,7 +166,9 @@ class Statuses:
             return _HOLD_STATUS[hold.state], hold.posted
         if self._ended is None:
             self._ended = {}
-            for entry in reversed(self._ledger.history(self._account_id, limit=HISTORY_PER_ACCOUNT_MAX)):
+            # All the history kept: Ledger.history clamps the limit to the operator's
+            # `[ledger] history_per_account_max`, whatever it is.
+            for entry in reversed(self._ledger.history(self._account_id, limit=HISTORY_KEPT_ALL)):
                 status = _EVENT_STATUS.get(entry.kind)
                 if status is not None and entry.pending_id:
                     self._ended[entry.pending_id] = status  # oldest first: the last event wins
