@@ -34,7 +34,7 @@ RSS_GROWTH_BYTES_FLOOR, whichever is larger. The judged part starts at the first
 warm-up taken once every bound is reached (the /metrics counters and gauges), or `--settle-seconds`
 into the recorded run when given; when neither happens it is the whole recorded run, and the output
 says which. The floor absorbs what is not a leak: pymalloc arenas and the allocator's free lists
-settling, the snapshot writer's buffers, the every-10-s `gc.freeze()`.
+settling, the snapshot writer's buffers, the per-second `gc.freeze()`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from ledger.state import HOLDS_PENDING_MAX
 from simulators.network.cards import load_cards
 from simulators.network.clearing import Clearable, ClearingLog
 from simulators.network.load import LoadConfig, LoadError, run_load
-from simulators.network.mix import REVERSAL_POOL_MAX, MixWeights
+from simulators.network.mix import HOT_CARDS_FRACTION_DEFAULT, HOT_SHARE_DEFAULT, REVERSAL_POOL_MAX, HotCards, MixWeights
 from simulators.network.pinblock import load_zpk
 from simulators.network.report import LoadReport
 from simulators.network.target import (
@@ -178,10 +178,17 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     closed_max: int = 0  # 0: derived from the rate (default_bounds)
     activities_max: int = 0  # 0: derived from the rate (default_bounds)
     settle_s: float | None = None  # judge flatness from this far into the recorded run
+    hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
+    hot_share: float = HOT_SHARE_DEFAULT
+
+    @property
+    def hot(self) -> HotCards:
+        return HotCards(fraction=self.hot_cards, share=self.hot_share)
 
     def __post_init__(self) -> None:
         if not self.rate_per_s > 0:
             raise ValueError("rate must be > 0")
+        HotCards(fraction=self.hot_cards, share=self.hot_share)  # ValueError when out of range
         if not 0 < self.duration_s <= DURATION_S_MAX:
             raise ValueError(f"duration must be in (0, {DURATION_S_MAX:.0f}] s")
         if not 0 <= self.warmup_s <= WARMUP_S_MAX:
@@ -666,6 +673,7 @@ def _load_config(config: SoakConfig, *, port: int, cards_path: Path, zpk: bytes 
     return LoadConfig(
         cards_path=cards_path, port=port, rate_per_s=config.rate_per_s, duration_s=duration_s,
         connections=config.connections, timeout_s=config.timeout_s, seed=seed, zpk=zpk, weights=weights,
+        hot=config.hot,
     )  # fmt: skip
 
 
@@ -708,7 +716,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakR
     try:
         log(f"soak: init + seed {config.users} users in {data} (log {log_path})")
         cards_path = init_and_seed(data, users=config.users, cards_per_user=1, amount_minor=SEED_AMOUNT_MINOR,
-                                   log_path=log_path)  # fmt: skip
+                                   log_path=log_path, hot=config.hot)  # fmt: skip
         zpk_path = data / "keys" / "zpk.hex"
         zpk = load_zpk(zpk_path) if zpk_path.exists() else None
         write_bounds(data, records_max=config.journal_records_max, ids_max=config.ledger_ids_max,
@@ -900,6 +908,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"[history] activities_max for the run (default: rate x {SMALL_FILL_S:.0f} s)")
     parser.add_argument("--settle-seconds", type=float, default=None,
                         help="judge flatness from this far into the recorded run (default: once both bounds evict)")
+    parser.add_argument("--hot-cards", type=float, default=HOT_CARDS_FRACTION_DEFAULT, metavar="FRACTION",
+                        help="share of the cards that are hot, funded for it (0: uniform picks)")
+    parser.add_argument("--hot-share", type=float, default=HOT_SHARE_DEFAULT, metavar="FRACTION",
+                        help="share of the purchase-type requests that go to the hot cards")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     return parser
 
@@ -914,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                             journal_records_max=args.journal_records_max, ledger_ids_max=args.ledger_ids_max,
                             holds_pending_max=args.holds_pending_max,
                             history_per_account_max=args.history_per_account_max, closed_max=args.closed_max,
-                            activities_max=args.activities_max, settle_s=args.settle_seconds)  # fmt: skip
+                            activities_max=args.activities_max, settle_s=args.settle_seconds,
+                            hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -225,11 +225,20 @@ def test_clearing_feed_hands_over_each_approval_once_and_holds_back_the_newest()
      {"clearing_s": 1}, {"clearing_hold_back": -1}, {"journal_records_max": 999},
      {"ledger_ids_max": HOLDS_PENDING_MAX}, {"settle_s": 60.0}, {"holds_pending_max": 999},
      {"holds_pending_max": 5_000, "ledger_ids_max": 5_000}, {"history_per_account_max": 1}, {"closed_max": 999},
-     {"activities_max": 999}],
+     {"activities_max": 999}, {"hot_cards": 0.9}, {"hot_share": 1.5}],
 )
 def test_config_bounds(settings: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SoakConfig(**{"rate_per_s": 100.0, "duration_s": 60.0, **settings})
+
+
+def test_the_soak_drives_the_bench_mix_with_hot_cards_unless_told_not_to() -> None:
+    from bench.soak import _parser
+    from simulators.network.mix import HotCards
+
+    assert SoakConfig(rate_per_s=100.0, duration_s=60.0).hot == HotCards.default()
+    args = _parser().parse_args(["--rate", "100", "--duration", "60", "--hot-cards", "0"])
+    assert not HotCards(fraction=args.hot_cards, share=args.hot_share).enabled
 
 
 # Expected mismatches in the short soak: with no hold-back, clearing posts approvals the load later
