@@ -336,7 +336,7 @@ def run_steps(
         load = LoadConfig(
             cards_path=cards_path, port=port, rate_per_s=rate, duration_s=config.step_seconds,
             connections=config.connections, timeout_s=config.timeout_s, seed=config.seed + len(steps), zpk=zpk,
-            hot=hot,
+            hot=hot, pin_victims_reused=config.warmup_s > 0 or bool(steps),
         )  # fmt: skip
         server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
         report = trio.run(functools.partial(run_load, load, cards=cards))

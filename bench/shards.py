@@ -74,9 +74,11 @@ def _start(data: Path, cards_path: Path, zpk: bytes, log_path: Path) -> Shard:
     return Shard(data=data, cards_path=cards_path, zpk=zpk, server=start_authsrv(data, ports, log_path), ports=ports)
 
 
-def _load(shard: Shard, rate: float, seconds: float, connections: int, seed: int, hot: HotCards) -> LoadConfig:
+def _load(shard: Shard, rate: float, seconds: float, connections: int, seed: int, hot: HotCards,
+          reused: bool) -> LoadConfig:  # fmt: skip
     return LoadConfig(cards_path=shard.cards_path, port=shard.ports.iso, rate_per_s=rate, duration_s=seconds,
-                      connections=connections, seed=seed, zpk=shard.zpk, hot=hot)  # fmt: skip
+                      connections=connections, seed=seed, zpk=shard.zpk, hot=hot,
+                      pin_victims_reused=reused)  # fmt: skip
 
 
 async def _together(configs: list[LoadConfig], cards: list) -> list[LoadReport]:
@@ -116,10 +118,11 @@ def _combined(reports: list[LoadReport], *, server_cpu_s: float, client_cpu_s: f
     )  # fmt: skip
 
 
-def _step(shards: list[Shard], rate: float, args, seed: int, hot: HotCards, cards: list) -> Step:
+def _step(shards: list[Shard], rate: float, args, seed: int, hot: HotCards, cards: list, reused: bool) -> Step:
     share = rate / len(shards)
     connections = max(1, args.connections // len(shards))
-    configs = [_load(shard, share, args.step_seconds, connections, seed + i, hot) for i, shard in enumerate(shards)]
+    configs = [_load(shard, share, args.step_seconds, connections, seed + i, hot, reused)
+               for i, shard in enumerate(shards)]  # fmt: skip
     server_before = sum(shard.server.cpu_s() for shard in shards)
     client_before, wall_before = time.process_time(), time.perf_counter()
     reports = trio.run(_together, configs, cards)
@@ -133,7 +136,7 @@ def _ramp(name: str, shards: list[Shard], args, hot: HotCards) -> list[Step]:
     cards = [load_cards(shard.cards_path) for shard in shards]
     steps: list[Step] = []
     for index, rate in enumerate(args.rates):  # bounded: RATES_MAX
-        step = _step(shards, rate, args, seed=100 * index, hot=hot, cards=cards)
+        step = _step(shards, rate, args, seed=100 * index, hot=hot, cards=cards, reused=index > 0)
         steps.append(step)
         print(f"{name:<12} offered {step.offered_rate_per_s:>7,.0f}/s achieved {step.achieved_rate_per_s:>7,.0f}/s"
               f"  p50 {step.p50_ms:7.2f}  p99 {step.p99_ms:7.2f}  p99.9 {step.p999_ms:7.2f} ms"

@@ -165,3 +165,21 @@ def test_unfunded_hot_cards_run_out_and_are_counted_as_mismatches(tmp_path: Path
     _, report = run_against_authsrv(tmp_path, seeded_hot=HotCards(), load_hot=REAL_HOT)
     assert report.mismatches > 0
     assert any("00->51" in detail for detail in report.mismatch_detail.get("purchase", {})), report.render()
+
+
+def test_every_run_over_one_cards_file_reserves_the_same_pin_victims(cards_path: Path) -> None:
+    """A bench ramp runs one load per step against the same server: a card one step locked with
+    wrong PINs must never carry another step's normal traffic (it would answer 75 for a purchase)."""
+    cards = load_cards(cards_path)
+
+    def factory(seed: int, reused: bool = False) -> RequestFactory:
+        return RequestFactory(cards, weights=MixWeights(), rng=random.Random(seed), zpk=ZPK, amounts=Amounts(),
+                              acquirer_id="535001", rrn_tag="123", hot=HotCards.default(),
+                              victims_reused=reused)  # fmt: skip
+
+    first, second = factory(1), factory(2, reused=True)
+    victims = {victim.card.pan for victim in first._victims}
+    assert victims and victims == {victim.card.pan for victim in second._victims}
+    assert not victims & {card.pan for card in second._normal}
+    assert not any(victim.uncertain for victim in first._victims)
+    assert all(victim.uncertain for victim in second._victims)  # their counters moved in run 1

@@ -120,6 +120,9 @@ class LoadConfig:
     amounts: Amounts = attrs.Factory(Amounts)
     # Off by default: hot cards need their balances funded for it (mix.py, target.init_and_seed).
     hot: HotCards = attrs.Factory(HotCards)
+    # An earlier run sent wrong PINs to this server: the PIN victims' counters are unknown, so their
+    # answers are not judged (a later run of a bench ramp, against the same server).
+    pin_victims_reused: bool = False
     zpk: bytes | None = attrs.field(default=None, repr=False)  # None: a random key (target checks no PINs)
     acquirer_id: str = "535001"
     rrn_tag: str | None = None  # 3 digits leading every RRN; None: random, so reruns do not collide
@@ -662,6 +665,7 @@ async def run_load(
         rrn_tag=config.rrn_tag if config.rrn_tag is not None else f"{secrets.randbelow(1000):03d}",
         clearing=clearing,
         hot=config.hot,
+        victims_reused=config.pin_victims_reused,
     )
     run = _Run(config, factory)
     connections: list[_Connection] = []

@@ -45,6 +45,7 @@ REVERSAL_POOL_MAX = 10_000  # approvals remembered for later reversal
 VICTIM_SHARE_DIVISOR = 50  # one card in 50 is reserved for wrong-PIN traffic
 VICTIMS_MAX = 1_000
 VICTIM_PICK_TRIES_MAX = 8
+VICTIM_SPLIT_SEED = 8583  # which cards are PIN victims: fixed, so runs over one cards file agree
 WRONG_PINS_TO_LOCK = 3  # CONTRACT.md section 3: the third wrong PIN in a row locks (75)
 CROSS_CURRENCY_RATE_PERCENT = 92  # billing = amount * 0.92, a fixed network-provided rate
 STAN_MAX = 999_999
@@ -287,6 +288,7 @@ class RequestFactory:
         rrn_tag: str,
         clearing: ClearingLog | None = None,
         hot: HotCards = HotCards(),  # noqa: B008  (frozen: one shared default is safe)
+        victims_reused: bool = False,
     ) -> None:
         assert cards, "no cards"
         assert len(rrn_tag) == RRN_TAG_DIGITS and rrn_tag.isdigit()
@@ -305,7 +307,10 @@ class RequestFactory:
         hot_count = hot.count(len(cards))
         self._hot = cards[:hot_count]
         self._hot_share = hot.share if hot_count else 0.0
-        self._normal, self._victims = _split_victims(cards[hot_count:], rng, weights.wrong_pin > 0)
+        # The same victims in every run over these cards (not drawn from the run's rng): a card one
+        # run locked with wrong PINs must never get another run's normal traffic (00 -> 75).
+        self._normal, self._victims = _split_victims(cards[hot_count:], random.Random(VICTIM_SPLIT_SEED),
+                                                     weights.wrong_pin > 0, reused=victims_reused)  # fmt: skip
         assert self._normal, "no card left for the normal traffic"
         self._kinds = [Kind[name] for name in attrs.fields_dict(MixWeights)]
         cumulative, total = [], 0.0
@@ -626,9 +631,10 @@ class _PinBlocks:
 
 
 def _split_victims(
-    cards: tuple[SimCard, ...], rng: random.Random, wanted: bool
+    cards: tuple[SimCard, ...], rng: random.Random, wanted: bool, *, reused: bool = False
 ) -> tuple[tuple[SimCard, ...], tuple[PinVictim, ...]]:
-    """Reserve a few cards for wrong-PIN traffic so no other request changes their PIN counters."""
+    """Reserve a few cards for wrong-PIN traffic so no other request changes their PIN counters.
+    `reused`: an earlier run against the same server already moved their counters (unknown here)."""
     if not wanted:
         return cards, ()
     if len(cards) < 2:
@@ -636,5 +642,5 @@ def _split_victims(
     count = max(1, min(VICTIMS_MAX, len(cards) // VICTIM_SHARE_DIVISOR))
     shuffled = list(cards)
     rng.shuffle(shuffled)
-    victims = tuple(PinVictim(card, locks=index % 2 == 0) for index, card in enumerate(shuffled[:count]))
+    victims = tuple(PinVictim(card, locks=index % 2 == 0, uncertain=reused) for index, card in enumerate(shuffled[:count]))
     return tuple(shuffled[count:]), victims
