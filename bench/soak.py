@@ -894,7 +894,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"[duplicates] records_max for the run (default: rate x {BOUND_FILL_S:.0f} s)")
     parser.add_argument("--ledger-ids-max", type=int, default=0,
                         help=f"[ledger] ids_max for the run (default: rate x {BOUND_FILL_S:.0f} s x"
-                             f" {IDS_PER_AUTHORIZATION}, at least {HOLDS_PENDING_MAX + 1})")
+                             f" {IDS_PER_AUTHORIZATION}, above --holds-pending-max)")
     parser.add_argument("--holds-pending-max", type=int, default=0,
                         help="[ledger] holds_pending_max for the run (default with clearing: rate x"
                              f" {HOLDS_PER_AUTHORIZATION} x ({HOLDS_HEADROOM_S:.0f} s + clearing interval) + hold-back;"
