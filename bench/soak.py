@@ -634,8 +634,9 @@ class _Clearer:
 class _Sampler:
     """RSS (and gauges) of the server every `interval_s`, from a task beside the load."""
 
-    def __init__(self, server: ChildProcess, metrics_port: int, interval_s: float) -> None:
-        self.server, self.metrics_port, self.interval_s = server, metrics_port, interval_s
+    def __init__(self, server: ChildProcess, metrics_port: int, interval_s: float,
+                 log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.server, self.metrics_port, self.interval_s, self.log = server, metrics_port, interval_s, log
         self.samples: list[RssSample] = []
         self.ready_s = time.monotonic()
 
@@ -647,6 +648,9 @@ class _Sampler:
         gauges = await trio.to_thread.run_sync(_scrape_gauges, self.metrics_port)
         elapsed_s = round(time.monotonic() - self.ready_s, 2)
         self.samples.append(RssSample(phase=phase, elapsed_s=elapsed_s, rss_bytes=rss, gauges=gauges))
+        if self.log is not None:  # progress: a long run is otherwise silent until its summary
+            self.log(f"soak: {elapsed_s:7.1f} s  {phase:<7} RSS {rss / 2**20:7.1f} MiB  holds pending "
+                     f"{gauges.get('holds_pending', 0):>9,.0f}  journal records {gauges.get('journal_records', 0):>9,.0f}")
 
     async def every_interval(self, phase: str) -> None:
         for _ in range(SAMPLES_MAX):  # bounded; cancelled when the load run ends
@@ -730,7 +734,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakR
             f" [history] activities_max = {config.activities_max:,}")  # fmt: skip
         ports = Ports.free()
         server = start_authsrv(data, ports, log_path)
-        sampler = _Sampler(server, ports.metrics, config.sample_s)
+        sampler = _Sampler(server, ports.metrics, config.sample_s, log)
         samples = sampler.samples
         clearer = None
         if config.clearing_s > 0:
