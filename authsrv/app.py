@@ -156,16 +156,9 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
 
 
 def set_ledger_bounds(ledger, bounds) -> None:
-    """The operator's `[ledger]` count bounds onto an opened ledger. ids_max > holds_pending_max
-    must hold after each setter, so the one that makes room goes first."""
-    if bounds.holds_pending_max < ledger.holds_pending_max:
-        ledger.set_holds_pending_max(bounds.holds_pending_max)
-        ledger.set_ids_max(bounds.ids_max)
-    else:
-        ledger.set_ids_max(bounds.ids_max)
-        ledger.set_holds_pending_max(bounds.holds_pending_max)
-    ledger.set_history_per_account_max(bounds.history_per_account_max)
-    assert ledger.ids_max > ledger.holds_pending_max
+    """The operator's `[ledger]` count bounds onto an opened ledger."""
+    ledger.set_bounds(ids_max=bounds.ids_max, holds_pending_max=bounds.holds_pending_max,
+                      history_per_account_max=bounds.history_per_account_max)
 
 
 @contextlib.contextmanager

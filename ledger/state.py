@@ -516,6 +516,18 @@ class Ledger:
             if len(a.history) > history_per_account_max:
                 self._trim_history(a.history)
 
+    def set_bounds(self, *, ids_max: int, holds_pending_max: int, history_per_account_max: int) -> None:
+        """All three count bounds at once. ids_max > holds_pending_max must hold after each setter,
+        so the one that makes room goes first."""
+        if holds_pending_max < self._holds_pending_max:
+            self.set_holds_pending_max(holds_pending_max)
+            self.set_ids_max(ids_max)
+        else:
+            self.set_ids_max(ids_max)
+            self.set_holds_pending_max(holds_pending_max)
+        self.set_history_per_account_max(history_per_account_max)
+        assert self._ids_max > self._holds_pending_max
+
     def _trim_history(self, history: list[tuple]) -> None:
         dropped = len(history) - self._history_max
         assert dropped > 0, dropped

@@ -114,13 +114,8 @@ def _cross_check(durable: DurableLedger, digest: str, problems: list[str]) -> st
 def _take_bounds(ledger: Ledger, like: Ledger) -> None:
     """Give a ledger rebuilt from an older snapshot the count bounds `like` was opened with (the
     operator may have changed them since; they are part of the digest)."""
-    if like.holds_pending_max < ledger.holds_pending_max:
-        ledger.set_holds_pending_max(like.holds_pending_max)
-        ledger.set_ids_max(like.ids_max)
-    else:
-        ledger.set_ids_max(like.ids_max)
-        ledger.set_holds_pending_max(like.holds_pending_max)
-    ledger.set_history_per_account_max(like.history_per_account_max)
+    ledger.set_bounds(ids_max=like.ids_max, holds_pending_max=like.holds_pending_max,
+                      history_per_account_max=like.history_per_account_max)
 
 
 def _align_histories(live: Ledger, rebuilt: Ledger) -> bool:
