@@ -249,19 +249,26 @@ def test_a_raised_history_bound_at_restart_is_compared_at_the_bound_both_rebuild
         ledger.snapshot(journal.to_snapshot())
     finally:
         ledger.close()
-    ledger, journal = open_ledger_and_journal(tmp_path, Config())
+    report = _reopen_under_default_bound_and_verify(tmp_path, Config(), (100, 5), (200, 2))
+    assert report.ok, report.problems
+    assert "digest matches" in report.cross_check
+
+
+def _reopen_under_default_bound_and_verify(tmp_path: Path, config, snapshotted: tuple[int, int],
+                                           logged: tuple[int, int]):  # fmt: skip
+    """Reopen under the default history bound, fill (then snapshot), fill more (in the log only)
+    and return `ledger verify`'s report."""
+    ledger, journal = open_ledger_and_journal(tmp_path, config)
     try:
         assert ledger.ledger.history_per_account_max == HISTORY_PER_ACCOUNT_MAX
-        _fill(ledger, 100, 5)
+        _fill(ledger, *snapshotted)
         ledger.flush_sync()
         ledger.snapshot(journal.to_snapshot())
-        _fill(ledger, 200, 2)  # in the log only, after the newest snapshot
+        _fill(ledger, *logged)  # after the newest snapshot, in the log only
         ledger.flush_sync()
     finally:
         ledger.close()
-    report = verify(tmp_path / "ledger")
-    assert report.ok, report.problems
-    assert "digest matches" in report.cross_check
+    return verify(tmp_path / "ledger")
 
 
 def test_verify_rebuilds_from_an_older_snapshot_under_another_history_bound(tmp_path: Path) -> None:
@@ -278,17 +285,8 @@ def test_verify_rebuilds_from_an_older_snapshot_under_another_history_bound(tmp_
         assert ledger.wal.first_seq > 1  # the older records are gone
     finally:
         ledger.close()
-    ledger, journal = open_ledger_and_journal(tmp_path, _config(segment_size_max_bytes=4096))
-    try:
-        assert ledger.ledger.history_per_account_max == HISTORY_PER_ACCOUNT_MAX
-        _fill(ledger, 1_000, 30)
-        ledger.flush_sync()
-        ledger.snapshot(journal.to_snapshot())
-        _fill(ledger, 2_000, 3)  # after the newest snapshot, in the log only
-        ledger.flush_sync()
-    finally:
-        ledger.close()
-    report = verify(tmp_path / "ledger")
+    report = _reopen_under_default_bound_and_verify(tmp_path, _config(segment_size_max_bytes=4096), (1_000, 30),
+                                                    (2_000, 3))  # fmt: skip
     assert report.ok, report.problems
     assert "the snapshot at seq" in report.cross_check and "digest matches" in report.cross_check
 
