@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import os
 import random
+import stat
 import string
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from bench.floor_server import answer, build_response, serve_floor
 from simulators.network import LoadConfig, LoadError, MixWeights, run_load, write_synthetic_cards
 from simulators.network.cards import load_cards, luhn_valid, mask_pan, unknown_pan
+from simulators.network.clearing import Clearable, ClearingLog
 from simulators.network.codec import (
     Codec,
     DecodeError,
@@ -247,6 +250,28 @@ def test_cards_file_luhn_and_masking(cards_path: Path, tmp_path: Path) -> None:
                    '"customerId": "u", "balanceId": "b", "currency": "EUR"}\n')  # fmt: skip
     with pytest.raises(ValueError, match="pan is not"):
         load_cards(bad)
+
+
+def test_clearing_file_is_written_owner_only(cards_path: Path, tmp_path: Path) -> None:
+    """The clearing file carries full PANs: 0600 like the cards file, even over an older 0644 file."""
+    cards = load_cards(cards_path)
+    log = ClearingLog()
+    for number, card in enumerate(cards[:5]):
+        clearable = Clearable(pan=card.pan, rrn=f"{number:012d}", amount=1_000, currency="EUR", billing_amount=1_000,
+                              billing_currency=card.currency, mcc="5411", merchant_name="SHOP")  # fmt: skip
+        log.approved(clearable, auth_code=f"A{number:05d}")
+    fresh, older = tmp_path / "fresh.jsonl", tmp_path / "older.jsonl"
+    older.write_text("stale\n")
+    older.chmod(0o644)
+    previous_umask = os.umask(0o022)
+    try:
+        for path in (fresh, older):
+            counts = log.write(path, rng=random.Random(1), force_post_card=cards[0])
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            assert len(records) == counts.records >= 5 and records[0]["pan"] == cards[0].pan
+    finally:
+        os.umask(previous_umask)
 
 
 # -- the mix -------------------------------------------------------------------------------------

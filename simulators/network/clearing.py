@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -115,10 +116,19 @@ class ClearingLog:
             refund = min(REFUND_AMOUNT_MINOR_MAX, first.billing_amount)
             lines.append(_record(f"C{len(lines) + 1:09d}", "refund", first, refund, refund, date))
             counts["refunds"] += 1
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        _write_owner_only(path, "".join(json.dumps(line) + "\n" for line in lines))
         return ClearingFileCounts(records=len(lines), exact=counts["exact"], under=counts["under"],
                                   over=counts["over"], split=counts["split"], forced=counts["forced"],
                                   refunds=counts["refunds"])
+
+
+def _write_owner_only(path: Path, text: str) -> None:
+    """The file holds full PANs: mode 0600 like the cards file, whatever the umask or an older file
+    at `path` said (O_CREAT's mode applies only to a new file, hence the fchmod)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def _presentments(clearable: Clearable, rng: random.Random, counts: collections.Counter) -> list[tuple[int, int]]:
