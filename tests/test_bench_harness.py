@@ -134,6 +134,31 @@ def test_results_with_both_targets_plot_and_summarise(tmp_path: Path) -> None:
     assert "sustained with p99 < 10 ms: 1,000/s" in text and "error: floor server exited with 1" in text
 
 
+def test_latency_plot_draws_the_p99_bound_of_the_knee_search() -> None:
+    """A dashed line on the p99 panel at BenchConfig.sustain_p99_ms (the run's setting when it has one)."""
+    from bench.plot import latency_figure, plt
+
+    steps = [make_step(1000, p99_ms=4), make_step(2000, p99_ms=60)]
+    for settings, bound in (({}, BenchConfig().sustain_p99_ms), ({"sustain_p99_ms": 25.0}, 25.0)):
+        results = BenchResults(
+            created_utc="2026-01-01T00:00:00+00:00", machine=machine_info(), settings=settings,
+            targets={"authsrv": TargetResult(name="authsrv", steps=steps, sustained_rate_per_s=1000, stop_reason="p99")},
+            ratios=None,
+        )  # fmt: skip
+        figure = latency_figure(results)
+        try:
+            p99_panel, p50_panel = figure.axes
+            bounds = [line for line in p99_panel.get_lines() if line.get_label() == f"p99 bound {bound:g} ms"]
+            assert len(bounds) == 1 and bounds[0].get_linestyle() == "--"
+            assert list(bounds[0].get_ydata()) == [bound, bound]
+            legend = [text.get_text() for text in p99_panel.get_legend().get_texts()]
+            assert f"p99 bound {bound:g} ms" in legend
+            assert not any("bound" in str(line.get_label()) for line in p50_panel.get_lines())
+            assert f"p99 < {bound:g} ms" in summary(results)
+        finally:
+            plt.close(figure)
+
+
 def test_bench_config_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         BenchConfig(rates=(2000.0, 1000.0))
