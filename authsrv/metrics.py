@@ -16,9 +16,25 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from authsrv.hotpath.outcome import RESPONSE
+from authsrv.iso.request import REQUEST_MTIS, Mti
+
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 STEP_BUCKETS_S = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01, 0.1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Label values come from fixed sets only, so no input can add series (each one costs memory and
+# every scrape): a value read from the wire that is not in its set is counted as OTHER.
+OTHER = "other"
+# The wire profile's message classes, their acquirer repeats (0101, 0421...) and their responses.
+MTI_LABELS: frozenset[str] = frozenset(REQUEST_MTIS | {str(mti) for mti in Mti})
+# Field 39 as authsrv answers it (authsrv/hotpath/outcome.py).
+CODE_LABELS: frozenset[str] = frozenset(code for code, _ in RESPONSE.values())
+
+
+def bounded(value: str, allowed: frozenset[str] | set[str]) -> str:
+    """`value` if it is one of `allowed`, else OTHER: the only way a label value should be chosen."""
+    return value if value in allowed else OTHER
 
 
 class _StepHistograms(dict):
@@ -27,6 +43,7 @@ class _StepHistograms(dict):
         self._family = family
 
     def __missing__(self, step: str):
+        # Keys are the participants' `name` class attributes: a fixed set written in the code.
         child = self[step] = self._family.labels(step=step)
         return child
 
@@ -90,6 +107,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self._requests = Counter("authsrv_iso_requests", "ISO 8583 requests answered, by request MTI and field 39",
                                  ["mti", "code"], registry=r)
+        # (mti, code) label values -> pre-bound child; keyed by label values, never by raw input,
+        # so it stays as small as the family (at most MTI_LABELS x CODE_LABELS, plus OTHER).
         self._request_children: dict[tuple[str, str], object] = {}
         self.latency = Histogram("authsrv_iso_request_seconds",
                                  "Receipt to response written, including the durable commit",
@@ -144,11 +163,20 @@ class Metrics:
         self.registry.register(self._retention)
 
     def answered(self, mti: str, code: str, seconds: float) -> None:
-        child = self._request_children.get((mti, code))
+        """Count one answer by request MTI (as sent) and field 39; anything outside the fixed sets
+        (an MTI mutated on the wire, with control characters or not) is counted as OTHER."""
+        child = self._request_children.get((mti, code))  # one dict lookup for every known pair
         if child is None:
-            child = self._request_children[(mti, code)] = self._requests.labels(mti=mti, code=code)
+            child = self._request_child(mti, code)
         child.inc()
         self.latency.observe(seconds)
+
+    def _request_child(self, mti: str, code: str):
+        key = (bounded(mti, MTI_LABELS), bounded(code, CODE_LABELS))
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._requests.labels(mti=key[0], code=key[1])
+        return child
 
     def on_wal_commit(self, records: int, size_bytes: int, seconds: float) -> None:
         del size_bytes

@@ -48,6 +48,7 @@ from authsrv.hotpath.outcome import Outcome, is_approval
 from authsrv.hotpath.steps import TransferCode, TransferIds, auth_code_for
 from authsrv.iso.currency import alpha_to_numeric
 from authsrv.iso.fields import build_field54
+from authsrv.metrics import bounded
 from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
 
 log = logging.getLogger("authsrv.external")
@@ -341,7 +342,11 @@ class StandInWindow:
 
 
 class ExternalMetrics:
-    def __init__(self, registry) -> None:
+    """Label values: `partner` is one of the configured partners (else OTHER), `result` an External
+    state name, `decision` approve or decline: fixed sets, whatever a partner answers."""
+
+    def __init__(self, registry, partners: Iterable[str] = ()) -> None:
+        self._partners = frozenset(partners)
         self.seconds = Histogram("authsrv_external_call_seconds", "Hot-path calls to a partner's external balance",
                                  ["partner"], buckets=LATENCY_BUCKETS_S, registry=registry)
         self.calls = Counter("authsrv_external_calls", "Hot-path partner calls by result", ["partner", "result"],
@@ -350,12 +355,15 @@ class ExternalMetrics:
                                 ["partner", "decision"], registry=registry)
         self._children: dict[tuple, object] = {}  # partners x results: small; labels() takes a lock
 
-    def child(self, metric, *labels: str):
-        """`metric.labels(*labels)`, looked up once per label set instead of once per call."""
-        key = (id(metric), *labels)
+    def child(self, metric, partner: str, *labels: str):
+        """`metric.labels(partner, *labels)`, looked up once per label set instead of once per call."""
+        key = (id(metric), partner, *labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            key = (id(metric), bounded(partner, self._partners), *labels)  # cached by label values only
+            found = self._children.get(key)
+            if found is None:
+                found = self._children[key] = metric.labels(*key[1:])
         return found
 
 
@@ -382,7 +390,7 @@ class ExternalBalance:
         self._hold_timeout_s = hold_timeout_s
         self._partners = dict(partners)  # name -> authsrv.config.PartnerConfig
         self._metrics = metrics  # authsrv.metrics.Metrics (its registry gets ExternalMetrics)
-        self._own = ExternalMetrics(metrics.registry)
+        self._own = ExternalMetrics(metrics.registry, self._partners)
         self._in_flight_max = in_flight_max
         self.in_flight: dict[str, Pending] = {}
         self.window = StandInWindow()
