@@ -44,6 +44,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
             partner=args.partner,
             config_id=args.config_id,
             progress=not args.quiet,
+            unlinked=args.unlinked,
         )
     except SeedError as error:
         print(f"authsrv seed: {error}", file=sys.stderr)
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partner", default="demo")
     p.add_argument("--config-id", default="0019167984")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--unlinked", action="store_true",
+                   help="for a partner with balance_mode = \"external\": create the balances without telling the"
+                        " partner (you link them there yourself); without it, seeding such a partner is refused")
     p.set_defaults(run=_cmd_seed)
 
     ledger = commands.add_parser("ledger", help="ledger tools").add_subparsers(dest="ledger_command", required=True)

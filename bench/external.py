@@ -3,7 +3,8 @@
 The steps an operator takes, driven through the same commands:
 - `authsrv partner add --data DIR NAME`, then its `[partners.NAME]` table is rewritten to
   `balance_mode = "external"` with `api_url` pointing at the partner simulator;
-- `authsrv seed --partner NAME`: users, balances and cards here, no money (it lives at the partner);
+- `authsrv seed --partner NAME --unlinked`: users, balances and cards here, no money (it lives at the
+  partner), and the partner is not told (refused without `--unlinked`: the next step links them);
 - the partner simulator runs as its own process (`python -m simulators.partner`) and learns each
   seeded balance with its amount through its control API (`PUT /_sim/balances/{user}/{balance}`),
   which skips the simulated latency and faults, so linking costs the same in every scenario.
@@ -102,7 +103,7 @@ def seed_partner(data: Path, partner: str, *, users: int, cards_per_user: int, a
                  log_path: Path) -> Path:  # fmt: skip
     run_cli(authsrv_command("seed", "--data", str(data), "--partner", partner, "--users", str(users),
                             "--cards-per-user", str(cards_per_user), "--amount", str(amount_minor),
-                            "--out", str(out), "--quiet"), log_path=log_path)  # fmt: skip
+                            "--out", str(out), "--quiet", "--unlinked"), log_path=log_path)  # fmt: skip
     if not out.is_file():
         raise TargetError(f"`authsrv seed --partner {partner}` wrote no cards file at {out}")
     return out

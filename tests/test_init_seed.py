@@ -331,7 +331,8 @@ def test_seed_for_an_external_partner_funds_only_the_collateral(data_dir: Path, 
     with Store.open(data_dir) as store:
         assert store.get_partner("ext").balance_mode == "internal"  # the store follows at seed/serve
     out = tmp_path / "ext-cards.jsonl"
-    report = seed(data_dir, users=20, cards_per_user=2, amount=3_000, partner="ext", out=out, progress=False)
+    report = seed(data_dir, users=20, cards_per_user=2, amount=3_000, partner="ext", out=out, progress=False,
+                  unlinked=True)  # fmt: skip
     assert (report.users, report.cards, report.balance_mode) == (20, 40, "external")
     assert report.collateral_funded == 20 * 3_000  # every seeded balance can be spent in full
     assert "held at partner ext" in report.summary() and "funded with 3000 EUR" not in report.summary()
@@ -370,7 +371,7 @@ def test_seed_internal_and_external_partners_into_one_data_directory(data_dir: P
     add_partner(data_dir, "ext")
     _make_external(data_dir, "ext")
     internal = seed(data_dir, users=5, amount=1_000, progress=False)
-    external = seed(data_dir, users=7, amount=2_000, partner="ext", progress=False)
+    external = seed(data_dir, users=7, amount=2_000, partner="ext", progress=False, unlinked=True)
     assert (internal.balance_mode, external.balance_mode) == ("internal", "external")
     assert (external.first_customer_id, external.last_customer_id) == (6, 12)
     lines = [json.loads(line) for line in (data_dir / "cards.jsonl").read_text().splitlines()]
@@ -391,7 +392,36 @@ def test_cli_seed_external_partner(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cards.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "authsrv", "seed", "--data", str(data_dir), "--partner", "ext", "--users", "3",
-         "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=60, check=False,
+         "--out", str(out), "--quiet", "--unlinked"], capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "held at partner ext" in done.stdout and len(out.read_text().splitlines()) == 3
+
+
+def test_seed_refuses_an_external_partner_unless_told_the_balances_are_linked_elsewhere(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Seeded balances are never told to the partner: without --unlinked, `authsrv seed` says so and
+    exits 2, having created nothing (no user, no cards file, the store's partner row unchanged)."""
+    add_partner(data_dir, "ext")
+    _make_external(data_dir, "ext")
+    out = tmp_path / "cards.jsonl"
+    with Store.open(data_dir) as store:
+        users_before = store.db["users"].count
+    done = subprocess.run(
+        [sys.executable, "-m", "authsrv", "seed", "--data", str(data_dir), "--partner", "ext", "--users", "3",
+         "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "authsrv seed: partner 'ext'" in done.stderr and 'balance_mode = "external"' in done.stderr
+    assert "--unlinked" in done.stderr and "http://127.0.0.1:9/partner" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert not out.exists()
+    with pytest.raises(SeedError, match="never hear of them"):
+        seed(data_dir, users=3, partner="ext", out=out, progress=False)
+    assert not out.exists()
+    with Store.open(data_dir) as store:
+        assert store.db["users"].count == users_before  # nothing was created
+        assert store.get_partner("ext").balance_mode == "internal"  # the sync rolled back with the rest
+    # The internal partner needs no such flag, and accepts it (it changes nothing there).
+    assert seed(data_dir, users=2, out=out, progress=False, unlinked=True).balance_mode == "internal"

@@ -1,11 +1,15 @@
 """`authsrv seed`: bulk-create funded, KYC-verified users with active virtual cards (offline).
 
 `--partner NAME` seeds another partner's users. For a partner whose `[partners.NAME]` table says
-`balance_mode = "external"`, the money lives at the partner: users, balances (with their empty
-ledger accounts, as the REST API creates them), cards and the cards file are made here, but no
-funding transfer is; the partner learns each balance from whoever drives it (`POST
-{api_url}/users/{id}/balances`, or the partner simulator's `/_sim/balances`). The partner's
-collateral deposit is still funded with users x amount, so every seeded balance can be spent in full.
+`balance_mode = "external"`, the money lives at the partner, and seeding does not tell the partner
+about the balances it makes (the management API links each new balance with `POST
+{api_url}/users/{id}/balances`; seeding would need the partner up, and one failed call among
+100,000 would leave the two sides apart). So seeding such a partner is refused unless the caller
+says it links the balances itself (`--unlinked`; the demo and the benchmark tell the partner
+simulator through its `/_sim/balances`, from the cards file's customerId, balanceId and currency).
+Then users, balances (with their empty ledger accounts, as the REST API creates them), cards and
+the cards file are made here, but no funding transfer is. The partner's collateral deposit is still
+funded with users x amount, so every seeded balance can be spent in full.
 
 Built for 100,000 users in well under a minute on two cores:
 - the store work is one `BEGIN IMMEDIATE` transaction of `insert_all` bulk inserts, with row ids
@@ -156,7 +160,10 @@ def seed(
     partner: str = "demo",
     config_id: str = "0019167984",
     progress: bool = True,
+    unlinked: bool = False,
 ) -> SeedReport:
+    """`unlinked`: required for a partner with external balances, whose balances the caller
+    links at the partner itself (see the module docstring); ignored for internal balances."""
     _check_arguments(users, cards_per_user, amount, currency)
     data_dir = Path(data_dir)
     if not (data_dir / STORE_FILE_NAME).exists():
@@ -172,7 +179,7 @@ def seed(
         keys = _load_keys(data_dir)
         with _appending(cards_file) as file, store.transaction():
             plan, setup_accounts = _prepare(data_dir, store, users, cards_per_user, amount,
-                                            currency, partner, config_id)  # fmt: skip
+                                            currency, partner, config_id, unlinked)  # fmt: skip
             _write_store(store, plan, keys, file, bar)
         # Committed: the cards exist, so their lines stay even if the ledger step fails.
         _write_ledger(data_dir, plan, setup_accounts, bar)
@@ -216,7 +223,7 @@ def _open_store(data_dir: Path) -> Iterator[Store]:
 
 def _prepare(
     data_dir: Path, store: Store, users: int, cards_per_user: int, amount: int, currency: str,
-    partner: str, config_id: str,
+    partner: str, config_id: str, unlinked: bool = False,
 ) -> tuple[_Plan, list[AccountSpec]]:  # fmt: skip
     try:
         config = load_config(data_dir)
@@ -231,6 +238,8 @@ def _prepare(
     assert partner_row is not None
     assert partner_row.balance_mode == config.partners[partner].balance_mode
     external = partner_row.balance_mode == "external"
+    if external and not unlinked:
+        raise SeedError(external_refusal(partner, config.partners[partner].api_url))
     program = store.get_program(config_id)
     if program is None:
         raise SeedError(f"unknown card program (configId) {config_id!r}")
@@ -265,6 +274,17 @@ def _prepare(
         external=external,
     )
     return plan, setup_accounts
+
+
+def external_refusal(partner: str, api_url: str) -> str:
+    at = f" at {api_url}" if api_url else ""
+    return (
+        f"partner {partner!r} holds its users' balances itself (balance_mode = \"external\"{at}), and"
+        f" seeding does not tell it about the balances it creates: the partner would never hear of them."
+        f" Create that partner's balances through the management API (POST .../balances links each one"
+        f" at the partner), or pass --unlinked if you link the seeded balances at the partner yourself"
+        f" (the cards file lists each card's customerId, balanceId and currency)"
+    )
 
 
 def expiry_after_years(today: datetime.date, years: int) -> str:
