@@ -44,9 +44,17 @@ def seed_payloads(cards: list[dict]) -> list[bytes]:
             reversal_of(purchase, mti="0420", remaining=3),
             auth(card, amount=1, processing="300000"),  # balance inquiry
             auth(card, amount=6, expiry=None, **{"35": f"{card['pan']}={card['expiry']}101"}),
+            auth(card, mti="0200", amount=8, processing="010000", pin_block=bytes(range(8))),  # a wrong PIN
         ]
     docs += [network("000001"), network("000002", "001"), network("000003", "002")]
     return [payload(doc) for doc in docs]
+
+
+def fake_cards(count: int = 2) -> list[dict]:
+    """Card dicts shaped like cards.jsonl rows, for tests that need no server."""
+    from authsrv.cardsec import generate_pan
+
+    return [{"pan": generate_pan("535522", 1000 + n), "expiry": "2812", "cvc2": "123"} for n in range(count)]
 
 
 def _random_bytes(rng: random.Random, size: int) -> bytes:
