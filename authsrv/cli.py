@@ -1,4 +1,4 @@
-"""The `authsrv` command line (CONTRACT.md section 1).
+"""The `authsrv` command line (docs/contract.md, commands).
 
 Each subcommand is a thin shell over a library function; imports are lazy so `authsrv --help` is fast.
 """

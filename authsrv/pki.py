@@ -1,7 +1,7 @@
 """Development PKI under `DIR/pki/`: a private CA, the server's certificate, partner client certs.
 
 A partner authenticates on `/secure` and `/lifecycle` with a client certificate signed by this CA;
-its subject CN is the partner name (CONTRACT section 1: `DIR/pki/NAME.crt`). EC P-256 keys: as
+its subject CN is the partner name (docs/contract.md, commands: `DIR/pki/NAME.crt`). EC P-256 keys: as
 strong as RSA-3072 for TLS and generated in milliseconds, which keeps `authsrv init` and the test
 suite fast. (The JWE key must be RSA and lives elsewhere.)
 

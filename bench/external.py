@@ -1,4 +1,5 @@
-"""An external-balance partner for `make demo` and `make bench` (issue 5; CONTRACT sections 1 and 6).
+"""An external-balance partner for `make demo` and `make bench` (issue 5; docs/contract.md, partner
+settings and benchmark output).
 
 The steps an operator takes, driven through the same commands:
 - `authsrv partner add --data DIR NAME`, then its `[partners.NAME]` table is rewritten to

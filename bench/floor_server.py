@@ -1,11 +1,11 @@
 """The benchmark's floor: codec + transport only, a Python ISO 8583 server on trio (issue 7 names it
 the floor; the baseline is the PostgreSQL implementation, bench/pg_baseline.py).
 
-Same wire profile as authsrv (CONTRACT.md section 3: 2-byte big-endian length, pyiso8583
+Same wire profile as authsrv (docs/contract.md, wire profile: 2-byte big-endian length, pyiso8583
 `specs.default`). Each request is decoded with pyiso8583, answered `00` with the echoed fields and
 an authorization code, encoded with pyiso8583 and written. No ledger, no fsync, no checks: whatever
 authsrv costs beyond this is the price of its actual work. Responses to all frames of one receive
-are written with one `send_all`, as a good server would (STACK.md: batching multiplies the rate).
+are written with one `send_all`, as a good server would (batching multiplies the rate).
 
     python -m bench.floor_server --port N
 """
@@ -26,7 +26,7 @@ from simulators.network.codec import FrameReader, FramingError, frame
 
 SPEC = iso8583.specs.default
 RECEIVE_SIZE_MAX = 65_536  # bytes per receive_some
-ECHOED_FIELDS = ("2", "3", "4", "6", "7", "11", "32", "37", "41", "42", "49", "51")  # CONTRACT.md section 3
+ECHOED_FIELDS = ("2", "3", "4", "6", "7", "11", "32", "37", "41", "42", "49", "51")  # docs/contract.md, wire profile
 ECHOED_FIELDS_MANAGEMENT = ("7", "11", "70")
 AUTHORIZATION_CODE = "FLOOR1"
 

@@ -1,4 +1,4 @@
-"""The benchmark (CONTRACT.md section 6): authsrv against the baseline (PostgreSQL) and the floor.
+"""The benchmark (docs/contract.md, benchmark output): authsrv against the baseline (PostgreSQL) and the floor.
 
 For each target the harness offers the simulator's open-loop mix at a rising series of rates
 (stopping once p99 passes `p99_stop_ms` or the achieved rate falls under `achieved_stop_ratio` of

@@ -130,7 +130,7 @@ def parse_request(request: dict[str, str]) -> Auth | Result:
         pan, expiry = request.get("2", ""), request.get("14")
     if not (pan.isdigit() and 12 <= len(pan) <= 19) or "4" not in request or "37" not in request:
         return Result.format_error
-    amount = int(request.get("6") or request["4"])  # CONTRACT: billing amount when 6 and 51 are sent
+    amount = int(request.get("6") or request["4"])  # billing amount when 6 and 51 are sent (docs/contract.md)
     if mti in ("0400", "0420"):
         action = Action.reversal
     elif mti in ("0120", "0220"):

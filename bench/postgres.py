@@ -36,7 +36,7 @@ INITDB_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 60  # pg_ctl -t (seconds, an integer)
 STOP_TIMEOUT_S = 60
 SQL_TIMEOUT_S = 300.0
-PIN_TRIES_MAX = 3  # CONTRACT.md section 3: the third wrong PIN in a row locks the card (75)
+PIN_TRIES_MAX = 3  # docs/contract.md, wire profile: the third wrong PIN in a row locks the card (75)
 PROCESSES_MAX = 4096  # /proc entries scanned for the server's children
 
 # Card status values (a small subset of the contract's lock table: what the mix exercises).

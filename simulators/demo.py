@@ -1,4 +1,4 @@
-"""`make demo` (CONTRACT.md section 1): a fresh issuer under a realistic card-network load.
+"""`make demo` (docs/contract.md, commands): a fresh issuer under a realistic card-network load.
 
 Two partners (issue 5): `demo` holds its users' balances here (internal), `ext` holds them itself
 (external): its `api_url` is the partner simulator, started as its own process on a free loopback

@@ -1,4 +1,4 @@
-"""Clearing (CONTRACT.md section 4, issue 6): matching, posting, idempotency and the summary, on a
+"""Clearing (docs/contract.md, clearing file, issue 6): matching, posting, idempotency and the summary, on a
 real in-process server (authorizations over loopback ISO 8583), then through the CLI and the admin
 endpoint. After each scenario the ledger's invariants hold and every currency's books balance."""
 

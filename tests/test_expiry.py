@@ -1,4 +1,4 @@
-"""Hold expiry (issue 6, CONTRACT.md section 4): the MCC policy, expiry on the ledger's logged clock
+"""Hold expiry (issue 6, docs/contract.md, clearing file): the MCC policy, expiry on the ledger's logged clock
 (timestamps injected into the batches, as the server's idle tick submits them), the metric, the
 open-authorization index, and a clearing that arrives after expiry."""
 

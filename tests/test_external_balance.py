@@ -1,6 +1,7 @@
-"""External balances in the hot path (issue 5; CONTRACT sections 1 and 3): the seeded partner `demo`
-is switched to `balance_mode = "external"` in authsrv.toml, pointed at the partner simulator on
-loopback, and every answer of the documents' debit/credit API is driven through real ISO 8583."""
+"""External balances in the hot path (issue 5; docs/contract.md, partner settings and wire profile):
+the seeded partner `demo` is switched to `balance_mode = "external"` in authsrv.toml, pointed at the
+partner simulator on loopback, and every answer of the documents' debit/credit API is driven through
+real ISO 8583."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Codec (wire profile of CONTRACT.md section 3) and the typed request edge."""
+"""Codec (wire profile of docs/contract.md, wire profile) and the typed request edge."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from tests.isoclient import IsoClient, auth
 from tests.restclient import assert_problem, create_customer, decrypt, https, jwe_headers
 
 pytestmark = pytest.mark.timeout(90)
-CONFIG_ID = "0019167984"  # the demo program `authsrv init` writes (CONTRACT section 1)
+CONFIG_ID = "0019167984"  # the demo program `authsrv init` writes (docs/contract.md, commands)
 
 
 async def test_partner_quick_start_then_pay_lock_unlock(data_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Which authorization a reversal releases when field 90 names two (CONTRACT.md section 3).
+"""Which authorization a reversal releases when field 90 names two (docs/contract.md, wire profile).
 
 Field 90 is MTI + STAN + field 7 + acquirer: two acquirer systems sharing an acquirer id (or a STAN
 counter that wrapped within the same second) produce two authorizations with the same field 90.

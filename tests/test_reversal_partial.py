@@ -1,4 +1,4 @@
-"""Partial reversals (field 95, CONTRACT.md section 3; issue 6): several on one authorization, and a
+"""Partial reversals (field 95, docs/contract.md, wire profile; issue 6): several on one authorization, and a
 reversal after a partial clearing, which releases only what is still held."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The authorization switch through its wire contract (CONTRACT.md section 3), on real loopback
+"""The authorization switch through its wire contract (docs/contract.md, wire profile), on real loopback
 sockets: every response-code row, every message class, duplicates, pipelining and bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Clearing (issue 6, CONTRACT.md section 4): matching clearing records to authorizations, posting
+"""Clearing (issue 6, docs/contract.md, clearing file): matching clearing records to authorizations, posting
 their holds, and the reconciliation summary. One engine (`engine.py`) behind two front doors:
 `authsrv clearing ingest` (authsrv/clearing/cli.py) and `POST /admin/clearing`
 (authsrv/rest/clearing_api.py)."""

@@ -1,6 +1,6 @@
 """What one clearing record does to the ledger: a pure decision over the current state.
 
-Matching (CONTRACT.md section 4, issue 6): RRN + authorization code + PAN (through the card's
+Matching (docs/contract.md, clearing file, issue 6): RRN + authorization code + PAN (through the card's
 `pan_index`, so card ids are compared, never PANs). Then:
 
     matched, billed == held      post the hold                                        exact

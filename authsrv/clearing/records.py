@@ -1,4 +1,4 @@
-"""The clearing file (CONTRACT.md section 4): one JSON object per line, decoded strictly at the edge.
+"""The clearing file (docs/contract.md, clearing file): one JSON object per line, decoded strictly at the edge.
 
 A line that does not decode, or repeats a `recordId` already seen in the file, becomes an exception
 of the run (reported with its line number, never with a full PAN) and posts nothing; the other lines

@@ -11,7 +11,7 @@ import attrs
 
 from authsrv.hotpath.outcome import Outcome
 
-# Processing code, first two digits (CONTRACT.md section 3)
+# Processing code, first two digits (docs/contract.md, wire profile)
 DEBITS = frozenset({"00", "01", "09"})
 CREDITS = frozenset({"20", "28"})
 INQUIRIES = frozenset({"30"})
@@ -42,7 +42,7 @@ class External(enum.IntEnum):
 
 
 class Kind(enum.Enum):
-    """What a message asks for, from its MTI (CONTRACT.md section 3, message classes)."""
+    """What a message asks for, from its MTI (docs/contract.md, message classes)."""
 
     authorization = "authorization"  # 0100: approve or decline; an approval holds funds
     financial = "financial"  # 0200: approve and post at once

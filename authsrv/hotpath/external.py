@@ -1,5 +1,6 @@
 """The partner's external balance in the hot path (reference documents, "External Balance API";
-CONTRACT sections 1 and 3: `balance_mode = "external"`, the latency budget and the stand-in policy).
+docs/contract.md, partner settings and wire profile: `balance_mode = "external"`, the latency
+budget and the stand-in policy).
 
 For a card whose partner holds the user balances, the decision needs the partner:
 

@@ -4,7 +4,7 @@ The reference documents' list (seeds 003, "Fee management"): account creation, c
 monthly per card and per account, POS (fixed + percentage), e-commerce, ATM and currency
 conversion fees. Defaults come from `[fees]` in authsrv.toml (authsrv.config.FeesConfig); a
 program's `fees_json` (per `configId`) overrides any key. The demo program has `{}` and the
-defaults are all 0: no fees (CONTRACT section 1).
+defaults are all 0: no fees (docs/contract.md, commands).
 
 Transaction fees are posted at authorization from the user balance to the partner's fee-income
 account, in the same linked ledger chain as the hold (authsrv/hotpath/funds.py), so the balance

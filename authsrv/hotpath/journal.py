@@ -1,13 +1,13 @@
-"""The authorization journal: one record per answered request, for duplicate detection (CONTRACT.md
-section 2), reversal lookup by field 90, and clearing matches.
+"""The authorization journal: one record per answered request, for duplicate detection
+(docs/contract.md, durability), reversal lookup by field 90, and clearing matches.
 
 Records ride in the `app` bytes of the ledger batch that carries the request's money movement, so a
 record is on disk exactly when its ledger effect is, and both come back together on replay. The
 journal is rebuilt from the ledger snapshot's application blob plus the log records after it.
 
 Two lifetimes live here. Duplicate detection needs a record for 24 h (`retention_ns`). Clearing
-needs an approved authorization for as long as its hold holds money (7 or 30 days, CONTRACT
-section 4), so approvals with a pending hold are also kept in the *open-authorization index*
+needs an approved authorization for as long as its hold holds money (7 or 30 days,
+docs/contract.md, clearing file), so approvals with a pending hold are also kept in the *open-authorization index*
 (RRN -> records) until the hold is fully posted, voided or expired. The hold is the user hold; for
 an external-balance partner's approval, whose user money lives at the partner, it is the deposit
 collateral hold, the only money held here (`open_hold_id`). Membership is a pure function

@@ -4,7 +4,7 @@ Controls exist per card and per user (`ControlsSpec`, set over REST by authsrv/r
 stored in SQLite, compiled into `Controls` and kept in the card index). Both apply: a debit must
 pass the card's controls and then its user's, so the stricter one decides.
 
-What is checked, in this order (the first rule that fails decides; CONTRACT.md section 3, field 39):
+What is checked, in this order (the first rule that fails decides; docs/contract.md, response codes):
 
     57  blocked MCC (field 18; listed, or in a blocked MCC group), blocked country (field 43, last
         2 characters), a switched-off channel (below)

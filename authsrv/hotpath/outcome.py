@@ -1,4 +1,4 @@
-"""Authorization outcomes: one value per rule, mapped to field 39 (CONTRACT.md section 3), the
+"""Authorization outcomes: one value per rule, mapped to field 39 (docs/contract.md, wire profile), the
 partner notification description (reference documents, "Transactions notifier") and, for card
 locks, the failure action code carried in field 44 (reference documents, "Lock outside").
 
@@ -91,7 +91,7 @@ LOCK_REASONS = {
     8: (Outcome.card_replaced, "1011", True),
 }
 LOCK_REASON_PIN_TRIES_EXCEEDED = 6
-PIN_TRIES_MAX = 3  # the third wrong PIN in a row locks the card (CONTRACT.md section 3)
+PIN_TRIES_MAX = 3  # the third wrong PIN in a row locks the card (docs/contract.md, wire profile)
 
 
 def response_code(outcome: Outcome) -> str:

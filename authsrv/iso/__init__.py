@@ -1,4 +1,4 @@
-"""ISO 8583 wire layer (CONTRACT.md section 3): framing, codec, field helpers, typed requests.
+"""ISO 8583 wire layer (docs/contract.md, wire profile): framing, codec, field helpers, typed requests.
 
 `framing` turns a byte stream into frames, `codec` turns a frame into a doc (dict of fields) and
 back, `request` turns a doc into a validated AuthRequest / NetworkRequest and builds responses,

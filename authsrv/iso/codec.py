@@ -1,4 +1,4 @@
-"""ISO 8583:1987 codec for the wire profile of CONTRACT.md section 3, on top of pyiso8583.
+"""ISO 8583:1987 codec for the wire profile of docs/contract.md, wire profile, on top of pyiso8583.
 
 The profile is `iso8583.specs.default`: ASCII MTI, binary primary and secondary bitmaps, ASCII
 fields, ASCII LL/LLL prefixes. SPEC is a private deep copy, identical to it, so nothing else in the

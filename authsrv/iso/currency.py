@@ -4,7 +4,7 @@ The table is ISO 4217 List One (maintained by SIX for ISO) as of 2025: every act
 including funds codes (BOV, CHE, CHW, CLF, COU, MXV, USN, UYI, UYW) and the X codes. Codes
 withdrawn before then (HRK, SLL, ZWL, ANG, CUC, ...) are absent: numeric 532 belongs to the
 Caribbean guilder XCG, which replaced ANG. JSON carries the alpha code, the ISO 8583 wire the
-3-digit numeric code (CONTRACT.md, top), so both directions are plain dict lookups.
+3-digit numeric code (docs/contract.md, top), so both directions are plain dict lookups.
 
 `exponent` is the number of minor-unit digits (EUR 2, JPY 0, BHD 3, CLF 4); it is None for the
 codes where ISO 4217 says "N.A." (precious metals, bond-market units, SDR, XTS, XXX).

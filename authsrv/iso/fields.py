@@ -1,4 +1,4 @@
-"""Pure helpers for the structured ISO 8583 fields of CONTRACT.md section 3.
+"""Pure helpers for the structured ISO 8583 fields of docs/contract.md, wire profile.
 
 Each parser takes the field's text as decoded by `codec.decode` and either returns a typed value
 or raises FieldError with a reason that never quotes the field (field 35 and 48 carry card data).

@@ -1,6 +1,6 @@
 """ISO 8583 message framing: a 2-byte big-endian unsigned length, then that many bytes.
 
-CONTRACT.md section 3 fixes this framing as the default. A frame whose length is zero or above the
+docs/contract.md, wire profile fixes this framing as the default. A frame whose length is zero or above the
 configured maximum means the peer does not speak this framing (or has lost sync), so the reader
 raises `FramingError` and the caller closes the connection: nothing after it can be trusted.
 """

@@ -1,6 +1,6 @@
 """The typed edge of the ISO 8583 listener: a decoded doc in, an AuthRequest or NetworkRequest out.
 
-Everything CONTRACT.md section 3 says about which fields a request must carry and what they may
+Everything docs/contract.md, wire profile says about which fields a request must carry and what they may
 contain is checked here, once, so the hot path works on validated values only:
 - an MTI outside the contract's table raises UnsupportedMti (response code 12);
 - a missing or malformed field raises FormatError naming the field (response code 30).
@@ -35,11 +35,11 @@ from authsrv.iso.fields import (
 )
 
 PIN_BLOCK_SIZE = 8
-CVC2_SUBELEMENT = "92"  # field 48 subelement carrying the CVC2 (CONTRACT.md section 3)
+CVC2_SUBELEMENT = "92"  # field 48 subelement carrying the CVC2 (docs/contract.md, wire profile)
 
 
 class Mti(enum.StrEnum):
-    """The message classes of CONTRACT.md section 3 (requests and their responses)."""
+    """The message classes of docs/contract.md, wire profile (requests and their responses)."""
 
     authorization = "0100"
     authorization_response = "0110"
@@ -78,7 +78,7 @@ REQUEST_MTIS: frozenset[str] = frozenset(
 
 
 class NetworkCode(enum.StrEnum):
-    """Field 70 values of CONTRACT.md section 3."""
+    """Field 70 values of docs/contract.md, wire profile."""
 
     sign_on = "001"
     sign_off = "002"
@@ -97,7 +97,7 @@ MANDATORY_FIELDS: dict[str, tuple[int, ...]] = {
     "0800": (7, 11, 70),
 }
 assert MANDATORY_FIELDS.keys() == MESSAGE_CLASSES.keys()
-# Fields a response echoes when the request has them (CONTRACT.md section 3), plus 70 for network
+# Fields a response echoes when the request has them (docs/contract.md, wire profile), plus 70 for network
 # management and 90 for reversals, which acquirers match on.
 ECHO_FIELDS = ("2", "3", "4", "6", "7", "11", "32", "37", "41", "42", "49", "51", "70", "90")
 
@@ -200,7 +200,7 @@ class AuthRequest(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def duplicate_key(self) -> tuple[str, str, str, str, str]:
-        """CONTRACT.md section 2: same MTI class, field 32, field 11, field 7 and field 37.
+        """docs/contract.md, durability: same MTI class, field 32, field 11, field 7 and field 37.
 
         The MTI class treats a repeat as its original (0101 == 0100), which is what a repeat is
         for; an advice (0120) is a different class from a request (0100). Field 32 is compared
@@ -418,7 +418,7 @@ def _card(doc: Mapping[str, str]) -> tuple[str, str | None, str | None]:
 
 
 def _billing(doc: Mapping[str, str]) -> tuple[int | None, str | None, str | None]:
-    # Fields 6 and 51 only mean something together (CONTRACT.md: "when fields 6 and 51 are
+    # Fields 6 and 51 only mean something together (docs/contract.md, wire profile: "when fields 6 and 51 are
     # present"); one without the other is a malformed message, not a hint to ignore.
     amount, numeric = doc.get("6"), doc.get("51")
     if amount is None and numeric is None:

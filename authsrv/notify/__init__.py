@@ -1,5 +1,5 @@
 """The partner outbox: every call that must reach a partner after a decision, delivered at least once
-with a fixed X-Idempotency-Key (CONTRACT section 1; reference documents, "Your APIs for us").
+with a fixed X-Idempotency-Key (docs/contract.md, partner settings; reference documents, "Your APIs for us").
 
 Two durable sources, and no new write on the authorization hot path:
 1. the store's `events` table (management events, committed with their change): KYC decisions

@@ -1,4 +1,4 @@
-"""`POST /admin/clearing`: apply an uploaded clearing file (CONTRACT.md section 4) on the running server.
+"""`POST /admin/clearing`: apply an uploaded clearing file (docs/contract.md, clearing file) on the running server.
 
 The body is the file itself, JSON Lines (`application/x-ndjson` or `text/plain`), up to
 CLEARING_FILE_BYTES_MAX (ProblemMiddleware's per-path bound). The engine runs on the trio thread

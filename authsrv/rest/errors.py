@@ -1,6 +1,6 @@
 """Every REST error is RFC 9457 `application/problem+json`: `{"title": CODE, "detail": ..., "status": N}`.
 
-Titles are the error codes of the reference documents (CONTRACT section 5). A business outcome is
+Titles are the error codes of the reference documents (docs/contract.md, REST conventions). A business outcome is
 returned as a `Problem` value by the handler; only the edges (body limit, unexpected bugs) use
 exceptions, and `ProblemMiddleware` turns those into problems too, so a client never sees a stack
 trace. Details never carry card data or a wPIN: they name the field or the rule, never the value.

@@ -1,4 +1,5 @@
-"""JWE for card data on the management API, as the reference documents describe it (CONTRACT section 5).
+"""JWE for card data on the management API, as the reference documents describe it (docs/contract.md,
+REST conventions).
 
 Inbound: a request with `Encrypted-Request: true` carries `{"payload": "<compact JWE>"}`, encrypted to
 the server's RSA key (`GET /secure/public_key`, `GET /customers/public_key`) with `alg` RSA-OAEP-256
@@ -57,7 +58,8 @@ JSON_MEDIA_TYPE = "application/json"
 
 HEADER_ENCRYPTED_REQUEST = "encrypted-request"
 HEADER_PUBLIC_KEY = "public-key"
-# The CONTRACT says Encrypt-Response, the documents' quick start Encrypted-Response: accept both.
+# docs/contract.md (REST conventions) says Encrypt-Response, the documents' quick start
+# Encrypted-Response: accept both.
 HEADERS_WANT_ENCRYPTED_RESPONSE = ("encrypted-request", "encrypt-response", "encrypted-response")
 
 _DECRYPT_REGISTRY = jwe.JWERegistry(

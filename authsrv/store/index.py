@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 CARDS_MAX = 50_000_000  # memory bound: about 400 bytes per card in the index
 PAN_INDEX_LENGTH = 16  # HMAC-SHA256 truncated to 16 bytes (authsrv.cardsec.PanVault.index)
-WRONG_PIN_TRIES_MAX = 3  # CONTRACT section 3: the third wrong PIN in a row locks (reason 6)
+WRONG_PIN_TRIES_MAX = 3  # docs/contract.md, wire profile: the third wrong PIN in a row locks (reason 6)
 
 
 class CardStatus(enum.IntEnum):

@@ -1,4 +1,4 @@
-"""`authsrv init --data DIR`: a complete, working data directory (CONTRACT section 1).
+"""`authsrv init --data DIR`: a complete, working data directory (docs/contract.md, commands).
 
 Everything is built in a hidden staging directory next to DIR and renamed into place at the end,
 so DIR is either absent (or still empty) or complete: a crash or error half-way never leaves a
@@ -20,7 +20,7 @@ from authsrv.store.db import STORE_FILE_NAME, ProgramRow, Role, Store
 from ledger.types import AccountStatus, Batch
 
 DEMO_PARTNER = "demo"
-DEMO_PARTNER_FILE_STEM = "partner"  # CONTRACT section 1: DIR/pki/partner.crt/.key for demo
+DEMO_PARTNER_FILE_STEM = "partner"  # docs/contract.md, commands: DIR/pki/partner.crt/.key for demo
 DEMO_CONFIG_ID = "0019167984"  # the sandbox configId of the reference documents
 DEMO_BIN = "535522"
 DEMO_CURRENCY = "EUR"

@@ -83,7 +83,7 @@ class SeedError(Exception):
 
 
 class CardLine(msgspec.Struct, rename="camel"):
-    """One line of the cards file (CONTRACT section 1: exactly these keys)."""
+    """One line of the cards file (docs/contract.md, commands: exactly these keys)."""
 
     pan: str
     expiry: str

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--codec", choices=[codec.value for codec in Codec], default=Codec.fast.value)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--clearing-out", type=Path, default=None,
-                        help="write the clearing file of the approved purchases here (CONTRACT.md section 4)")
+                        help="write the clearing file of the approved purchases here (docs/contract.md, clearing file)")
     parser.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines (0: none)")
     return parser
 

@@ -16,7 +16,7 @@ import msgspec
 
 CARDS_MAX = 2_000_000  # lines read from one cards file
 CARD_LINE_SIZE_MAX = 4096  # bytes
-UNKNOWN_BIN = "535522"  # the demo program's BIN (CONTRACT.md section 1); unknown PANs reuse it
+UNKNOWN_BIN = "535522"  # the demo program's BIN (docs/contract.md, commands); unknown PANs reuse it
 PAN_DIGITS = 16
 UNKNOWN_PAN_TRIES_MAX = 100
 
@@ -28,7 +28,7 @@ CURRENCY_NUMERIC = {
 
 
 class CardLine(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """One line of the cards file (CONTRACT.md section 1, `authsrv seed`).
+    """One line of the cards file (docs/contract.md, commands: `authsrv seed`).
 
     Unknown fields are tolerated on purpose, and ids may be numbers or strings: the file is another
     component's output and the contract fixes neither; the simulator only reports ids.

@@ -1,4 +1,4 @@
-"""The clearing file of the traffic sent (CONTRACT.md section 4): what the network would send the
+"""The clearing file of the traffic sent (docs/contract.md, clearing file): what the network would send the
 issuer days later for the purchases the server approved.
 
 The simulator knows what it sent and what was approved (field 38 of each `00` answer), so it can

@@ -1,4 +1,4 @@
-"""ISO 8583 framing and codec of the network simulator (CONTRACT.md section 3).
+"""ISO 8583 framing and codec of the network simulator (docs/contract.md, wire profile).
 
 The simulator is an independent peer of the server: it never imports `authsrv.iso`. The field table
 is read from pyiso8583's `iso8583.specs.default`, which is the contract's wire profile. The small
@@ -22,7 +22,7 @@ import iso8583
 import iso8583.specs
 
 SPEC = iso8583.specs.default
-LENGTH_HEADER_SIZE = 2  # bytes, big-endian unsigned (CONTRACT.md section 3)
+LENGTH_HEADER_SIZE = 2  # bytes, big-endian unsigned (docs/contract.md, wire profile)
 FRAME_SIZE_MAX = 8192  # bytes after the header; our requests are under 300 bytes
 FIELD_NUMBER_MAX = 128
 MTI_SIZE = 4

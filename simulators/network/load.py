@@ -5,8 +5,8 @@ round-robin over the connections, independent of responses. Latency is the recei
 intended send time, so when the server stalls, every request the stall delayed is charged for it,
 including those the client could not even send yet (no coordinated omission, as in wrk2 or
 HdrHistogram's own guidance). Requests are pipelined: many are in flight per connection, bounded by
-`outstanding_per_connection_max`, and matched on fields 11 + 37 in any order (CONTRACT.md
-section 3). A request unanswered `timeout_s` after it was sent counts as a timeout and is recorded
+`outstanding_per_connection_max`, and matched on fields 11 + 37 in any order (docs/contract.md,
+wire profile). A request unanswered `timeout_s` after it was sent counts as a timeout and is recorded
 at the latency it had reached then.
 
 Timer resolution: the sender wakes in ticks of about a millisecond (`TICK_S`) and each time sends
@@ -360,7 +360,7 @@ class _Connection:
         return f"{self.stan:06d}"
 
     async def sign_on(self) -> None:
-        """0800 / 001 and its answer, before the pump runs (CONTRACT.md section 3)."""
+        """0800 / 001 and its answer, before the pump runs (docs/contract.md, wire profile)."""
         request = self.run.factory.management(Kind.signon, self.next_stan())
         payload = frame(encode(request.message, self.codec))
         sent_s = _now()

@@ -1,6 +1,6 @@
 """The traffic mix: which requests the simulated network sends, and what it expects back.
 
-Each request kind knows its expected field 39 (CONTRACT.md section 3, the table of response codes),
+Each request kind knows its expected field 39 (docs/contract.md, response codes),
 so the run reports a mismatch whenever the server answers something else. Kinds whose outcome
 depends on earlier traffic keep just enough state here to stay exact:
 - reversals only reverse approvals the server already sent (a bounded pool);
@@ -46,7 +46,7 @@ VICTIM_SHARE_DIVISOR = 50  # one card in 50 is reserved for wrong-PIN traffic
 VICTIMS_MAX = 1_000
 VICTIM_PICK_TRIES_MAX = 8
 VICTIM_SPLIT_SEED = 8583  # which cards are PIN victims: fixed, so runs over one cards file agree
-WRONG_PINS_TO_LOCK = 3  # CONTRACT.md section 3: the third wrong PIN in a row locks (75)
+WRONG_PINS_TO_LOCK = 3  # docs/contract.md, wire profile: the third wrong PIN in a row locks (75)
 CROSS_CURRENCY_RATE_PERCENT = 92  # billing = amount * 0.92, a fixed network-provided rate
 STAN_MAX = 999_999
 PIN_BLOCKS_MAX = 100_000  # encrypted PIN blocks remembered per (PIN, PAN)
@@ -94,7 +94,7 @@ MANAGEMENT_KINDS = frozenset({Kind.echo, Kind.signon})
 # Card-present-at-a-merchant kinds a hot card receives its share of (module docstring).
 HOT_KINDS = frozenset({Kind.purchase, Kind.cross_currency, Kind.advice, Kind.refund})
 
-# Field 39 each kind expects when nothing else is known (CONTRACT.md section 3, response codes).
+# Field 39 each kind expects when nothing else is known (docs/contract.md, response codes).
 EXPECTED_CODES = {
     Kind.purchase: frozenset({"00"}),
     Kind.cross_currency: frozenset({"00"}),
@@ -204,7 +204,7 @@ class HotCards:
 
 @attrs.frozen
 class Approved:
-    """What a reversal needs to know about an approval it reverses (field 90, CONTRACT.md section 3)."""
+    """What a reversal needs to know about an approval it reverses (field 90, docs/contract.md, wire profile)."""
 
     mti: str
     processing_code: str
@@ -360,7 +360,7 @@ class RequestFactory:
         return self._builders[kind](kind, stan)
 
     def management(self, kind: Kind, stan: str) -> Request:
-        """0800 sign-on (001) or echo (301): fields 7, 11, 70 (CONTRACT.md section 3)."""
+        """0800 sign-on (001) or echo (301): fields 7, 11, 70 (docs/contract.md, wire profile)."""
         assert kind in MANAGEMENT_KINDS
         self._clock.refresh()
         code = "001" if kind is Kind.signon else "301"
@@ -417,7 +417,7 @@ class RequestFactory:
         card = card or self._pick(self._normal)
         amount = self._rng.choice(self._amounts.atm_minor_choices)
         message = self._base("0200", "010000", amount, card.currency_numeric, stan, ATM)
-        # An ATM reads the chip or stripe: track 2 replaces fields 2 and 14 (CONTRACT.md section 3).
+        # An ATM reads the chip or stripe: track 2 replaces fields 2 and 14 (docs/contract.md, wire profile).
         message["35"] = f"{card.pan}={card.expiry}2010000000000"
         message["22"] = "051"
         message["52"] = self._pin_blocks.field_52(pin or card.pin, card.pan)
@@ -435,7 +435,7 @@ class RequestFactory:
         card = self._spender()
         message = self._base("0120", "000000", self._purchase_amount(), card.currency_numeric, stan, self._merchant())
         self._card_fields(message, card.pan, card.expiry, None)
-        # An advice reports a stand-in approval: it cannot be declined (CONTRACT.md section 3).
+        # An advice reports a stand-in approval: it cannot be declined (docs/contract.md, wire profile).
         return Request(kind, message, EXPECTED_CODES[kind], "0130", clearable=self._clearable(message, card))
 
     def _balance_inquiry(self, kind: Kind, stan: str) -> Request:

@@ -1,4 +1,4 @@
-"""ISO 9564-1 format 0 PIN blocks under a triple-DES zone PIN key (CONTRACT.md section 3, field 52).
+"""ISO 9564-1 format 0 PIN blocks under a triple-DES zone PIN key (docs/contract.md, wire profile: field 52).
 
 Written here rather than imported from `authsrv.cardsec` so that the simulator stays an independent
 peer: a bug in the server's PIN code then shows up as `55` mismatches instead of cancelling out.

@@ -2,7 +2,7 @@
 
 Independent of authsrv's JWE code on purpose: the simulator is the other side of the wire, so a
 mistake shared by both sides would not show. joserfc with an explicit registry, since its default
-one refuses RSA-OAEP-256 (STACK.md); the registry names exactly the documents' algorithms.
+one refuses RSA-OAEP-256; the registry names exactly the documents' algorithms.
 """
 
 from __future__ import annotations
