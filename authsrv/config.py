@@ -108,7 +108,7 @@ class MccRule(_Section):
             raise ValueError(f"mcc_from {self.mcc_from} is above mcc_to {self.mcc_to}")
 
 
-# CONTRACT section 4: holds expire after 7 days, 30 for travel and lodging (airlines 3000-3999,
+# docs/contract.md, clearing file: holds expire after 7 days, 30 for travel and lodging (airlines 3000-3999,
 # cruise lines 4411, hotels 7011, car rental 7512), where the final amount is known late.
 MCC_RULES_DEFAULT: tuple[MccRule, ...] = (
     MccRule(mcc_from=3000, mcc_to=3999, days=30),
@@ -136,7 +136,7 @@ class HoldsConfig(_Section):
 
 
 class DuplicatesConfig(_Section):
-    # CONTRACT section 2: duplicates answered identically for at least 24 hours.
+    # docs/contract.md, durability: duplicates answered identically for at least 24 hours.
     retention_hours: Annotated[int, Meta(ge=24, le=24 * 366)] = 24
     # Authorization records kept for duplicates at most; past it the oldest go early, counted.
     records_max: Annotated[int, Meta(ge=RECORDS_MAX_MIN)] = RECORDS_MAX
@@ -216,7 +216,7 @@ BalanceMode = Literal["internal", "external"]
 Collateral = Literal["credit", "deposit", "none"]
 # "partner_balance": partner deposit/credit below its threshold (authsrv/notify; not in the documents).
 NotifyKind = Literal["transaction", "verification", "otp", "partner_balance"]
-# What answers when an external balance does not (CONTRACT section 3: "the stand-in policy decides").
+# What answers when an external balance does not (docs/contract.md, latency budget: "the stand-in policy decides").
 StandIn = Literal["decline", "approve"]
 STAND_IN_AMOUNT_MAX = 10**12  # minor units: far above any card transaction, below every ledger bound
 StandInAmount = Annotated[int, Meta(ge=0, le=STAND_IN_AMOUNT_MAX)]
@@ -266,7 +266,7 @@ class Config(_Section):
 def api_url_problem(url: str) -> str:
     """Why `url` is not acceptable as a partner API base URL, or "" when it is.
 
-    CONTRACT section 1: `http://` only on loopback; anything leaving the machine uses https.
+    docs/contract.md, partner settings: `http://` only on loopback; anything leaving the machine uses https.
     """
     if url == "":
         return ""

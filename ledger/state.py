@@ -71,7 +71,7 @@ HOLDS_PENDING_MAX = 1_000_000
 # bound, the ceiling of an in-memory ledger on one machine. Accounts grow with onboarding only.
 ACCOUNTS_MAX = 10_000_000
 # Ids grow with traffic, so this bound is what protects memory: ~4.5 GB at the bound, which holds
-# the 24 h duplicate window (CONTRACT.md section 2) up to ~115 transfers/s sustained (a hold and a
+# the 24 h duplicate window (docs/contract.md, durability) up to ~115 transfers/s sustained (a hold and a
 # post per authorization: ~58 authorizations/s around the clock). Beyond it the oldest ids are
 # evicted before their 24 h and counted (`ids_evicted_count`), never silently.
 IDS_MAX = 10_000_000

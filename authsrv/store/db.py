@@ -2,7 +2,7 @@
 
 SQLite in WAL mode, `synchronous=FULL`: a management change the API has answered survives a power
 cut. sqlite-utils creates the schema and does bulk inserts; single-row paths use plain SQL (a
-sqlite-utils `upsert` costs 10x a plain statement, /work/shared/STACK.md).
+sqlite-utils `upsert` costs 10x a plain statement, measured when the stack was chosen).
 
 Never stored: a clear PAN (only `pan_enc`, AES-GCM, and `pan_index`, a keyed HMAC, plus first 6 and
 last 4 digits), a CVV (recomputed from the CVK when needed) or a PIN (only its Visa PVV).
