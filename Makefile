@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench slow clean
+.PHONY: test demo bench slow fuzz clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Coverage-guided fuzzing of ISO 8583 decoding and parsing (fuzz/iso_fuzz.py); not in `make test`.
+# FUZZ_RUNS=10000 make fuzz for a short run.
+FUZZ_RUNS ?= 1000000
+fuzz: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris
+	FUZZ_RUNS=$(FUZZ_RUNS) $(PY) fuzz/iso_fuzz.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .fuzz

@@ -122,6 +122,38 @@ def random_payload(rng: random.Random) -> bytes:
     return head + _random_bytes(rng, rng.randint(0, 200))
 
 
+def answer(payload: bytes) -> object:
+    """What the switch's edge does with one frame (authsrv/hotpath/pipeline.py, Switch._handle): the
+    parsed request, or the documented error it answers with (IsoDecodeError: 30 when field 11 and
+    37 came through, else nothing; UnsupportedMti: 12; FormatError: 30). The response is built and
+    encoded as the switch does. Raises anything undocumented: that is a bug."""
+    from authsrv.hotpath.pipeline import _response_mti
+    from authsrv.iso import codec
+    from authsrv.iso.codec import IsoDecodeError
+    from authsrv.iso.request import AuthRequest, FormatError, NetworkRequest, UnsupportedMti
+    from authsrv.iso.request import parse_request, response_doc
+
+    try:
+        doc = codec.decode(payload)
+    except IsoDecodeError as error:
+        partial = error.partial
+        if "11" in partial and "37" in partial and str(partial.get("t", "")).isdigit():
+            codec.encode(response_doc(partial, _response_mti(partial["t"]), "30"))
+        return error
+    mti = doc.get("t", "")
+    response = _response_mti(mti) if len(mti) == 4 and mti.isdigit() else "0810"
+    try:
+        request = parse_request(doc)
+    except FormatError as error:
+        code = "12" if isinstance(error, UnsupportedMti) else "30"
+        assert (error.field == 0) == isinstance(error, UnsupportedMti)
+        assert codec.decode(codec.encode(response_doc(doc, response, code)))["39"] == code
+        return error
+    assert isinstance(request, (AuthRequest, NetworkRequest))
+    assert codec.decode(codec.encode(response_doc(request.raw, request.response_mti, "00")))["39"] == "00"
+    return request
+
+
 def hostile_payloads(rng: random.Random, seeds: list[bytes], count: int) -> Iterator[bytes]:
     """`count` payloads of 1 to FRAME_PAYLOAD_MAX bytes: 80% mutated seeds, 20% random bytes."""
     for _ in range(count):

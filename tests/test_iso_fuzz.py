@@ -12,12 +12,12 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authsrv.hotpath.pipeline import _response_mti
 from authsrv.iso import codec
 from authsrv.iso.codec import IsoDecodeError
 from authsrv.iso.framing import FRAME_SIZE_MAX, FrameSplitter, FramingError, frame
-from authsrv.iso.request import AuthRequest, FormatError, NetworkRequest, UnsupportedMti, parse_request, response_doc
+from authsrv.iso.request import AuthRequest, FormatError, NetworkRequest
 from tests import isofuzz
+from tests.isofuzz import answer
 
 SEEDS = isofuzz.seed_payloads(isofuzz.fake_cards())
 
@@ -56,30 +56,6 @@ behind_a_header = st.builds(lambda mti, bitmap, rest: mti + bitmap + rest,
                             st.sampled_from([b"0100", b"0200", b"0400", b"0800", b"0120"]) | st.binary(min_size=4, max_size=4),
                             st.binary(min_size=8, max_size=16), st.binary(max_size=200))
 hostile = mutated | random_bytes | behind_a_header
-
-
-def answer(payload: bytes) -> object:
-    """What the switch's edge does with one frame: a parsed request, or the error it answers with.
-    Raises anything undocumented."""
-    try:
-        doc = codec.decode(payload)
-    except IsoDecodeError as error:
-        partial = error.partial
-        if "11" in partial and "37" in partial and str(partial.get("t", "")).isdigit():
-            codec.encode(response_doc(partial, _response_mti(partial["t"]), "30"))  # the switch answers 30
-        return error
-    mti = doc.get("t", "")
-    response = _response_mti(mti) if len(mti) == 4 and mti.isdigit() else "0810"
-    try:
-        request = parse_request(doc)
-    except FormatError as error:
-        code = "12" if isinstance(error, UnsupportedMti) else "30"
-        assert (error.field == 0) == isinstance(error, UnsupportedMti)
-        assert codec.decode(codec.encode(response_doc(doc, response, code)))["39"] == code
-        return error
-    assert isinstance(request, (AuthRequest, NetworkRequest))
-    assert codec.decode(codec.encode(response_doc(request.raw, request.response_mti, "00")))["39"] == "00"
-    return request
 
 
 @given(hostile)
