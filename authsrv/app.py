@@ -133,9 +133,7 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
 def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     """Ledger (snapshot + log) and the journal riding on it, rebuilt the same way by the server and
     by offline commands (`clearing ingest`)."""
-    journal = AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9,
-                          records_max=config.duplicates.records_max, closed_max=config.duplicates.closed_max,
-                          activities_max=config.history.activities_max)
+    journal = new_journal(config)
     replayed: list[bytes] = []
     options = {"on_commit": on_commit} if on_commit is not None else {}
     ledger = ObservedLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
@@ -153,6 +151,39 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     journal.prune()  # holds resolved after the snapshot (expired, posted by clearing, voided)
     ledger.journal = journal
     return ledger, journal
+
+
+def new_journal(config) -> AuthJournal:
+    return AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9,
+                       records_max=config.duplicates.records_max, closed_max=config.duplicates.closed_max,
+                       activities_max=config.history.activities_max)
+
+
+def become_primary(data_dir: Path, config, metrics: Metrics, state, stream_log, snapshots):
+    """A cluster node's state (authsrv/cluster/node.py), caught up with the stream, made the switch's:
+    the same steps as a restart's recovery, with the replicated log as the log."""
+    from authsrv import cardsec
+    from authsrv.cluster.node import ReplicatedLedger
+    from authsrv.store.partners import sync_partners
+
+    state.store.replicate_to(stream_log)
+    ledger = ReplicatedLedger(data_dir / "ledger", stream_log, state.ledger, snapshot_seq=state.seq,
+                              app_snapshot=b"", clock_ns=time.time_ns, snapshots=snapshots)
+    set_ledger_bounds(ledger.ledger, config.ledger)
+    journal = state.journal
+    journal.prune()
+    ledger.journal = journal
+    metrics.watch_retention(journal, ledger.ledger)
+    watch_expiry(ledger, journal, metrics.holds_expired)
+    for name in sync_partners(state.store, config):
+        log.info("partner %s: settings taken from authsrv.toml", name)
+    watch_expiry_fees(ledger, journal, state.index)
+    _create_missing_accounts(ledger, state.store)
+    state.keys = cardsec.CardKeys.load(data_dir / "keys")
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    return ledger
 
 
 def set_ledger_bounds(ledger, bounds) -> None:
@@ -230,8 +261,22 @@ async def _serve(data_dir: Path, config, ports: dict[str, int]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, stop)
-            await run_server(data_dir, config, ports, stop)
+            if config.cluster is None:
+                await run_server(data_dir, config, ports, stop)
+            else:
+                await run_cluster_node(data_dir, config, ports, stop)
             nursery.cancel_scope.cancel()
+
+
+async def run_cluster_node(data_dir: Path, config, ports: dict[str, int], stop: trio.Event, *,
+                           task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A node of a shard (authsrv/cluster/node.py): standby until it holds the lease, then primary."""
+    from authsrv.cluster.node import ClusterNode
+
+    metrics = Metrics()
+    http = MetricsServer(metrics, config.server.host, ports["metrics"])
+    node = ClusterNode(data_dir, config, metrics, http)
+    await node.run(ports, stop, task_status=task_status)
 
 
 async def _stop_on_signal(signals, stop: trio.Event) -> None:
@@ -250,8 +295,8 @@ async def run_server(data_dir: Path, config, ports: dict[str, int], stop: trio.E
     try:
         ledger, journal, store, index, keys = _open_state(data_dir, config, metrics)
         try:
-            await _run(data_dir, config, ports, metrics, http, stop, ledger, journal, store, index, keys,
-                       task_status)
+            await run_services(data_dir, config, ports, metrics, http, stop, ledger, journal, store, index,
+                               keys=keys, task_status=task_status)
         finally:
             ledger.close()
             store.close()
@@ -259,8 +304,15 @@ async def run_server(data_dir: Path, config, ports: dict[str, int], stop: trio.E
         http.close()
 
 
-async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, store, index, keys,
-               task_status) -> None:
+async def run_services(data_dir, config, ports, metrics, http, stop, ledger, journal, store, index, *,
+                       keys=None, lost: trio.Event | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The switch, the REST API and the background work over opened state, until `stop`. With
+    `lost` set (a cluster primary that lost its lease), nothing is drained or snapshotted: the
+    state is given up."""
+    if keys is None:
+        from authsrv import cardsec
+
+        keys = cardsec.CardKeys.load(data_dir / "keys")
     cards = CardStateWriter(store)
     switch = Switch(ledger=ledger, index=index, cards=cards, keys=keys, journal=journal, metrics=metrics,
                     budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config),
@@ -296,6 +348,11 @@ async def _run(data_dir, config, ports, metrics, http, stop, ledger, journal, st
         metrics.ready.set(0)
         iso.stop()
         rest_stop.set()  # graceful: anycorn finishes in-flight requests while the ISO side drains
+        if lost is not None and lost.is_set():
+            with trio.move_on_after(config.iso.shutdown_grace_s):
+                await rest_stopped.wait()
+            nursery.cancel_scope.cancel()
+            return
         with trio.move_on_after(config.iso.shutdown_grace_s):
             await iso.drained()
         cards.close()
@@ -361,7 +418,7 @@ async def _tick(ledger, journal, metrics, config) -> None:
         metrics.holds_pending.set(ledger.ledger.pending_count())
         metrics.open_authorizations.set(journal.open_count)
         metrics.journal_records.set(len(journal))
-        if ledger.last_seq - last_snapshot_seq >= snapshot_interval:
+        if ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
             # The state is captured in this step (no await in between), written from a thread.
             started = time.perf_counter()
             last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot())

@@ -54,11 +54,34 @@ def _cmd_seed(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from authsrv.config import ConfigError, load_config
     from ledger.verify import verify
 
-    report = verify(args.data / "ledger")
+    try:
+        cluster = load_config(args.data).cluster if (args.data / "authsrv.toml").exists() else None
+    except ConfigError as error:
+        print(f"authsrv ledger verify: {error}", file=sys.stderr)
+        return 2
+    if cluster is not None:
+        from authsrv.cluster.node import verify_shard
+
+        report = verify_shard(args.data, load_config(args.data))
+    else:
+        report = verify(args.data / "ledger")
     print(report.to_json())
     return 0 if report.ok else 1
+
+
+def _cmd_cluster_join(args: argparse.Namespace) -> int:
+    from authsrv.cluster.join import JoinError, join
+
+    try:
+        join(args.data, args.source, args.node)
+    except JoinError as error:
+        print(f"authsrv cluster join: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.data}: node {args.node}; it catches up from the shard's stream when started")
+    return 0
 
 
 def _cmd_partner_add(args: argparse.Namespace) -> int:
@@ -136,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--summary-out", type=Path, help="summary JSON (default FILE.summary.json)")
     p.set_defaults(run=_cmd_clearing_ingest)
+
+    cluster = commands.add_parser("cluster", help="replication").add_subparsers(dest="cluster_command", required=True)
+    p = cluster.add_parser("join", help="make a standby's data directory from an existing node's")
+    p.add_argument("--data", type=Path, required=True, help="the new node's data directory")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="an existing node's data directory")
+    p.add_argument("--node", required=True, help="the new node's name, unique in the shard")
+    p.set_defaults(run=_cmd_cluster_join)
 
     fees = commands.add_parser("fees", help="fees").add_subparsers(dest="fees_command", required=True)
     p = with_data(fees.add_parser("run", help="charge the monthly fees of a month, once (server stopped)"))

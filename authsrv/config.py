@@ -247,6 +247,23 @@ class PartnerConfig(_Section):
             raise ValueError("notify lists a kind twice")
 
 
+ShardName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class ClusterConfig(_Section):
+    # docs/operations.md, "Running a cluster". Without this table: one node, the local log.
+    nats: Annotated[tuple[str, ...], Meta(min_length=1, max_length=16)]
+    shard: ShardName = "a"
+    node: ShardName = "n1"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 3
+    lease_s: Annotated[float, Meta(ge=1, le=60)] = 3.0
+
+    def __post_init__(self) -> None:
+        for url in self.nats:
+            if not url.startswith(("nats://", "tls://")):
+                raise ValueError(f"cluster.nats: {url!r} is not a nats:// or tls:// URL")
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     iso: IsoConfig = msgspec.field(default_factory=IsoConfig)
@@ -261,6 +278,7 @@ class Config(_Section):
     fees: FeesConfig = msgspec.field(default_factory=FeesConfig)
     fx: FxConfig = msgspec.field(default_factory=FxConfig)
     partners: dict[PartnerName, PartnerConfig] = msgspec.field(default_factory=dict)
+    cluster: ClusterConfig | None = None
 
 
 def api_url_problem(url: str) -> str:
@@ -479,6 +497,15 @@ atm_bp = 0
 fx_bp = 0
 # No monthly fees for a balance that spent more than this in the month (minor units); 0 = always charged.
 monthly_waiver_spend = 0
+
+# [cluster]
+# Replication and failover on a NATS JetStream cluster (docs/operations.md, "Running a cluster").
+# Without this table the node runs alone on its local write-ahead log.
+# nats = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]
+# shard = "a"        # the replicated group; the stream and lease names derive from it
+# node = "n1"        # this node's name, unique in the shard
+# replicas = 3       # the stream's replica count (1 for a one-server NATS)
+# lease_s = 3        # leadership lease; a standby takes over at most lease_s + 2 s after a primary dies
 
 [fx]
 # Rates table used when an authorization has no billing amount (fields 6/51) and its currency is

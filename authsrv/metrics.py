@@ -157,8 +157,10 @@ class Metrics:
         self._retention: _RetentionCollector | None = None  # set by watch_retention
 
     def watch_retention(self, journal: _JournalCounts, ledger: _LedgerCounts) -> None:
-        """Expose the journal's and the ledger's early-eviction counts (once, after they are opened)."""
-        assert self._retention is None, "watch_retention called twice"
+        """Expose the journal's and the ledger's early-eviction counts (after they are opened; a
+        cluster node that steps down and is promoted again points them at its new state)."""
+        if self._retention is not None:
+            self.registry.unregister(self._retention)
         self._retention = _RetentionCollector(journal, ledger)
         self.registry.register(self._retention)
 

@@ -313,6 +313,10 @@ class DurableLedger:
 
     # ----------------------------------------------------------------------------- snapshots
 
+    def snapshot_due(self, records_since: int, interval_records: int) -> bool:
+        """Is a snapshot due, `records_since` records after the last one?"""
+        return records_since >= interval_records
+
     def snapshot(self, app_snapshot: bytes = b"") -> int:
         """Write a snapshot of the state at last_seq; drop log segments no snapshot needs.
 

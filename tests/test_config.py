@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from authsrv.config import (
+    ClusterConfig,
     Config,
     ConfigError,
     HoldsConfig,
@@ -54,6 +55,11 @@ def test_every_field_appears_with_a_comment() -> None:
     for section in _struct_fields(Config):
         if section.name == "partners":
             assert "[partners.demo]" in lines
+            continue
+        if section.name == "cluster":  # off by default: shown commented out, each setting explained
+            assert "# [cluster]" in lines
+            for field in _struct_fields(ClusterConfig):
+                assert re.search(rf"^# {field.name} = ", text, re.MULTILINE), f"cluster.{field.name}"
             continue
         assert f"[{section.name}]" in lines, section.name
         for field in _struct_fields(section.type):

@@ -269,6 +269,15 @@ class Switch:
         data = frame(codec.encode(response_doc(doc, response_mti, code)))
         return Outgoing(data, 0, received_ns, received_ns + self._budget_ns, mti, code)
 
+    def refuse(self, outgoing: Outgoing) -> Outgoing:
+        """The log refuses every record (a deposed cluster primary, which restores from the stream):
+        answer 91 without touching the ledger; a duplicate still waiting sends nothing."""
+        ctx = outgoing.ctx
+        if ctx is None:
+            return Outgoing(b"", 0, outgoing.received_ns, outgoing.deadline_ns, outgoing.mti, outgoing.code)
+        self._metrics.stand_in.inc()
+        return self._plain(ctx.request.raw, ctx.request.mti, "91", ctx.received_ns)
+
     def stand_in(self, outgoing: Outgoing) -> Outgoing:
         """The commit missed the budget: release the hold and answer 91 instead of the approval."""
         ctx = outgoing.ctx

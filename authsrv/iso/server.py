@@ -25,6 +25,7 @@ import trio
 from authsrv.iso.framing import LENGTH_PREFIX_SIZE, RECEIVE_SIZE, FrameSplitter
 from authsrv.iso.transport import StreamSocket
 from ledger.durable import LedgerFailedError
+from ledger.jetstream import LogFencedError
 from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.iso")
@@ -233,8 +234,11 @@ class IsoServer:
         ledger = self._ledger
         deadline_ns = min(outgoing.deadline_ns for outgoing in group if outgoing.seq > durable)
         with trio.move_on_after(max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)):
-            await ledger.wait_durable(seq)
-            return group
+            try:
+                await ledger.wait_durable(seq)
+                return group
+            except LogFencedError:  # a deposed cluster primary: nothing more commits, nothing to release
+                return [self._switch.refuse(o) if o.seq > ledger.durable_seq else o for o in group]
         group = [self._switch.stand_in(o) if o.ctx is not None and o.seq > ledger.durable_seq else o for o in group]
         rest = max(outgoing.seq for outgoing in group)
         if rest > ledger.durable_seq:  # duplicates of approvals still committing: they must wait

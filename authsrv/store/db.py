@@ -41,6 +41,7 @@ import attrs
 import sqlite_utils
 
 from authsrv.iban import make_iban
+from authsrv.store.replica import IndexOp, RecordingConnection, StoreChange, encode_change, write_files
 from authsrv.store.index import (
     IRREVERSIBLE_LOCK_REASONS,
     PAN_INDEX_LENGTH,
@@ -70,6 +71,7 @@ SCRYPT_P = 1
 SCRYPT_N_MAX = 2**20  # a tampered hash must not make verification eat the machine
 SCRYPT_SALT_BYTES = 16
 SCRYPT_KEY_BYTES = 32
+REPLICATED_WAIT_S = 10.0  # a cluster primary's store change waits this long for the stream's ack
 DATA_DIR_BUSY_MESSAGE = "the server is running; stop it or use the admin API"
 
 
@@ -528,12 +530,17 @@ class DataDirLock:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self.db = sqlite_utils.Database(conn)
+    def __init__(self, conn: sqlite3.Connection, *, data_dir: Path | None = None) -> None:
+        self._conn = RecordingConnection(conn)
+        self.db = sqlite_utils.Database(self._conn)
+        self.data_dir = data_dir
         self._lock = threading.RLock()
         self._index: CardIndex | None = None
-        self._after_commit: list[Callable[[], None]] = []
+        self._after_commit: list[IndexOp] = []  # index refreshes of this transaction, run on commit
+        self._replica_ops: list[IndexOp] = []  # refreshes only a standby applying the change runs
+        self._files: list[tuple[str, bytes]] = []  # files this transaction wrote (replicated with it)
+        self._log = None  # a cluster primary's replicated log (ledger.jetstream.StreamLog)
+        self.replicated_wait_s = REPLICATED_WAIT_S
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Store:
@@ -553,7 +560,7 @@ class Store:
         assert mode == "wal", mode
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
-        store = cls(conn)
+        store = cls(conn, data_dir=path.parent)
         try:
             store._check_or_create_schema(create=create)
         except BaseException:
@@ -578,23 +585,81 @@ class Store:
         """One `BEGIN IMMEDIATE` transaction; nested calls join the outermost one.
 
         IMMEDIATE takes the write lock at once, so ids read with `_next_id` inside stay free
-        until commit."""
+        until commit. On a cluster primary the transaction's writes are also one record of the
+        replicated log, appended before COMMIT (log order is commit order); the caller returns
+        only once the stream acknowledged it (docs/architecture.md, "Replication and failover")."""
+        wait_for = 0
         with self._lock:
             if self._conn.in_transaction:
                 yield
                 return
+            replicating = self._log is not None
             self._conn.execute("BEGIN IMMEDIATE")
+            if replicating:
+                self._conn.recording = []
             try:
                 yield
+                if replicating:
+                    wait_for = self._append_change()
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 self._after_commit.clear()
                 raise
+            finally:
+                self._conn.recording = None
+                self._replica_ops.clear()
+                self._files.clear()
             pending, self._after_commit = self._after_commit, []
-            for update in pending:
-                update()
+            for op in pending:
+                self._run_index_op(op)
+        if wait_for:
+            self._log.wait_durable_sync(wait_for, self.replicated_wait_s)
+
+    def _append_change(self) -> int:
+        """This transaction's change as one log record (0: it wrote nothing)."""
+        from ledger.jetstream import KIND_STORE
+
+        statements = self._conn.recording
+        if not statements:
+            return 0
+        change = StoreChange(statements=statements, index_ops=[*self._after_commit, *self._replica_ops],
+                             files=list(self._files))
+        payload = encode_change(change)
+        self._log.ensure_room(len(payload))
+        return self._log.append(payload, KIND_STORE)
+
+    def replicate_to(self, log) -> None:
+        """From now on every transaction is also a record of `log` (a cluster primary), or, with
+        None, no longer (a standby, a single node)."""
+        with self._lock:
+            self._log = log
+
+    def add_file(self, relative: str, content: bytes) -> None:
+        """A file the current transaction wrote under the data directory, replicated with it."""
+        assert self._conn.in_transaction
+        if self._log is not None:
+            self._files.append((relative, content))
+
+    def apply_change(self, change: StoreChange) -> None:
+        """A standby: apply a primary's transaction (same statements, same index refreshes)."""
+        assert self._log is None, "a primary does not apply changes from the log"
+        if change.files:
+            assert self.data_dir is not None
+            write_files(self.data_dir, change.files)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, parameters in change.statements:
+                    self._conn.execute(sql, parameters)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            for op in change.index_ops:
+                self._run_index_op(tuple(op))
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -616,10 +681,35 @@ class Store:
         with self._lock:
             yield
 
-    def _on_commit(self, update: Callable[[], None]) -> None:
-        """Run `update` (an index change) once the current transaction has committed."""
+    def _on_commit(self, op: IndexOp) -> None:
+        """Refresh the index entry `op` names once the current transaction has committed."""
         assert self._conn.in_transaction
-        self._after_commit.append(update)
+        if self._index is not None or self._log is not None:
+            self._after_commit.append(op)
+
+    def _run_index_op(self, op: IndexOp) -> None:
+        index = self._index
+        if index is None:
+            return
+        match op:
+            case ("card", card_id):
+                self._refresh_card(card_id)
+            case ("partner", name):
+                index.put_partner(self._partner_state(name))
+            case ("system", currency):
+                for kind, put in (("settlement", index.put_settlement_account),
+                                  ("funding", index.put_funding_account)):
+                    account_id = self.system_accounts(kind).get(currency)
+                    if account_id is not None:
+                        put(currency, account_id)
+            case ("controls", scope, owner_id):
+                from authsrv.hotpath.limits import Controls, decode_spec
+
+                text = self.get_spend_controls(scope, owner_id)
+                if text is not None:
+                    index.put_controls(scope, owner_id, Controls.from_spec(decode_spec(text)))
+            case _:
+                raise AssertionError(f"unknown index refresh {op!r}")
 
     def _next_id(self, table: str) -> int:
         assert self._conn.in_transaction, "ids are only stable under the write lock"
@@ -712,7 +802,7 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise StoreConflict(f"partner {name!r} already exists") from None
-            self._on_commit(lambda: self._refresh_partner(name))
+            self._on_commit(("partner", name))
         return row
 
     def get_partner(self, name: str) -> PartnerRow | None:
@@ -738,7 +828,7 @@ class Store:
                 (balance_mode, collateral, name),
             ).rowcount
             assert updated == 1, f"no partner {name!r}"
-            self._on_commit(lambda: self._refresh_partner(name))
+            self._on_commit(("partner", name))
 
     # -- card programs -----------------------------------------------------------------------------
 
@@ -771,10 +861,7 @@ class Store:
         with self.transaction():
             settlement = self._ensure_account(AccountKind.settlement, currency, SYSTEM_OWNER)
             funding = self._ensure_account(AccountKind.funding, currency, SYSTEM_OWNER)
-            if self._index is not None:
-                index = self._index
-                self._on_commit(lambda: index.put_settlement_account(currency, settlement.id))
-                self._on_commit(lambda: index.put_funding_account(currency, funding.id))
+            self._on_commit(("system", currency))
         return [settlement, funding]
 
     def ensure_partner_accounts(self, partner: str, currency: str) -> list[AccountSpec]:
@@ -797,7 +884,7 @@ class Store:
                 specs.append(collateral)
             specs.append(self._ensure_account(AccountKind.collateral_usage, currency, partner))
             specs.append(self._ensure_account(AccountKind.fee_income, currency, partner))
-            self._on_commit(lambda: self._refresh_partner(partner))
+            self._on_commit(("partner", partner))
         return specs
 
     def ledger_account(self, kind: AccountKind, currency: str, owner: str) -> AccountSpec | None:
@@ -1279,7 +1366,7 @@ class Store:
             specs.append(account)
             specs.append(self._ensure_account(AccountKind.collateral_usage, currency, partner))
             specs.append(self._ensure_account(AccountKind.fee_income, currency, partner))
-            self._on_commit(lambda: self._refresh_partner(partner))
+            self._on_commit(("partner", partner))
         return specs
 
     def get_partner_balance(self, partner: str, balance_type: PartnerBalanceType,
@@ -1414,6 +1501,8 @@ class Store:
                 (wrong_pin_count, int(status), lock_reason, card_id),
             ).rowcount
             assert updated == 1, f"no card {card_id}"
+            if self._log is not None:
+                self._replica_ops.append(("card", card_id))  # a standby's index follows
 
     def reset_wrong_pin(self, card_id: int) -> None:
         """A correct PIN ends the run of wrong ones."""
@@ -1496,6 +1585,9 @@ class Store:
                 f"INSERT INTO kyc_forms ({_KYC_FORM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 attrs.astuple(row),
             )
+            if self._log is not None and self.data_dir is not None:  # the images travel with the row
+                for path in sorted((self.data_dir / "kyc" / str(form_id)).glob("*")):
+                    self.add_file(str(path.relative_to(self.data_dir)), path.read_bytes())
         return row
 
     def get_kyc_form(self, form_id: int) -> KycFormRow | None:
@@ -1563,9 +1655,7 @@ class Store:
                 " ON CONFLICT (scope, owner_id) DO UPDATE SET controls_json = excluded.controls_json,"
                 " updated_at = excluded.updated_at", (scope, owner_id, controls_json, utc_now_iso()))
             self.append_event(partner, event_kind, subject, event_body)
-            if self._index is not None:
-                index = self._index
-                self._on_commit(lambda: index.put_controls(scope, owner_id, controls))
+            self._on_commit(("controls", scope, owner_id))
 
     def spend_controls_all(self) -> list[tuple[str, int, Any]]:
         """(scope, owner id, compiled Controls) of every stored spec: the index at startup."""
@@ -1624,28 +1714,22 @@ class Store:
             fee_income_account_ids=by_kind.get(AccountKind.fee_income, {}),
         )
 
-    def _refresh_partner(self, name: str) -> None:
-        if self._index is not None:
-            self._index.put_partner(self._partner_state(name))
-
     def _refresh_card_on_commit(self, card_id: int) -> None:
-        if self._index is None:
-            return
+        self._on_commit(("card", card_id))
+
+    def _refresh_card(self, card_id: int) -> None:
         index = self._index
-
-        def refresh() -> None:
-            found = self._conn.execute(_CARD_STATE_QUERY + " WHERE c.id = ?", (card_id,)).fetchone()
-            assert found is not None
-            existing = index.card_by_id(card_id)
-            fresh = _card_state(found)
-            if existing is None:
-                index.put_card(fresh, found[0])
-                return
-            # In place: the hot path may hold a reference to this very object.
-            for field in attrs.fields(CardState):
-                setattr(existing, field.name, getattr(fresh, field.name))
-
-        self._on_commit(refresh)
+        assert index is not None
+        found = self._conn.execute(_CARD_STATE_QUERY + " WHERE c.id = ?", (card_id,)).fetchone()
+        assert found is not None
+        existing = index.card_by_id(card_id)
+        fresh = _card_state(found)
+        if existing is None:
+            index.put_card(fresh, found[0])
+            return
+        # In place: the hot path may hold a reference to this very object.
+        for field in attrs.fields(CardState):
+            setattr(existing, field.name, getattr(fresh, field.name))
 
 
 SPEND_CONTROL_SCOPES = ("card", "user")
