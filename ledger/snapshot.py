@@ -69,11 +69,15 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     fd = os.open(temporary, flags, FILE_MODE)
     try:
-        write_all(fd, header)
-        write_all(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            write_all(fd, header)
+            write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk: do not keep half a snapshot taking its space
+        raise
     os.rename(temporary, final)
     fsync_directory(directory)
     log.info("snapshot written: %s (%d bytes, covers seq %d)", final, len(payload), seq)

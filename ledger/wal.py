@@ -18,10 +18,19 @@ groups took under `inline_commit_s_max`) the committer writes in the trio thread
 handing a group to a thread and back costs more CPU (~150-280 us on a 2-core VM, measured) than a
 fast fdatasync blocks the loop (~100 us there), and that CPU is what the hot path runs out of. A torn record at the tail of the last segment is truncated with a log
 line; a bad checksum or a sequence gap anywhere else stops recovery with `CorruptLogError` naming
-the file and the byte offset. An fsync error is fatal (`WalFatalError`): after a failed fsync the
-page cache may have dropped the dirty pages, so a retry could report success for data that never
-reached the disk (the PostgreSQL "fsyncgate" lesson). The directory is fsync'd whenever a segment
-is created or deleted.
+the file and the byte offset. The directory is fsync'd whenever a segment is created or deleted.
+
+A disk that cannot take the records (no space left, an I/O error from write or fdatasync) does not
+stop the log: the failed group stays in memory, in order, the log reports itself unwritable
+(`unwritable_reason`, `accepting`), and the committer tries again every RETRY_INTERVAL_S_MAX at
+most, so the log resumes by itself once the disk can be written. Nothing is reported durable that
+a successful fdatasync did not cover: after a failed write or fdatasync the bytes past the last
+durable offset are in an unknown state (partly written, or in pages the kernel dropped or marked
+clean without writing them: the PostgreSQL "fsyncgate" lesson, so an fsync is never simply
+retried), so the segment is reopened, cut back to that offset (the cut made durable) and the
+records are written again from memory. Segments are preallocated ahead of the writes
+(fallocate, FALLOC_FL_KEEP_SIZE, PREALLOCATE_BYTES at a time): a full disk is found there, before
+any byte of a record is written, not halfway through one.
 
 Threads: `append` and the hand-off of the buffer run in one thread, the trio thread while
 `run_committer` runs (any single thread otherwise). A handed-off group goes into a FIFO queue;
@@ -33,6 +42,10 @@ run in any thread.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import logging
 import os
@@ -73,6 +86,18 @@ INLINE_COMMIT_S_MAX = 0.0003
 INLINE_EWMA_WEIGHT = 8
 # In thread mode, every this many groups one is written inline to re-measure the disk.
 INLINE_PROBE_GROUPS = 64
+# Disk blocks are allocated this far ahead of the writes (never past segment_size_max): a full disk
+# is found at allocation, before a record is torn. At rotation what was not used is given back.
+PREALLOCATE_BYTES = 4 * 1024 * 1024
+# While unwritable the committer tries the failed group again after RETRY_INTERVAL_S_MIN, doubling
+# up to RETRY_INTERVAL_S_MAX: the log resumes at most this long after the disk can take it again.
+RETRY_INTERVAL_S_MIN = 0.05
+RETRY_INTERVAL_S_MAX = 1.0
+# `accepting` keeps this much of the buffer for records that compensate what is already buffered
+# (an approval whose commit missed its budget is voided), so they always find room.
+ACCEPT_RESERVE_BYTES = 1024 * 1024
+# Why the log cannot be written, as a fixed set (a metric label): ENOSPC and EDQUOT are "enospc".
+UNWRITABLE_REASONS = ("enospc", "eio", "other")
 
 HEADER = struct.Struct("<IQI")  # length, seq, crc32c
 HEADER_SIZE = HEADER.size
@@ -104,7 +129,42 @@ class WalFullError(WalError):
 
 
 class WalFatalError(WalError):
-    """A write or fsync failed. The process must stop; the log must be reopened (recovered)."""
+    """The log is in a state it cannot go on from. The process must stop; reopen to recover."""
+
+
+class WalUnwritableError(WalError):
+    """The disk did not take the records now (no space left, an I/O error). Nothing is lost: they
+    stay in memory, in order, and the committer writes them once the disk takes them again."""
+
+
+def unwritable_reason_of(error: OSError) -> str:
+    """The UNWRITABLE_REASONS label of a failed write, fallocate or fsync."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "enospc"
+    if error.errno == errno.EIO:
+        return "eio"
+    return "other"
+
+
+_FALLOC_FL_KEEP_SIZE = 1  # allocate blocks past the end of the file without changing its size
+_libc_fallocate = None
+try:
+    _libc_fallocate = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
+    _libc_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _libc_fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux/glibc: no preallocation (a full disk is found at write)
+    _libc_fallocate = None
+
+
+def _fallocate(fd: int, offset: int, length: int) -> None:
+    """fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length); raises OSError. (Tests inject faults here.)
+
+    os.posix_fallocate would grow the file: recovery would then read the zeros as a torn record."""
+    if _libc_fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    if _libc_fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def segment_path(directory: Path, first_seq: int) -> Path:
@@ -265,6 +325,15 @@ class Wal:
         self._inline_write_s: float | None = None
         self._groups_since_probe = 0
         self.groups_inline = self.groups_threaded = 0  # commit groups by where they were written
+        # The disk (see the module docstring). Written under _io_lock, read from any thread.
+        self._unwritable: OSError | None = None  # the last failure, until a group is written again
+        self._unwritable_since = 0.0  # time.monotonic() of the episode's first failure
+        self._failures_before = 0  # write_failures before the episode
+        self.write_failures = 0  # failed attempts to write a group, since the log was opened
+        self.write_errors = dict.fromkeys(UNWRITABLE_REASONS, 0)  # the same, by reason
+        self._tail_dirty = False  # the active segment may hold bytes past its durable size
+        self._allocated = 0  # the active segment's blocks are allocated up to this offset
+        self._preallocate = _libc_fallocate is not None
 
     # ----------------------------------------------------------------------------- opening
 
@@ -316,6 +385,35 @@ class Wal:
     @property
     def buffered_bytes(self) -> int:
         return len(self._buffer)
+
+    @property
+    def unwritable_reason(self) -> str | None:
+        """None while the disk takes the log; else why not (one of UNWRITABLE_REASONS)."""
+        error = self._unwritable
+        return None if error is None else unwritable_reason_of(error)
+
+    @property
+    def writable(self) -> bool:
+        return self._unwritable is None
+
+    @property
+    def accepting(self) -> bool:
+        """Writable, with room in the buffer for one more record of any size and ACCEPT_RESERVE_BYTES
+        besides. Work that needs a durable record is refused up front while False (the switch
+        answers 91): what is already buffered keeps room for its compensations."""
+        if self._unwritable is not None:
+            return False
+        buffered = len(self._buffer)
+        return not buffered or (
+            buffered + HEADER_SIZE + RECORD_SIZE_MAX + ACCEPT_RESERVE_BYTES <= self._buffer_bytes_max
+        )
+
+    @property
+    def unwritten_bytes(self) -> int:
+        """Records appended and not yet on disk: the buffer and the groups handed off."""
+        with self._queue_lock:
+            queued = sum(len(data) for _, _, data in self._queue)
+        return len(self._buffer) + queued
 
     # ----------------------------------------------------------------------------- appending
 
@@ -379,9 +477,11 @@ class Wal:
             while self._written_seq < seq:
                 self._raise_if_fatal()
                 with self._queue_lock:
-                    first, last, data = self._queue.popleft()
+                    first, last, data = self._queue[0]  # taken off once on disk: a failure keeps it
                 assert first == self._written_seq + 1, (first, self._written_seq)
                 seconds += self._write_group(first, last, data)
+                with self._queue_lock:
+                    self._queue.popleft()
                 records += last - first + 1
                 size += len(data)
             return records, size, seconds
@@ -389,20 +489,93 @@ class Wal:
             self._io_lock.release()
 
     def _write_group(self, first: int, last: int, data: bytearray) -> float:
-        """One write and one fdatasync for records [first, last]. Caller holds _io_lock."""
+        """One write and one fdatasync for records [first, last]. Caller holds _io_lock.
+
+        Raises WalUnwritableError when the disk refuses (the group stays queued for a retry)."""
         assert last >= first and len(data) >= (last - first + 1) * (HEADER_SIZE + 1)
         started = time.perf_counter()
         try:
+            if self._tail_dirty:
+                self._repair_tail()
             fd = self._active_segment_fd(first, len(data))
+            self._reserve(fd, len(data))
+            self._tail_dirty = True  # from here a failure may leave part of the group in the file
             write_all(fd, data)
             os.fdatasync(fd)
         except OSError as error:
-            self._fatal = error
-            log.critical("write-ahead log write/fsync failed; stopping", exc_info=True)
-            raise WalFatalError(f"write-ahead log write/fsync failed: {error}") from error
+            self._failed(error, first)
+            raise WalUnwritableError(f"write-ahead log cannot be written: {error}") from error
+        self._tail_dirty = False
         self._segments[-1].size += len(data)
         self._written_seq = last
+        if self._unwritable is not None:
+            log.warning("write-ahead log writable again after %.1f s (%d failed attempts); writing from seq %d",
+                        time.monotonic() - self._unwritable_since, self.write_failures - self._failures_before,
+                        first)
+            self._unwritable = None
         return time.perf_counter() - started
+
+    def _failed(self, error: OSError, first: int) -> None:
+        """Count a failed group and close the active segment (reopened, cut back and written again
+        on the next try). One error line per episode (and one more if the reason changes)."""
+        reason = unwritable_reason_of(error)
+        self.write_failures += 1
+        self.write_errors[reason] += 1
+        if self._unwritable is None or unwritable_reason_of(self._unwritable) != reason:
+            if self._unwritable is None:
+                self._unwritable_since, self._failures_before = time.monotonic(), self.write_failures - 1
+            log.error("write-ahead log cannot be written (%s): %s; seq %d on are kept in memory and "
+                      "written once the disk takes them (tried again every %.1f s at most); until then "
+                      "whatever needs a durable record is declined", reason, error, first,
+                      RETRY_INTERVAL_S_MAX)
+        self._unwritable = error
+        self._close_active()
+
+    def _close_active(self) -> None:
+        if self._active_fd is not None:
+            fd, self._active_fd = self._active_fd, None
+            try:
+                os.close(fd)
+            except OSError:  # close may report a writeback error; the tail is cut back anyway
+                pass
+
+    def _repair_tail(self) -> None:
+        """Reopen the active segment and cut it back to its durable size (see the module docstring):
+        nothing of a failed group stays behind, and the next write starts at a record boundary."""
+        self._close_active()
+        segment = self._segments[-1]
+        fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, segment.size)  # also gives back the blocks allocated past it
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._active_fd = fd
+        self._allocated = segment.size
+        self._tail_dirty = False
+
+    def _reserve(self, fd: int, size: int) -> None:
+        """Allocate the blocks the next `size` bytes of the active segment will take, before they are
+        written: PREALLOCATE_BYTES ahead, or just what they need when the disk has no more."""
+        used = self._segments[-1].size
+        end = used + size
+        if end <= self._allocated or not self._preallocate:
+            return
+        ahead = max(end, min(used + PREALLOCATE_BYTES, self._segment_size_max))
+        try:
+            _fallocate(fd, used, ahead - used)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._preallocate = False
+                log.info("write-ahead log: %s does not support preallocation (%s); a full disk is found "
+                         "at write time instead", self.directory, error)
+                return
+            if error.errno != errno.ENOSPC or ahead == end:
+                raise
+            _fallocate(fd, used, end - used)  # the last free blocks: ENOSPC here is a full disk
+            ahead = end
+        self._allocated = ahead
 
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
@@ -422,18 +595,30 @@ class Wal:
             assert active.size > 0 or active.first_seq == first, (active.first_seq, first)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
             self._active_fd = os.open(active.path, flags)
+            self._allocated = active.size  # unknown past the end: allocated again before a write
         assert self._active_fd is not None
         return self._active_fd
 
     def _start_segment(self, first: int) -> None:
         """Create wal-<first>.log and make its name durable before any record goes in it."""
         if self._active_fd is not None:
-            os.close(self._active_fd)  # its records were fsync'd by the previous group
-            self._active_fd = None
+            with contextlib.suppress(OSError):  # give back the blocks allocated and not used
+                os.ftruncate(self._active_fd, self._segments[-1].size)
+            self._close_active()  # its records were fsync'd by the previous group
         path = segment_path(self.directory, first)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._active_fd = os.open(path, flags, FILE_MODE)
-        _fsync_directory(self._dir_fd)
+        # Not O_EXCL: an attempt that failed after creating the file (the directory fsync) left it
+        # empty, and the next attempt takes it. A file of that name with data in it is not ours.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            if os.fstat(fd).st_size:
+                self._fatal = WalError(f"{path} exists and is not empty")
+                raise WalFatalError(f"write-ahead log: {path} exists and is not empty; not overwriting it")
+            _fsync_directory(self._dir_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._active_fd = fd
+        self._allocated = 0
         self._segments.append(_Segment(first, path, 0))
         log.info("write-ahead log segment started: %s", path)
 
@@ -441,8 +626,9 @@ class Wal:
         """Write and fsync everything appended so far, synchronously.
 
         For the CLI, tests, snapshots and shutdown. From the appending thread it writes itself
-        (with any group still queued for the committer); from another thread while a committer
-        runs, it asks the committer and blocks until the records are durable.
+        (with any group still queued for the committer), raising WalUnwritableError if the disk
+        refuses; from another thread while a committer runs, it asks the committer and blocks until
+        the records are durable (while the log is unwritable: until the disk takes them).
         """
         self._raise_if_fatal()
         on_other_thread = threading.get_ident() != self._committer_thread
@@ -454,7 +640,13 @@ class Wal:
         # Also writes a group the committer handed off but whose thread has not run yet: the
         # committer needs this (trio) thread to start its worker, so waiting would deadlock.
         _, target = self._hand_off()
-        records, size, seconds = self._write_through(target)
+        try:
+            records, size, seconds = self._write_through(target)
+        except WalUnwritableError:
+            if self._committer_idle:  # (the trio thread) the committer tries again, not only this caller
+                self._committer_idle = False
+                self._wakeup.set()
+            raise
         assert self._written_seq >= target
         if records and self._on_commit is not None:
             self._on_commit(records, size, seconds)
@@ -469,21 +661,30 @@ class Wal:
 
     # ----------------------------------------------------------------------------- group commit
 
-    async def wait_durable(self, seq: int) -> None:
-        """Return once record `seq` is on disk. Needs `run_committer` running (or a flush)."""
+    async def wait_durable(self, seq: int, *, unwritable_raises: bool = False) -> None:
+        """Return once record `seq` is on disk. Needs `run_committer` running (or a flush).
+
+        While the log is unwritable this waits until the disk takes the record again, or raises
+        WalUnwritableError at once if `unwritable_raises` (for work that can be tried later)."""
         assert 0 <= seq <= self.last_seq, (seq, self.last_seq)  # 0: nothing to wait for
-        for _ in range(WAIT_ROUNDS_MAX):
-            if self._written_seq >= seq:
-                return
+        failures_before = self.write_failures
+        rounds = 0
+        # Bounded: a waiter is woken once per commit group that could hold its record, and once per
+        # failed attempt to write one (those are counted).
+        while self._written_seq < seq:
             self._raise_if_fatal()
             if self._committer_stopped:
                 raise WalError(f"committer stopped before seq {seq} was durable")
+            if unwritable_raises and self._unwritable is not None:
+                raise WalUnwritableError(f"write-ahead log cannot be written now: {self._unwritable}")
+            rounds += 1
+            if rounds > WAIT_ROUNDS_MAX + self.write_failures - failures_before:
+                raise AssertionError(f"seq {seq} not durable after {WAIT_ROUNDS_MAX} commit groups")
             if seq <= self._inflight_last_seq:
                 event = self._inflight_event
             else:
                 event = self._next_event
             await event.wait()
-        raise AssertionError(f"seq {seq} not durable after {WAIT_ROUNDS_MAX} commit groups")
 
     def _publish(self) -> None:
         """Wake the waiters whose records are now durable. Trio thread only."""
@@ -513,14 +714,23 @@ class Wal:
         writer.start()
         task_status.started()
         try:
-            # Service loop: each pass either commits a non-empty group or sleeps until an append.
+            retry_s = RETRY_INTERVAL_S_MIN
+            # Service loop: each pass commits a group, sleeps until an append, or (while the disk
+            # refuses) waits and tries the failed group again.
             while True:
-                if not self._buffer:
+                if not self._buffer and self._written_seq >= self.last_seq:
                     self._committer_idle = True
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     continue
-                await self._commit_one_group()
+                try:
+                    await self._commit_one_group()
+                except WalUnwritableError:
+                    self._commit_failed()
+                    await trio.sleep(retry_s)
+                    retry_s = min(2 * retry_s, RETRY_INTERVAL_S_MAX)
+                    continue
+                retry_s = RETRY_INTERVAL_S_MIN
         except WalFatalError:
             self._wake_all()
             raise
@@ -532,8 +742,18 @@ class Wal:
                 self._publish()
             self._wake_all()
 
+    def _commit_failed(self) -> None:
+        """The group in flight was not written: nothing is in flight now. Its waiters wait on."""
+        self._inflight_last_seq = self._written_seq
+        self._wake_all()  # each waiter counts this failure and waits for the next group
+
     async def _commit_one_group(self) -> None:
-        _, last = self._hand_off()
+        with self._queue_lock:
+            queued_last = self._queue[-1][1] if self._queue else None
+        if self._unwritable is not None and queued_last is not None:
+            last = queued_last  # the failed groups first, alone: the buffer stays bounded meanwhile
+        else:
+            _, last = self._hand_off()
         self._inflight_last_seq = last
         self._inflight_event = self._next_event
         self._next_event = trio.Event()
@@ -585,8 +805,8 @@ class Wal:
     def _commit_inline(self) -> bool:
         """Write this group in the trio thread? Yes while the disk has been fast, and now and then
         in thread mode to measure it again (a slow disk then blocks the loop once per probe)."""
-        if self._inline_commit_s_max <= 0:
-            return False
+        if self._inline_commit_s_max <= 0 or self._unwritable is not None:
+            return False  # a disk in trouble may also be slow: never block the loop on it
         if self._inline_write_s is not None and self._inline_write_s <= self._inline_commit_s_max:
             return True
         self._groups_since_probe += 1
@@ -623,15 +843,19 @@ class Wal:
         assert seq <= self._written_seq + 1, "only durable records may be covered"
         with self._io_lock:
             deleted = 0
-            # Bounded by the number of segments; never deletes the last one.
-            while len(self._segments) > 1 and self._segments[1].first_seq <= seq:
-                segment = self._segments.pop(0)
-                segment.path.unlink()
-                deleted += 1
-                log.info("write-ahead log segment deleted: %s", segment.path)
+            try:
+                # Bounded by the number of segments; never deletes the last one.
+                while len(self._segments) > 1 and self._segments[1].first_seq <= seq:
+                    segment = self._segments[0]
+                    segment.path.unlink()  # then dropped from the list: an error keeps both
+                    self._segments.pop(0)
+                    deleted += 1
+                    log.info("write-ahead log segment deleted: %s", segment.path)
+            finally:
+                if deleted:
+                    self.first_seq = self._segments[0].first_seq
             if deleted:
                 _fsync_directory(self._dir_fd)
-                self.first_seq = self._segments[0].first_seq
             assert not self._segments or self._segments[0].first_seq == self.first_seq
 
     def segment_paths(self) -> list[Path]:
@@ -644,7 +868,12 @@ class Wal:
             return
         try:
             if self._fatal is None and self._written_seq < self.last_seq:
-                self.flush_sync()  # buffered records, and groups a stopped committer left queued
+                try:
+                    self.flush_sync()  # buffered records, and groups a stopped committer left queued
+                except WalUnwritableError as error:
+                    # Never acknowledged (an answer waits for durability): dropped with the process.
+                    log.error("write-ahead log closed with seq %d to %d not written (none was "
+                              "acknowledged): %s", self._written_seq + 1, self.last_seq, error)
         finally:
             self._closed = True
             with self._io_lock:
