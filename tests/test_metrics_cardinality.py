@@ -88,6 +88,7 @@ async def test_hostile_frames_add_no_series(server, cards):
     counts = check_bounded(exposition)
     assert 2 <= counts["authsrv_iso_requests"] <= REQUESTS_SERIES_MAX
     assert 'mti="other"' in exposition  # the unknown MTIs were counted, under `other`
+    assert "authsrv_iso_internal_errors_total 0.0" in exposition  # every frame: an answer or a documented error
     # The server still answers a valid request.
     client_answer = await send_and_drain(server.iso_port, [], "888888", timeout_s=10)
     assert client_answer == 1
