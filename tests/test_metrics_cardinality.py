@@ -1,4 +1,4 @@
-"""Metric labels take values from fixed sets only (docs/operations.md, "Metric labels"): hostile ISO
+"""Metric labels take values from fixed sets only (docs/operations.md, "Hostile input"): hostile ISO
 input cannot add series. Fuzzes a server on loopback, then counts series per family."""
 
 from __future__ import annotations
