@@ -480,6 +480,8 @@ class StreamFollower:
         self.start = start
         self.batch_max = batch_max
         self._sub = None
+        self.behind = 0
+        self.behind_since = 0.0
 
     async def open(self) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -490,15 +492,20 @@ class StreamFollower:
             pending_msgs_limit=self.batch_max * 8, idle_heartbeat=1.0)
 
     async def next_batch(self, wait_s: float) -> list[tuple[int, bytes]]:
-        """(stream seq, body) of the messages that arrived, waiting up to wait_s for the first."""
+        """(stream seq, body) of the messages that arrived, waiting up to wait_s for the first.
+        Afterwards `behind` is how many messages the stream holds past the last one handed over,
+        and `behind_since` the publish time (s since the epoch) of the first of them, or 0."""
         try:
             msg = await self._sub.next_msg(timeout=wait_s)
         except Exception:  # nats.errors.TimeoutError: nothing new
+            self.behind = 0
             return []
         batch = [(msg.metadata.sequence.stream, msg.data)]
         while len(batch) < self.batch_max and self._sub.pending_msgs > 0:
             msg = await self._sub.next_msg(timeout=wait_s)
             batch.append((msg.metadata.sequence.stream, msg.data))
+        self.behind = msg.metadata.num_pending or 0
+        self.behind_since = msg.metadata.timestamp.timestamp() if self.behind else 0.0
         return batch
 
     async def close(self) -> None:

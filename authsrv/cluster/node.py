@@ -38,7 +38,7 @@ from authsrv.clearing.expiry import ObservedLedger
 from authsrv.cluster.metrics import ClusterMetrics
 from authsrv.cluster.shard import ClusterSnapshot, Lease, Shard
 from ledger.durable import _SnapshotImage, decode_batch, decode_snapshot
-from ledger.jetstream import KIND_LEDGER, KIND_STORE, KIND_TERM, FrameReader, NatsBridge, StreamFollower, StreamLog
+from ledger.jetstream import KIND_LEDGER, LogClosedError, KIND_STORE, KIND_TERM, FrameReader, NatsBridge, StreamFollower, StreamLog
 from ledger.types import Batch
 
 log = logging.getLogger("authsrv.cluster")
@@ -172,7 +172,6 @@ class ClusterNode:
         self.bulk: NatsBridge | None = None  # snapshots and reading the stream
         self.shard: Shard | None = None
         self.bulk_shard: Shard | None = None
-        self._caught_up_at = time.monotonic()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -231,7 +230,7 @@ class ClusterNode:
                 batch = await self.bulk.call(follower.next_batch(FOLLOW_WAIT_S))
                 for stream_seq, body in batch:
                     state.feed(stream_seq, body)
-                await self._observe_lag(state, caught_up=not batch)
+                self._observe_lag(state, follower)
             return None
         finally:
             with trio.CancelScope(shield=True):
@@ -244,15 +243,11 @@ class ClusterNode:
             log.debug("cluster: lease attempt failed: %s", error)
             return None
 
-    async def _observe_lag(self, state: NodeState, *, caught_up: bool) -> None:
+    def _observe_lag(self, state: NodeState, follower: StreamFollower) -> None:
         metrics = self.cluster_metrics
         metrics.applied_seq.set(state.seq)
-        if caught_up:
-            self._caught_up_at = time.monotonic()
-            metrics.lag_records.set(0)
-            metrics.lag_seconds.set(0)
-        else:
-            metrics.lag_seconds.set(time.monotonic() - self._caught_up_at)
+        metrics.lag_records.set(follower.behind)
+        metrics.lag_seconds.set(max(0.0, time.time() - follower.behind_since) if follower.behind else 0.0)
 
     # -- the whole life of a node --------------------------------------------------------------
 
@@ -377,8 +372,6 @@ class ClusterNode:
         token = trio.lowlevel.current_trio_token()
 
         def fenced(error: BaseException) -> None:  # from the NATS thread
-            from ledger.jetstream import LogClosedError
-
             if not isinstance(error, LogClosedError):
                 self.cluster_metrics.fencing_refusals.inc()
                 try:
@@ -395,14 +388,23 @@ class ClusterNode:
         log.info("cluster: node %s is the primary of shard %s (term %d, seq %d)", self.name, self.cluster.shard,
                  lease.revision, state.seq)
         snapshots = Snapshots(self, stream_log, state, lease.revision)
+        self._log = stream_log
         either = trio.Event()
         try:
             ledger = become_primary(self.data_dir, self.config, self.metrics, state, stream_log, snapshots)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_lease, lease, lost)
                 nursery.start_soon(_either, stop, lost, either)
-                await run_services(self.data_dir, self.config, ports, self.metrics, self.http, either, ledger,
-                                   state.journal, state.store, state.index, lost=lost)
+                try:
+                    await run_services(self.data_dir, self.config, ports, self.metrics, self.http, either, ledger,
+                                       state.journal, state.store, state.index, lost=lost)
+                except BaseException:
+                    if stream_log.failed is None or isinstance(stream_log.failed, LogClosedError):
+                        raise
+                    # Deposed: a task met the refusing log before `lost` was seen. The state is given
+                    # up either way; the node restores as a standby.
+                    log.info("cluster: primary services ended by the fenced log", exc_info=True)
+                    lost.set()
                 if not lost.is_set():
                     with trio.move_on_after(self.cluster.lease_s):
                         await self.control.call(self.shard.release_lease(self._lease))
@@ -438,6 +440,7 @@ class ClusterNode:
             self._lease = renewed
             renewed_at = time.monotonic()
             self.cluster_metrics.lease_age.set(0)
+            self.cluster_metrics.applied_seq.set(self._log.durable_seq)
 
 
 async def _either(first: trio.Event, second: trio.Event, either: trio.Event) -> None:

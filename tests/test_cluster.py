@@ -1,0 +1,258 @@
+"""Cluster mode on a real 3-server NATS cluster (nats-server from the venv, `sync_interval: always`):
+kill -9 of the primary under load loses no approval; a card locked through REST right before the
+failover stays locked; a paused primary commits nothing after the takeover and steps down; a standby
+that joins late catches up from a snapshot; the node that died rejoins as a standby."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from authsrv.cluster.devnats import NatsCluster, free_ports
+from tests.conftest import SEED_AMOUNT, run_cli
+from tests.isoclient import IsoClient, auth
+from tests.restclient import https
+from tests.test_switch_process import _load
+
+LEASE_S = 2
+
+
+@pytest.fixture(scope="module")
+def nats(tmp_path_factory):
+    cluster = NatsCluster.create(tmp_path_factory.mktemp("nats"), 3)
+    with cluster:
+        yield cluster
+
+
+class Node:
+    """`authsrv serve` of one cluster node, on ports chosen up front (a standby writes no run.json)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.iso_port, self.rest_port, self.metrics_port = free_ports(3)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Node:
+        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authsrv", "serve", "--data", str(self.data_dir), "--iso-port", str(self.iso_port),
+             "--rest-port", str(self.rest_port), "--metrics-port", str(self.metrics_port)], stdout=log, stderr=log)
+        log.close()
+        self.wait(lambda: self.probe("/healthz") == 200, 30, "healthz")
+        return self
+
+    def probe(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=1) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+    def metric(self, name: str) -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(name + "{") or line.startswith(name + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def primary(self) -> bool:
+        return self.probe("/readyz") == 200
+
+    def wait(self, condition, timeout_s: float, what: str) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}) waiting for {what}: {self.log()[-3000:]}")
+            if condition():
+                return time.monotonic() - started
+            time.sleep(0.05)
+        raise AssertionError(f"{self.data_dir.name}: no {what} within {timeout_s} s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return (self.data_dir / "serve.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def cluster_table(nats: NatsCluster, shard: str, node: str, **extra) -> str:
+    urls = ", ".join(f'"{url}"' for url in nats.urls)
+    lines = [f"nats = [{urls}]", f'shard = "{shard}"', f'node = "{node}"', "replicas = 3", f"lease_s = {LEASE_S}"]
+    return "\n[cluster]\n" + "\n".join(lines) + "\n" + "".join(f"{k} = {v}\n" for k, v in extra.items())
+
+
+@pytest.fixture
+def shard(nats, data_dir, tmp_path, request):
+    """n1 = the seeded data directory with [cluster]; n2 joined from it. Both stopped at the end."""
+    name = request.node.name.replace("test_", "")[:24].replace("[", "_").replace("]", "")
+    config = data_dir / "authsrv.toml"
+    config.write_text(config.read_text() + cluster_table(nats, name, "n1"))
+    joined = run_cli("cluster", "join", "--data", str(tmp_path / "n2"), "--from", str(data_dir), "--node", "n2")
+    assert joined.returncode == 0, joined.stderr
+    nodes = [Node(data_dir), Node(tmp_path / "n2")]
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+async def caught_up(standby: Node, primary: Node) -> None:
+    await trio.sleep(LEASE_S / 3 + 0.2)  # the primary's figure moves with its lease renewals
+    target = primary.metric("authsrv_cluster_applied_seq")
+    await trio.to_thread.run_sync(standby.wait, lambda: standby.metric("authsrv_cluster_applied_seq") >= target,
+                                  30, f"catch-up to {target}")
+    assert standby.metric("authsrv_cluster_replication_lag_records") is not None
+
+
+def verify(data_dir: Path) -> dict:
+    result = run_cli("ledger", "verify", "--data", str(data_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+async def settle(port: int, sent: dict) -> dict:
+    """Every request again: a duplicate gets its original answer, so each answer a client got stands."""
+    final = {}
+    client = await IsoClient.connect(port)
+    for rrn, request in sent.items():
+        final[rrn] = await client.call(request)
+    await client.aclose()
+    return final
+
+
+def assert_answers_stand(answers: dict, final: dict) -> None:
+    """Every approval a client received is held by the new primary, with its authorization code.
+    (A decline waits for no commit: one from a node that was deposed may be decided again.)"""
+    approvals = 0
+    for rrn, answer in answers.items():
+        if answer["39"] == "00":
+            approvals += 1
+            assert final[rrn]["39"] == "00" and final[rrn]["38"] == answer["38"], (rrn, final[rrn])
+    assert approvals > 0
+
+
+def assert_books(data_dir: Path, cards: list[dict], sent: dict, final: dict) -> None:
+    """User balances equal the seeded amount less every approval (nothing lost, nothing twice)."""
+    spent: dict[int, int] = {}
+    by_pan = {card["pan"]: card for card in cards}
+    for rrn, response in final.items():
+        if response["39"] == "00":
+            balance = by_pan[sent[rrn]["2"]]["balanceId"]
+            spent[balance] = spent.get(balance, 0) + int(sent[rrn]["4"])
+    report = verify(data_dir)
+    user = report["totals"]["EUR"]["user_balance"]
+    balances = {card["balanceId"] for card in cards}
+    expected_available = len(balances) * SEED_AMOUNT - sum(spent.values())
+    assert user["credits_posted"] - user["debits_posted"] - user["debits_pending"] == expected_available
+
+
+async def test_kill_9_of_the_primary_under_load_loses_no_approval(shard, cards):
+    n1, n2 = shard
+    n1.start().wait(n1.primary, 30, "primary")
+    n2.start()
+    assert not n2.primary() and n2.probe("/healthz") == 200
+    sent: dict = {}
+    answers: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_load, n1.iso_port, cards, sent, answers, 400, 4)
+        await trio.sleep(0.6)
+        n1.kill()
+    takeover_s = await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 10, "takeover")
+    assert takeover_s <= LEASE_S + 2, takeover_s
+    assert sum(1 for answer in answers.values() if answer["39"] == "00") > 0
+    final = await settle(n2.iso_port, sent)
+    assert_answers_stand(answers, final)
+    assert_books(n2.data_dir, cards, sent, final)
+    assert n2.metric("authsrv_cluster_primary") == 1 and n2.metric("authsrv_cluster_takeovers_total") == 1
+
+    n1.start()  # the dead node comes back as a standby and catches up
+    await caught_up(n1, n2)
+    assert not n1.primary() and n1.metric("authsrv_cluster_primary") == 0
+    async with https(n1.data_dir, n1.rest_port) as anonymous:
+        reply = await anonymous.get("/openapi.json")
+    assert reply.status_code == 503 and reply.headers["content-type"] == "application/problem+json"
+    assert reply.json()["title"] == "NOT_PRIMARY"
+
+
+async def test_a_card_locked_before_the_failover_stays_locked(shard, cards):
+    n1, n2 = shard
+    n1.start().wait(n1.primary, 30, "primary")
+    n2.start()
+    card = cards[0]
+    client = await IsoClient.connect(n1.iso_port)
+    assert (await client.call(auth(card, amount=100)))["39"] == "00"
+    await client.aclose()
+    async with https(n1.data_dir, n1.rest_port, "partner") as partner:
+        reply = await partner.post(f"/secure/customers/{card['customerId']}/cards/{card['cardId']}/lock",
+                                   json={"reason": 2})
+    assert reply.status_code == 200, reply.text
+    n1.kill()  # right after the 200: the lock was acknowledged by the stream before it
+    await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 10, "takeover")
+    client = await IsoClient.connect(n2.iso_port)
+    declined = await client.call(auth(card, amount=100))
+    assert declined["39"] == "43", declined  # reason 2: stolen
+    assert (await client.call(auth(cards[2], amount=100)))["39"] == "00"
+    await client.aclose()
+
+
+async def test_a_paused_primary_commits_nothing_after_the_takeover(shard, cards):
+    n1, n2 = shard
+    n1.start().wait(n1.primary, 30, "primary")
+    n2.start()
+    sent: dict = {}
+    answers: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_load, n1.iso_port, cards, sent, answers, 300, 2)
+        await trio.sleep(0.4)
+        n1.proc.send_signal(signal.SIGSTOP)
+        await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 10, "takeover")
+        n1.proc.send_signal(signal.SIGCONT)  # it wakes up believing it is the primary
+        stepped_down = await trio.to_thread.run_sync(n1.wait, lambda: not n1.primary(), LEASE_S + 5, "step-down")
+        assert stepped_down <= LEASE_S + 2
+        nursery.cancel_scope.deadline = trio.current_time() + 10
+    final = await settle(n2.iso_port, sent)
+    assert_answers_stand(answers, final)  # every approval n1 sent, before or after the pause, is on n2
+    assert_books(n2.data_dir, cards, sent, final)
+    await trio.to_thread.run_sync(n1.wait, lambda: n1.metric("authsrv_cluster_primary") == 0, 10, "standby")
+
+
+async def test_a_late_standby_catches_up_from_a_snapshot(shard, cards, tmp_path):
+    n1, n2 = shard
+    config = n1.data_dir / "authsrv.toml"
+    config.write_text(config.read_text().replace("snapshot_interval_records = 500000", "snapshot_interval_records = 200"))
+    n1.start().wait(n1.primary, 30, "primary")
+    sent: dict = {}
+    answers: dict = {}
+    await _load(n1.iso_port, cards, sent, answers, 150, 4)
+    await trio.to_thread.run_sync(n1.wait, lambda: (n1.metric("authsrv_cluster_snapshots_total") or 0) >= 1, 20,
+                                  "a snapshot")
+    n2.start()  # joined from the start, but first started now: the stream before the snapshot is gone
+    await caught_up(n2, n1)
+    assert "restored the snapshot at seq" in n2.log()
+    restored = [line for line in n2.log().splitlines() if "restored the snapshot at seq" in line][-1]
+    assert "at seq 0 " not in restored
+    n1.kill()
+    await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 10, "takeover")
+    final = await settle(n2.iso_port, sent)
+    assert_answers_stand(answers, final)
+    assert_books(n2.data_dir, cards, sent, final)
