@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench slow fuzz clean
+.PHONY: test demo demo-cluster bench slow fuzz clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m simulators.demo
+
+# 3 NATS servers, a primary and a standby, steady load, kill -9 of the primary halfway (docs/operations.md).
+demo-cluster: $(STAMP)
+	$(PY) -m simulators.cluster_demo
 
 bench: $(STAMP)
 	$(PY) -m bench
