@@ -256,3 +256,52 @@ async def test_a_late_standby_catches_up_from_a_snapshot(shard, cards, tmp_path)
     final = await settle(n2.iso_port, sent)
     assert_answers_stand(answers, final)
     assert_books(n2.data_dir, cards, sent, final)
+
+
+async def test_nats_servers_down_and_back(data_dir, cards, tmp_path):
+    """One NATS server down: approvals go on. Every server down: the primary answers 91 and loses
+    nothing acknowledged. Servers back: approvals resume, on their own."""
+    own = NatsCluster.create(tmp_path / "nats", 3)
+    with own:
+        config = data_dir / "authsrv.toml"
+        config.write_text(config.read_text() + cluster_table(own, "outage", "n1"))
+        node = Node(data_dir)
+        try:
+            node.start().wait(node.primary, 30, "primary")
+            answers: dict = {}
+            sent: dict = {}
+
+            async def purchase(card: dict, timeout: float = 10) -> dict:
+                request = auth(card, amount=7)
+                sent[request["37"]] = request
+                client = await IsoClient.connect(node.iso_port)
+                try:
+                    answer = await client.call(request, timeout=timeout)
+                finally:
+                    await client.aclose()
+                answers[request["37"]] = answer
+                return answer
+
+            assert (await purchase(cards[0]))["39"] == "00"
+            own.servers[0].kill()
+            codes = [(await purchase(cards[i % len(cards)]))["39"] for i in range(10)]
+            assert codes == ["00"] * 10, codes  # R3 carries on with two servers
+            for server in own.servers[1:]:
+                server.kill()
+            assert (await purchase(cards[1]))["39"] == "91"  # nothing can commit: stand-in
+            for server in own.servers:
+                server.start()
+            deadline = trio.current_time() + 40
+            while True:
+                try:
+                    if node.primary() and (await purchase(cards[2]))["39"] == "00":
+                        break
+                except (OSError, EOFError, trio.TooSlowError):
+                    pass
+                assert trio.current_time() < deadline, node.log()[-3000:]
+                await trio.sleep(0.5)
+            final = await settle(node.iso_port, sent)
+            assert_answers_stand(answers, final)
+            assert_books(data_dir, cards, sent, final)
+        finally:
+            node.stop()
