@@ -33,6 +33,7 @@ from authsrv.metrics import Metrics, MetricsServer
 from authsrv.rest import build_app, serve_rest
 from authsrv.rest.app import make_context
 from authsrv.rest.cards import CardsApi
+from ledger.wal import WalUnwritableError
 
 PARTNER_BALANCE_CHECK_INTERVAL_S = 5.0
 log = logging.getLogger("authsrv")
@@ -112,6 +113,7 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
     started = time.perf_counter()
     ledger, journal = open_ledger_and_journal(data_dir, config, on_commit=metrics.on_wal_commit)
     metrics.watch_retention(journal, ledger.ledger)
+    metrics.watch_wal(ledger.wal)  # free space, unwritable (and /readyz 503 meanwhile)
     watch_expiry(ledger, journal, metrics.holds_expired)
     store = Store.open(data_dir)
     for name in sync_partners(store, config):
@@ -358,8 +360,11 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         cards.close()
         with trio.move_on_after(config.iso.shutdown_grace_s):
             await cards.drained.wait()
-        ledger.flush_sync()
-        _snapshot(ledger, journal, metrics)
+        try:
+            ledger.flush_sync()
+            _snapshot(ledger, journal, metrics)
+        except (OSError, WalUnwritableError) as error:  # a full disk: what was acknowledged is on disk
+            log.error("stopping without a final snapshot: %s", error)
         with trio.move_on_after(config.iso.shutdown_grace_s):
             await rest_stopped.wait()
         nursery.cancel_scope.cancel()
@@ -412,16 +417,21 @@ async def _tick(ledger, journal, metrics, config) -> None:
             gc.collect()
             gc.freeze()
             metrics.gc_pause_seconds.observe(time.perf_counter() - started)
-        if ledger.ledger.pending_count():
+        accepting = getattr(ledger.wal, "accepting", True)  # False: the log's disk refuses for now
+        if ledger.ledger.pending_count() and accepting:
             ledger.submit(Batch(timestamp_ns=time.time_ns()))  # expiries counted by watch_expiry
         _check_open_authorizations(ledger, journal)
         metrics.holds_pending.set(ledger.ledger.pending_count())
         metrics.open_authorizations.set(journal.open_count)
         metrics.journal_records.set(len(journal))
-        if ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
+        if accepting and ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
             # The state is captured in this step (no await in between), written from a thread.
             started = time.perf_counter()
-            last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot())
+            try:
+                last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot())
+            except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
+                log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
+                last_snapshot_seq = ledger.last_seq
             metrics.snapshot_seconds.observe(time.perf_counter() - started)
 
 

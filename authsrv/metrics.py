@@ -8,6 +8,7 @@ scrape takes milliseconds, and inside the trio loop it would stall every authori
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator, Sized
 from typing import Protocol
@@ -18,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from authsrv.hotpath.outcome import RESPONSE
 from authsrv.iso.request import REQUEST_MTIS, Mti
+from ledger.wal import UNWRITABLE_REASONS as WAL_UNWRITABLE_REASONS
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 STEP_BUCKETS_S = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01, 0.1)
@@ -102,6 +104,41 @@ class _RetentionCollector:
             value=len(self._journal.activity))
 
 
+class _WalCollector:
+    """The write-ahead log's disk, read at scrape time in the metrics thread (ledger/wal.py; no lock
+    needed: ints and a reference): free space on its filesystem (statvfs), whether it can be
+    written and why, failed attempts by reason, bytes waiting in memory. See docs/operations.md,
+    "Full disk and I/O errors"."""
+
+    def __init__(self, wal) -> None:
+        self._wal = wal
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        wal = self._wal
+        try:
+            stat = os.statvfs(wal.directory)
+        except OSError:
+            pass  # no sample rather than a failed scrape
+        else:
+            yield GaugeMetricFamily("authsrv_wal_disk_free_bytes",
+                                    "Bytes free for authsrv on the write-ahead log's filesystem (statvfs f_bavail)",
+                                    value=stat.f_bavail * stat.f_frsize)
+        reason = wal.unwritable_reason
+        unwritable = GaugeMetricFamily("authsrv_wal_unwritable",
+                                       "1 while the write-ahead log cannot be written, by reason (91 to what needs it)",
+                                       labels=["reason"])
+        errors = CounterMetricFamily("authsrv_wal_write_errors",
+                                     "Failed attempts to write a group to the write-ahead log, by reason", labels=["reason"])
+        for name in WAL_UNWRITABLE_REASONS:
+            unwritable.add_metric([name], 1.0 if name == reason else 0.0)
+            errors.add_metric([name], wal.write_errors.get(name, 0))
+        yield unwritable
+        yield errors
+        yield GaugeMetricFamily("authsrv_wal_unwritten_bytes",
+                                "Records appended to the write-ahead log and not yet on disk, in bytes",
+                                value=wal.unwritten_bytes)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -155,6 +192,7 @@ class Metrics:
                                          registry=r)
         self.outbox_pending = Gauge("authsrv_outbox_pending", "Calls to partners not delivered yet", registry=r)
         self._retention: _RetentionCollector | None = None  # set by watch_retention
+        self._wal = None  # set by watch_wal (a single node's ledger/wal.py Wal)
 
     def watch_retention(self, journal: _JournalCounts, ledger: _LedgerCounts) -> None:
         """Expose the journal's and the ledger's early-eviction counts (after they are opened; a
@@ -163,6 +201,21 @@ class Metrics:
             self.registry.unregister(self._retention)
         self._retention = _RetentionCollector(journal, ledger)
         self.registry.register(self._retention)
+
+    def watch_wal(self, wal) -> None:
+        """Expose the log's disk (_WalCollector); while it cannot be written, /readyz is 503 and
+        authsrv_ready 0 (whatever run_server set: 1 once the ISO listener is open)."""
+        assert self._wal is None, "watch_wal called twice"
+        self._wal = wal
+        self.registry.register(_WalCollector(wal))
+        listener = self.ready._value  # what run_server sets with ready.set()
+        self.ready.set_function(lambda: listener.get() if self.not_ready_reason() is None else 0.0)
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz is 503 although the listener is open, or None."""
+        wal = self._wal
+        reason = wal.unwritable_reason if wal is not None else None
+        return None if reason is None else f"write-ahead log cannot be written ({reason})"
 
     def answered(self, mti: str, code: str, seconds: float) -> None:
         """Count one answer by request MTI (as sent) and field 39; anything outside the fixed sets
@@ -202,7 +255,11 @@ class MetricsServer:
                     self._reply(200, b"ok\n", "text/plain")
                 elif path == "/readyz":
                     ok = server_ref.ready
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"starting\n", "text/plain")
+                    reason = metrics.not_ready_reason() if ok else None
+                    if reason is not None:
+                        self._reply(503, f"not ready: {reason}\n".encode(), "text/plain")
+                    else:
+                        self._reply(200 if ok else 503, b"ready\n" if ok else b"starting\n", "text/plain")
                 else:
                     self._reply(404, b"not found\n", "text/plain")
 

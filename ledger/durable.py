@@ -350,8 +350,8 @@ class DurableLedger:
         self._snapshot_running = True
         try:
             payload = _snapshot_encoder.encode(image)
-            if seq > 0:
-                await self._wal.wait_durable(seq)
+            if seq > 0:  # WalUnwritableError while the log cannot be written: try again later
+                await self._wal.wait_durable(seq, unwritable_raises=True)
             await trio.to_thread.run_sync(self._store_snapshot, seq, payload)
         finally:
             self._snapshot_running = False

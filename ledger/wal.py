@@ -878,8 +878,10 @@ class Wal:
             self._closed = True
             with self._io_lock:
                 if self._active_fd is not None:
-                    os.close(self._active_fd)
-                    self._active_fd = None
+                    if self._segments:
+                        with contextlib.suppress(OSError):  # give back the blocks allocated ahead
+                            os.ftruncate(self._active_fd, self._segments[-1].size)
+                    self._close_active()
             os.close(self._dir_fd)
 
 

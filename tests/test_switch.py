@@ -417,13 +417,19 @@ async def test_an_unexpected_error_answers_96_and_keeps_serving(server, cards, m
 
     client = await IsoClient.connect(server.iso_port)
 
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug (fault injection)")
+
     def full(*args, **kwargs):
         raise WalFullError("log buffer full (fault injection)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(server.ledger, "submit", full)
+        patch.setattr(server.ledger, "submit", broken)
         response = await client.call(auth(cards[0], amount=10))
         assert response["39"] == "96"
+        patch.setattr(server.ledger, "submit", full)  # refused before anything was applied: stand-in
+        response = await client.call(auth(cards[0], amount=10))
+        assert response["39"] == "91"
     assert (await client.call(auth(cards[0], amount=10)))["39"] == "00"
     assert available(server, cards[0]) == SEED_AMOUNT - 10
 

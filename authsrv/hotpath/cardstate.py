@@ -8,6 +8,7 @@ other authorization on the event loop.
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import trio
 
@@ -16,6 +17,7 @@ from authsrv.store.index import CardState, CardStatus
 log = logging.getLogger("authsrv.hotpath")
 
 WRITES_QUEUED_MAX = 10_000  # beyond this the hot path writes synchronously (slow, but nothing is lost)
+STORE_RETRY_S = 1.0  # a store that cannot write (full disk) is tried again this often, in order
 
 
 class CardStateWriter:
@@ -50,8 +52,26 @@ class CardStateWriter:
         task_status.started()
         async with self._receive:
             async for write in self._receive:
-                await trio.to_thread.run_sync(self._store.save_pin_state, *write)
+                await self._save_retrying(write)
         self.drained.set()
+
+    async def _save_retrying(self, write: tuple) -> None:
+        """One queued change, tried again until the store takes it (SQLite on a full disk: "database
+        or disk is full"): it is in effect in memory already, and the ones behind it keep their order.
+        Bounded by the disk coming back, or by the cancellation at shutdown."""
+        failures = 0
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._store.save_pin_state, *write)
+            except (sqlite3.Error, OSError) as error:
+                if not failures:
+                    log.error("card state not saved to the store, tried again every %.0f s: %s", STORE_RETRY_S, error)
+                failures += 1
+                await trio.sleep(STORE_RETRY_S)
+                continue
+            if failures:
+                log.warning("card state saved to the store again after %d failed tries", failures)
+            return
 
     def close(self) -> None:
         """No more hot-path writes: `run` drains what is queued and returns."""

@@ -45,7 +45,7 @@ from authsrv.iso.fields import mti_class, normalise_acquirer_id
 from authsrv.iso.framing import frame
 from authsrv.iso.request import FormatError, NetworkRequest, parse_request, response_doc
 from ledger.durable import LedgerFailedError
-from ledger.wal import WalFatalError
+from ledger.wal import RECORD_SIZE_MAX, WalFatalError, WalFullError
 
 log = logging.getLogger("authsrv.hotpath")
 
@@ -84,6 +84,7 @@ class Switch:
     def __init__(self, *, ledger, index, cards, keys, journal: AuthJournal, metrics, budget_ms: int,
                  hold_timeout_s, fx=None, fees=None, partners=None, pki_dir=None) -> None:
         self._ledger = ledger
+        self._wal = ledger.wal  # `accepting`: can it take a record now (docs/operations.md, "Full disk")
         self._journal = journal
         self._metrics = metrics
         self._budget_ns = budget_ms * 1_000_000
@@ -119,15 +120,18 @@ class Switch:
             return self._handle(payload, received_ns)
         except (LedgerFailedError, WalFatalError):
             raise  # the ledger cannot go on: stop the process rather than answer from stale memory
+        except WalFullError:  # refused before anything was applied: the stand-in decline
+            self._metrics.stand_in.inc()
+            return self._internal_error(payload, received_ns, "91")
         except Exception:  # one bad message must not take the connection or the server down
             self._metrics.internal_errors.inc()
             log.exception("internal error while handling a message")
             return self._internal_error(payload, received_ns)
 
-    def _internal_error(self, payload: bytes, received_ns: int) -> Outgoing | None:
+    def _internal_error(self, payload: bytes, received_ns: int, code: str = "96") -> Outgoing | None:
         try:
             doc = codec.decode(payload)
-            return self._plain(doc, doc["t"], "96", received_ns)
+            return self._plain(doc, doc["t"], code, received_ns)
         except Exception:
             return None
 
@@ -153,6 +157,9 @@ class Switch:
         kind = KIND_BY_MTI.get(mti)
         if kind is None:
             return self._plain(doc, mti, "12", received_ns)
+        if not getattr(self._wal, "accepting", True):  # the log cannot take a record now (full disk, I/O error): 91
+            self._metrics.stand_in.inc()
+            return self._plain(doc, mti, "91", received_ns)
         ctx = self._context(request, kind, received_ns)
         if self._external.in_flight:
             waits_for = self._external.waiting_for(ctx.key)
@@ -279,9 +286,16 @@ class Switch:
         return self._plain(ctx.request.raw, ctx.request.mti, "91", ctx.received_ns)
 
     def stand_in(self, outgoing: Outgoing) -> Outgoing:
-        """The commit missed the budget: release the hold and answer 91 instead of the approval."""
+        """The commit missed the budget: release the hold and answer 91 instead of the approval.
+
+        With no room in the log for the void (a full buffer: the disk has been refusing for long),
+        the approval is returned as it is, to be sent once durable."""
         ctx = outgoing.ctx
         assert ctx is not None and outgoing.seq and ctx.user_hold_id
+        try:
+            self._wal.ensure_room(RECORD_SIZE_MAX)  # what abort's submit checks, before it changes ctx
+        except WalFullError:
+            return outgoing
         ctx.outcome, ctx.cause, ctx.stand_in = Outcome.partner_unavailable, "commit missed the budget", True
         ctx.auth_code = ctx.field54 = ""
         self._funds.abort(ctx)  # voids the holds and journals this decision in one log record

@@ -114,7 +114,7 @@ class IsoServer:
             send, receive = trio.open_memory_channel(self._in_flight_max + FRAMES_PER_RECEIVE_MAX)
             async with trio.open_nursery() as nursery:
                 sock = StreamSocket(stream)
-                nursery.start_soon(self._writer, sock, receive, in_flight)
+                nursery.start_soon(self._writer, sock, receive, in_flight, nursery)
                 async with send:
                     await self._reader(sock, send, in_flight, nursery)
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
@@ -207,8 +207,10 @@ class IsoServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.info("ISO 8583 connection gone before a deferred answer was sent")
 
-    async def _writer(self, sock: StreamSocket, receive: trio.MemoryReceiveChannel, in_flight: InFlight) -> None:
-        ledger, metrics = self._ledger, self._metrics
+    async def _writer(self, sock: StreamSocket, receive: trio.MemoryReceiveChannel, in_flight: InFlight,
+                      nursery: trio.Nursery) -> None:
+        ledger = self._ledger
+        sending = trio.Lock()  # shared with _send_when_durable's tasks; otherwise never contended
         async with receive:
             async for first in receive:
                 group = first
@@ -221,16 +223,47 @@ class IsoServer:
                 durable = ledger.durable_seq  # read once: a writer thread may move it on at any moment
                 if seq > durable:
                     group = await self._commit(group, seq, durable)
-                await sock.send_all(b"".join(outgoing.data for outgoing in group))
-                now = time.perf_counter_ns()
-                for outgoing in group:
-                    metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
-                metrics.in_flight.dec(len(group))
-                in_flight.sent(len(group))
+                    durable = ledger.durable_seq
+                    late = [outgoing for outgoing in group if outgoing.seq > durable]
+                    if late:  # past the budget and not compensable: sent once durable, the rest now
+                        nursery.start_soon(self._send_when_durable, sock, late, in_flight, sending)
+                        group = [outgoing for outgoing in group if outgoing.seq <= durable]
+                        if not group:
+                            continue
+                if sending.locked():
+                    async with sending:
+                        await sock.send_all(b"".join(outgoing.data for outgoing in group))
+                else:
+                    await sock.send_all(b"".join(outgoing.data for outgoing in group))
+                self._sent(group, in_flight)
+
+    def _sent(self, group: list, in_flight: InFlight) -> None:
+        metrics = self._metrics
+        now = time.perf_counter_ns()
+        for outgoing in group:
+            metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
+        metrics.in_flight.dec(len(group))
+        in_flight.sent(len(group))
+
+    async def _send_when_durable(self, sock: StreamSocket, late: list, in_flight: InFlight,
+                                 sending: trio.Lock) -> None:
+        """Answers still waiting for the log past their budget that a void cannot compensate (a
+        posting, an advice, a reversal, a duplicate of one still committing; or a hold when the
+        log's buffer has no room for its void), sent once durable while the connection's other
+        answers go on: a client matches answers on fields 11 and 37, not on their order. The log may
+        be slow, or refusing for now (docs/operations.md, "Full disk and I/O errors")."""
+        try:
+            await self._ledger.wait_durable(max(outgoing.seq for outgoing in late))
+        except LogFencedError:  # a deposed cluster primary: nothing more commits
+            late = [self._switch.refuse(o) if o.seq > self._ledger.durable_seq else o for o in late]
+        async with sending:
+            await sock.send_all(b"".join(outgoing.data for outgoing in late))
+        self._sent(late, in_flight)
 
     async def _commit(self, group: list, seq: int, durable: int) -> list:
-        """Wait until every approval in the group is on disk; approvals that miss the budget are
-        compensated and answered with the stand-in decision instead."""
+        """Wait, up to the earliest budget, until every approval in the group is on disk; approvals
+        that missed it are compensated and answered with the stand-in decision instead. What cannot
+        be compensated is returned as it is, its seq above durable_seq (the writer sends it later)."""
         ledger = self._ledger
         deadline_ns = min(outgoing.deadline_ns for outgoing in group if outgoing.seq > durable)
         with trio.move_on_after(max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)):
@@ -239,8 +272,4 @@ class IsoServer:
                 return group
             except LogFencedError:  # a deposed cluster primary: nothing more commits, nothing to release
                 return [self._switch.refuse(o) if o.seq > ledger.durable_seq else o for o in group]
-        group = [self._switch.stand_in(o) if o.ctx is not None and o.seq > ledger.durable_seq else o for o in group]
-        rest = max(outgoing.seq for outgoing in group)
-        if rest > ledger.durable_seq:  # duplicates of approvals still committing: they must wait
-            await ledger.wait_durable(rest)
-        return group
+        return [self._switch.stand_in(o) if o.ctx is not None and o.seq > ledger.durable_seq else o for o in group]

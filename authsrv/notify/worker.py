@@ -180,12 +180,18 @@ class DeliveryWorker:
                     batch.append(self._records_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._schedule_records(batch)
-            if self._overflowed:
-                self._overflowed = False
-                log.warning("outbox: journal queue was full; catching up from the journal")
-                cursor = await self._in_store(self.outbox.cursor, LOG_CURSOR)
-                await self._catch_up(min(cursor, first.timestamp_ns), recovering=False)
+            try:
+                await self._schedule_records(batch)
+                if self._overflowed:
+                    self._overflowed = False
+                    log.warning("outbox: journal queue was full; catching up from the journal")
+                    cursor = await self._in_store(self.outbox.cursor, LOG_CURSOR)
+                    await self._catch_up(min(cursor, first.timestamp_ns), recovering=False)
+            except Exception as error:  # a store that cannot write (full disk): the cursor did not move
+                log.error("outbox: scheduling the calls of %d records failed (%s: %s); caught up from the "
+                          "journal later", len(batch), type(error).__name__, error)
+                self._overflowed = True
+                await trio.sleep(EVENTS_POLL_S)
 
     # -- the events source ----------------------------------------------------------------------
 

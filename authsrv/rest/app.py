@@ -24,12 +24,18 @@ from authsrv.rest.balances import BalancesApi, auto_balance_hook
 from authsrv.rest.cards import CardsApi
 from authsrv.rest.context import RestContext
 from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
-from authsrv.rest.errors import REQUEST_BODY_BYTES_MAX, ProblemMiddleware, http_exception_handler
+from authsrv.rest.errors import (
+    REQUEST_BODY_BYTES_MAX,
+    ProblemMiddleware,
+    http_exception_handler,
+    ledger_not_writable_handler,
+)
 from authsrv.rest.fx_api import FxApi
 from authsrv.rest.history_api import HistoryApi
 from authsrv.rest.kyc import KycApi
 from authsrv.rest.limits_api import LimitsApi
 from authsrv.rest.lifecycle import LifecycleApi
+from authsrv.rest.money import LedgerNotWritable
 from authsrv.rest.openapi import build_openapi
 from authsrv.rest.otp_api import OtpApi
 from authsrv.rest.outbox_api import OutboxApi
@@ -85,5 +91,5 @@ def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX)
             Middleware(AuthMiddleware, is_partner=is_partner, customer_sessions=ctx.customer_sessions,
                        admin_sessions=ctx.admin_sessions),
         ],
-        exception_handlers={HTTPException: http_exception_handler},
+        exception_handlers={HTTPException: http_exception_handler, LedgerNotWritable: ledger_not_writable_handler},
     )

@@ -418,6 +418,7 @@ class BalancesApi:
             return invalid(f"unknown ISO 4217 currency code {body.currency} - at `$.currency`")
         if call.user.kyc != KYC_SUCCESS:
             return kyc_required()
+        money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
         try:
             result, row, accounts = await self.ctx.in_thread(create_checked, self.store, call.user, body.currency,
                                                              external_link(self.ctx, call.user.partner))

@@ -21,6 +21,7 @@ from authsrv import cardsec
 from authsrv.clearing import CLEARING_FILE_BYTES_MAX, ClearingDeps, ClearingFileError, ClearingSummary, apply_clearing
 from authsrv.rest.auth import Caller
 from authsrv.rest.context import Doc, RestContext, admin_route, json_response
+from authsrv.rest import money
 from authsrv.rest.errors import CLEARING_BODY_BYTES_MAX, Title, problem
 from authsrv.store.db import Role
 
@@ -45,6 +46,7 @@ def clearing_routes(ctx: RestContext) -> list[Route]:
         journal = getattr(ctx.ledger, "journal", None)
         if ctx.ledger is None or journal is None or ctx.keys is None or ctx.index is None:
             return problem(503, Title.INTERNAL_ERROR, "clearing needs the running ledger")
+        money.check_writable(ctx.ledger)  # 503 LEDGER_UNAVAILABLE while the log cannot be written
         body = await request.body()
         name = request.headers.get(FILE_NAME_HEADER, "upload")[:FILE_NAME_LENGTH_MAX]
         deps = ClearingDeps(ledger=ctx.ledger, journal=journal, index=ctx.index,

@@ -83,6 +83,7 @@ class Title(enum.StrEnum):
     CHALLENGE_EXPIRED = "CHALLENGE_EXPIRED"
     OTP_NOT_CONFIGURED = "OTP_NOT_CONFIGURED"
     OTP_NOTIFIER_UNAVAILABLE = "OTP_NOTIFIER_UNAVAILABLE"
+    LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"  # the write-ahead log cannot be written now (503)
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -111,6 +112,16 @@ async def http_exception_handler(request, exc) -> Response:
     """Starlette's own 404 (no route) and 405 (wrong method), as problems."""
     title = _HTTP_TITLES.get(exc.status_code, Title.INVALID_PAYLOAD)
     return problem(exc.status_code, title, str(exc.detail))
+
+
+LEDGER_RETRY_AFTER_S = 5  # the log is tried again every second; a client need not come back sooner
+
+
+async def ledger_not_writable_handler(request, exc) -> Response:
+    """authsrv.rest.money.LedgerNotWritable: 503, nothing changed, try again later."""
+    response = problem(503, Title.LEDGER_UNAVAILABLE, str(exc))
+    response.headers["retry-after"] = str(LEDGER_RETRY_AFTER_S)
+    return response
 
 
 class ProblemMiddleware:

@@ -464,6 +464,8 @@ class KycApi:
         form_id = parse_id(request.path_params["formId"])
         if form_id is None:
             return form_not_found()
+        if accepted:
+            money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
         status, row, accounts = await self.ctx.in_thread(self.decide, form_id, accepted, caller.admin, reason)
         if status is DecideStatus.form_not_found:
             return form_not_found()

@@ -126,6 +126,8 @@ class LifecycleApi:
             body = _create_decoder.decode(await request.body())
         except msgspec.DecodeError as error:
             return invalid(error)
+        if body.kyc == "SUCCESS":
+            money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
         row, accounts = await self.ctx.in_thread(self._create_user, partner, body)
         await self._create_accounts(accounts)
         assert row.partner == partner
@@ -159,6 +161,8 @@ class LifecycleApi:
             return customer_not_found()
         fields = {column: getattr(body, name) for name, column in _UPDATE_COLUMNS.items()
                   if getattr(body, name) is not msgspec.UNSET}  # fmt: skip
+        if fields.get("kyc") == "SUCCESS":
+            money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
         updated, accounts = await self.ctx.in_thread(self._update_user, row, fields, body.w_pin)
         await self._create_accounts(accounts)
         if body.w_pin is not msgspec.UNSET or (updated is not None and updated.state != row.state):

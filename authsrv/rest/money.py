@@ -35,11 +35,25 @@ class LedgerUnavailable(Exception):
     """The server has no ledger attached (a REST app built without one, e.g. in unit tests)."""
 
 
+class LedgerNotWritable(Exception):
+    """The ledger cannot record a change now: its write-ahead log cannot be written (full disk, I/O
+    error) or its buffer stayed full. Answered 503 LEDGER_UNAVAILABLE with Retry-After; nothing was
+    changed (docs/operations.md, "Full disk and I/O errors")."""
+
+
+def check_writable(ledger) -> None:
+    """Raise LedgerNotWritable while the log cannot be written, before anything is changed."""
+    reason = getattr(getattr(ledger, "wal", None), "unwritable_reason", None)
+    if reason is not None:
+        raise LedgerNotWritable(f"the ledger cannot record changes now (write-ahead log: {reason}); try again later")
+
+
 async def submit(ledger, *, accounts: Iterable[AccountSpec] = (),
                  transfers: Iterable[TransferSpec] = ()) -> BatchResult:
     """Apply and make durable; the caller answers only after this returns."""
     if ledger is None:
         raise LedgerUnavailable("no ledger")
+    check_writable(ledger)
     batch = Batch(timestamp_ns=time.time_ns(), accounts=tuple(accounts), transfers=tuple(transfers))
     for _ in range(WAL_FULL_RETRIES_MAX):
         try:
@@ -48,7 +62,7 @@ async def submit(ledger, *, accounts: Iterable[AccountSpec] = (),
         except WalFullError:
             await trio.sleep(WAL_FULL_BACKOFF_S)  # the committer is draining a full buffer
     else:
-        raise WalFullError("write-ahead log buffer stayed full")
+        raise LedgerNotWritable("the ledger's write-ahead log is behind (its buffer stayed full); try again later")
     await ledger.wait_durable(seq)
     return result
 

@@ -256,6 +256,7 @@ class PartnerBalancesApi:
             return invalid(error)
         if by_alpha(body.currency) is None:
             return invalid(f"unknown ISO 4217 currency code {body.currency} - at `$.currency`")
+        money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
         try:
             row, accounts = await self.ctx.in_thread(_create, self.store, body)
         except StoreConflict:
