@@ -240,6 +240,71 @@ async def test_an_answer_that_cannot_be_compensated_waits_without_holding_up_the
     verify(data_dir)
 
 
+async def test_a_snapshot_that_does_not_fit_is_tried_again_later(data_dir, cards, monkeypatch, caplog):
+    """The log still has its preallocated room, a snapshot does not fit: logged, its temporary file
+    removed, approvals go on, and the next interval writes it."""
+    from ledger.snapshot import list_snapshots
+
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, ledger__snapshot_interval_records=20)
+        faults = DiskFaults(monkeypatch, data_dir / "ledger")
+        before = [seq for seq, _ in list_snapshots(data_dir / "ledger")]
+        faults.arm(errno.ENOSPC, "fsync")  # the snapshot's own fsync; the log uses fdatasync
+        client = await IsoClient.connect(server.iso_port)
+        for index in range(25):
+            assert (await client.call(auth(cards[index % len(cards)], amount=1)))["39"] == "00"
+        with trio.fail_after(5):
+            while not any("snapshot failed" in r.getMessage() for r in caplog.records):
+                await trio.sleep(0.1)
+        assert [seq for seq, _ in list_snapshots(data_dir / "ledger")] == before
+        assert not [path for path in (data_dir / "ledger").iterdir() if path.name.endswith(".tmp")]
+        assert (await client.call(auth(cards[0], amount=1)))["39"] == "00"
+        faults.disarm()
+        for index in range(25):
+            assert (await client.call(auth(cards[index % len(cards)], amount=1)))["39"] == "00"
+        with trio.fail_after(5):
+            while [seq for seq, _ in list_snapshots(data_dir / "ledger")] == before:
+                await trio.sleep(0.1)
+        await client.aclose()
+        server.stop.set()
+    verify(data_dir)
+
+
+async def test_card_state_writes_wait_for_the_store(data_dir, cards, monkeypatch, caplog):
+    """A wrong-PIN counter the store cannot save (SQLite on a full disk) is kept and saved later,
+    in order; the writer does not end (it used to take the server down)."""
+    import sqlite3
+
+    from authsrv.hotpath import cardstate
+    from authsrv.store.db import Store
+    from authsrv.store.index import load_index
+
+    monkeypatch.setattr(cardstate, "STORE_RETRY_S", 0.05)
+    with Store.open(data_dir) as store:
+        card = load_index(store).card_by_id(cards[0]["cardId"])
+        real = store.save_pin_state
+        failures = [3]
+
+        def full(*args) -> None:
+            if failures[0]:
+                failures[0] -= 1
+                raise sqlite3.OperationalError("database or disk is full (injected)")
+            real(*args)
+
+        monkeypatch.setattr(store, "save_pin_state", full)
+        writer = cardstate.CardStateWriter(store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            writer.wrong_pin(card)
+            writer.wrong_pin(card)
+            writer.close()
+            with trio.fail_after(5):
+                await writer.drained.wait()
+        assert load_index(store).card_by_id(card.card_id).wrong_pin_count == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "database or disk is full" in errors[0].getMessage()
+
+
 # ----------------------------------------------------------------------------- a real small disk
 
 
