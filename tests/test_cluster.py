@@ -5,7 +5,6 @@ that joins late catches up from a snapshot; the node that died rejoins as a stan
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from authsrv.cluster.devnats import NatsCluster, free_ports
 from tests.conftest import SEED_AMOUNT, run_cli
 from tests.isoclient import IsoClient, auth
 from tests.restclient import https
-from tests.test_switch_process import _load
+from tests.test_switch_process import _load, _settle as settle, _verify as verify
 
 LEASE_S = 2
 
@@ -122,22 +121,6 @@ async def caught_up(standby: Node, primary: Node) -> None:
     await trio.to_thread.run_sync(standby.wait, lambda: standby.metric("authsrv_cluster_applied_seq") >= target,
                                   30, f"catch-up to {target}")
     assert standby.metric("authsrv_cluster_replication_lag_records") is not None
-
-
-def verify(data_dir: Path) -> dict:
-    result = run_cli("ledger", "verify", "--data", str(data_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
-
-
-async def settle(port: int, sent: dict) -> dict:
-    """Every request again: a duplicate gets its original answer, so each answer a client got stands."""
-    final = {}
-    client = await IsoClient.connect(port)
-    for rrn, request in sent.items():
-        final[rrn] = await client.call(request)
-    await client.aclose()
-    return final
 
 
 def assert_answers_stand(answers: dict, final: dict) -> None:
