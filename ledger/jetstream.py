@@ -284,7 +284,10 @@ class StreamLog:
 
     # ----------------------------------------------------------------------------- durability
 
-    async def wait_durable(self, seq: int) -> None:
+    async def wait_durable(self, seq: int, *, unwritable_raises: bool = False) -> None:
+        """`unwritable_raises` is the local log's option; a stream is never "unwritable": an
+        unreachable NATS is retried until it answers, or the log is fenced."""
+        del unwritable_raises
         while True:
             event = self._trio_event
             self._trio_want_wake = True  # before the check: the publisher reads it after moving durable

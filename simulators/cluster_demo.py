@@ -21,59 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import iso8583
 import iso8583.specs
 import trio
 
-from authsrv.cluster.devnats import NatsCluster, free_ports
+from authsrv.cluster.devnats import NatsCluster, NodeProcess
 
 SPEC = copy.deepcopy(iso8583.specs.default)
 LEASE_S = 3
 ANSWER_TIMEOUT_S = 2.0
-
-
-class Node:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.iso_port, self.rest_port, self.metrics_port = free_ports(3)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen([sys.executable, "-m", "authsrv", "serve", "--data", str(self.data_dir),
-                                      "--iso-port", str(self.iso_port), "--rest-port", str(self.rest_port),
-                                      "--metrics-port", str(self.metrics_port)], stdout=log, stderr=log)
-        log.close()
-
-    def status(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=1) as reply:
-                return reply.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return 0
-
-    def wait(self, condition, timeout_s: float) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if condition():
-                return time.monotonic() - started
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.data_dir.name} exited; see {self.data_dir / 'serve.log'}")
-            time.sleep(0.02)
-        raise TimeoutError(f"{self.data_dir.name}: not within {timeout_s} s; see {self.data_dir / 'serve.log'}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def purchase(card: dict, number: int) -> dict:
@@ -107,7 +65,7 @@ async def call(port: int, doc: dict) -> dict | None:
     return None
 
 
-async def drive(nodes: list[Node], cards: list[dict], rate: int, duration_s: float, sent: dict, answers: dict,
+async def drive(nodes: list[NodeProcess], cards: list[dict], rate: int, duration_s: float, sent: dict, answers: dict,
                 timeouts: list) -> None:
     """Open loop: request n is due at start + n / rate, sent to the node that is primary now."""
     started = trio.current_time()
@@ -117,7 +75,7 @@ async def drive(nodes: list[Node], cards: list[dict], rate: int, duration_s: flo
         doc = purchase(cards[number % len(cards)], number)
         sent[doc["37"]] = doc
         for node in nodes:
-            if node.proc is not None and node.proc.poll() is None and node.status("/readyz") == 200:
+            if node.proc is not None and node.proc.poll() is None and node.primary():
                 answer = await call(node.iso_port, doc)
                 if answer is not None:
                     answers[doc["37"]] = answer
@@ -149,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = [sys.executable, "-m", "authsrv"]
     print(f"working directory {work}", flush=True)
     nats = NatsCluster.create(work / "nats", 3)
-    nodes: list[Node] = []
+    nodes: list[NodeProcess] = []
     try:
         nats.start()
         print(f"NATS: 3 servers with JetStream, sync_interval always: {' '.join(nats.urls)}", flush=True)
@@ -163,12 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*cli, "cluster", "join", "--data", str(n2_dir), "--from", str(n1_dir), "--node", "n2"],
                        check=True, stdout=subprocess.DEVNULL)
         cards = [json.loads(line) for line in (n1_dir / "cards.jsonl").read_text().splitlines()]
-        nodes = [Node(n1_dir), Node(n2_dir)]
+        nodes = [NodeProcess(n1_dir), NodeProcess(n2_dir)]
         n1, n2 = nodes
-        n1.start()
-        n1.wait(lambda: n1.status("/readyz") == 200, 60)
+        n1.start().wait(n1.primary, 60, "primary")
         n2.start()
-        n2.wait(lambda: n2.status("/healthz") == 200, 60)
         print(f"n1 primary (ISO :{n1.iso_port}), n2 standby (ISO :{n2.iso_port}, refused until it takes over)",
               flush=True)
         sent: dict = {}
@@ -184,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(n1.proc.pid, signal.SIGKILL)
                 n1.proc.wait()
                 print(f"kill -9 n1 (pid {n1.proc.pid}) after {args.duration / 2:.0f} s", flush=True)
-                await trio.to_thread.run_sync(n2.wait, lambda: n2.status("/readyz") == 200, LEASE_S + 30)
+                await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 30, "takeover")
                 takeover.append(time.monotonic() - killed_at)
                 print(f"n2 is the primary {takeover[0]:.2f} s after the kill", flush=True)
 
@@ -195,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 if final[rrn] is None or final[rrn].get("39") != "00" or final[rrn].get("38") != answer.get("38")]
         verify = subprocess.run([*cli, "ledger", "verify", "--data", str(n2_dir)], capture_output=True, text=True)
         report = json.loads(verify.stdout) if verify.stdout.startswith("{") else {"ok": False}
+        started = time.monotonic()
         n1.start()  # the killed node comes back: a standby that catches up
-        rejoined = n1.wait(lambda: n1.status("/healthz") == 200, 60)
-        n1_role = "primary" if n1.status("/readyz") == 200 else "standby"
+        rejoined = time.monotonic() - started
+        n1_role = "primary" if n1.primary() else "standby"
         codes: dict[str, int] = {}
         for answer in answers.values():
             codes[answer.get("39", "?")] = codes.get(answer.get("39", "?"), 0) + 1

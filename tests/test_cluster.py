@@ -5,18 +5,13 @@ that joins late catches up from a snapshot; the node that died rejoins as a stan
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
 
-from authsrv.cluster.devnats import NatsCluster, free_ports
+from authsrv.cluster.devnats import NatsCluster, NodeProcess
 from tests.conftest import SEED_AMOUNT, run_cli
 from tests.isoclient import IsoClient, auth
 from tests.restclient import https
@@ -32,67 +27,7 @@ def nats(tmp_path_factory):
         yield cluster
 
 
-class Node:
-    """`authsrv serve` of one cluster node, on ports chosen up front (a standby writes no run.json)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.iso_port, self.rest_port, self.metrics_port = free_ports(3)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Node:
-        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "authsrv", "serve", "--data", str(self.data_dir), "--iso-port", str(self.iso_port),
-             "--rest-port", str(self.rest_port), "--metrics-port", str(self.metrics_port)], stdout=log, stderr=log)
-        log.close()
-        self.wait(lambda: self.probe("/healthz") == 200, 30, "healthz")
-        return self
-
-    def probe(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=1) as reply:
-                return reply.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return 0
-
-    def metric(self, name: str) -> float | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as reply:
-            for line in reply.read().decode().splitlines():
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def primary(self) -> bool:
-        return self.probe("/readyz") == 200
-
-    def wait(self, condition, timeout_s: float, what: str) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"node exited ({self.proc.returncode}) waiting for {what}: {self.log()[-3000:]}")
-            if condition():
-                return time.monotonic() - started
-            time.sleep(0.05)
-        raise AssertionError(f"{self.data_dir.name}: no {what} within {timeout_s} s: {self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return (self.data_dir / "serve.log").read_text(errors="replace")
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+Node = NodeProcess
 
 
 def cluster_table(nats: NatsCluster, shard: str, node: str, **extra) -> str:
@@ -153,7 +88,7 @@ async def test_kill_9_of_the_primary_under_load_loses_no_approval(shard, cards):
     n1, n2 = shard
     n1.start().wait(n1.primary, 30, "primary")
     n2.start()
-    assert not n2.primary() and n2.probe("/healthz") == 200
+    assert not n2.primary() and n2.status("/healthz") == 200
     sent: dict = {}
     answers: dict = {}
     async with trio.open_nursery() as nursery:

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import attrs
@@ -145,6 +147,76 @@ class NatsCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class NodeProcess:
+    """`authsrv serve` of one cluster node as a child process, on ports chosen up front (a standby
+    writes no run.json), for tests and the demo."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.iso_port, self.rest_port, self.metrics_port = free_ports(3)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> NodeProcess:
+        """Start and wait for /healthz (every running node answers it, primary or standby)."""
+        log = open(self.data_dir / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "authsrv", "serve", "--data", str(self.data_dir), "--iso-port", str(self.iso_port),
+             "--rest-port", str(self.rest_port), "--metrics-port", str(self.metrics_port)], stdout=log, stderr=log)
+        log.close()
+        self.wait(lambda: self.status("/healthz") == 200, timeout_s, "healthz")
+        return self
+
+    def status(self, path: str) -> int:
+        """HTTP status of a metrics-port path; 0 when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}{path}", timeout=1) as reply:
+                return reply.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+    def primary(self) -> bool:
+        return self.status("/readyz") == 200
+
+    def metric(self, name: str) -> float | None:
+        """The first sample of `name` on /metrics."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=2) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith((name + "{", name + " ")):
+                    return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def wait(self, condition, timeout_s: float, what: str) -> float:
+        """Seconds until `condition()` held; raises (with the log's tail) if the node exits or time runs out."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.data_dir.name} exited ({self.proc.returncode}) waiting for {what}: "
+                                   f"{self.log()[-3000:]}")
+            if condition():
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.data_dir.name}: no {what} within {timeout_s} s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return (self.data_dir / "serve.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sqlite3
@@ -526,28 +525,10 @@ class ReplicatedLedger(ObservedLedger):
     def snapshot_due(self, records_since: int, interval_records: int) -> bool:
         return self._snapshots.due(records_since, interval_records)
 
-    def snapshot(self, app_snapshot: bytes = b"") -> int:
-        self._wal.flush_sync()
-        seq = self._wal.last_seq
-        image = msgspec.msgpack.encode(_SnapshotImage(self.ledger.to_snapshot(), app_snapshot))
-        self._snapshots.write(seq, image)
+    def _store_snapshot(self, seq: int, payload: bytes) -> None:
+        """DurableLedger.snapshot(_async) captured the state at `seq` (durable): to the object store."""
+        self._snapshots.write(seq, payload)
         self.snapshot_seq = seq
-        return seq
-
-    async def snapshot_async(self, app_snapshot: bytes = b"") -> int:
-        if self._snapshot_running:
-            raise RuntimeError("a snapshot is already being written")
-        seq = self._wal.last_seq
-        image = _SnapshotImage(self.ledger.to_snapshot(), app_snapshot)
-        self._snapshot_running = True
-        try:
-            payload = msgspec.msgpack.encode(image)
-            await self._wal.wait_durable(seq)
-            await trio.to_thread.run_sync(self._snapshots.write, seq, payload)
-        finally:
-            self._snapshot_running = False
-        self.snapshot_seq = seq
-        return seq
 
     def close(self) -> None:
         """The node stops the log's publisher."""
