@@ -198,12 +198,19 @@ def set_ledger_bounds(ledger, bounds) -> None:
 def offline_state(data_dir: Path) -> Iterator[OfflineState]:
     """The server's state for an offline command (`clearing ingest`, `fees run`), with the data
     directory's lock held by the caller. On a clean exit the log is flushed and a snapshot taken,
-    so the next start replays nothing of the command's work."""
+    so the next start replays nothing of the command's work. On a cluster node the command writes
+    through the shard's stream instead, as its primary for the while."""
     from authsrv.config import load_config
     from authsrv.store.db import Store
     from authsrv.store.index import load_index
 
     config = load_config(data_dir)
+    if config.cluster is not None:  # through the shard's stream (authsrv/cluster/session.py)
+        from authsrv.cluster.session import shard_session
+
+        with shard_session(data_dir, config) as state:
+            yield state
+        return
     ledger, journal = open_ledger_and_journal(data_dir, config)
     try:
         watch_expiry(ledger, journal)

@@ -180,7 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         # `authsrv ledger verify | head` should end quietly, as any Unix filter does. Never for
         # serve: a peer that resets its connection would then kill the server with SIGPIPE.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        from authsrv.cluster.session import ShardBusy
+
+        if not isinstance(error, ShardBusy):
+            raise
+        print(f"authsrv {args.command}: {error}", file=sys.stderr)  # a cluster node's shard, not this data
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ that joins late catches up from a snapshot; the node that died rejoins as a stan
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -229,3 +230,42 @@ async def test_nats_servers_down_and_back(data_dir, cards, tmp_path):
             assert_books(data_dir, cards, sent, final)
         finally:
             node.stop()
+
+
+async def test_offline_commands_write_through_the_stream(nats, data_dir, tmp_path):
+    """`seed` and `partner add` on a node with [cluster] go through the shard's stream: a standby
+    made later with `cluster join` has their effects; while a primary runs they are refused."""
+    config = data_dir / "authsrv.toml"
+    config.write_text(config.read_text() + cluster_table(nats, "offline", "n1"))
+    before = len((data_dir / "cards.jsonl").read_text().splitlines())
+    seeded = run_cli("seed", "--data", str(data_dir), "--users", "3", "--quiet")
+    assert seeded.returncode == 0, seeded.stderr
+    new_cards = [json.loads(line) for line in (data_dir / "cards.jsonl").read_text().splitlines()[before:]]
+    assert len(new_cards) == 3
+    assert run_cli("cluster", "join", "--data", str(tmp_path / "n2"), "--from", str(data_dir),
+                   "--node", "n2").returncode == 0
+    n2 = Node(tmp_path / "n2")
+    try:
+        n2.start().wait(n2.primary, 30, "primary")  # n1 never served: n2 has the seed from the stream
+        client = await IsoClient.connect(n2.iso_port)
+        assert (await client.call(auth(new_cards[0], amount=10)))["39"] == "00"
+        await client.aclose()
+        refused = run_cli("seed", "--data", str(data_dir), "--users", "1", "--quiet")
+        assert refused.returncode == 2 and "n2 is the primary" in refused.stderr, refused.stderr
+    finally:
+        n2.stop()
+    added = run_cli("partner", "add", "--data", str(data_dir), "acme")  # n2 stopped: its lease was given back
+    assert added.returncode == 0, added.stderr
+    n2.start().wait(n2.primary, 30, "primary")
+    try:
+        client = await IsoClient.connect(n2.iso_port)
+        assert (await client.call(auth(new_cards[1], amount=10)))["39"] == "00"
+        await client.aclose()
+    finally:
+        n2.stop()
+    from authsrv.store.db import Store
+
+    with Store.open(tmp_path / "n2") as store:  # n2's own copy, restored and followed
+        assert store.get_partner("acme") is not None
+    report = verify(tmp_path / "n2")
+    assert report["ok"], report

@@ -313,20 +313,13 @@ class ClusterNode:
     async def _genesis_if_allowed(self, stop: trio.Event) -> bool | None:
         """No snapshot yet: a node with local state (not made by `cluster join`) starts the
         shard's history with it; the others wait for one. None when stopped."""
-        may_start = (self.data_dir / "store.db").exists() and not (self.data_dir / JOINED_MARKER).exists()
         waited = False
         while not stop.is_set():
-            if may_start:
+            if self.may_start_shard():
                 lease = await self._try_lease()
                 if lease is not None:
                     try:
-                        if await self.bulk.call(self.bulk_shard.get_snapshot()) is None:
-                            genesis = await trio.to_thread.run_sync(local_genesis, self.data_dir, self.config)
-                            _, last = await self.bulk.call(self.bulk_shard.stream_bounds())
-                            genesis = msgspec.structs.replace(genesis, stream_seq=last + 1, node=self.name)
-                            size = await self.bulk.call(self.bulk_shard.put_snapshot(genesis))
-                            log.info("cluster: shard %s starts from this node's local state (seq %d, %d bytes)",
-                                     self.cluster.shard, genesis.seq, size)
+                        await self.start_shard()
                     finally:
                         await self.control.call(self.shard.release_lease(lease))
                     return True
@@ -337,6 +330,21 @@ class ClusterNode:
                 waited = True
             await trio.sleep(min(1.0, self.cluster.lease_s / 3))
         return None
+
+    def may_start_shard(self) -> bool:
+        """An initialised directory (not one made by `cluster join`) may start a shard's history."""
+        return (self.data_dir / "store.db").exists() and not (self.data_dir / JOINED_MARKER).exists()
+
+    async def start_shard(self) -> None:
+        """With the lease held: if the shard has no snapshot yet, this node's local state is its first."""
+        if await self.bulk.call(self.bulk_shard.get_snapshot()) is not None:
+            return
+        genesis = await trio.to_thread.run_sync(local_genesis, self.data_dir, self.config)
+        _, last = await self.bulk.call(self.bulk_shard.stream_bounds())
+        genesis = msgspec.structs.replace(genesis, stream_seq=last + 1, node=self.name)
+        size = await self.bulk.call(self.bulk_shard.put_snapshot(genesis))
+        log.info("cluster: shard %s starts from this node's local state (seq %d, %d bytes)",
+                 self.cluster.shard, genesis.seq, size)
 
     async def _take_over(self, lease: Lease, state: NodeState) -> bool:
         """Apply the stream to its end, then fence earlier writers with a TERM record."""

@@ -8,6 +8,8 @@ users, balances and ledger accounts refer to). Everything is checked before anyt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from authsrv import pki
@@ -41,11 +43,7 @@ def add_partner(data_dir: Path, name: str) -> None:
     for suffix in (".crt", ".key"):
         if (pki_dir / f"{name}{suffix}").exists():
             raise PartnerError(f"{pki_dir / (name + suffix)} already exists")
-    try:
-        store = Store.open(data_dir / STORE_FILE_NAME)
-    except StoreError as error:
-        raise PartnerError(str(error)) from None
-    with store:
+    with _partner_store(data_dir, config) as store:
         if store.get_partner(name) is not None:
             raise PartnerError(f"partner {name!r} already exists in the store")
         settings = PartnerConfig()
@@ -60,6 +58,24 @@ def add_partner(data_dir: Path, name: str) -> None:
     print(f"  settings [partners.{name}] in {data_dir / 'authsrv.toml'}")
     # No probe of DIR/.lock here: taking it even briefly could make a starting server fail.
     print("  a running server loads the new partner when it restarts")
+
+
+@contextlib.contextmanager
+def _partner_store(data_dir: Path, config) -> Iterator[Store]:
+    """The local store; on a cluster node the shard's, written through its stream. (Each node
+    reads its own authsrv.toml and pki/: copy the new table and certificate to the other nodes.)"""
+    if config.cluster is not None:
+        from authsrv.cluster.session import shard_session
+
+        with shard_session(data_dir, config) as state:
+            yield state.store
+        return
+    try:
+        store = Store.open(data_dir / STORE_FILE_NAME)
+    except StoreError as error:
+        raise PartnerError(str(error)) from None
+    with store:
+        yield store
 
 
 def _check_name(name: str) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import secrets
 import sys
@@ -175,14 +176,15 @@ def seed(
         raise SeedError(str(error)) from None
     cards_file = Path(out) if out is not None else data_dir / DEFAULT_CARDS_FILE
     bar = _Progress(users, enabled=progress)
-    with lock, _open_store(data_dir) as store:
+    with lock, _seeding_state(data_dir) as (store, open_ledger):
         keys = _load_keys(data_dir)
         with _appending(cards_file) as file, store.transaction():
             plan, setup_accounts = _prepare(data_dir, store, users, cards_per_user, amount,
                                             currency, partner, config_id, unlinked)  # fmt: skip
             _write_store(store, plan, keys, file, bar)
         # Committed: the cards exist, so their lines stay even if the ledger step fails.
-        _write_ledger(data_dir, plan, setup_accounts, bar)
+        with open_ledger() as ledger:
+            _write_ledger(ledger, plan, setup_accounts, bar)
         bar.done()
     return SeedReport(
         users=users,
@@ -209,6 +211,37 @@ def _check_arguments(users: int, cards_per_user: int, amount: int, currency: str
         raise SeedError(f"amount must be 1 to {AMOUNT_MAX // users} minor units, got {amount}")
     if not (len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()):
         raise SeedError(f"currency must be an ISO 4217 alpha code like EUR, got {currency!r}")
+
+
+@contextlib.contextmanager
+def _seeding_state(data_dir: Path) -> Iterator[tuple[Store, object]]:
+    """(store, open_ledger): the local files; on a cluster node the shard's, written through its
+    stream (authsrv/cluster/session.py), so every node and any standby joined later has the seed."""
+    from authsrv.config import ConfigError, load_config
+
+    try:
+        config = load_config(data_dir)
+    except ConfigError as error:
+        raise SeedError(str(error)) from None
+    if config.cluster is None:
+        with _open_store(data_dir) as store:
+            yield store, functools.partial(_local_ledger, data_dir)
+        return
+    from authsrv.cluster.session import shard_session
+
+    with shard_session(data_dir, config) as session:
+        yield session.store, functools.partial(contextlib.nullcontext, session.ledger)
+
+
+@contextlib.contextmanager
+def _local_ledger(data_dir: Path) -> Iterator[object]:
+    from ledger.durable import DurableLedger  # heavy import, offline command only
+
+    ledger = DurableLedger.open(data_dir / "ledger")
+    try:
+        yield ledger
+    finally:
+        ledger.close()
 
 
 @contextlib.contextmanager
@@ -384,21 +417,15 @@ def _new_pan(bin_prefix: str, vault: cardsec.PanVault, taken: set[bytes]) -> tup
 # -- ledger ----------------------------------------------------------------------------------------
 
 
-def _write_ledger(data_dir: Path, plan: _Plan, setup_accounts: list[AccountSpec], bar: _Progress) -> None:
-    from ledger.durable import DurableLedger  # heavy import, offline command only
-
-    ledger = DurableLedger.open(data_dir / "ledger")
-    try:
-        setup = [_collateral_funding(plan)] if plan.collateral_account is not None else []
-        _submit(ledger, Batch(timestamp_ns=time.time_ns(), accounts=tuple(setup_accounts),
-                              transfers=tuple(setup)), idempotent_accounts=True)  # fmt: skip
-        for first in range(0, plan.users, LEDGER_BATCH_USERS):
-            count = min(LEDGER_BATCH_USERS, plan.users - first)
-            _submit(ledger, _funding_batch(plan, first, count), idempotent_accounts=False)
-            bar.update("ledger", first + count)
-        ledger.flush_sync()
-    finally:
-        ledger.close()
+def _write_ledger(ledger, plan: _Plan, setup_accounts: list[AccountSpec], bar: _Progress) -> None:  # type: ignore[no-untyped-def]
+    setup = [_collateral_funding(plan)] if plan.collateral_account is not None else []
+    _submit(ledger, Batch(timestamp_ns=time.time_ns(), accounts=tuple(setup_accounts),
+                          transfers=tuple(setup)), idempotent_accounts=True)  # fmt: skip
+    for first in range(0, plan.users, LEDGER_BATCH_USERS):
+        count = min(LEDGER_BATCH_USERS, plan.users - first)
+        _submit(ledger, _funding_batch(plan, first, count), idempotent_accounts=False)
+        bar.update("ledger", first + count)
+    ledger.flush_sync()
 
 
 def _collateral_funding(plan: _Plan) -> TransferSpec:
