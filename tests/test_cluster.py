@@ -269,3 +269,48 @@ async def test_offline_commands_write_through_the_stream(nats, data_dir, tmp_pat
         assert store.get_partner("acme") is not None
     report = verify(tmp_path / "n2")
     assert report["ok"], report
+
+
+REPLICATED_TABLES = ("partners", "programs", "users", "balances", "cards", "admins", "spend_controls", "events",
+                     "kyc_forms", "ledger_accounts", "partner_balances", "devices")
+
+
+def store_rows(data_dir: Path) -> dict[str, list]:
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{data_dir / 'store.db'}?mode=ro", uri=True)
+    try:
+        return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in REPLICATED_TABLES}
+    finally:
+        connection.close()
+
+
+async def test_a_standby_store_equals_the_primary_store(shard, cards):
+    """Management changes through REST (a lock, spend controls, a new user, an admin user, FX
+    rates) reach the standby's SQLite and files, row for row, before the callers are answered."""
+    from tests.restclient import admin_login, bearer, new_user_body
+
+    n1, n2 = shard
+    n1.start().wait(n1.primary, 30, "primary")
+    n2.start()
+    card = cards[0]
+    password = (n1.data_dir / "admin-password").read_text().strip()
+    rates = {"base": "EUR", "rates": {"USD": "1.0842"}, "asOf": "2025-01-02T16:00:00Z"}
+    async with https(n1.data_dir, n1.rest_port, "partner") as partner, https(n1.data_dir, n1.rest_port) as anonymous:
+        root = f"/secure/customers/{card['customerId']}/cards/{card['cardId']}"
+        assert (await partner.post(f"{root}/lock", json={"reason": 3})).status_code == 200
+        limits = await partner.put(f"/secure/customers/{cards[2]['customerId']}/cards/{cards[2]['cardId']}/limits",
+                                   json={"channels": {"ecommerce": False}})
+        assert limits.status_code == 200, limits.text
+        assert (await partner.post("/lifecycle/v1/wallet", json=new_user_body())).status_code in (200, 201)
+        token = await admin_login(anonymous, "admin", password)
+        reply = await anonymous.post("/admin/users", headers=bearer(token),
+                                     json={"username": "clerk", "password": "a long enough secret 1", "role": "Employee"})
+        assert reply.status_code in (200, 201), reply.text
+        assert (await anonymous.put("/admin/fx-rates", headers=bearer(token), json=rates)).status_code == 200
+    await caught_up(n2, n1)
+    primary, standby = store_rows(n1.data_dir), store_rows(n2.data_dir)
+    for table in REPLICATED_TABLES:
+        assert standby[table] == primary[table], table
+    assert any(row for row in primary["admins"] if row[0] == "clerk") and primary["spend_controls"]
+    assert (n2.data_dir / "fx-rates.json").read_bytes() == (n1.data_dir / "fx-rates.json").read_bytes()

@@ -53,6 +53,14 @@ class FxApi:
             return problem(404, Title.FX_RATES_NOT_FOUND, "no FX rates table: every conversion is declined")
         return json_response(table.document)
 
+    def _replace(self, table) -> None:
+        """Write the file inside a store transaction that carries it: on a cluster primary the
+        new table reaches every standby as part of the shard's log before the caller is answered."""
+        store, rates = self._ctx.store, self._rates
+        with store.transaction():
+            rates.replace(table)
+            store.add_file(str(rates.path.relative_to(self._ctx.data_dir)), rates.path.read_bytes())
+
     async def put(self, request: Request, caller: Caller) -> Response:
         if self._rates is None:
             return problem(503, Title.INTERNAL_ERROR, "no data directory")
@@ -60,7 +68,7 @@ class FxApi:
             table = table_of(_decoder.decode(await request.body()))
         except (msgspec.DecodeError, RatesError) as error:
             return invalid(str(error))
-        await self._ctx.in_thread(self._rates.replace, table)
+        await self._ctx.in_thread(self._replace, table)
         log.info("FX rates replaced by %s: base %s, %d rates, as of %s", caller.admin, table.base,
                  len(table.rates), table.as_of)
         return json_response(table.document)

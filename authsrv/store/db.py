@@ -622,7 +622,7 @@ class Store:
         from ledger.jetstream import KIND_STORE
 
         statements = self._conn.recording
-        if not statements:
+        if not statements and not self._files:
             return 0
         change = StoreChange(statements=statements, index_ops=[*self._after_commit, *self._replica_ops],
                              files=list(self._files))
