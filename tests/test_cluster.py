@@ -314,3 +314,67 @@ async def test_a_standby_store_equals_the_primary_store(shard, cards):
         assert standby[table] == primary[table], table
     assert any(row for row in primary["admins"] if row[0] == "clerk") and primary["spend_controls"]
     assert (n2.data_dir / "fx-rates.json").read_bytes() == (n1.data_dir / "fx-rates.json").read_bytes()
+
+
+def tried_by(data_dir: Path) -> set[str]:
+    """Keys of the partner calls a node's own store says it tried (read from its file)."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{data_dir / 'store.db'}?mode=ro", uri=True)
+    try:
+        return {key for (key,) in connection.execute("SELECT idempotency_key FROM deliveries WHERE tries > 0")}
+    except sqlite3.OperationalError:  # no such table yet
+        return set()
+    finally:
+        connection.close()
+
+
+async def test_the_outbox_after_a_failover_repeats_with_the_same_keys(nats, data_dir, cards, tmp_path):
+    """Transaction notifications of approvals made on n1 reach the partner after n1 dies: from n1
+    before, from n2 after, each transaction always with its one X-Idempotency-Key."""
+    import httpx
+
+    from simulators.partner import PartnerSimSettings, running_partner
+    from tests.test_notify_outbox import configure_partner
+
+    async with running_partner(PartnerSimSettings()) as sim:
+        configure_partner(data_dir, "demo", api_url=sim.url, notify=["transaction"])
+        config = data_dir / "authsrv.toml"
+        config.write_text(config.read_text() + cluster_table(nats, "outbox", "n1"))
+        assert run_cli("cluster", "join", "--data", str(tmp_path / "n2"), "--from", str(data_dir),
+                       "--node", "n2").returncode == 0
+        n1, n2 = Node(data_dir), Node(tmp_path / "n2")
+        try:
+            await trio.to_thread.run_sync(lambda: n1.start().wait(n1.primary, 30, "primary"))
+            await trio.to_thread.run_sync(n2.start)
+            sent: dict = {}
+            answers: dict = {}
+            async with httpx.AsyncClient(base_url=sim.url) as client:
+                await client.post("/_sim/mode", json={"fail5xx": 1.0})  # n1's tries all fail
+                await _load(n1.iso_port, cards, sent, answers, 15, 2)
+                with trio.fail_after(10):  # n1 tried (and failed) once at least, well before its tries run out
+                    while tried_by(data_dir) == set():
+                        await trio.sleep(0.05)
+                n1.kill()
+                n1_tried = tried_by(data_dir)  # its outbox rows are pending, with their keys, in the replicated store
+                await client.post("/_sim/mode", json={"fail5xx": 0.0})
+                await trio.to_thread.run_sync(n2.wait, n2.primary, LEASE_S + 10, "takeover")
+                approved = {rrn for rrn, answer in answers.items() if answer["39"] == "00"}
+                deadline = trio.current_time() + 40
+                while True:  # every try, failed or not, repeats included
+                    calls = (await client.get("/_sim/received", params={"kind": "transaction", "limit": 1000})).json()
+                    delivered = {call["body"]["transaction"]["externalTransactionId"] for call in calls["received"]
+                                 if 200 <= call["status"] < 300}
+                    if approved <= delivered or trio.current_time() > deadline:
+                        break
+                    await trio.sleep(0.25)
+            assert approved <= delivered, approved - delivered
+            keys: dict[str, set] = {}
+            for call in calls["received"]:
+                keys.setdefault(call["body"]["transaction"]["externalTransactionId"], set()).add(call["idempotencyKey"])
+            assert all(len(found) == 1 for found in keys.values()), keys
+            delivered_keys = {call["idempotencyKey"] for call in calls["received"] if 200 <= call["status"] < 300}
+            assert n1_tried and n1_tried <= delivered_keys  # tried by n1, delivered by n2: the same keys
+        finally:
+            n1.stop()
+            n2.stop()
