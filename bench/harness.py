@@ -17,7 +17,9 @@ Targets (`--targets`, all by default):
 - `external-5ms`: every card on partner `ext` with `balance_mode = "external"`, its api_url the
   partner simulator (its own process) answering in 5 ms;
 - `external-timeout`: the same with the simulator answering after 400 ms, past the ISO budget
-  (250 ms): every debit ends in the stand-in decline (91) when the budget runs out.
+  (250 ms): every debit ends in the stand-in decline (91) when the budget runs out;
+- `cluster`: the same cards and mix against the primary of a shard (a standby, 3 NATS servers with
+  `sync_interval: always`, bench/cluster.py), then kill -9 rounds of the primary: the takeover times.
 The external targets offer only the rates up to EXTERNAL_RATE_MAX (one simulator process answers
 ~700 calls/s on an idle 2-core VM, far fewer when it shares the cores with the server and the load,
 and each call costs the server itself ~3 ms of CPU there) and seed at most EXTERNAL_USERS_MAX users (each balance is told to the simulator one call at a
@@ -45,6 +47,7 @@ import msgspec
 import trio
 
 from bench import postgres
+from bench.cluster import KILLS_DEFAULT, ClusterFigures, bench_cluster
 from bench.external import (
     ExternalFigures,
     add_external_partner,
@@ -73,7 +76,7 @@ from simulators.network.target import (
     start_floor,
 )
 
-TARGETS = ("authsrv", "floor", "postgres", "external-5ms", "external-timeout")
+TARGETS = ("authsrv", "floor", "postgres", "external-5ms", "external-timeout", "cluster")
 BASELINE = "postgres"  # issue 7: the implementation authsrv is compared with
 FLOOR = "floor"  # codec + transport only
 EXTERNAL_PARTNER = "ext"
@@ -231,6 +234,8 @@ class BenchResults(msgspec.Struct, frozen=True, kw_only=True):
     baseline: str = BASELINE  # the target `ratios` divides by
     floor_ratios: Ratios | None = None  # authsrv / floor, same run
     external_ratios: dict[str, Ratios] = {}  # external target -> it / authsrv (internal), same run
+    cluster_ratios: Ratios | None = None  # cluster / authsrv (one node), same run
+    cluster: ClusterFigures | None = None  # takeovers after kill -9 of the primary
 
 
 def machine_info() -> Machine:
@@ -595,6 +600,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
     """Run every target, write latest.json and latest.png into `config.out_dir`, return the results."""
     work = Path(tempfile.mkdtemp(prefix="authsrv-bench-"))
     targets: dict[str, TargetResult] = {}
+    cluster = None
     try:
         cards_path = None
         if "authsrv" in config.targets:
@@ -606,6 +612,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         for name in EXTERNAL_SCENARIOS:
             if name in config.targets:
                 targets[name] = bench_external(config, name, work, log)
+        if "cluster" in config.targets:
+            targets["cluster"], cluster = bench_cluster(config, work, log, kills=2 if config.quick else KILLS_DEFAULT)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # holds the seeded cards file (PANs, PINs)
     results = BenchResults(
@@ -617,6 +625,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> Ben
         baseline=BASELINE,
         floor_ratios=compute_ratios(targets, "authsrv", FLOOR),
         external_ratios=compute_external_ratios(targets),
+        cluster_ratios=compute_ratios(targets, "cluster", "authsrv"),
+        cluster=cluster,
     )
     write_results(results, config.out_dir)
     return results
@@ -662,6 +672,15 @@ def summary(results: BenchResults) -> str:
     comparisons = [(f"authsrv / {results.baseline} (baseline)", results.ratios),
                    (f"authsrv / {FLOOR} (codec + transport only)", results.floor_ratios)]  # fmt: skip
     comparisons += [(f"{name} / authsrv", ratios) for name, ratios in results.external_ratios.items()]
+    if results.cluster_ratios is not None:
+        comparisons.append(("cluster / authsrv (one node)", results.cluster_ratios))
+    if results.cluster is not None:
+        figures = results.cluster
+        times = ", ".join(f"{t:.2f}" for t in figures.takeover_s)
+        lines.append(f"cluster takeovers after kill -9 ({figures.kills}, lease {figures.lease_s:g} s): {times} s;"
+                     f" median {figures.median_s}, max {figures.max_s}; within lease_s + 2: {figures.within_bound};"
+                     f" purchase approved after each: {figures.approved_after_each};"
+                     f" ledger verify exit {figures.ledger_verify_exit_code}")
     for label, ratios in comparisons:
         if ratios is None:
             if label.startswith(f"authsrv / {results.baseline}") and "authsrv" in results.targets:

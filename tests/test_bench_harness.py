@@ -214,7 +214,7 @@ def test_quick_bench_against_authsrv_and_the_floor(tmp_path: Path) -> None:
 def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
     from bench.harness import EXTERNAL_RATE_MAX, ISO_BUDGET_MS, TARGETS, p99_stop_ms, target_rates
 
-    assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres"}
+    assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres", "cluster"}
     config = BenchConfig()
     assert target_rates("authsrv", config) == config.rates == target_rates("floor", config)
     assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)
@@ -334,3 +334,22 @@ def test_link_balances_tells_the_partner_simulator_every_balance(tmp_path: Path)
         assert sim.stop() == 0
     assert sorted((b["userId"], b["balanceId"], b["amount"], b["currency"]) for b in balances) == [
         (str(10 + n), str(100 + n), 12_345, "EUR") for n in range(20)]
+
+
+def test_summary_reports_the_cluster_against_one_node_and_its_takeovers() -> None:
+    from bench.cluster import ClusterFigures
+    from bench.harness import BenchResults, compute_ratios, machine_info, summary
+
+    one = TargetResult(name="authsrv", steps=[make_step(1000, p99_ms=4.0)], sustained_rate_per_s=1000, stop_reason="p99")
+    shard = TargetResult(name="cluster", steps=[make_step(1000, p99_ms=8.0)], sustained_rate_per_s=500,
+                         stop_reason="p99")
+    targets = {"authsrv": one, "cluster": shard}
+    figures = ClusterFigures(lease_s=3, kills=2, takeover_s=[2.5, 2.9], median_s=2.7, max_s=2.9, within_bound=True,
+                             approved_after_each=True, ledger_verify_exit_code=0)
+    results = BenchResults(created_utc="2026-12-05T00:00:00+00:00", machine=machine_info(), settings={},
+                           targets=targets, ratios=None, cluster_ratios=compute_ratios(targets, "cluster", "authsrv"),
+                           cluster=figures)
+    text = summary(results)
+    assert "cluster / authsrv (one node) sustained rate: 0.5" in text
+    assert "cluster takeovers after kill -9 (2, lease 3 s): 2.50, 2.90 s" in text
+    assert "within lease_s + 2: True" in text
