@@ -29,6 +29,8 @@ from authsrv.rest.errors import (
     ProblemMiddleware,
     http_exception_handler,
     ledger_not_writable_handler,
+    log_fenced_handler,
+    replication_timeout_handler,
 )
 from authsrv.rest.fx_api import FxApi
 from authsrv.rest.history_api import HistoryApi
@@ -42,7 +44,8 @@ from authsrv.rest.outbox_api import OutboxApi
 from authsrv.rest.partner_balances import PartnerBalancesApi
 from authsrv.rest.sessions import SessionTable
 from authsrv.rest.sessions_api import SessionsApi
-from authsrv.store.db import Store
+from authsrv.store.db import ReplicationTimeout, Store
+from ledger.jetstream import LogFencedError
 
 API_VERSION = "0.2.0"
 
@@ -91,5 +94,6 @@ def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX)
             Middleware(AuthMiddleware, is_partner=is_partner, customer_sessions=ctx.customer_sessions,
                        admin_sessions=ctx.admin_sessions),
         ],
-        exception_handlers={HTTPException: http_exception_handler, LedgerNotWritable: ledger_not_writable_handler},
+        exception_handlers={HTTPException: http_exception_handler, LedgerNotWritable: ledger_not_writable_handler,
+                            ReplicationTimeout: replication_timeout_handler, LogFencedError: log_fenced_handler},
     )

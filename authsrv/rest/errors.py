@@ -84,6 +84,8 @@ class Title(enum.StrEnum):
     OTP_NOT_CONFIGURED = "OTP_NOT_CONFIGURED"
     OTP_NOTIFIER_UNAVAILABLE = "OTP_NOTIFIER_UNAVAILABLE"
     LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"  # the write-ahead log cannot be written now (503)
+    REPLICATION_UNAVAILABLE = "REPLICATION_UNAVAILABLE"  # the shard's stream did not acknowledge in time (503)
+    NOT_PRIMARY = "NOT_PRIMARY"  # this node is (or just became) a standby (503)
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -121,6 +123,21 @@ async def ledger_not_writable_handler(request, exc) -> Response:
     """authsrv.rest.money.LedgerNotWritable: 503, nothing changed, try again later."""
     response = problem(503, Title.LEDGER_UNAVAILABLE, str(exc))
     response.headers["retry-after"] = str(LEDGER_RETRY_AFTER_S)
+    return response
+
+
+async def replication_timeout_handler(request, exc) -> Response:
+    """authsrv.store.db.ReplicationTimeout: committed here, not yet acknowledged by the stream. The
+    change goes out when NATS answers; a retry with the same idempotency key is safe."""
+    response = problem(503, Title.REPLICATION_UNAVAILABLE, str(exc))
+    response.headers["retry-after"] = str(LEDGER_RETRY_AFTER_S)
+    return response
+
+
+async def log_fenced_handler(request, exc) -> Response:
+    """ledger.jetstream.LogFencedError: another node is the primary now; nothing was committed."""
+    response = problem(503, Title.NOT_PRIMARY, "this node is no longer the primary; send requests to the new one")
+    response.headers["retry-after"] = "1"
     return response
 
 

@@ -191,6 +191,12 @@ class StoreError(Exception):
     """The store file is unusable (wrong schema version) or a write broke a uniqueness rule."""
 
 
+class ReplicationTimeout(TimeoutError):
+    """A cluster primary's store change is committed here but the shard's stream did not acknowledge
+    it in time (NATS unreachable): the caller is not told it succeeded; it is published when NATS
+    answers, or dropped with this node's state if another node takes over first."""
+
+
 class StoreConflict(StoreError):
     """A row with this key already exists."""
 
@@ -615,7 +621,11 @@ class Store:
             for op in pending:
                 self._run_index_op(op)
         if wait_for:
-            self._log.wait_durable_sync(wait_for, self.replicated_wait_s)
+            try:
+                self._log.wait_durable_sync(wait_for, self.replicated_wait_s)
+            except TimeoutError:
+                raise ReplicationTimeout(f"the shard's stream did not acknowledge within {self.replicated_wait_s:g} s"
+                                         ) from None
 
     def _append_change(self) -> int:
         """This transaction's change as one log record (0: it wrote nothing)."""
@@ -648,18 +658,10 @@ class Store:
         if change.files:
             assert self.data_dir is not None
             write_files(self.data_dir, change.files)
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, parameters in change.statements:
-                    self._conn.execute(sql, parameters)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            for op in change.index_ops:
-                self._run_index_op(tuple(op))
+        with self.transaction():
+            for sql, parameters in change.statements:
+                self._conn.execute(sql, parameters)
+            self._after_commit.extend(tuple(op) for op in change.index_ops)
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
