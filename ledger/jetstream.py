@@ -48,7 +48,10 @@ FLAG_CONT = 2  # this frame continues a record
 FRAME = struct.Struct(">BBQI")
 MESSAGE_BYTES_MAX = 512 * 1024  # under NATS's default max_payload (1 MiB) with room for headers
 BUFFER_BYTES_MAX = 256 * 1024 * 1024  # appended and not yet acknowledged; past it appends are refused
-PUBLISH_TIMEOUT_S = 2.0
+API_TIMEOUT_S = 2.0  # stream info, key-value, object store calls
+# An acknowledgement takes ~1-3 ms (R3, fsync'd); past this the publish is sent again (same message
+# id: stored once), so a server lost mid-publish costs a fraction of the ISO budget, not seconds.
+PUBLISH_TIMEOUT_S = 0.5
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 WRONG_LAST_SEQUENCE = 10071
 STREAM_SEQS_KEPT = 100_000  # (first record seq, stream seq) of recent messages, for snapshots
@@ -72,12 +75,13 @@ class Record:
     stream_seq: int  # the message that completed it
 
 
-def encode_frames(records: list[tuple[int, int, bytes]]) -> Iterator[tuple[bytes, int, int]]:
+def encode_frames(records: list[tuple[int, int, bytes]]) -> Iterator[tuple[bytes, int, int, int]]:
     """(kind, seq, payload) records -> message bodies, each with (the first record that starts in
-    it or 0, the last record it completes or 0). A record too large for one message is split into
-    parts: FLAG_MORE on every part but the last, FLAG_CONT on every part but the first."""
+    it or 0, the last record it completes or 0, how many it completes). A record too large for one
+    message is split into parts: FLAG_MORE on every part but the last, FLAG_CONT on every part but
+    the first."""
     body = bytearray()
-    starts = completes = 0
+    starts = completes = count = 0
     for kind, seq, payload in records:
         view = memoryview(payload)
         flags = 0
@@ -88,22 +92,23 @@ def encode_frames(records: list[tuple[int, int, bytes]]) -> Iterator[tuple[bytes
                 body += FRAME.pack(kind, flags, seq, len(view))
                 body += view
                 completes = seq
+                count += 1
                 break
             if body and (len(view) <= MESSAGE_BYTES_MAX - FRAME.size or space < MESSAGE_BYTES_MAX // 8):
-                yield bytes(body), starts, completes
+                yield bytes(body), starts, completes, count
                 body.clear()
-                starts = completes = 0
+                starts = completes = count = 0
                 continue
             starts = starts or (seq if not flags & FLAG_CONT else 0)
             part, view = view[:space], view[space:]
             body += FRAME.pack(kind, flags | FLAG_MORE, seq, len(part))
             body += part
             flags = FLAG_CONT
-            yield bytes(body), starts, completes
+            yield bytes(body), starts, completes, count
             body.clear()
-            starts = completes = 0
+            starts = completes = count = 0
     if body:
-        yield bytes(body), starts, completes
+        yield bytes(body), starts, completes, count
 
 
 class FrameReader:
@@ -172,7 +177,7 @@ class NatsBridge:
                                      reconnect_time_wait=0.2, max_reconnect_attempts=-1,
                                      allow_reconnect=True, error_cb=quiet, ping_interval=2,
                                      max_outstanding_pings=2)
-        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
+        self.js = self.nc.jetstream(timeout=API_TIMEOUT_S)
 
     def submit(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -396,6 +401,10 @@ class StreamLog:
             self._fail(LogClosedError("the replicated log was closed"))
 
     async def _publish_loop(self) -> None:
+        """One publish in flight: everything appended while it is stored goes out next, as one
+        message (or a few). Two or four in flight measured worse on a 2-core machine shared with the
+        NATS servers: smaller groups, more messages for every server to replicate and fsync
+        (docs/benchmarks.md)."""
         try:
             while self._failed is None:
                 with self._lock:
@@ -408,7 +417,7 @@ class StreamLog:
                     await self._wakeup.wait()
                     continue
                 started = time.perf_counter()
-                for body, starts, completes in encode_frames(taken):
+                for body, starts, completes, _ in encode_frames(taken):
                     stream_seq = await self._publish(body, starts)
                     if stream_seq is None:
                         return
@@ -421,14 +430,19 @@ class StreamLog:
             log.exception("replicated log publisher failed")
             self._fail(error)
 
+    def _headers(self, expected: int, starts: int) -> dict[str, str]:
+        # One message per expected position in a term: a retry reuses the id, the stream stores it once.
+        return {"Nats-Expected-Last-Sequence": str(expected), "Nats-Msg-Id": f"{self.term}.{expected}",
+                HEADER_TERM: str(self.term), HEADER_FIRST_SEQ: str(starts)}
+
     async def _publish(self, body: bytes, first: int) -> int | None:
-        """Publish until the stream takes it; None when fenced."""
+        """Publish one message until the stream takes it as the one after `stream_last`; None when
+        fenced (another writer's message is there)."""
         from nats.js.errors import APIError
 
         expected = self.stream_last
-        msg_id = f"{self.term}.{expected}"  # one message per expected position in a term; a retry reuses it
-        headers = {"Nats-Expected-Last-Sequence": str(expected), "Nats-Msg-Id": msg_id,
-                   HEADER_TERM: str(self.term), HEADER_FIRST_SEQ: str(first)}
+        headers = self._headers(expected, first)
+        msg_id = headers["Nats-Msg-Id"]
         tries = 0
         while True:
             try:
@@ -505,7 +519,7 @@ class StreamFollower:
             return []
         batch = [(msg.metadata.sequence.stream, msg.data)]
         while len(batch) < self.batch_max and self._sub.pending_msgs > 0:
-            msg = await self._sub.next_msg(timeout=wait_s)
+            msg = await self._sub.next_msg(timeout=API_TIMEOUT_S)
             batch.append((msg.metadata.sequence.stream, msg.data))
         self.behind = msg.metadata.num_pending or 0
         self.behind_since = msg.metadata.timestamp.timestamp() if self.behind else 0.0

@@ -222,6 +222,11 @@ async def test_nats_servers_down_and_back(data_dir, cards, tmp_path):
             for server in own.servers[1:]:
                 server.kill()
             assert (await purchase(cards[1]))["39"] == "91"  # nothing can commit: stand-in
+            async with https(data_dir, node.rest_port, "partner") as partner:
+                card = cards[4]
+                reply = await partner.post(f"/secure/customers/{card['customerId']}/cards/{card['cardId']}/lock",
+                                           json={"reason": 5})
+            assert reply.status_code == 503 and reply.json()["title"] == "REPLICATION_UNAVAILABLE", reply.text
             for server in own.servers:
                 server.start()
             await resumed(node, purchase, cards[2], 40)

@@ -21,18 +21,19 @@ def records_of(sizes: list[int], first_seq: int = 1) -> list[tuple[int, int, byt
 def test_records_come_back_whole_and_in_order(sizes, data) -> None:
     records = records_of(sizes)
     messages = list(encode_frames(records))
-    assert all(len(body) <= MESSAGE_BYTES_MAX for body, _, _ in messages)
+    assert all(len(body) <= MESSAGE_BYTES_MAX for body, _, _, _ in messages)
     reader = FrameReader()
-    back = [record for stream_seq, (body, _, _) in enumerate(messages, 1) for record in reader.feed(body, stream_seq)]
+    back = [record for stream_seq, (body, _, _, _) in enumerate(messages, 1) for record in reader.feed(body, stream_seq)]
     assert [(r.kind, r.seq, r.payload) for r in back] == records
-    completes = [completes for _, _, completes in messages if completes]
+    completes = [completes for _, _, completes, _ in messages if completes]
+    assert sum(count for _, _, _, count in messages) == len(records)
     assert completes == sorted(completes) and completes[-1] == records[-1][1]
 
     # A reader that starts at a message where some record starts gets every record from it on.
-    starting = [(index, starts) for index, (_, starts, _) in enumerate(messages) if starts]
+    starting = [(index, starts) for index, (_, starts, _, _) in enumerate(messages) if starts]
     index, starts = data.draw(st.sampled_from(starting))
     reader = FrameReader()
-    later = [record for body, _, _ in messages[index:] for record in reader.feed(body, 0)]
+    later = [record for body, _, _, _ in messages[index:] for record in reader.feed(body, 0)]
     assert [r.seq for r in later][0] <= starts
     assert [(r.kind, r.seq, r.payload) for r in later if r.seq >= starts] == [x for x in records if x[1] >= starts]
 
