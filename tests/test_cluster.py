@@ -189,7 +189,6 @@ async def resumed(node: Node, purchase, card: dict, timeout_s: float) -> None:
         await trio.sleep(0.25)
 
 
-@pytest.mark.slow  # passes most runs; seen failing 1 in 5 (cause not found yet): kept out of make test
 async def test_nats_servers_down_and_back(data_dir, cards, tmp_path):
     """One NATS server down: approvals go on. Every server down: the primary answers 91 and loses
     nothing acknowledged. Servers back: approvals resume, on their own."""

@@ -43,8 +43,20 @@ from ledger.types import Batch
 log = logging.getLogger("authsrv.cluster")
 
 CONNECT_RETRY_S = 1.0
+TRANSIENT_RETRY_S = 1.0
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import nats.errors
+
+    return (nats.errors.Error, TimeoutError, OSError)
+
+
+# What NATS raises while servers restart or elect leaders: the node starts over from a snapshot.
+TRANSIENT = _transient_errors()
 FOLLOW_WAIT_S = 0.2
 TERM_COMMIT_TIMEOUT_S = 5.0
+VERIFY_ATTEMPTS = 10
 SNAPSHOT_INTERVAL_S = 60.0  # a primary with new records snapshots at least this often
 JOINED_MARKER = "cluster-joined"  # a `cluster join` directory: it never starts a shard's history
 
@@ -268,20 +280,32 @@ class ClusterNode:
                         started = True
                     try:
                         promoted = await self._standby(stop)
+                    except TRANSIENT as error:  # NATS restarting, a leader election: start over
+                        self._transient("standby", error)
+                        promoted = False
                     finally:
                         standby_stop.set()
                         with trio.CancelScope(shield=True):
                             await standby_stopped.wait()
                 if promoted is None:
                     break
+                if promoted is False:
+                    await trio.sleep(TRANSIENT_RETRY_S)
+                    continue
                 lease, state = promoted
-                await self._primary(lease, state, ports, stop)
+                try:
+                    await self._primary(lease, state, ports, stop)
+                except TRANSIENT as error:  # e.g. NATS gone while taking over: a standby again
+                    self._transient("primary", error)
         finally:
             self.http.ready = False
             self.metrics.ready.set(0)
             self.cluster_metrics.primary.set(0)
             self.close()
             self.http.close()
+
+    def _transient(self, role: str, error: BaseException) -> None:
+        log.warning("cluster: %s interrupted by NATS (%s: %s); restoring again", role, type(error).__name__, error)
 
     async def _standby(self, stop: trio.Event) -> tuple[Lease, NodeState] | None:
         """Restore, follow and try for the lease; (lease, caught-up state) once promoted."""
@@ -461,6 +485,10 @@ async def _either(first: trio.Event, second: trio.Event, either: trio.Event) -> 
         nursery.start_soon(wait, second)
 
 
+class SnapshotUploadError(OSError):
+    """NATS did not take the snapshot; the stream keeps every record, the next interval tries again."""
+
+
 class Snapshots:
     """A primary's snapshots: the state goes to the object store, the stream is trimmed behind it."""
 
@@ -486,8 +514,12 @@ class Snapshots:
         snapshot = ClusterSnapshot(seq=seq, store_seq=store_seq, stream_seq=stream_seq, term=self.term,
                                    node=self.node.name, ledger_image=ledger_image, store=database)
         bulk, shard = self.node.bulk, self.node.bulk_shard
-        size = bulk.run(shard.put_snapshot(snapshot), 120.0)
-        bulk.run(shard.trim_before(stream_seq), 30.0)
+        try:
+            size = bulk.run(shard.put_snapshot(snapshot), 120.0)
+            bulk.run(shard.trim_before(stream_seq), 30.0)
+        except TRANSIENT as error:  # the caller tries again later (as after a full disk)
+            raise SnapshotUploadError(f"snapshot at seq {seq} not written to the object store: "
+                                      f"{type(error).__name__}: {error}") from error
         self.last_at = time.monotonic()
         self.node.cluster_metrics.snapshots.inc()
         self.node.cluster_metrics.snapshot_bytes.set(size)
@@ -583,8 +615,16 @@ def verify_shard(data_dir: Path, config):
         finally:
             node.close()
 
-    with tempfile.TemporaryDirectory(prefix="authsrv-verify-", dir=data_dir) as scratch:
-        return trio.run(rebuild, Path(scratch))
+    for attempt in range(VERIFY_ATTEMPTS):
+        with tempfile.TemporaryDirectory(prefix="authsrv-verify-", dir=data_dir) as scratch:
+            try:
+                return trio.run(rebuild, Path(scratch))
+            except TRANSIENT as error:  # NATS restarting or electing: the rebuild is read-only, again
+                if attempt == VERIFY_ATTEMPTS - 1:
+                    return VerifyReport(ok=False, problems=[f"NATS did not answer: {type(error).__name__}: {error}"],
+                                        directory=f"shard {config.cluster.shard}")
+                time.sleep(TRANSIENT_RETRY_S)
+    raise AssertionError("unreachable")
 
 
 class _NoMetrics:
