@@ -382,3 +382,31 @@ async def test_the_outbox_after_a_failover_repeats_with_the_same_keys(nats, data
         finally:
             n1.stop()
             n2.stop()
+
+
+@pytest.mark.slow
+async def test_kill_9_rounds_under_load(shard, cards):
+    """Five rounds: kill -9 of whichever node is primary under load, the other takes over within
+    lease_s + 2, the killed one rejoins; at the end every approval any client got stands."""
+    import random
+
+    nodes = list(shard)
+    nodes[0].start().wait(nodes[0].primary, 30, "primary")
+    nodes[1].start()
+    sent: dict = {}
+    answers: dict = {}
+    for _ in range(5):
+        primary = next(node for node in nodes if node.primary())
+        standby = next(node for node in nodes if node is not primary)
+        await caught_up(standby, primary)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_load, primary.iso_port, cards, sent, answers, 200, 2)
+            await trio.sleep(random.uniform(0.2, 0.6))
+            primary.kill()
+        takeover_s = await trio.to_thread.run_sync(standby.wait, standby.primary, LEASE_S + 10, "takeover")
+        assert takeover_s <= LEASE_S + 2, takeover_s
+        await trio.to_thread.run_sync(primary.start)
+    primary = next(node for node in nodes if node.primary())
+    final = await settle(primary.iso_port, sent)
+    assert_answers_stand(answers, final)
+    assert_books(primary.data_dir, cards, sent, final)
