@@ -211,8 +211,19 @@ class NatsBridge:
                 self.run(self.nc.close(), 5.0)
             except Exception:  # closing a connection that is gone: nothing left to do
                 log.debug("nats %s: close failed", self.name, exc_info=True)
+        try:
+            self.run(_cancel_other_tasks(), 5.0)  # e.g. a connect still trying: end it, not leak it
+        except Exception:
+            log.debug("nats %s: tasks did not end", self.name, exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class StreamLog:

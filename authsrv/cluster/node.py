@@ -57,6 +57,7 @@ TRANSIENT = _transient_errors()
 FOLLOW_WAIT_S = 0.2
 TERM_COMMIT_TIMEOUT_S = 5.0
 VERIFY_ATTEMPTS = 10
+VERIFY_CONNECT_S = 20.0
 SNAPSHOT_INTERVAL_S = 60.0  # a primary with new records snapshots at least this often
 JOINED_MARKER = "cluster-joined"  # a `cluster join` directory: it never starts a shard's history
 
@@ -588,8 +589,12 @@ def verify_shard(data_dir: Path, config):
     async def rebuild(scratch: Path) -> VerifyReport:
         node = ClusterNode(scratch, config, _NoMetrics(), None)
         try:
-            with trio.fail_after(60):
+            with trio.move_on_after(VERIFY_CONNECT_S) as connecting:
                 await node.connect()
+            if connecting.cancelled_caught:
+                return VerifyReport(ok=False, problems=[f"cannot reach NATS at {', '.join(config.cluster.nats)}"
+                                                        f" within {VERIFY_CONNECT_S:g} s: the shard's state lives there"],
+                                    directory=f"shard {config.cluster.shard}")
             snapshot = await node.bulk.call(node.bulk_shard.get_snapshot())
             if snapshot is None:
                 return VerifyReport(ok=False, problems=[f"shard {config.cluster.shard} has no snapshot yet"],
