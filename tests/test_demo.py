@@ -40,3 +40,15 @@ def test_demo_drives_an_internal_and_an_external_partner(tmp_path: Path) -> None
     assert (data / "cards.jsonl").stat().st_size > 0 and (data / "cards-ext.jsonl").stat().st_size > 0
     assert (data / "partner-sim.log").exists()
     assert 'balance_mode = "external"' in (data / "authsrv.toml").read_text()
+
+
+@pytest.mark.slow
+def test_demo_cluster_fails_over_with_nothing_lost() -> None:
+    done = subprocess.run([sys.executable, "-m", "simulators.cluster_demo", "--duration", "10", "--rate", "50",
+                           "--users", "50"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:] + done.stderr[-2000:]
+    assert "lost on the new primary: 0" in out and "ledger verify on n2: passed" in out
+    assert "n1 restarted: standby" in out and out.rstrip().endswith("PASS")
+    takeover = float(re.search(r"takeover: ([\d.]+) s after kill -9", out).group(1))
+    assert takeover <= 5.0
