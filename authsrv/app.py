@@ -432,10 +432,10 @@ async def _tick(ledger, journal, metrics, config) -> None:
         metrics.open_authorizations.set(journal.open_count)
         metrics.journal_records.set(len(journal))
         if accepting and ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
-            # The state is captured in this step (no await in between), written from a thread.
+            # The state is captured in this step (a fork: no await in between), serialized and written by the child.
             started = time.perf_counter()
             try:
-                last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot())
+                last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot)  # serialized in a child
             except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
                 log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
                 last_snapshot_seq = ledger.last_seq

@@ -60,11 +60,17 @@ def _checksum(seq: int, payload: bytes) -> int:
 
 def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     """Durably write the snapshot covering records <= seq; prune older ones. Returns its path."""
+    write_snapshot_temporary(directory, seq, payload)
+    return publish_snapshot(directory, seq)
+
+
+def write_snapshot_temporary(directory: Path, seq: int, payload: bytes) -> Path:
+    """The first half of write_snapshot: the file under its temporary name, fsync'd, not yet in
+    use. Logs nothing (a forked child writes it: authsrv's snapshots off the event loop)."""
     directory = Path(directory)
     assert seq >= 0
     assert 0 < len(payload) <= SNAPSHOT_SIZE_MAX - HEADER_SIZE, len(payload)
-    final = snapshot_path(directory, seq)
-    temporary = final.with_name(final.name + TEMP_SUFFIX)
+    temporary = _temporary_path(directory, seq)
     header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, seq, len(payload), _checksum(seq, payload))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     fd = os.open(temporary, flags, FILE_MODE)
@@ -78,13 +84,23 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)  # a full disk: do not keep half a snapshot taking its space
         raise
-    os.rename(temporary, final)
+    return temporary
+
+
+def publish_snapshot(directory: Path, seq: int) -> Path:
+    """The second half: rename the temporary file into place, fsync the directory, prune."""
+    directory = Path(directory)
+    final = snapshot_path(directory, seq)
+    os.rename(_temporary_path(directory, seq), final)
     fsync_directory(directory)
-    log.info("snapshot written: %s (%d bytes, covers seq %d)", final, len(payload), seq)
+    log.info("snapshot written: %s (%d bytes, covers seq %d)", final, final.stat().st_size - HEADER_SIZE, seq)
     _prune(directory, keep=final)
     return final
 
 
+def _temporary_path(directory: Path, seq: int) -> Path:
+    final = snapshot_path(directory, seq)
+    return final.with_name(final.name + TEMP_SUFFIX)
 
 
 def _prune(directory: Path, keep: Path) -> None:

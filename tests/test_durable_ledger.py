@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import msgspec
@@ -326,6 +327,60 @@ async def test_group_commit_and_snapshot_async_under_load(tmp_path: Path) -> Non
     durable = open_ledger(tmp_path)
     assert durable.snapshot_seq == snapshot_seq and durable.ledger.digest() == digest
     assert all(durable.ledger.hold(hold_id).state == HoldState.posted for hold_id in acknowledged)
+    durable.close()
+
+
+async def test_snapshot_async_is_the_state_at_the_call_while_the_ledger_moves_on(tmp_path: Path) -> None:
+    """The forked writer serializes the state of the moment of the call (copy-on-write), the app
+    bytes included, while the parent keeps applying; a failing child is an error, no snapshot."""
+    from ledger.durable import SnapshotChildError, decode_snapshot
+    from ledger.snapshot import read_snapshot
+
+    durable = open_ledger(tmp_path)
+    setup_accounts(durable, fund=100_000)
+    for hold_id in range(2_000_000, 2_000_200, 2):
+        durable.submit_now(transfers=hold_and_post(hold_id, amount=1))
+    durable.flush_sync()
+    at_call = durable.ledger.digest()
+    calls: list[str] = []
+
+    def app() -> bytes:  # runs in the child: the parent never sees this list grow
+        calls.append("child")
+        time.sleep(0.2)  # still serializing while the parent applies more
+        return b"journal at the call"
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        seq = durable.last_seq
+        snapshotting = trio.Event()
+
+        async def snapshot() -> None:
+            assert await durable.snapshot_async(app) == seq
+            snapshotting.set()
+
+        nursery.start_soon(snapshot)
+        while not durable._snapshot_running:  # noqa: SLF001 - set right after the fork
+            await trio.sleep(0)
+        for hold_id in range(3_000_000, 3_000_400, 2):  # the parent goes on meanwhile
+            _, last = durable.submit_now(transfers=hold_and_post(hold_id, amount=1))
+        await durable.wait_durable(last)
+        await snapshotting.wait()
+
+        durable.FORK_SNAPSHOTS = True
+        durable.directory = tmp_path / "missing"  # the child cannot write: the parent says so
+        with pytest.raises(SnapshotChildError):
+            await durable.snapshot_async(b"x")
+        durable.directory = tmp_path
+        nursery.cancel_scope.cancel()
+    assert calls == []
+    snap_seq, payload = read_snapshot(list_snapshots(tmp_path)[-1][1])
+    ledger, app_bytes = decode_snapshot(payload)
+    assert (snap_seq, app_bytes, ledger.digest()) == (seq, b"journal at the call", at_call)
+    assert durable.ledger.digest() != at_call
+    final = durable.ledger.digest()
+    durable.close()
+    durable = open_ledger(tmp_path)
+    assert durable.snapshot_seq == seq and durable.ledger.digest() == final
     durable.close()
 
 

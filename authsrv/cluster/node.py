@@ -559,6 +559,8 @@ class ReplicatedLedger(ObservedLedger):
     """The switch's ledger on a cluster primary: the log is the shard's stream, snapshots go to the
     object store (and the stream is trimmed behind them)."""
 
+    FORK_SNAPSHOTS = False  # the upload needs this process's NATS connection
+
     def __init__(self, *args, snapshots: Snapshots, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._snapshots = snapshots
