@@ -9,6 +9,7 @@ it, the killed node restarted as a standby and caught up before the next round.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import statistics
@@ -53,26 +54,10 @@ class ClusterFigures(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
-@attrs.define
-class ServerWithNats:
-    """The primary and the NATS servers, seen by run_steps as one server (CPU adds them up)."""
-
-    child: ChildProcess
-    nats: NatsCluster
-
-    @property
-    def process(self):  # noqa: ANN201  run_steps reads process.returncode
-        return self.child.process
-
-    def running(self) -> bool:
-        return self.child.running()
-
-    def cpu_s(self) -> float:
-        total = self.child.cpu_s()
-        for server in self.nats.servers:
-            if server.process is not None and server.process.poll() is None:
-                total += process_cpu_s(server.process.pid)
-        return total
+def nats_cpu_s(nats: NatsCluster) -> float:
+    """CPU seconds of the NATS servers still running (they share the cores with the primary)."""
+    return sum(process_cpu_s(server.process.pid) for server in nats.servers
+               if server.process is not None and server.process.poll() is None)
 
 
 @attrs.define
@@ -116,7 +101,7 @@ def cluster_table(nats: NatsCluster, node: str) -> str:
 
 def bench_cluster(config, work: Path, log: Callable[[str], None], *, kills: int = KILLS_DEFAULT):  # noqa: ANN201
     """(TargetResult, ClusterFigures | None), like bench_authsrv with a standby and the kill rounds."""
-    from bench.harness import TargetResult, run_steps, sustained_rate
+    from bench.harness import ServerWithHelpers, TargetResult, run_steps, sustained_rate
     from simulators.network.pinblock import load_zpk
 
     nats = NatsCluster.create(work / "nats", 3)
@@ -136,7 +121,7 @@ def bench_cluster(config, work: Path, log: Callable[[str], None], *, kills: int 
         n2.start()
         zpk = load_zpk(n1.data / "keys" / "zpk.hex")
         try:
-            steps, reason = run_steps("cluster", ServerWithNats(n1.child, nats), port=n1.ports.iso,
+            steps, reason = run_steps("cluster", ServerWithHelpers(n1.child, functools.partial(nats_cpu_s, nats)), port=n1.ports.iso,
                                       cards_path=cards_path, zpk=zpk, config=config, log=log)
         except (TargetError, OSError, ValueError) as failure:
             reason, error = "load failed", str(failure)

@@ -429,12 +429,12 @@ def bench_floor(
 
 
 @attrs.define
-class ServerWithDatabase:
-    """The PostgreSQL baseline's front end and its database, seen by run_steps as one server:
-    its CPU figure adds the postmaster's processes, where most of the work happens."""
+class ServerWithHelpers:
+    """A server and the processes doing its work beside it (the baseline's PostgreSQL, a cluster's
+    NATS servers), seen by run_steps as one server: its CPU figure adds theirs."""
 
     child: ChildProcess
-    database: postgres.PgInstance
+    helpers_cpu_s: Callable[[], float]
 
     @property
     def process(self):  # noqa: ANN201  run_steps reads process.returncode
@@ -444,7 +444,7 @@ class ServerWithDatabase:
         return self.child.running()
 
     def cpu_s(self) -> float:
-        return self.child.cpu_s() + self.database.cpu_s()
+        return self.child.cpu_s() + self.helpers_cpu_s()
 
 
 def _postgres_inputs(config: BenchConfig, work: Path, cards_path: Path | None) -> tuple[Path, Path]:
@@ -487,7 +487,7 @@ def bench_postgres(
             child = ChildProcess.start("PostgreSQL baseline server", args, log_path)
             try:
                 child.wait_tcp_ready(port)
-                steps, reason = run_steps("postgres", ServerWithDatabase(child, database), port=port,
+                steps, reason = run_steps("postgres", ServerWithHelpers(child, database.cpu_s), port=port,
                                           cards_path=cards_path, zpk=load_zpk(zpk_path), config=config, log=log)  # fmt: skip
             finally:
                 exit_code = child.stop()
