@@ -54,7 +54,10 @@ log = logging.getLogger("authsrv.clearing")
 CHUNK_RECORDS_MAX = 500  # records per ledger batch: up to ~4 transfers each, far below 8,192
 # On the running server a chunk holds the event loop while it is planned and recorded: ~250 ms for
 # 500 records on a 2-core VM (measured in the soak: stand-in 91s behind it), so smaller chunks there.
-ONLINE_CHUNK_RECORDS_MAX = 100
+# Soak at 1,400/s on machine B: chunks of 100 gave p99 50.8 / p99.9 177 ms and 137 stand-ins over
+# 30 min; chunks of 25 p99 35 / p99.9 133 ms and none over 10 min, clearing ~0.56 instead of ~0.4 ms
+# per record (docs/benchmarks.md, section 6).
+ONLINE_CHUNK_RECORDS_MAX = 25
 ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
 WAL_FULL_RETRIES_MAX = 500
 WAL_FULL_BACKOFF_S = 0.01
