@@ -338,6 +338,7 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         await nursery.start(iso.run, listeners)
         rest_stop, rest_stopped = trio.Event(), trio.Event()
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
+        rest_context.metrics = metrics
         await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,

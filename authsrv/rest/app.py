@@ -18,12 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from authsrv.panel.app import build_panel
+from authsrv.rest.audit import AuditMiddleware
 from authsrv.rest.auth import AuthMiddleware
-from authsrv.rest.clearing_api import clearing_routes
 from authsrv.rest.balances import BalancesApi, auto_balance_hook
 from authsrv.rest.cards import CardsApi
+from authsrv.rest.clearing_api import clearing_routes
 from authsrv.rest.context import RestContext
-from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
 from authsrv.rest.errors import (
     REQUEST_BODY_BYTES_MAX,
     ProblemMiddleware,
@@ -34,9 +35,10 @@ from authsrv.rest.errors import (
 )
 from authsrv.rest.fx_api import FxApi
 from authsrv.rest.history_api import HistoryApi
+from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
 from authsrv.rest.kyc import KycApi
-from authsrv.rest.limits_api import LimitsApi
 from authsrv.rest.lifecycle import LifecycleApi
+from authsrv.rest.limits_api import LimitsApi
 from authsrv.rest.money import LedgerNotWritable
 from authsrv.rest.openapi import build_openapi
 from authsrv.rest.otp_api import OtpApi
@@ -64,11 +66,12 @@ def make_context(store: Store, *, data_dir: Path | None = None, index=None, ledg
 
 def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
     lifecycle = LifecycleApi(ctx)
+    sessions = SessionsApi(ctx)
     lifecycle.kyc_success_hooks.append(auto_balance_hook(ctx))
     routes: list[Route] = [
         *lifecycle.routes(),
         *BalancesApi(ctx).routes(), *PartnerBalancesApi(ctx).routes(),
-        *SessionsApi(ctx).routes(),
+        *sessions.routes(),
         *KycApi(ctx, lifecycle.kyc_success_hooks).routes(),
         *(public_key_routes(ctx.jwe) if ctx.jwe is not None else []),
         *clearing_routes(ctx),
@@ -87,12 +90,15 @@ def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX)
         found = await trio.to_thread.run_sync(ctx.store.get_partner, name, limiter=ctx.limiter)
         return found is not None
 
+    # The Administration Panel: HTML pages on this same listener (authsrv/panel, docs/panel.md).
+    panel = build_panel(ctx, attempts=sessions.admin_attempts)
     return Starlette(
-        routes=[Route("/openapi.json", openapi, methods=["GET"]), *routes],
+        routes=[Route("/openapi.json", openapi, methods=["GET"]), *routes, panel],
         middleware=[
             Middleware(ProblemMiddleware, body_bytes_max=body_bytes_max),
             Middleware(AuthMiddleware, is_partner=is_partner, customer_sessions=ctx.customer_sessions,
                        admin_sessions=ctx.admin_sessions),
+            Middleware(AuditMiddleware, store=ctx.store, in_thread=ctx.in_thread),
         ],
         exception_handlers={HTTPException: http_exception_handler, LedgerNotWritable: ledger_not_writable_handler,
                             ReplicationTimeout: replication_timeout_handler, LogFencedError: log_fenced_handler},

@@ -81,6 +81,7 @@ class RestContext:
     config: Any = None  # authsrv.config.Config
     keys: Any = None  # authsrv.cardsec.CardKeys
     jwe: Any = None  # authsrv.rest.jwe.JweCodec
+    metrics: Any = None  # authsrv.metrics.Metrics of the running server (the panel's dashboard reads it)
     customer_sessions: SessionTable[CustomerSubject] = attrs.field(factory=lambda: SessionTable(600))
     admin_sessions: SessionTable[AdminSubject] = attrs.field(factory=lambda: SessionTable(600))
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(STORE_THREADS_MAX))

@@ -145,12 +145,21 @@ ADDED_SCHEMA: list[str] = [
     " waived INTEGER NOT NULL, state TEXT NOT NULL, transfers BLOB NOT NULL, created_at TEXT NOT NULL,"
     " updated_at TEXT NOT NULL, PRIMARY KEY (config_id, kind, period, subject))",
     "CREATE INDEX IF NOT EXISTS fee_periods_owed ON fee_periods (balance_id) WHERE owed > 0",
+    # Audit log (authsrv/store/audit.py): every operator action through the panel or /admin, with
+    # its outcome and the before/after values it changed. Append-only; never card data.
+    "CREATE TABLE IF NOT EXISTS audit_log (id INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL,"
+    " role TEXT NOT NULL, channel TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,"
+    " outcome TEXT NOT NULL, before_json TEXT NOT NULL, after_json TEXT NOT NULL, detail TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS audit_log_actor ON audit_log (actor, id)",
+    "CREATE INDEX IF NOT EXISTS audit_log_action ON audit_log (action, id)",
 ]
 # table -> {column: declaration} added to existing tables (ALTER TABLE ADD COLUMN, once).
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
     # wPIN rate limiting: failures in a row and until when logins are refused (ISO 8601, '' = not).
     "users": {"wpin_failures": "INTEGER NOT NULL DEFAULT 0", "wpin_locked_until": "TEXT NOT NULL DEFAULT ''"},
-    "admins": {"created_by": "TEXT NOT NULL DEFAULT ''", "created_at": "TEXT NOT NULL DEFAULT ''"},
+    # disabled: 1 = may not log in (an Admin disabled the account); sessions end at once.
+    "admins": {"created_by": "TEXT NOT NULL DEFAULT ''", "created_at": "TEXT NOT NULL DEFAULT ''",
+               "disabled": "INTEGER NOT NULL DEFAULT 0"},
     "balances": {"iban": "TEXT NOT NULL DEFAULT ''"},
     # IBANs for new balances ('' = off) and the balance opened automatically on KYC success.
     "programs": {"iban_country": "TEXT NOT NULL DEFAULT ''", "iban_bank_code": "TEXT NOT NULL DEFAULT ''",
@@ -396,6 +405,38 @@ class DeviceRow:
     device_id: str
     installation_id: str
     created_at: str
+
+
+AUDIT_PAGE_MAX = 10_000
+AUDIT_VALUE_MAX = 4_096  # characters of a before/after value kept
+
+
+@attrs.frozen
+class AuditEntry:
+    """One operator action: who (actor, role), through what (channel: panel or api), what (action on
+    target), when (at, UTC ISO 8601), how it ended (outcome) and the values it changed (JSON)."""
+
+    id: int
+    at: str
+    actor: str
+    role: str
+    channel: str
+    action: str
+    target: str
+    outcome: str
+    before_json: str = ""
+    after_json: str = ""
+    detail: str = ""
+
+
+@attrs.frozen
+class AuditQuery:
+    actor: str = ""
+    action: str = ""
+    channel: str = ""
+    target: str = ""  # substring
+    since: str = ""  # ISO 8601, inclusive
+    until: str = ""  # ISO 8601, exclusive
 
 
 @attrs.frozen
@@ -986,7 +1027,64 @@ class Store:
         admin = self.get_admin(username)
         # Hash anyway for an unknown user, so timing does not reveal which usernames exist.
         stored = admin.password_hash if admin else _dummy_hash()
-        return admin if verify_secret(stored, password) and admin else None
+        if not (verify_secret(stored, password) and admin):
+            return None
+        return None if self.admin_disabled(username) else admin
+
+    def admin_disabled(self, username: str) -> bool:
+        """True when an Admin disabled this account (it may not log in; unknown names: False)."""
+        with self._lock:
+            found = self._conn.execute("SELECT disabled FROM admins WHERE username = ?", (username,)).fetchone()
+        return bool(found and found[0])
+
+    # -- audit log ---------------------------------------------------------------------------------
+
+    def append_audit(self, entry: AuditEntry) -> int:
+        """Write one audit entry durably (its own transaction, or the caller's); its id."""
+        assert entry.id == 0
+        with self.transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO audit_log (at, actor, role, channel, action, target, outcome, before_json,"
+                " after_json, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.at or utc_now_iso(), entry.actor[:64], entry.role[:16], entry.channel[:16],
+                 entry.action[:64], entry.target[:128], entry.outcome[:64], entry.before_json[:AUDIT_VALUE_MAX],
+                 entry.after_json[:AUDIT_VALUE_MAX], entry.detail[:AUDIT_VALUE_MAX]),
+            )
+        return int(cursor.lastrowid)
+
+    def audit_page(self, query: AuditQuery, *, before_id: int = 0, limit: int = 50) -> list[AuditEntry]:
+        """Newest first, `limit` entries with id < before_id (0: from the newest)."""
+        assert 1 <= limit <= AUDIT_PAGE_MAX
+        clauses, values = ["1"], []
+        for column, value in (("actor", query.actor), ("action", query.action), ("channel", query.channel)):
+            if value:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        if query.target:
+            clauses.append("target LIKE ? ESCAPE '\\'")
+            escaped = query.target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            values.append(f"%{escaped}%")
+        if query.since:
+            clauses.append("at >= ?")
+            values.append(query.since)
+        if query.until:
+            clauses.append("at < ?")
+            values.append(query.until)
+        if before_id:
+            clauses.append("id < ?")
+            values.append(before_id)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT id, at, actor, role, channel, action, target, outcome, before_json, after_json, detail"
+                f" FROM audit_log WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?", (*values, limit),
+            ).fetchall()
+        return [AuditEntry(*row) for row in rows]
+
+    def audit_actions(self) -> list[str]:
+        """The distinct action names logged so far (for the filter's choices)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT action FROM audit_log ORDER BY action LIMIT 500").fetchall()
+        return [row[0] for row in rows]
 
     # -- users -------------------------------------------------------------------------------------
 
