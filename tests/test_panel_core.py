@@ -36,7 +36,7 @@ async def test_login_dashboard_logout(server, data_dir):
         reply = await panel_login(client, "admin", admin_password(data_dir))
         assert reply.status_code == 303 and reply.headers["location"] == "/panel/"
         cookie = reply.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert "HttpOnly" in cookie and "Secure" in cookie and "SameSite=Strict" in cookie
         page = await client.get("/panel/")
         assert page.status_code == 200 and "admin" in page.text
         csp = page.headers["content-security-policy"]
@@ -94,3 +94,23 @@ async def test_admin_api_actions_are_audited(server, data_dir):
     assert [(e.actor, e.action, e.outcome) for e in entries[:2]] == [
         ("admin", "admin.users.create", "HTTP 409"), ("admin", "admin.users.create", "HTTP 201")]
     assert "x" * 14 not in repr(entries)
+
+
+def test_sessions_idle_timeout_lifetime_and_bound():
+    from authsrv.panel.security import PanelSessions
+    from authsrv.store.db import Role
+
+    now = [0.0]
+    sessions = PanelSessions(idle_s=10, lifetime_s=25, clock=lambda: now[0], sessions_max=2)
+    token = sessions.open("ann", Role.manager)
+    for _ in range(2):
+        now[0] += 9  # active: the idle clock restarts on each request
+        assert sessions.lookup(token).username == "ann"
+    now[0] += 8  # 26 s since login: past the lifetime though never idle for 10 s
+    assert sessions.lookup(token) is None
+    idle = sessions.open("bob", Role.employee)
+    now[0] += 10
+    assert sessions.lookup(idle) is None
+    first, second, third = (sessions.open(name, Role.employee) for name in ("c", "d", "e"))
+    assert len(sessions) == 2 and sessions.lookup(first) is None and sessions.lookup(third) is not None
+    assert sessions.lookup("x" * 500) is None and sessions.lookup(None) is None

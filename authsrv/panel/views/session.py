@@ -59,8 +59,7 @@ def register(panel: PanelApp) -> None:
         log.info("panel: %s (%s) logged in", admin.username, admin.role)
         response = RedirectResponse(f"{PREFIX}/", status_code=303)
         security.set_session_cookie(response, token)
-        response.delete_cookie(LOGIN_COOKIE, path=security.COOKIE_PATH, secure=True, httponly=True,
-                               samesite="strict")
+        security.set_cookie(response, LOGIN_COOKIE, "", max_age=0)
         return response
 
     panel.routes.append(_route("/login", login_form, "GET"))
@@ -78,8 +77,7 @@ def register(panel: PanelApp) -> None:
 def _login_page(request: Request, panel: PanelApp, *, error: str, status: int) -> Response:
     token = request.cookies.get(LOGIN_COOKIE) or security.new_login_token()
     response = panel.render(request, None, "login.html", status=status, error=error, login_token=token)
-    response.set_cookie(LOGIN_COOKIE, token, max_age=security.LOGIN_COOKIE_S, path=security.COOKIE_PATH,
-                        secure=True, httponly=True, samesite="strict")
+    security.set_cookie(response, LOGIN_COOKIE, token, max_age=security.LOGIN_COOKIE_S)
     return response
 
 
