@@ -111,19 +111,8 @@ class HistoryApi:
         balance = await self._own_balance(request, call)
         if balance is None:
             return problem(404, Title.BALANCE_NOT_FOUND, "no such balance")
-        cards = {card.id: card for card in await self.ctx.in_thread(self.store.cards_of_balance, balance.id)}
-        journal = getattr(self.ctx.ledger, "journal", None)
-        records = []
-        if journal is not None:
-            for card_id in cards:
-                records.extend(record for record in journal.activity.of_card(card_id)
-                               if before is None or record.timestamp_ns < before)
-        records.sort(key=lambda record: record.timestamp_ns, reverse=True)
-        page = records[:limit]
-        statuses = Statuses(self.ctx.ledger.ledger, balance.ledger_account_id) if page else None
-        rows = [transaction(record, cards[record.card_id], statuses) for record in page]
-        more = len(records) > limit
-        return json_response(TransactionPage(rows, str(page[-1].timestamp_ns) if more else None))
+        cards = await self.ctx.in_thread(self.store.cards_of_balance, balance.id)
+        return json_response(balance_transactions(self.ctx, balance, cards, limit=limit, before=before))
 
     async def _own_balance(self, request: Request, call: Call) -> BalanceRow | None:
         balance_id = parse_id(request.path_params["balanceId"])
@@ -133,6 +122,26 @@ class HistoryApi:
         if row is None or row.user_id != call.user.id or row.partner != call.user.partner:
             return None
         return row
+
+
+def balance_transactions(ctx: RestContext, balance: BalanceRow, cards: list, *, limit: int = HISTORY_PAGE_DEFAULT,
+                         before: int | None = None) -> TransactionPage:
+    """A page of the balance's transactions, newest first (`cards`: the balance's cards). Reads the
+    in-memory activity log and the ledger: call it on the trio thread, not in a worker thread."""
+    assert 1 <= limit <= HISTORY_PAGE_MAX
+    by_id = {card.id: card for card in cards}
+    journal = getattr(ctx.ledger, "journal", None)
+    records = []
+    if journal is not None:
+        for card_id in by_id:
+            records.extend(record for record in journal.activity.of_card(card_id)
+                           if before is None or record.timestamp_ns < before)
+    records.sort(key=lambda record: record.timestamp_ns, reverse=True)
+    page = records[:limit]
+    statuses = Statuses(ctx.ledger.ledger, balance.ledger_account_id) if page else None
+    rows = [transaction(record, by_id[record.card_id], statuses) for record in page]
+    more = len(records) > limit
+    return TransactionPage(rows, str(page[-1].timestamp_ns) if more else None)
 
 
 def _paging(query) -> tuple[int, int | None] | str:

@@ -50,7 +50,7 @@ from authsrv.rest.context import (
     parse_id,
 )
 from authsrv.rest.errors import Title, problem
-from authsrv.store.db import CardRow, Role, card_visible
+from authsrv.store.db import CardRow, Role, Store, UserRow, card_visible
 
 log = logging.getLogger("authsrv.rest")
 
@@ -146,8 +146,8 @@ class LimitsApi:
         card = await self._own_card(request, call)
         if card is None:
             return card_not_found()
-        await self._save("card", card.id, spec, call, event_kind="card.limits_set", subject=f"card:{card.id}",
-                         cardId=card.id)
+        await self.ctx.in_thread(save_card_controls, self.store, call.user, card, spec)
+        self._log("card", card.id, call)
         return json_response(view(spec, [self._card_usage(card)]))
 
     async def get_user(self, request: Request, call: Call) -> Response:
@@ -174,31 +174,24 @@ class LimitsApi:
         return card if card_visible(card) else None
 
     async def _stored(self, scope: str, owner_id: int) -> ControlsSpec:
-        text = await self.ctx.in_thread(self.store.get_spend_controls, scope, owner_id)
-        return decode_spec(text) if text is not None else ControlsSpec()
+        return await self.ctx.in_thread(stored_controls, self.store, scope, owner_id)
 
     async def _save(self, scope: str, owner_id: int, spec: ControlsSpec, call: Call, *, event_kind: str,
                     subject: str, **ids: Any) -> None:
-        body = {"customerId": call.user.id, **ids, "limits": msgspec.to_builtins(spec)}
-        await self.ctx.in_thread(self.store.set_spend_controls, scope, owner_id, encode_spec(spec),
-                                 Controls.from_spec(spec), partner=call.user.partner, event_kind=event_kind,
-                                 subject=subject, event_body=body)
+        await self.ctx.in_thread(save_controls, self.store, call.user, scope, owner_id, spec, event_kind=event_kind,
+                                 subject=subject, **ids)
+        self._log(scope, owner_id, call)
+
+    @staticmethod
+    def _log(scope: str, owner_id: int, call: Call) -> None:
         who = call.caller.admin if call.caller.admin else call.caller.partner
         log.info("%s spend controls of %s %d set by %s %s", scope, scope, owner_id, call.caller.channel, who)
 
     def _windows(self):
-        ledger = self.ctx.ledger
-        journal = getattr(ledger, "journal", None) if ledger is not None else None
-        return journal.windows if journal is not None else None
+        return _windows(self.ctx)
 
     def _card_usage(self, card: CardRow) -> CurrencyUsage:
-        windows = self._windows()
-        window = windows.card(card.id) if windows is not None else None
-        currency = ""
-        if self.ctx.index is not None:
-            state = self.ctx.index.card_by_id(card.id)
-            currency = state.currency if state is not None else ""
-        return usage_of(window, currency, time.time_ns())
+        return card_usage(self.ctx, card)
 
     async def _user_usage(self, user_id: int) -> list[CurrencyUsage]:
         """Per currency of the user's balances (user windows are kept per currency)."""
@@ -208,6 +201,47 @@ class LimitsApi:
         currencies = sorted({row.currency for row in balances})
         return [usage_of(windows.user(user_id, currency) if windows is not None else None, currency, now_ns)
                 for currency in currencies]
+
+
+# -- domain: what every channel's change goes through (REST handlers above, the panel's card page) --
+
+
+def stored_controls(store: Store, scope: str, owner_id: int) -> ControlsSpec:
+    """The controls as set (none set: the empty spec, no control)."""
+    text = store.get_spend_controls(scope, owner_id)
+    return decode_spec(text) if text is not None else ControlsSpec()
+
+
+def save_controls(store: Store, user: UserRow, scope: str, owner_id: int, spec: ControlsSpec, *, event_kind: str,
+                  subject: str, **ids: Any) -> None:
+    """Replace the controls of a card or user of `user` and record the partner's event, in one
+    store transaction (the index is updated when it commits). Synchronous: run in a worker thread."""
+    body = {"customerId": user.id, **ids, "limits": msgspec.to_builtins(spec)}
+    store.set_spend_controls(scope, owner_id, encode_spec(spec), Controls.from_spec(spec), partner=user.partner,
+                             event_kind=event_kind, subject=subject, event_body=body)
+
+
+def save_card_controls(store: Store, user: UserRow, card: CardRow, spec: ControlsSpec) -> None:
+    assert card.user_id == user.id
+    save_controls(store, user, "card", card.id, spec, event_kind="card.limits_set", subject=f"card:{card.id}",
+                  cardId=card.id)
+
+
+def _windows(ctx: RestContext):
+    ledger = ctx.ledger
+    journal = getattr(ledger, "journal", None) if ledger is not None else None
+    return journal.windows if journal is not None else None
+
+
+def card_usage(ctx: RestContext, card: CardRow) -> CurrencyUsage:
+    """The card's usage of the current UTC day and month, in its balance's currency."""
+    windows = _windows(ctx)
+    window = windows.card(card.id) if windows is not None else None
+    currency = ""
+    if ctx.index is not None:
+        state = ctx.index.card_by_id(card.id)
+        currency = state.currency if state is not None else ""
+    return usage_of(window, currency, time.time_ns())
 
 
 async def _read_spec(request: Request) -> ControlsSpec | Response:
