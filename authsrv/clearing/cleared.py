@@ -89,7 +89,9 @@ class ForcedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel
     status: str = CLEARED_STATUS  # final, like a clearing: no later message changes it
     record_id: str
     outcome: str  # forced | late | refund (authsrv.clearing.plan.ClearingOutcome)
-    posted_at_ns: int  # the clearing batch's timestamp: the transaction's `date`
+    # The timestamp the clearing batch was planned for: the transaction's `date`. On the running server
+    # the batch applies at it or milliseconds later (planned in a worker, then applied: engine.py).
+    posted_at_ns: int
     rrn: str
     mcc: str
     merchant_name: str

@@ -7,19 +7,38 @@ server, so authorizations keep flowing between chunks; `flush_sync()` offline).
 Crash safety: the order inside a chunk is what makes "each record applies once" hold across a crash.
 
     1. plan every record against the ledger in memory (pure; nothing written);
-    2. check the log has room for the batch (WalFullError here leaves nothing behind);
-    3. ONE store transaction: reserve transfer ids, write each record row with the exact transfers;
-    4. submit the batch (no await between 1 and 4, so the plan is still true when it applies);
+    2. ONE store transaction: reserve transfer ids, write each record row with the exact transfers;
+    3. check that what each plan read is still so (else plan that record again and replace its row),
+       and that the log has room for the batch (WalFullError here: back off, then check again);
+    4. submit the batch, in the same synchronous step as 3 (no await between 3 and 4);
     5. once durable, ONE store transaction marks the rows applied (planned -> applied only) and writes
        the `transaction.cleared` event of each record that resolved an authorization (cleared.py).
 
-A crash before 3 leaves nothing. Between 3 and 5 the rows say `planned`: a re-run resubmits those
+Planning off the event loop. On the running server, steps 1 and 2 (parsing the file, the store's
+reads and its commit, matching, amounts, events: the bulk of the cost) run in a worker thread; the
+event loop keeps only cheap steps. Before 1, the loop copies what planning may read of the chunk:
+for each RRN its approvals (open, then recently closed) and the holds they name (`RrnReads`), with
+the timestamp the batch is planned for. The worker plans against that copy, a consistent view that
+nothing changes under it. At 3, back on the loop, each RRN is read again: when anything differs (a
+hold reversed, voided, expired, posted or reduced meanwhile, an approval closed or evicted), or a
+hold's deadline falls on the other side of the batch's actual timestamp, the records of that RRN
+are planned again on the loop against the live state and their rows replaced (`ClearingStore.replan`,
+one store commit on the loop, only when such a race happened) before the batch is submitted. A
+record is therefore posted by exactly one plan, the one that matches the state the batch applies
+to: no double post, and a record whose hold closed meanwhile is force-posted as `late` and reported
+as an exception, not lost. RRNs partition the holds (a record reaches a hold only through an
+approval with its RRN), so re-planning an RRN's records with a fresh overlay is exact.
+
+A crash before 2 leaves nothing. Between 2 and 5 the rows say `planned`: a re-run resubmits those
 very transfers, and the ledger answers `exists` for what it already had (ids are remembered for
 24 h after they are applied) or applies what it lacked. Planning again instead would post twice,
 since the state already contains the first post. Ids come from the store's allocator and are
-never handed out twice, so a replanned record could not collide with a lost one either.
+never handed out twice, so a replanned record could not collide with a lost one either. A crash
+between 2 and 3 whose plan had gone stale meanwhile resubmits a chain the ledger refuses (e.g. its
+hold was voided): the record is then reported `ledger_refused`, never posted twice. A chunk holding
+such resumed rows is planned the synchronous way (`step`), against the live state.
 
-The partner's status update rides on step 5, not 3: written at 3 it could be delivered before the
+The partner's status update rides on step 5, not 2: written at 2 it could be delivered before the
 posting is durable (or for a chain the ledger then refuses). At 5 the event commits with the row's
 move from `planned` to `applied`, which happens once: a crash before it leaves the row planned (the
 re-run resubmits, the ledger answers `exists`, and step 5 writes the event then); a re-run after it
@@ -30,7 +49,6 @@ or refund (cleared.py) rides on step 5 the same way.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -44,20 +62,20 @@ from authsrv.clearing.plan import MATCHED, Card, ClearingOutcome, Overlay, Plan,
 from authsrv.clearing.records import ClearingFile, Line, mask_pan, parse_clearing_file
 from authsrv.clearing.store import ClearingStore, PlanRow, RecordRow, RecordState
 from authsrv.clearing.summary import ClearingException, ClearingSummary, CurrencyTotals, summary_decoder
+from authsrv.hotpath.journal import AuthRecord
 from ledger.durable import encode_batch
-from ledger.state import HoldState
+from ledger.state import HoldState, HoldView
 from ledger.types import Batch, TransferFlags, TransferStatus
 from ledger.wal import WalFullError
 
 log = logging.getLogger("authsrv.clearing")
 
 CHUNK_RECORDS_MAX = 500  # records per ledger batch: up to ~4 transfers each, far below 8,192
-# On the running server a chunk holds the event loop while it is planned and recorded: ~250 ms for
-# 500 records on a 2-core VM (measured in the soak: stand-in 91s behind it), so smaller chunks there.
-# Soak at 1,400/s on machine B: chunks of 100 gave p99 50.8 / p99.9 177 ms and 137 stand-ins over
-# 30 min; chunks of 25 p99 35 / p99.9 133 ms and none over 10 min, clearing ~0.56 instead of ~0.4 ms
-# per record (docs/benchmarks.md, section 6).
-ONLINE_CHUNK_RECORDS_MAX = 25
+# On the running server the event loop holds only a chunk's gather and apply: ~0.4 + ~1.6 ms per 100
+# records (in-process test, 2-core VM), against 5-11 ms for planning and recording them on the loop
+# as before (then ~0.56 ms per record in the soak, in chunks of 25, docs/benchmarks.md section 6).
+# The worker's share (~4 ms per 100 records, a store commit included) holds the GIL meanwhile.
+ONLINE_CHUNK_RECORDS_MAX = 100
 ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
 WAL_FULL_RETRIES_MAX = 500
 WAL_FULL_BACKOFF_S = 0.01
@@ -90,6 +108,64 @@ class _Pending:
     events: dict[str, ClearedTransaction | ForcedTransaction]  # of those, the ones that tell a partner
 
 
+@attrs.frozen
+class RrnReads:
+    """What planning may read of one RRN (plan.Planner): the approvals with it, open then recently
+    closed, and every hold they name. Taken on the event loop; equal again at submit, or the RRN's
+    records are planned anew."""
+
+    open: tuple[AuthRecord, ...]
+    closed: tuple[AuthRecord, ...]
+    holds: tuple[tuple[int, HoldView | None], ...]
+
+
+def read_rrn(ledger, journal, rrn: str) -> RrnReads:
+    """O(approvals with this RRN): a few dictionary reads, on the thread that owns the ledger."""
+    opened = tuple(journal.open_authorizations(rrn))
+    closed = tuple(journal.closed_authorizations(rrn))
+    hold_ids = dict.fromkeys(hold_id for found in opened + closed
+                             for hold_id in (found.user_hold_id, found.collateral_hold_id) if hold_id)
+    return RrnReads(opened, closed, tuple((hold_id, ledger.hold(hold_id)) for hold_id in hold_ids))
+
+
+class _View:
+    """The ledger and journal as plan.Planner sees them in the worker: the chunk's RrnReads, frozen."""
+
+    def __init__(self, reads: dict[str, RrnReads]) -> None:
+        self._reads = reads
+        self._holds = {hold_id: view for found in reads.values() for hold_id, view in found.holds}
+
+    def open_authorizations(self, rrn: str) -> list[AuthRecord]:
+        return list(self._reads[rrn].open)
+
+    def closed_authorizations(self, rrn: str) -> list[AuthRecord]:
+        return list(self._reads[rrn].closed)
+
+    def hold(self, hold_id: int) -> HoldView | None:
+        return self._holds[hold_id]  # KeyError: planning read a hold the loop did not copy (a bug)
+
+
+@attrs.define
+class Gathered:
+    """A chunk, and what its planning may read, taken on the event loop (ClearingRun.gather)."""
+
+    start: int  # the chunk's first line (index into the file's lines)
+    lines: tuple[Line, ...]
+    reads: dict[str, RrnReads]
+    ts_ns: int  # the timestamp planned for: what Ledger.apply would use at the time of the reads
+
+
+@attrs.define
+class Planned:
+    """A chunk planned in the worker, its rows written `planned`; applied on the loop (ClearingRun.apply)."""
+
+    start: int
+    lines: tuple[Line, ...]
+    rows: list[RecordRow]  # in file order: the records with a chain to submit
+    reads: dict[str, tuple[RrnReads, int]]  # RRN of a row -> what its plan read, and the ts it assumed
+    positions: dict[str, int]  # identity -> index of its line in the file
+
+
 class ClearingRun:
     def __init__(self, deps: ClearingDeps, parsed: ClearingFile, name: str, *,
                  clock_ns: Callable[[], int] = time.time_ns, chunk_records_max: int | None = None) -> None:
@@ -106,6 +182,7 @@ class ClearingRun:
                                        lines=len(parsed.lines) + len(parsed.errors))
         self._next = 0
         self._pending: _Pending | None = None
+        self.replanned = 0  # records planned again on the loop: their reads had changed before submit
         # The LAST record for an authorization is `final`: the index of each key's last line.
         self._last_line: dict[tuple[str, str, str], int] = {}
         for position, line in enumerate(parsed.lines):
@@ -146,7 +223,7 @@ class ClearingRun:
             if row is not None:
                 self._known(line, row, resumed, overlay)
                 continue
-            last = self._last_line[_match_key(line)] == self._next + offset
+            last = self._is_last(line, self._next + offset)
             plan = self._planner.plan(line.record, self._card(line.record.pan), last=last, overlay=overlay,
                                       ts_ns=ts_effective, identity=line.identity)
             if plan.outcome is None:
@@ -170,6 +247,121 @@ class ClearingRun:
         events = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
         self._pending = _Pending(seq, applied, events)
         return seq
+
+    # -- planning off the event loop: gather (loop), plan (worker thread), apply (loop) ------------
+
+    def gather(self) -> Gathered:
+        """On the thread that owns the ledger: the next chunk and what its planning may read. Cheap."""
+        assert self._pending is None, "call durable() after the previous chunk"
+        ledger = self._deps.ledger.ledger
+        chunk = self._file.lines[self._next:self._next + self._chunk_records_max]
+        ts_effective = max(self._clock_ns(), ledger.timestamp_ns + 1)  # what Ledger.apply would use now
+        reads = {rrn: read_rrn(ledger, self._deps.journal, rrn) for rrn in dict.fromkeys(
+            line.record.rrn for line in chunk)}
+        return Gathered(self._next, chunk, reads, ts_effective)
+
+    def plan(self, gathered: Gathered) -> Planned | None:
+        """In a worker thread: plan the chunk against its reads and write its rows (`planned`).
+
+        Touches the store, the card index and the PAN vault, never the ledger or the journal. None
+        when the chunk holds rows this file planned before (a run resumed after a crash): `step()`
+        then resubmits them against the live state."""
+        assert self._pending is None and gathered.start == self._next
+        chunk = gathered.lines
+        known = self._rows.records([line.identity for line in chunk])
+        if any(row.file_sha256 == self._file.sha256 and row.state == RecordState.planned for row in known.values()):
+            return None
+        view = _View(gathered.reads)
+        planner = Planner(view, view, self._deps.index.settlement_account)
+        overlay = Overlay()
+        fresh: list[tuple[Line, Plan]] = []
+        positions: dict[str, int] = {}
+        for offset, line in enumerate(chunk):
+            row = known.get(line.identity)
+            if row is not None:
+                self._known(line, row, [], overlay)  # counted: applied earlier, or refused
+                continue
+            position = gathered.start + offset
+            plan = planner.plan(line.record, self._card(line.record.pan), last=self._is_last(line, position),
+                                overlay=overlay, ts_ns=gathered.ts_ns, identity=line.identity)
+            if plan.outcome is None:
+                self._refused(line, plan.refusal)
+            else:
+                fresh.append((line, plan))
+                positions[line.identity] = position
+        rows = []
+        if fresh:
+            count = sum(len(plan.transfers) for _, plan in fresh)
+            rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids))
+        reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
+        return Planned(gathered.start, chunk, rows, reads, positions)
+
+    def apply(self, planned: Planned) -> int:
+        """On the thread that owns the ledger, synchronously: check the plans still hold (re-plan those
+        that do not), then submit the chunk's batch. Returns the seq to wait for (0: nothing submitted).
+
+        Raises WalFullError with nothing submitted when the log is full: back off and call again
+        (the check runs again then)."""
+        assert self._pending is None and planned.start == self._next
+        ledger = self._deps.ledger.ledger
+        ts_ns = max(self._clock_ns(), ledger.timestamp_ns + 1)  # the batch applies at exactly this time
+        stale = {rrn for rrn, (reads, planned_ns) in planned.reads.items()
+                 if not self._unchanged(rrn, reads, planned_ns, ts_ns)}
+        if stale:
+            self._replan(planned, stale, ts_ns)
+        rows = planned.rows
+        self._ensure_room(ts_ns, rows, [], 0)  # the rows carry their real ids
+        self._next = planned.start + len(planned.lines)
+        if not rows:
+            return 0
+        transfers = tuple(spec for row in rows for spec in row.transfers)
+        result, seq = self._deps.ledger.submit(Batch(timestamp_ns=ts_ns, transfers=transfers))
+        lines = {line.identity: line for line in planned.lines}
+        applied = self._settle(lines, rows, result.transfer_results)
+        by_identity = {row.identity: row.plan.event for row in rows}
+        events = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
+        self._pending = _Pending(seq, applied, events)
+        return seq
+
+    def _unchanged(self, rrn: str, reads: RrnReads, planned_ns: int, ts_ns: int) -> bool:
+        """Would planning now, for a batch at `ts_ns`, read what it read for `planned_ns`?"""
+        if read_rrn(self._deps.ledger.ledger, self._deps.journal, rrn) != reads:
+            return False
+        # A pending hold whose deadline the batch reaches expires first (plan.Planner._remaining).
+        return all(view is None or view.state is not HoldState.pending or not view.deadline_ns
+                   or (view.deadline_ns <= planned_ns) == (view.deadline_ns <= ts_ns) for _, view in reads.holds)
+
+    def _replan(self, planned: Planned, stale: set[str], ts_ns: int) -> None:
+        """The records of `stale` RRNs, planned again against the live state, their rows replaced
+        (one store commit, on the loop: only after such a race)."""
+        lines = {line.identity: line for line in planned.lines}
+        overlay = Overlay()
+        redo: list[tuple[Line, Plan]] = []
+        refused: list[str] = []
+        for row in planned.rows:
+            line = lines[row.identity]
+            if line.record.rrn not in stale:
+                continue
+            plan = self._planner.plan(line.record, self._card(line.record.pan),
+                                      last=self._is_last(line, planned.positions[row.identity]), overlay=overlay,
+                                      ts_ns=ts_ns, identity=line.identity)
+            if plan.outcome is None:  # the card changed meanwhile: refused, as planning now would
+                self._refused(line, plan.refusal)
+                refused.append(row.identity)
+            else:
+                redo.append((line, plan))
+        count = sum(len(plan.transfers) for _, plan in redo)
+        replaced = {row.identity: row for row in self._rows.replan(count, lambda ids: self._new_rows(redo, ids))}
+        self._rows.set_state(refused, RecordState.failed)
+        planned.rows = [replaced.get(row.identity, row) for row in planned.rows if row.identity not in refused]
+        for rrn in stale:
+            planned.reads[rrn] = (read_rrn(self._deps.ledger.ledger, self._deps.journal, rrn), ts_ns)
+        self.replanned += len(redo) + len(refused)
+        log.warning("clearing %s: %d records planned again, their authorizations changed before the batch",
+                    self.summary.name, len(redo) + len(refused))
+
+    def _is_last(self, line: Line, position: int) -> bool:
+        return self._last_line[_match_key(line)] == position
 
     def durable(self) -> None:
         """The last chunk's batch is on disk: its rows become `applied`."""
@@ -304,40 +496,52 @@ def _match_key(line: Line) -> tuple[str, str, str]:
 
 
 async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
-    """On the server's trio thread: chunk by chunk, waiting for each to be durable in between."""
-    run = ClearingRun(deps, parse_clearing_file(data), name, chunk_records_max=ONLINE_CHUNK_RECORDS_MAX)
-    done = run.start()
+    """On the server's trio thread: chunk by chunk, waiting for each to be durable in between.
+
+    The loop keeps only the cheap steps (gather, apply: copying a chunk's reads, checking them
+    again, submitting); parsing, the store's reads and commits, and planning run in worker threads."""
+    run = await trio.to_thread.run_sync(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX)
+    done = await trio.to_thread.run_sync(run.start)
     if done is not None:
         return done
     retries = 0
-    while not run.finished:  # bounded: each step consumes up to ONLINE_CHUNK_RECORDS_MAX lines
-        try:
-            seq = run.step()
-        except WalFullError:
-            retries += 1
-            if retries > WAL_FULL_RETRIES_MAX:
-                raise
-            await trio.sleep(WAL_FULL_BACKOFF_S)
-            continue
+    while not run.finished:  # bounded: each round consumes up to ONLINE_CHUNK_RECORDS_MAX lines
+        planned = await trio.to_thread.run_sync(run.plan, run.gather())
+        while True:  # bounded by WAL_FULL_RETRIES_MAX over the run
+            try:
+                seq = run.step() if planned is None else run.apply(planned)
+                break
+            except WalFullError:
+                retries += 1
+                if retries > WAL_FULL_RETRIES_MAX:
+                    raise
+                await trio.sleep(WAL_FULL_BACKOFF_S)
         if seq:
             await deps.ledger.wait_durable(seq)
         # Marking the rows applied touches only the store (a commit with an fsync): off the loop.
         await trio.to_thread.run_sync(run.durable)
-    return run.finish()
+    return await trio.to_thread.run_sync(run.finish)
+
+
+def _open_run(deps: ClearingDeps, data: bytes, name: str, chunk_records_max: int | None) -> ClearingRun:
+    return ClearingRun(deps, parse_clearing_file(data), name, chunk_records_max=chunk_records_max)
 
 
 def apply_clearing_offline(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
-    """The same with no event loop (the CLI with the server stopped): flush_sync per chunk."""
-    run = ClearingRun(deps, parse_clearing_file(data), name)
+    """The same with no event loop (the CLI with the server stopped): the same steps in sequence,
+    flush_sync per chunk."""
+    run = _open_run(deps, data, name, None)
     done = run.start()
     if done is not None:
         return done
     while not run.finished:  # bounded as above
-        try:
-            seq = run.step()
-        except WalFullError:
-            deps.ledger.flush_sync()  # offline nothing else appends: flushing makes room
-            continue
+        planned = run.plan(run.gather())
+        while True:  # bounded: offline nothing else appends, so a flush makes room
+            try:
+                seq = run.step() if planned is None else run.apply(planned)
+                break
+            except WalFullError:
+                deps.ledger.flush_sync()
         if seq:
             deps.ledger.flush_sync()
         run.durable()

@@ -145,6 +145,9 @@ class Card:
 
 
 class Planner:
+    """Reads `ledger.hold`, `journal.open_authorizations` and `journal.closed_authorizations` only:
+    the live objects, or the engine's copy of them for a chunk planned in a worker (engine._View)."""
+
     def __init__(self, ledger: Ledger, journal: AuthJournal, settlement_account) -> None:
         self._ledger = ledger
         self._journal = journal

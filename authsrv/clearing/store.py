@@ -120,6 +120,24 @@ class ClearingStore:
             )
         return rows
 
+    def replan(self, count: int, build) -> list[RecordRow]:
+        """In one transaction: reserve `count` transfer ids, let `build(ids)` make the new rows of
+        records planned but never submitted (their plan went stale before it could apply), and
+        replace each one's transfers and plan. Only a `planned` row is replaced; the ids it held
+        were never submitted, so they are simply never used."""
+        with self._store.transaction():
+            ids = self._store.allocate_transfer_ids(count) if count else range(0)
+            rows: list[RecordRow] = build(iter(ids))
+            for row in rows:  # bounded: one chunk's records
+                updated = self._store.db.execute(
+                    "UPDATE clearing_records SET outcome = ?, transfers = ?, plan_json = ?"
+                    " WHERE identity = ? AND file_sha256 = ? AND state = ?",
+                    (row.plan.outcome, _transfers_encoder.encode(row.transfers),
+                     msgspec.json.encode(row.plan).decode(), row.identity, row.file_sha256, RecordState.planned),
+                ).rowcount
+                assert updated == 1, row.identity
+        return rows
+
     def mark_applied(self, identities: list[str],
                      events: dict[str, ClearedTransaction | ForcedTransaction]) -> tuple[int, int]:
         """In one transaction: planned rows become applied, and each row that moves writes its
