@@ -218,8 +218,7 @@ async def test_stale_rows_of_a_crashed_run_are_refused_and_reported_never_posted
     card = solo[7]
     client = await IsoClient.connect(server.iso_port)
     request, made = await approve(client, card, 2_400)
-    await planned_run(server, data_dir, record(made))  # the worker's rows, never applied
-    data = clearing_file(record(made))
+    _, _, data = await planned_run(server, data_dir, record(made))  # the worker's rows, never applied
     assert (await client.call(reversal_of(request)))["39"] == "00"
     summary = await apply_clearing(deps(server, data_dir), data, "race.jsonl")
     assert (summary.applied, summary.exceptions_count) == (0, 1)
