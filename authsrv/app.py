@@ -30,6 +30,7 @@ from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
 from authsrv.metrics import Metrics, MetricsServer
+from authsrv.panel.dashboard import sampler_for
 from authsrv.rest import build_app, serve_rest
 from authsrv.rest.app import make_context
 from authsrv.rest.cards import CardsApi
@@ -323,9 +324,10 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
 
         keys = cardsec.CardKeys.load(data_dir / "keys")
     cards = CardStateWriter(store)
+    fees = FeeBook.of_store(store, config.fees)  # shared with the panel's fee edits (rest_context.fees)
     switch = Switch(ledger=ledger, index=index, cards=cards, keys=keys, journal=journal, metrics=metrics,
                     budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config),
-                    fx=RatesFile(data_dir / config.fx.rates_file), fees=FeeBook.of_store(store, config.fees),
+                    fx=RatesFile(data_dir / config.fx.rates_file), fees=fees,
                     partners=config.partners, pki_dir=data_dir / "pki")  # [external] partner HTTP pools
     iso = IsoServer(switch, ledger, metrics, in_flight_per_connection_max=config.iso.in_flight_per_connection_max,
                     idle_timeout_s=config.iso.idle_timeout_s, frame_size_max=config.iso.frame_size_max,
@@ -339,12 +341,14 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         rest_stop, rest_stopped = trio.Event(), trio.Event()
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
         rest_context.metrics = metrics
+        rest_context.fees = fees
         await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)
         nursery.start_soon(_watch_partner_balances, rest_context)
+        await nursery.start(sampler_for(metrics).run)  # the panel dashboard's rates (authsrv/panel/dashboard.py)
         await nursery.start(_run_delivery, store, data_dir, config, journal, index, ledger, metrics)
         _write_run_file(data_dir, iso_port, http.port, rest_port)
         http.ready = True

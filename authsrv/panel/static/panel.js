@@ -8,12 +8,15 @@
     async function tick() {
       try {
         const response = await fetch(url, { credentials: "same-origin", headers: { "accept": "text/html" } });
+        // A session that ended answers with a redirect to the login page (followed by fetch, 200):
+        // check that first, or the login form would be pasted into the page.
+        if (response.redirected || response.status === 401) {
+          window.location.assign("/panel/login");
+          return;
+        }
         if (response.ok) {
           element.innerHTML = await response.text();
           element.setAttribute("data-updated", new Date().toISOString());
-        } else if (response.status === 401 || response.redirected) {
-          window.location.assign("/panel/login");
-          return;
         }
       } catch (error) { /* the server may be restarting: try again next tick */ }
       window.setTimeout(tick, every);
