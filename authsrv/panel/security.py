@@ -180,11 +180,14 @@ def tokens_match(expected: str, given: str | None) -> bool:
 
 def cross_site(request: Request) -> bool:
     """True when the browser says this request comes from another site."""
-    if request.headers.get("sec-fetch-site", "") == "cross-site":
+    site = request.headers.get("sec-fetch-site", "")
+    if site == "cross-site":
         return True
     origin = request.headers.get("origin")
     if origin is None or origin == "null":
-        return origin == "null"
+        # Chromium sends `Origin: null` for a same-origin form POST from a page served with
+        # `Referrer-Policy: no-referrer` (as panel pages are); `Sec-Fetch-Site` then says it is ours.
+        return origin == "null" and site != "same-origin"
     host = request.headers.get("host", "")
     return origin.split("://", 1)[-1] != host
 
