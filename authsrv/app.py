@@ -324,9 +324,10 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
 
         keys = cardsec.CardKeys.load(data_dir / "keys")
     cards = CardStateWriter(store)
+    fees = FeeBook.of_store(store, config.fees)  # shared with the panel's fee edits (rest_context.fees)
     switch = Switch(ledger=ledger, index=index, cards=cards, keys=keys, journal=journal, metrics=metrics,
                     budget_ms=config.iso.budget_ms, hold_timeout_s=hold_timeout_policy(config),
-                    fx=RatesFile(data_dir / config.fx.rates_file), fees=FeeBook.of_store(store, config.fees),
+                    fx=RatesFile(data_dir / config.fx.rates_file), fees=fees,
                     partners=config.partners, pki_dir=data_dir / "pki")  # [external] partner HTTP pools
     iso = IsoServer(switch, ledger, metrics, in_flight_per_connection_max=config.iso.in_flight_per_connection_max,
                     idle_timeout_s=config.iso.idle_timeout_s, frame_size_max=config.iso.frame_size_max,
@@ -340,6 +341,7 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         rest_stop, rest_stopped = trio.Event(), trio.Event()
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
         rest_context.metrics = metrics
+        rest_context.fees = fees
         await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from authsrv.panel.app import build_panel
 from authsrv.rest.audit import AuditMiddleware
 from authsrv.rest.auth import AuthMiddleware
-from authsrv.rest.balances import BalancesApi, auto_balance_hook
+from authsrv.rest.balances import BalancesApi
 from authsrv.rest.cards import CardsApi
 from authsrv.rest.clearing_api import clearing_routes
 from authsrv.rest.context import RestContext
@@ -36,7 +36,7 @@ from authsrv.rest.errors import (
 from authsrv.rest.fx_api import FxApi
 from authsrv.rest.history_api import HistoryApi
 from authsrv.rest.jwe import SERVER_KEY_FILE, JweCodec, ServerKey, public_key_routes
-from authsrv.rest.kyc import KycApi
+from authsrv.rest.kyc import KycApi, kyc_success_hooks
 from authsrv.rest.lifecycle import LifecycleApi
 from authsrv.rest.limits_api import LimitsApi
 from authsrv.rest.money import LedgerNotWritable
@@ -67,7 +67,7 @@ def make_context(store: Store, *, data_dir: Path | None = None, index=None, ledg
 def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX) -> Starlette:
     lifecycle = LifecycleApi(ctx)
     sessions = SessionsApi(ctx)
-    lifecycle.kyc_success_hooks.append(auto_balance_hook(ctx))
+    lifecycle.kyc_success_hooks.extend(kyc_success_hooks(ctx))
     routes: list[Route] = [
         *lifecycle.routes(),
         *BalancesApi(ctx).routes(), *PartnerBalancesApi(ctx).routes(),

@@ -82,6 +82,7 @@ class RestContext:
     keys: Any = None  # authsrv.cardsec.CardKeys
     jwe: Any = None  # authsrv.rest.jwe.JweCodec
     metrics: Any = None  # authsrv.metrics.Metrics of the running server (the panel's dashboard reads it)
+    fees: Any = None  # authsrv.hotpath.fees.FeeBook of the running switch (a fee edit forgets its cache)
     customer_sessions: SessionTable[CustomerSubject] = attrs.field(factory=lambda: SessionTable(600))
     admin_sessions: SessionTable[AdminSubject] = attrs.field(factory=lambda: SessionTable(600))
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(STORE_THREADS_MAX))

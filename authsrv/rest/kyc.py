@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from authsrv.rest import money
 from authsrv.rest.auth import Caller
+from authsrv.rest.balances import auto_balance_hook
 from authsrv.rest.context import Access, Call, Doc, RestContext, admin_route, customer_routes, invalid, \
     json_response, parse_id
 from authsrv.rest.errors import KYC_BODY_BYTES_MAX, Title, problem
@@ -301,6 +302,16 @@ async def read_items(request: Request) -> list[tuple[str, str | bytes]] | Respon
 # -- the API ------------------------------------------------------------------------------------------
 
 
+def reason_problem(reason: str) -> str | None:
+    """What is wrong with a rejection reason (the REST body's rule), or None (the panel checks its
+    form field with this)."""
+    try:
+        msgspec.convert({"reason": reason}, KycReject)
+    except msgspec.ValidationError as error:
+        return str(error)
+    return None
+
+
 def form_status(row: KycFormRow) -> KycStatus:
     return KycStatus(form_id=row.id, status=row.state, reason=row.reason or None)
 
@@ -316,6 +327,12 @@ def form_summary(row: KycFormRow) -> KycFormSummary:
 def kyc_event(kind: str, row: KycFormRow, reason: str = "") -> dict:
     """Event body: ids and the outcome only; the delivery worker looks up names for the notification."""
     return {"customerId": row.user_id, "formId": row.id, "status": NOTIFIED_STATUS[kind], "reason": reason or None}
+
+
+def kyc_success_hooks(ctx: RestContext) -> list:
+    """The hooks a KYC success runs on every channel (today: the programs' automatic balance);
+    LifecycleApi (partner sets kyc SUCCESS) and KycApi (admin or panel accepts a form) get them."""
+    return [auto_balance_hook(ctx)]
 
 
 class KycApi:
@@ -435,20 +452,30 @@ class KycApi:
         row = await self._form(request)
         if row is None:
             return form_not_found()
-        name = request.path_params["name"]
+        try:
+            image = await self.image(row, request.path_params["name"])
+        except KycFileError:
+            return problem(500, Title.INTERNAL_ERROR, "the image cannot be read")
+        if image is None:
+            return problem(404, Title.KYC_FORM_NOT_FOUND, f"form {row.id} has no image of that name")
+        log.info("admin %s viewed image %s of kyc form %d", caller.admin, image.name, row.id)
+        return image_response(image)
+
+    async def image(self, row: KycFormRow, name: str) -> Image | None:
+        """The form's image `name`, decrypted (None: the form has no such image). Raises
+        KycFileError (logged) when the stored file cannot be read. The REST API and the panel
+        both serve images through this, and only to DECIDERS."""
         found = [image for image in _images_decoder.decode(row.images_json) if image.name == name]
         if not found:
-            return problem(404, Title.KYC_FORM_NOT_FOUND, f"form {row.id} has no image of that name")
-        (image,) = found
+            return None
+        (info,) = found
         try:
-            data = await self.ctx.in_thread(self.files.read_image, row.id, image.name)
+            data = await self.ctx.in_thread(self.files.read_image, row.id, info.name)
         except KycFileError:
-            log.exception("kyc form %d: image %s unreadable", row.id, image.name)
-            return problem(500, Title.INTERNAL_ERROR, "the image cannot be read")
-        assert len(data) == image.size and image_content_type(data) == image.content_type
-        log.info("admin %s viewed image %s of kyc form %d", caller.admin, image.name, row.id)
-        return Response(data, media_type=image.content_type,
-                        headers={"cache-control": "no-store", "x-content-type-options": "nosniff"})
+            log.exception("kyc form %d: image %s unreadable", row.id, info.name)
+            raise
+        assert len(data) == info.size and image_content_type(data) == info.content_type
+        return Image(info.name, info.content_type, data)
 
     async def accept(self, request: Request, caller: Caller) -> Response:
         return await self._decide(request, caller, accepted=True, reason="")
@@ -464,17 +491,28 @@ class KycApi:
         form_id = parse_id(request.path_params["formId"])
         if form_id is None:
             return form_not_found()
-        if accepted:
-            money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
-        status, row, accounts = await self.ctx.in_thread(self.decide, form_id, accepted, caller.admin, reason)
+        status, row = await self.decide_form(form_id, accepted, caller.admin or "", reason)
         if status is DecideStatus.form_not_found:
             return form_not_found()
         if status is DecideStatus.form_decided:
             return problem(409, Title.KYC_FORM_DECIDED, f"form {form_id} was already decided")
+        return json_response(form_status(row))
+
+    async def decide_form(self, form_id: int, accepted: bool, admin: str,
+                          reason: str) -> tuple[DecideStatus, KycFormRow | None]:
+        """The whole decision, for every channel (REST `/admin/kyc-forms/.../accept|reject` and the
+        panel): the store transaction (`decide`: form, user's kyc, partner event, success hooks),
+        then the ledger accounts the hooks opened. Raises LedgerNotWritable before any change
+        when an acceptance could not create its accounts."""
+        if accepted:
+            money.check_writable(self.ctx.ledger)  # before the store: its ledger accounts could not follow
+        status, row, accounts = await self.ctx.in_thread(self.decide, form_id, accepted, admin, reason)
+        if status is not DecideStatus.ok:
+            return status, row
         if accounts and self.ctx.ledger is not None:
             await money.submit(self.ctx.ledger, accounts=accounts)
-        log.info("admin %s %s kyc form %d", caller.admin, "accepted" if accepted else "rejected", form_id)
-        return json_response(form_status(row))
+        log.info("admin %s %s kyc form %d", admin, "accepted" if accepted else "rejected", form_id)
+        return status, row
 
     def decide(self, form_id: int, accepted: bool, admin: str,
                reason: str) -> tuple[DecideStatus, KycFormRow | None, list]:
@@ -508,6 +546,12 @@ class KycApi:
         if form_id is None:
             return None
         return await self.ctx.in_thread(self.store.get_kyc_form, form_id)
+
+
+def image_response(image: Image) -> Response:
+    """An image's bytes as served to admins: its own type (from the magic bytes), never cached."""
+    return Response(image.data, media_type=image.content_type,
+                    headers={"cache-control": "no-store", "x-content-type-options": "nosniff"})
 
 
 def form_not_found() -> Response:

@@ -28,6 +28,7 @@ that charges or funds a partner balance and from the server's tick (the hot path
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Annotated, Literal
 
@@ -41,6 +42,7 @@ from authsrv.rest import money
 from authsrv.rest.auth import Caller, Channel
 from authsrv.rest.context import ALL_ROLES, Doc, RestContext, admin_route, invalid, json_response, route
 from authsrv.rest.errors import Title, problem
+from authsrv.store import partner_reloads
 from authsrv.store.db import (
     PARTNER_BALANCE_KINDS,
     ManagementTransferCode,
@@ -172,9 +174,14 @@ def _set_threshold(store: Store, row: PartnerBalanceRow, low_threshold: int) -> 
     return fresh
 
 
-def _record_reload(store: Store, row: PartnerBalanceRow, amount: int, transfer_id: int, by: str) -> None:
-    store.append_event(row.partner, "partner_balance.reloaded", partner_balance_subject(row),
-                       partner_balance_event(row, amount=amount, transferId=str(transfer_id), by=by))
+def _record_reload(store: Store, row: PartnerBalanceRow, amount: int, transfer_id: int, by: str,
+                   key: str = "") -> bool:
+    with store.transaction():
+        if key and not partner_reloads.finish(store, row.ledger_account_id, key):
+            return False  # another call with this key recorded it
+        store.append_event(row.partner, "partner_balance.reloaded", partner_balance_subject(row),
+                           partner_balance_event(row, amount=amount, transferId=str(transfer_id), by=by))
+    return True
 
 
 def _record_low_changes(store: Store, changes: list[tuple[PartnerBalanceRow, bool, int]]) -> list[int]:
@@ -207,6 +214,57 @@ async def check_low_balances(ctx: RestContext) -> list[int]:
     if events:
         log.info("partner balance low: %d event(s) recorded", len(events))
     return events
+
+
+class PartnerReloadResult(enum.Enum):
+    reloaded = "reloaded"  # the transfer was made now
+    replayed = "replayed"  # the key's reload was made before: nothing moved this time
+    key_reused = "key_reused"  # the key was used for another amount: nothing moved
+
+
+async def reload_partner_balance(ctx: RestContext, row: PartnerBalanceRow, amount: int, by: str,
+                                 key: str = "") -> PartnerReloadResult:
+    """Funds received from the partner: a transfer from the system funding account into the
+    collateral account, its `partner_balance.reloaded` event, then the low-balance check. Every
+    channel's reload (REST, panel) is this. With `key` (the panel's form) the key names one
+    transfer for good (authsrv/store/partner_reloads.py): a second call moves nothing."""
+    assert 0 < amount <= PARTNER_RELOAD_AMOUNT_MAX
+    money.check_writable(ctx.ledger)  # before the store: nothing is reserved that cannot be applied
+    funding = await ctx.in_thread(ctx.store.ensure_system_accounts, row.currency)
+    (source,) = [spec for spec in funding if spec.kind == AccountKind.funding]
+    if key:
+        reserved = await ctx.in_thread(partner_reloads.reserve, ctx.store, row.ledger_account_id, key, amount)
+        if reserved.amount != amount:
+            return PartnerReloadResult.key_reused
+        if reserved.state == partner_reloads.DONE:
+            return PartnerReloadResult.replayed
+        transfer_id = reserved.transfer_id
+    else:
+        (transfer_id,) = await ctx.in_thread(ctx.store.allocate_transfer_ids, 1)
+    transfer = TransferSpec(id=transfer_id, debit_account_id=source.id, credit_account_id=row.ledger_account_id,
+                            amount=amount, code=ManagementTransferCode.collateral_funding,
+                            reference=f"reload {row.type} {row.partner}")  # fmt: skip
+    result = await money.submit(ctx.ledger, accounts=funding, transfers=[transfer])
+    status = result.transfer_results[0]
+    # Funding has no limit and the ids are fresh or the key's own: anything but created/exists is a bug.
+    assert money.transfer_ok(status), status.name
+    # Recorded after the ledger commit (a crash in between loses this event, not the money; a keyed
+    # retry finds the transfer `exists` and records it then). Of two keyed calls, one records it.
+    recorded = await ctx.in_thread(_record_reload, ctx.store, row, amount, transfer_id, by, key)
+    await check_low_balances(ctx)
+    if not recorded:
+        return PartnerReloadResult.replayed
+    log.info("admin %s reloaded partner balance %s with %d", by, partner_balance_subject(row), amount)
+    return PartnerReloadResult.reloaded
+
+
+async def update_threshold(ctx: RestContext, row: PartnerBalanceRow, low_threshold: int) -> PartnerBalanceRow:
+    """Set the low-balance threshold (event `partner_balance.threshold_set`), then check: a new
+    threshold can itself be a crossing. Every channel's threshold change is this."""
+    assert 0 <= low_threshold <= AMOUNT_MAX
+    fresh = await ctx.in_thread(_set_threshold, ctx.store, row, low_threshold)
+    await check_low_balances(ctx)
+    return fresh
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -291,21 +349,8 @@ class PartnerBalancesApi:
         row = await self._find(request)
         if row is None:
             return partner_balance_not_found()
-        funding = await self.ctx.in_thread(self.store.ensure_system_accounts, row.currency)
-        (source,) = [spec for spec in funding if spec.kind == AccountKind.funding]
-        (transfer_id,) = await self.ctx.in_thread(self.store.allocate_transfer_ids, 1)
-        transfer = TransferSpec(id=transfer_id, debit_account_id=source.id, credit_account_id=row.ledger_account_id,
-                                amount=body.amount, code=ManagementTransferCode.collateral_funding,
-                                reference=f"reload {row.type} {row.partner}")  # fmt: skip
-        result = await money.submit(self.ctx.ledger, accounts=funding, transfers=[transfer])
-        status = result.transfer_results[0]
-        # Funding has no limit and the ids are fresh: anything but `created` is a bug.
-        assert money.transfer_ok(status), status.name
-        # Recorded after the ledger commit (a crash in between loses this event, not the money).
-        await self.ctx.in_thread(_record_reload, self.store, row, body.amount, transfer_id, caller.admin or "")
-        await check_low_balances(self.ctx)
-        log.info("admin %s reloaded partner balance %s with %d", caller.admin, partner_balance_subject(row),
-                 body.amount)
+        result = await reload_partner_balance(self.ctx, row, body.amount, caller.admin or "")
+        assert result is PartnerReloadResult.reloaded, result  # no key: nothing else can happen
         return json_response(partner_balance_view(self.ctx, row))
 
     async def set_threshold(self, request: Request, caller: Caller) -> Response:
@@ -316,8 +361,7 @@ class PartnerBalancesApi:
         row = await self._find(request)
         if row is None:
             return partner_balance_not_found()
-        fresh = await self.ctx.in_thread(_set_threshold, self.store, row, body.low_threshold)
-        await check_low_balances(self.ctx)  # a new threshold can itself be a crossing
+        fresh = await update_threshold(self.ctx, row, body.low_threshold)
         return json_response(partner_balance_view(self.ctx, fresh))
 
     async def summary(self, request: Request, caller: Caller) -> Response:
