@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-cluster bench slow fuzz clean
+.PHONY: test demo demo-cluster panel panel-screenshots bench slow fuzz clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m simulators.demo
+
+# The Administration Panel (docs/panel.md) on demo data with a gentle stream of traffic, until Ctrl-C:
+# prints the URL, the admin password and the development CA.
+panel: $(STAMP)
+	$(PY) -m simulators.panel_demo
+
+# Refresh docs/panel/*.png with the real-browser suite's screenshots (needs Debian's chromium).
+panel-screenshots: $(STAMP)
+	PANEL_SCREENSHOTS=docs/panel $(PY) -m pytest -q tests/test_panel_browser.py
 
 # 3 NATS servers, a primary and a standby, steady load, kill -9 of the primary halfway (docs/operations.md).
 demo-cluster: $(STAMP)

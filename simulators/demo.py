@@ -325,7 +325,20 @@ def run_demo(args: argparse.Namespace) -> int:
     failures += _clearing_failures(clearing_summary)
     print("\n".join(lines))
     print("RESULT: " + ("PASS" if not failures else "FAIL - " + "; ".join(failures)))
+    print(panel_hint(data))
     return 0 if not failures else 1
+
+
+def panel_hint(data: Path) -> str:
+    """How to open the Administration Panel (docs/panel.md) after the demo."""
+    return "\n".join([
+        "",
+        "Administration panel: `make panel` starts a server with demo data and gentle traffic and prints",
+        "its URL, the admin password and the CA to trust. On this demo's data instead:",
+        f"  .venv/bin/authsrv serve --data {data}",
+        "  then open https://127.0.0.1:8443/panel/ as `admin` with the password in"
+        f" {data / 'admin-password'} (docs/panel.md).",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
