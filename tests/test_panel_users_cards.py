@@ -296,3 +296,15 @@ async def test_spend_controls_edit_reaches_the_switch(server, data_dir, cards):
     assert json.loads(second.after_json)["controls"]["perTransaction"] is None
     events = [event for event in server.store.events(partner="demo", limit=1000) if event.kind == "card.limits_set"]
     assert json.loads(events[0].body)["limits"]["perTransaction"] == 500
+
+
+async def test_login_from_chromium_same_origin_form_with_origin_null(server, data_dir):
+    """Chromium sends `Origin: null` for a same-origin form POST from a no-referrer page."""
+    async with https(data_dir, server.rest_port) as client:
+        for headers, status in (({"origin": "null"}, 403), ({"origin": "null", "sec-fetch-site": "cross-site"}, 403),
+                                ({"origin": "https://evil.example", "sec-fetch-site": "same-origin"}, 403),
+                                ({"origin": "null", "sec-fetch-site": "same-origin"}, 303)):  # last: logs in
+            form = await client.get("/panel/login")
+            reply = await client.post("/panel/login", headers=headers, data={
+                "username": "admin", "password": admin_password(data_dir), "csrf_token": csrf_of(form)})
+            assert reply.status_code == status, headers

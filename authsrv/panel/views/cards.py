@@ -211,9 +211,10 @@ def _exponent(currency: str) -> int:
         return 2
 
 
-def transaction_href(transaction_id: str) -> str:
-    """The transaction's page: its id is the history API's (the authorization's key)."""
-    return "/panel/transactions/" + urllib.parse.quote(transaction_id, safe="")
+def transaction_href(row: Transaction) -> str:
+    """The transaction's page: the history API's id (the authorization's key), and its card as a
+    hint for finding it once the journal has forgotten it."""
+    return f"/panel/transactions/{urllib.parse.quote(row.id, safe='')}?card={row.card_id}"
 
 
 def transaction_row(row: Transaction) -> dict[str, Any]:
@@ -222,7 +223,7 @@ def transaction_row(row: Transaction) -> dict[str, Any]:
     billing = ""
     if row.billing_amount is not None and row.billing_currency:
         billing = f"{money(row.billing_amount, _exponent(row.billing_currency))} {row.billing_currency}"
-    return {"t": row, "amount": f"{amount} {row.currency}", "billing": billing, "href": transaction_href(row.id),
+    return {"t": row, "amount": f"{amount} {row.currency}", "billing": billing, "href": transaction_href(row),
             "time": row.time.replace("T", " ").rstrip("Z")}
 
 
