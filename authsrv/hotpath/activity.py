@@ -56,6 +56,10 @@ class ActivityLog:
         """Newest first."""
         return list(reversed(self._by_card.get(card_id, ())))
 
+    def card_ids(self) -> list[int]:
+        """The cards with activity (the panel's search index seeds itself from them)."""
+        return list(self._by_card)
+
     def on_add(self, record: AuthRecord, previous: AuthRecord | None, original: AuthRecord | None) -> None:
         """Same contract as SpendWindows.on_add (called by AuthJournal.add before it stores)."""
         if record.reverses:

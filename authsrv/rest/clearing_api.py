@@ -6,11 +6,13 @@ that owns the ledger, chunk by chunk, waiting for each chunk to be durable befor
 authorizations keep flowing meanwhile (authsrv/clearing/engine.py). The answer is the
 reconciliation summary; the same file sent again answers its first summary with
 `duplicateFile: true` and changes nothing. Runs are serialized: one file at a time.
+`ingest_clearing` is the whole step; the panel's upload (authsrv/panel/views/clearing.py) calls it too.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import trio
 from starlette.requests import Request
@@ -35,27 +37,47 @@ FILE_NAME_HEADER = "x-file-name"  # optional: the name the summary reports
 FILE_NAME_LENGTH_MAX = 255
 
 
-def clearing_routes(ctx: RestContext) -> list[Route]:
-    lock = trio.Lock()  # one file at a time: the summaries stay exact
+class ClearingUnavailable(Exception):
+    """The running ledger (with its journal, keys and card index) is not there: nothing applied."""
 
+
+_locks: weakref.WeakKeyDictionary[object, trio.Lock] = weakref.WeakKeyDictionary()  # per store
+
+
+async def ingest_clearing(ctx: RestContext, body: bytes, name: str) -> ClearingSummary:
+    """Apply one clearing file on the running server: the REST endpoint and the panel's upload.
+    Runs are serialized (one file at a time, so the summaries stay exact). Raises
+    ClearingUnavailable, money.LedgerNotWritable (the log cannot be written now) and
+    ClearingFileError (the file as a whole is refused)."""
+    journal = getattr(ctx.ledger, "journal", None)
+    if ctx.ledger is None or journal is None or ctx.keys is None or ctx.index is None:
+        raise ClearingUnavailable("clearing needs the running ledger")
+    money.check_writable(ctx.ledger)  # LEDGER_UNAVAILABLE while the log cannot be written
+    deps = ClearingDeps(ledger=ctx.ledger, journal=journal, index=ctx.index,
+                        vault=cardsec.PanVault(ctx.keys), store=ctx.store)
+    lock = _locks.setdefault(ctx.store, trio.Lock())
+    async with lock:
+        return await apply_clearing(deps, body, name[:FILE_NAME_LENGTH_MAX])
+
+
+def clearing_routes(ctx: RestContext) -> list[Route]:
     async def ingest(request: Request, caller: Caller) -> Response:
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media not in CLEARING_MEDIA_TYPES:
             return problem(415, Title.INVALID_PAYLOAD,
                            "send the clearing file as application/x-ndjson or text/plain")
-        journal = getattr(ctx.ledger, "journal", None)
-        if ctx.ledger is None or journal is None or ctx.keys is None or ctx.index is None:
+        if ctx.ledger is None or getattr(ctx.ledger, "journal", None) is None or ctx.keys is None or (
+                ctx.index is None):
             return problem(503, Title.INTERNAL_ERROR, "clearing needs the running ledger")
         money.check_writable(ctx.ledger)  # 503 LEDGER_UNAVAILABLE while the log cannot be written
         body = await request.body()
         name = request.headers.get(FILE_NAME_HEADER, "upload")[:FILE_NAME_LENGTH_MAX]
-        deps = ClearingDeps(ledger=ctx.ledger, journal=journal, index=ctx.index,
-                            vault=cardsec.PanVault(ctx.keys), store=ctx.store)
-        async with lock:
-            try:
-                summary = await apply_clearing(deps, body, name)
-            except ClearingFileError as error:
-                return problem(400, Title.INVALID_PAYLOAD, str(error))
+        try:
+            summary = await ingest_clearing(ctx, body, name)
+        except ClearingUnavailable as error:
+            return problem(503, Title.INTERNAL_ERROR, str(error))
+        except ClearingFileError as error:
+            return problem(400, Title.INVALID_PAYLOAD, str(error))
         log.info("clearing %s by %s: %d records, %d applied, %d exceptions%s", name, caller.admin,
                  summary.lines, summary.applied, summary.exceptions_count,
                  " (duplicate file)" if summary.duplicate_file else "")

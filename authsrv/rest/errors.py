@@ -24,7 +24,10 @@ REQUEST_BODY_BYTES_MAX = 64 * 1024  # a wallet body is < 1 KiB; KYC multipart ha
 KYC_BODY_BYTES_MAX = 12 * 1024 * 1024 + 64 * 1024
 # Clearing files (`POST /admin/clearing`): authsrv.clearing.records.CLEARING_FILE_BYTES_MAX.
 CLEARING_BODY_BYTES_MAX = 64 * 1024 * 1024
-BODY_BYTES_MAX_BY_PATH_SUFFIX = {"/register": KYC_BODY_BYTES_MAX, "/admin/clearing": CLEARING_BODY_BYTES_MAX}
+# The panel's upload form (authsrv/panel/views/clearing.py): the same file in a multipart body.
+PANEL_CLEARING_BODY_BYTES_MAX = CLEARING_BODY_BYTES_MAX + 64 * 1024
+BODY_BYTES_MAX_BY_PATH_SUFFIX = {"/register": KYC_BODY_BYTES_MAX, "/admin/clearing": CLEARING_BODY_BYTES_MAX,
+                                 "/panel/clearing/upload": PANEL_CLEARING_BODY_BYTES_MAX}
 BODY_DRAIN_S_MAX = 5.0  # reading the unread rest of a body before an early answer (see _drain)
 
 

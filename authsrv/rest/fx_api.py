@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from authsrv.hotpath.fx import RATES_FILE_NAME, RatesDocument, RatesError, RatesFile, table_of
+from authsrv.hotpath.fx import RATES_FILE_NAME, RatesDocument, RatesError, RatesFile, RatesTable, table_of
 from authsrv.rest.auth import Caller
 from authsrv.rest.context import ALL_ROLES, Doc, RestContext, admin_route, invalid, json_response
 from authsrv.rest.errors import Title, problem
@@ -28,11 +28,36 @@ FX_WRITE_ROLES = frozenset({Role.admin, Role.manager})
 _decoder = msgspec.json.Decoder(RatesDocument)
 
 
+def rates_file(ctx: RestContext) -> RatesFile | None:
+    """The server's rates file (`[fx] rates_file` in the data directory), None without one."""
+    if ctx.data_dir is None:
+        return None
+    name = ctx.config.fx.rates_file if ctx.config is not None else RATES_FILE_NAME
+    return RatesFile(ctx.data_dir / name)
+
+
+def parse_rates(body: bytes) -> RatesTable:
+    """A whole table from its JSON document, validated (RatesError names what is wrong)."""
+    try:
+        return table_of(_decoder.decode(body))
+    except msgspec.DecodeError as error:
+        raise RatesError(str(error)) from None
+
+
+def replace_rates(ctx: RestContext, rates: RatesFile, table: RatesTable) -> None:
+    """Write the file inside a store transaction that carries it: on a cluster primary the
+    new table reaches every standby as part of the shard's log before the caller is answered.
+    Blocking (fsync): call from a worker thread. The REST PUT and the panel's edit both call it."""
+    store = ctx.store
+    with store.transaction():
+        rates.replace(table)
+        store.add_file(str(rates.path.relative_to(ctx.data_dir)), rates.path.read_bytes())
+
+
 class FxApi:
     def __init__(self, ctx: RestContext) -> None:
         self._ctx = ctx
-        name = ctx.config.fx.rates_file if ctx.config is not None else RATES_FILE_NAME
-        self._rates = RatesFile(ctx.data_dir / name) if ctx.data_dir is not None else None
+        self._rates = rates_file(ctx)
 
     def routes(self) -> list[Route]:
         return [
@@ -53,22 +78,14 @@ class FxApi:
             return problem(404, Title.FX_RATES_NOT_FOUND, "no FX rates table: every conversion is declined")
         return json_response(table.document)
 
-    def _replace(self, table) -> None:
-        """Write the file inside a store transaction that carries it: on a cluster primary the
-        new table reaches every standby as part of the shard's log before the caller is answered."""
-        store, rates = self._ctx.store, self._rates
-        with store.transaction():
-            rates.replace(table)
-            store.add_file(str(rates.path.relative_to(self._ctx.data_dir)), rates.path.read_bytes())
-
     async def put(self, request: Request, caller: Caller) -> Response:
         if self._rates is None:
             return problem(503, Title.INTERNAL_ERROR, "no data directory")
         try:
-            table = table_of(_decoder.decode(await request.body()))
-        except (msgspec.DecodeError, RatesError) as error:
+            table = parse_rates(await request.body())
+        except RatesError as error:
             return invalid(str(error))
-        await self._ctx.in_thread(self._replace, table)
+        await self._ctx.in_thread(replace_rates, self._ctx, self._rates, table)
         log.info("FX rates replaced by %s: base %s, %d rates, as of %s", caller.admin, table.base,
                  len(table.rates), table.as_of)
         return json_response(table.document)

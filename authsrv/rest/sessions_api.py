@@ -287,6 +287,13 @@ def _revoke_device(ctx: RestContext, customer_id: int, device_id: str) -> int:
         lambda subject: subject.customer_id == customer_id and subject.device_id == device_id)
 
 
+def create_admin_user(store: Store, body: AdminUserCreate, *, created_by: str) -> AdminInfo:
+    """A new Manager or Employee (`body` already validated as AdminUserCreate: username pattern,
+    password length, role). Blocking (scrypt, commit); StoreConflict when the username is taken.
+    `POST /admin/users` and the panel's admin users page both call it."""
+    return store.create_admin(body.username, Role(body.role), body.password, created_by=created_by)
+
+
 def too_many_attempts(retry_after_s: float, detail: str) -> Response:
     response = problem(429, Title.TOO_MANY_ATTEMPTS, detail)
     response.headers["retry-after"] = str(max(1, int(-(-retry_after_s // 1))))
@@ -444,8 +451,7 @@ class SessionsApi:
             return invalid(error)
         assert caller.role is Role.admin and caller.admin
         try:
-            info = await self.ctx.in_thread(self.store.create_admin, body.username, Role(body.role), body.password,
-                                            created_by=caller.admin)
+            info = await self.ctx.in_thread(create_admin_user, self.store, body, created_by=caller.admin)
         except StoreConflict:
             return problem(409, Title.ADMIN_ALREADY_EXISTS, "an admin user with this username exists")
         log.info("admin %s created admin user %s (%s)", caller.admin, info.username, info.role)
