@@ -73,6 +73,16 @@ async def test_search_by_name_phone_email_and_id(server, data_dir, cards):
         assert (await client.get("/panel/users", params={"q": "x" * 101})).status_code == 400
 
 
+async def test_search_scans_a_bounded_window_but_finds_exact_terms_anywhere(server, monkeypatch):
+    from authsrv.store import panel_users
+
+    monkeypatch.setattr(panel_users, "SEARCH_SCAN_MAX", 5)  # the newest 5 of 20 users
+    found = lambda text: [user.id for user in panel_users.search_users(server.store, text)[0]]  # noqa: E731
+    assert found("User3") == [] and found("User17") == [17]
+    assert found("4890000000003") == [3] and found("seed3@example.invalid") == [3] and found("3") == [3]
+    assert found("SEED3@EXAMPLE.INVALID") == [3]  # e-mail addresses are stored in lower case by the seed
+
+
 async def test_search_pages_are_bounded(server, data_dir):
     for n in range(30):
         server.store.create_user(partner="demo", first_name="Paged", last_name=f"Person{n}", phone=f"4870000{n:05d}",

@@ -21,7 +21,7 @@ from authsrv.store.db import _CARD_COLUMNS, _USER_COLUMNS, AuditEntry, CardRow, 
 
 USERS_PAGE_SIZE = 25
 USERS_PAGES_MAX = 200  # offset bound: 5,000 rows deep
-SEARCH_SCAN_MAX = 200_000  # newest users a substring search looks at
+SEARCH_SCAN_MAX = 100_000  # newest users a substring search looks at (about 0.1 s with the store lock held)
 SEARCH_TEXT_MAX = 100
 KYC_FORMS_SHOWN_MAX = 50
 CARD_AUDIT_SCAN_MAX = 100_000  # newest audit entries a card's history looks at
@@ -69,11 +69,14 @@ def search_users(store: Store, text: str, *, page: int = 1,
         substring.append("phone LIKE ? ESCAPE '\\'")
         substring_values.append(f"%{_like_escape(digits)}%")
     offset = (page - 1) * page_size
+    # One indexed lookup per exact term and one bounded scan for the substrings, as a UNION (an OR
+    # across them would make SQLite scan the whole table).
+    parts = [f"SELECT {_USER_COLUMNS} FROM users WHERE {term}" for term in exact]
+    parts.append(f"SELECT {_USER_COLUMNS} FROM users WHERE id > ? AND ({' OR '.join(substring)})")
     with store._lock:
         (newest,) = store._conn.execute("SELECT COALESCE(MAX(id), 0) FROM users").fetchone()
         rows = store._conn.execute(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE ({' OR '.join(exact)})"
-            f" OR (id > ? AND ({' OR '.join(substring)})) ORDER BY id DESC LIMIT ? OFFSET ?",
+            " UNION ".join(parts) + " ORDER BY id DESC LIMIT ? OFFSET ?",
             (*exact_values, newest - SEARCH_SCAN_MAX, *substring_values, page_size + 1, offset),
         ).fetchall()
     users = [UserRow(*row) for row in rows]

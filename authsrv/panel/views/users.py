@@ -66,7 +66,7 @@ def register(panel: PanelApp) -> None:
             request, op, "users.html", status=status, q=q, users=rows, page=page, error=error,
             prev_url=_users_url(q, page - 1) if page > 1 and not error else "",
             next_url=_users_url(q, page + 1) if more and page < panel_users.USERS_PAGES_MAX else "",
-            badges=KYC_STATE_BADGES,
+            badges=KYC_STATE_BADGES, scan_max=panel_users.SEARCH_SCAN_MAX,
         )
 
     @panel.page("/users/{customerId}", roles=ALL_ROLES)
