@@ -154,7 +154,8 @@ def register(panel: PanelApp) -> None:
         target = f"kyc_form:{row.id}"
         if not accepted:
             if not reason:
-                return await render_form(request, op, row, status=400, error="Give a reason to reject the form.")
+                return await render_form(request, op, row, status=400,
+                                         error="Type a reason first: it is required, and sent to the partner.")
             if reason_problem(reason) is not None:
                 return await render_form(request, op, row, status=400, reason=reason,
                                          error="The reason is at most 256 characters, without control characters.")
