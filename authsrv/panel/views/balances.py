@@ -114,11 +114,10 @@ def register(panel: PanelApp) -> None:
 
     async def find(request: Request) -> PartnerBalanceRow | None:
         params = request.path_params
-        kind = params["type"].upper()
-        if kind not in {str(t) for t in PARTNER_BALANCE_KINDS} or not re.fullmatch(r"[A-Z]{3}", params["currency"]):
+        kind, currency = params["type"].upper(), params["currency"].upper()
+        if kind not in {str(t) for t in PARTNER_BALANCE_KINDS} or not re.fullmatch(r"[A-Z]{3}", currency):
             return None
-        return await ctx.in_thread(store.get_partner_balance, params["partner"], PartnerBalanceType(kind),
-                                   params["currency"])
+        return await ctx.in_thread(store.get_partner_balance, params["partner"], PartnerBalanceType(kind), currency)
 
     @panel.page("/partner-balances", roles=ALL_ROLES)
     async def partner_balances(request: Request, op: Operator) -> Response:
