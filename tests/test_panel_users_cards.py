@@ -116,7 +116,11 @@ async def test_user_page_masked_cards_balances_and_no_full_pan(server, data_dir,
         # A purchase shows up in the user's recent transactions, masked.
         assert await purchase(server, mine[0], amount=1234) == "00"
         page = await client.get("/panel/users/3")
-        assert "12.34 EUR" in page.text and "/panel/transactions/" in page.text
+        assert "12.34 EUR" in page.text
+        link = re.search(r'href="(/panel/transactions/[^"]+)"', page.text).group(1).replace("&amp;", "&")
+        assert link.endswith(f"?card={mine[0]['cardId']}")
+        transaction = await client.get(link)  # the transactions page knows the history's id
+        assert transaction.status_code == 200 and "12.34" in transaction.text
         assert "1,000.00" in page.text and "987.66" in page.text  # booked stays, available drops by the hold
         pages = [page, await client.get("/panel/users"), await client.get("/panel/users", params={"q": "3"})]
         pages += [await client.get(f"/panel/cards/{card['cardId']}") for card in mine]
