@@ -167,7 +167,10 @@ async def test_lock_declines_on_the_iso_port_unlock_approves(server, data_dir, c
         assert unlocked.status_code == 303
         assert await purchase(server, card) == "00"
         page = await client.get(path)
-        assert "unlocked" in page.text and "card.unlock" in page.text  # flash, and the card's history
+        assert "unlocked: ACTIVE" in page.text  # the flash
+        for action in ("card.lock", "card.unlock"):  # the card's history: operator actions and events
+            assert f'data-label="Action">{action}<' in page.text
+        assert 'data-label="Event">card.locked<' in page.text and "reason 3 (Pending query)" in page.text
     lock, unlock = panel_entries(server, "card.lock")[0], panel_entries(server, "card.unlock")[0]
     assert (lock.actor, lock.target, lock.outcome) == ("admin", f"card:{card['cardId']}", "ok")
     assert json.loads(lock.before_json) == {"status": "ACTIVE", "lockReason": 0}

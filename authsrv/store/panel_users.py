@@ -16,8 +16,8 @@ every user.
 
 from __future__ import annotations
 
-from authsrv.store.db import _CARD_COLUMNS, _USER_COLUMNS, AuditEntry, CardRow, KycFormRow, Store, UserRow, \
-    _card_row
+from authsrv.store.db import _CARD_COLUMNS, _EVENT_COLUMNS, _USER_COLUMNS, AuditEntry, CardRow, EventRow, KycFormRow, \
+    Store, UserRow, _card_row
 
 USERS_PAGE_SIZE = 25
 USERS_PAGES_MAX = 200  # offset bound: 5,000 rows deep
@@ -26,6 +26,8 @@ SEARCH_TEXT_MAX = 100
 KYC_FORMS_SHOWN_MAX = 50
 CARD_AUDIT_SCAN_MAX = 100_000  # newest audit entries a card's history looks at
 CARD_AUDIT_SHOWN_MAX = 50
+CARD_EVENTS_SCAN_MAX = 100_000  # newest partner events a card's history looks at
+CARD_EVENTS_SHOWN_MAX = 50
 CARDS_SHOWN_MAX = 200
 _KYC_FORM_COLUMNS = (
     "id, user_id, partner, state, fields_json, images_json, created_at, decided_at, decided_by, reason"
@@ -126,6 +128,18 @@ def card_audit(store: Store, card_id: int, *, limit: int = CARD_AUDIT_SHOWN_MAX)
              limit),
         ).fetchall()
     return [AuditEntry(*row) for row in rows]
+
+
+def card_events(store: Store, card_id: int, *, limit: int = CARD_EVENTS_SHOWN_MAX) -> list[EventRow]:
+    """The card's lifecycle events (created, locked, unlocked, limits set, ... by any channel: the
+    customer's app, the partner, the panel), newest first, among the newest `CARD_EVENTS_SCAN_MAX`."""
+    with store._lock:
+        (newest,) = store._conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        rows = store._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? AND subject = ? ORDER BY id DESC LIMIT ?",
+            (newest - CARD_EVENTS_SCAN_MAX, card_target(card_id), limit),
+        ).fetchall()
+    return [EventRow(*row) for row in rows]
 
 
 def card_target(card_id: int) -> str:

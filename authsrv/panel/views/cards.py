@@ -18,6 +18,7 @@ before and after. Only the masked PAN (first 6, last 4) is ever shown.
 from __future__ import annotations
 
 import decimal
+import json
 import logging
 import re
 import urllib.parse
@@ -39,7 +40,7 @@ from authsrv.rest.history_api import Transaction, balance_transactions
 from authsrv.rest.limits_api import ACCESS as LIMITS_ACCESS
 from authsrv.rest.limits_api import card_usage, save_card_controls, stored_controls, view
 from authsrv.store import panel_users
-from authsrv.store.db import CardRow, UserRow, card_visible
+from authsrv.store.db import CardRow, EventRow, UserRow, card_visible
 from authsrv.store.index import IRREVERSIBLE_LOCK_REASONS, CardStatus, LockReason
 
 log = logging.getLogger("authsrv.panel")
@@ -227,6 +228,26 @@ def transaction_row(row: Transaction) -> dict[str, Any]:
             "time": row.time.replace("T", " ").rstrip("Z")}
 
 
+def event_row(event: EventRow) -> dict[str, Any]:
+    """A card event for the history table: what changed, from its body (masked PAN at most)."""
+    try:
+        body = json.loads(event.body)
+    except ValueError:
+        body = {}
+    details = []
+    if isinstance(body, dict):
+        if body.get("status"):
+            details.append(f"status {body['status']}")
+        if body.get("reason"):
+            details.append(f"reason {body['reason']} ({lock_reason_label(int(body['reason']))})"
+                           if str(body["reason"]).isdigit() else f"reason {body['reason']}")
+        if body.get("by"):
+            details.append(f"by {body['by']}")
+        if isinstance(body.get("limits"), dict):
+            details.append("spend controls replaced")
+    return {"at": event.created_at, "kind": event.kind, "details": ", ".join(details)}
+
+
 def refusal_message(result: CardResult) -> str:
     _, title, detail = _PROBLEMS[result]
     return f"Refused ({title}): {detail}."
@@ -255,6 +276,7 @@ def register(panel: PanelApp) -> None:
         usage = card_usage(ctx, card)
         limits = view(spec, [usage])
         audit = await ctx.in_thread(panel_users.card_audit, panel.store, card.id)
+        events = [event_row(event) for event in await ctx.in_thread(panel_users.card_events, panel.store, card.id)]
         transactions = []
         if balance is not None and ctx.ledger is not None:
             page = balance_transactions(ctx, balance, [card], limit=CARD_TRANSACTIONS_SHOWN)
@@ -263,7 +285,7 @@ def register(panel: PanelApp) -> None:
         return panel.render(
             request, op, "card.html", status=status, card=facts, owner=owner, balance=balance, currency=currency,
             exp=exp, limits=limits, controls=controls_form or controls_values(spec, exp), error=error,
-            audit=audit, transactions=transactions, reasons=sorted(LOCK_REASON_LABELS.items()),
+            audit=audit, events=events, transactions=transactions, reasons=sorted(LOCK_REASON_LABELS.items()),
             default_reason=int(DEFAULT_LOCK_REASON), irreversible_reasons=sorted(int(r) for r in IRREVERSIBLE_LOCK_REASONS),
             can_lock=facts["visible"] and op.role in LOCK_ROLES and not facts["irreversible"],
             can_unlock=(facts["visible"] and op.role in UNLOCK_ROLES and card.status == CardStatus.locked
