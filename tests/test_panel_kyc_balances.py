@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from authsrv.store.db import AuditQuery, PartnerBalanceType, Role
 from tests.conftest import SEED_AMOUNT, SEED_USERS
@@ -234,28 +235,39 @@ async def test_reload_is_applied_once_per_form_and_threshold(server, data_dir: P
         assert second.status_code == 303
         assert "already applied" in (await client.get(second.headers["location"])).text
         assert server.ledger.ledger.balance(account).posted == before + 1500_25
+        racing = {**form, "amount": "0.75", "idempotency_key": "r" * 24}  # two submits at once
+        statuses = []
+
+        async def post() -> None:
+            statuses.append((await client.post(path, data=racing)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(post)
+        assert statuses == [303, 303]
+        assert server.ledger.ledger.balance(account).posted == before + 1500_25 + 75
         other_amount = await client.post(path, data={**form, "amount": "7"})
         assert other_amount.status_code == 409
         for bad in ("", "-5", "0", "1.234", "abc", "1e3"):
             reply = await client.post(path, data={**form, "amount": bad, "idempotency_key": "n" * 24})
             assert reply.status_code == 400 and 'role="alert"' in reply.text, bad
         assert (await client.post(path, data={**form, "idempotency_key": ""})).status_code == 400
-        assert server.ledger.ledger.balance(account).posted == before + 1500_25
+        assert server.ledger.ledger.balance(account).posted == before + 1500_25 + 75
         events = [e for e in server.store.events(partner="demo", limit=1000) if e.kind == "partner_balance.reloaded"]
-        assert len(events) == 1 and json.loads(events[0].body)["amount"] == 1500_25
+        assert sorted(json.loads(e.body)["amount"] for e in events) == [75, 1500_25]
 
         threshold = await client.post("/panel/partner-balances/demo/DEPOSIT/EUR/threshold",
                                       data={"csrf_token": form["csrf_token"], "low_threshold": "99999999.99"})
         assert threshold.status_code == 303
         token = await admin_login(client, "admin", admin_password(data_dir))
         view = (await client.get("/admin/partner-balances/demo/DEPOSIT/EUR", headers=bearer(token))).json()
-        assert view["lowThreshold"] == 99_999_999_99 and view["amount"] == before + 1500_25
+        assert view["lowThreshold"] == 99_999_999_99 and view["amount"] == before + 1500_25 + 75
         low = [e for e in server.store.events(partner="demo", limit=1000) if e.kind == "partner_balance.low"]
         assert len(low) == 1  # the new threshold is itself a crossing
         bad = await client.post("/panel/partner-balances/demo/DEPOSIT/EUR/threshold",
                                 data={"csrf_token": form["csrf_token"], "low_threshold": "-1"})
         assert bad.status_code == 400
-    (entry, *_) = [e for e in panel_audit(server, "partner_balance.reload") if e.outcome == "ok"]
+    *_, entry = [e for e in panel_audit(server, "partner_balance.reload") if e.outcome == "ok"]  # the oldest
     assert json.loads(entry.before_json)["amount"] == before and json.loads(entry.after_json)["amount"] == before + 1500_25
     assert [e.outcome for e in panel_audit(server, "partner_balance.threshold")] == ["ok"]
 
@@ -303,3 +315,29 @@ async def test_a_fee_edit_is_charged_by_the_next_authorization(server, data_dir:
         await iso.aclose()
     (entry,) = panel_audit(server, "fees.edit")
     assert (json.loads(entry.before_json or "{}"), json.loads(entry.after_json)) == ({}, {"pos_bp": 100, "pos_fixed": 50})
+
+
+def test_a_fee_edit_keeps_the_program_own_fees_and_adds_the_changed_ones(data_dir: Path) -> None:
+    from authsrv.config import FeesConfig
+    from authsrv.hotpath.fees import FeesError
+    from authsrv.store.db import Store
+    from authsrv.store.program_fees import FEE_KEYS, ProgramNotFound, edit_program_fees, fee_table
+
+    defaults = FeesConfig(card_creation=100, atm_fixed=200)
+    with Store.open(data_dir) as store:
+        with store.transaction():
+            store._conn.execute("UPDATE programs SET fees_json = ? WHERE config_id = ?",
+                                ('{"atm_fixed": 200, "pos_bp": 10}', DEMO_CONFIG_ID))
+        (program,) = fee_table(store, defaults)
+        assert program.overridden == {"atm_fixed", "pos_bp"} and program.schedule.card_creation == 100
+        values = {**{key: getattr(program.schedule, key) for key in FEE_KEYS}, "pos_bp": 20, "fx_bp": 150}
+        edit = edit_program_fees(store, DEMO_CONFIG_ID, values, defaults)
+        assert edit.before == {"atm_fixed": 200, "pos_bp": 10}
+        # atm_fixed stays the program's own though equal to the default; card_creation keeps following it.
+        assert edit.after == {"atm_fixed": 200, "pos_bp": 20, "fx_bp": 150}
+        assert json.loads(store.get_program(DEMO_CONFIG_ID).fees_json) == edit.after
+        with pytest.raises(FeesError, match="pos_fixed"):
+            edit_program_fees(store, DEMO_CONFIG_ID, {**values, "pos_fixed": 10**9}, defaults)
+        with pytest.raises(ProgramNotFound):
+            edit_program_fees(store, "nope", values, defaults)
+        assert json.loads(store.get_program(DEMO_CONFIG_ID).fees_json) == edit.after  # the refused edit changed nothing
