@@ -12,12 +12,15 @@ where the CRC32C covers (length, seq, payload). Segments are append-only; a new 
 when the active one would grow past `segment_size_max`.
 
 Durability (the issue's words): commit groups the records of many concurrent callers into one
-write and one fsync; a caller resumes only after its record is on disk. Where the disk is slow the
-write runs in a worker thread so the trio event loop never blocks on it; where it is fast (recent
-groups took under `inline_commit_s_max`) the committer writes in the trio thread itself, because
-handing a group to a thread and back costs more CPU (~150-280 us on a 2-core VM, measured) than a
-fast fdatasync blocks the loop (~100 us there), and that CPU is what the hot path runs out of. A torn record at the tail of the last segment is truncated with a log
-line; a bad checksum or a sequence gap anywhere else stops recovery with `CorruptLogError` naming
+write and one fsync; a caller resumes only after its record is on disk. The commit is a two-stage
+pipeline: while the log's long-lived writer thread writes and syncs one group, the next gathers on
+the trio loop, and is handed off the moment the writer rings the doorbell (an eventfd the loop
+waits on: one write(2) and one read(2) per group, no trio token call). Where the disk is fast
+(recent groups took under `inline_commit_s_max`) the committer may write in the trio thread itself
+instead, because handing a group to the thread and back costs CPU (~40 us more per group than
+inline on a 2-core VM, measured) while a fast fdatasync blocks the loop only ~100 us there; the
+default keeps that mode off or on as the measurements in docs/benchmarks.md (issue 16) decided.
+A torn record at the tail of the last segment is truncated with a log line; a bad checksum or a sequence gap anywhere else stops recovery with `CorruptLogError` naming
 the file and the byte offset. The directory is fsync'd whenever a segment is created or deleted.
 
 A disk that cannot take the records (no space left, an I/O error from write or fdatasync) does not
@@ -51,6 +54,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import struct
 import threading
 import time
@@ -264,6 +268,49 @@ def _fsync_directory(dir_fd: int) -> None:
     os.fsync(dir_fd)
 
 
+class _Doorbell:
+    """How the writer thread tells the committer task a group is written: an eventfd (a socket pair
+    where there is none) that trio's epoll watches. A ring costs the writer one write(2); a wait that
+    finds it already rung costs the loop one read(2) and no scheduler pass. At most one ring is
+    outstanding (one group in flight), so the socket pair never fills."""
+
+    def __init__(self) -> None:
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        if hasattr(os, "eventfd"):
+            self._read_fd = self._write_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        else:
+            self._pair = socket.socketpair()
+            for end in self._pair:
+                end.setblocking(False)
+            self._read_fd, self._write_fd = self._pair[0].fileno(), self._pair[1].fileno()
+
+    def ring(self) -> None:  # any thread
+        if self._pair is None:
+            os.eventfd_write(self._write_fd, 1)
+        else:
+            os.write(self._write_fd, b"\0")
+
+    async def wait(self) -> None:  # the trio thread
+        # Bounded: a pass either consumes the ring or sleeps until the fd is readable.
+        while True:
+            try:
+                if self._pair is None:
+                    os.eventfd_read(self._read_fd)
+                else:
+                    os.read(self._read_fd, 1)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._read_fd)
+
+    def close(self) -> None:  # the trio thread, once no ring can come
+        trio.lowlevel.notify_closing(self._read_fd)
+        if self._pair is None:
+            os.close(self._read_fd)
+        else:
+            for end in self._pair:
+                end.close()
+
+
 class Wal:
     """An append-only log with group commit. See the module docstring."""
 
@@ -317,14 +364,20 @@ class Wal:
         self._next_event = trio.Event()
         # The committer's own writer thread (started by run_committer): one long-lived thread is
         # cheaper per group than trio's thread cache (no job naming, no limiter; measured ~120 vs
-        # ~250 us of CPU per round trip on a 2-core VM).
+        # ~250 us of CPU per round trip on a 2-core VM). It holds at most one job (the group in
+        # flight) and the stop sentinel: the committer waits for each group before it hands off the
+        # next, so this queue is bounded by design.
         self._writer_jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer_result: outcome.Outcome | None = None  # set by the writer before it rings
+        self._writer_busy = False
+        self._doorbell: _Doorbell | None = None
         self._inline_commit_s_max = inline_commit_s_max
         # Moving average of inline groups' write + fdatasync; None until the first probe, so the
         # first groups go to the thread (an unknown disk may be slow: never block the loop on it).
         self._inline_write_s: float | None = None
         self._groups_since_probe = 0
         self.groups_inline = self.groups_threaded = 0  # commit groups by where they were written
+        self.groups_loop_busy = 0  # of groups_threaded: written in the thread because the loop had work
         # The disk (see the module docstring). Written under _io_lock, read from any thread.
         self._unwritable: OSError | None = None  # the last failure, until a group is written again
         self._unwritable_since = 0.0  # time.monotonic() of the episode's first failure
@@ -704,13 +757,16 @@ class Wal:
         """The group commit loop, for the lifetime of the service (until cancelled).
 
         Whenever records are buffered: take the whole buffer, write it with one write and one
-        fdatasync in a worker thread, then wake its waiters. Records appended meanwhile form the
-        next group, so the group size adapts to the load without any timer.
+        fdatasync in the writer thread, then wake its waiters. Records appended meanwhile form the
+        next group, handed off as soon as the previous one is on disk (a two-stage pipeline: one
+        group on the disk, the next gathering on the loop), so the group size adapts to the load
+        without any timer and the loop never waits for the disk.
         """
         assert self._committer_token is None, "one committer per log"
         self._committer_token = trio.lowlevel.current_trio_token()
         self._committer_thread = threading.get_ident()
-        writer = threading.Thread(target=self._writer_thread, name="wal-writer", daemon=True)
+        doorbell = self._doorbell = _Doorbell()
+        writer = threading.Thread(target=self._writer_thread, args=(doorbell,), name="wal-writer", daemon=True)
         writer.start()
         task_status.started()
         try:
@@ -736,6 +792,8 @@ class Wal:
             raise
         finally:
             self._writer_jobs.put(None)  # the thread ends after any write it is doing
+            if not self._writer_busy:  # (a write in flight is always awaited, shielded)
+                doorbell.close()
             self._committer_stopped = True
             self._committer_idle = False
             if self._fatal is None:
@@ -757,7 +815,8 @@ class Wal:
         self._inflight_last_seq = last
         self._inflight_event = self._next_event
         self._next_event = trio.Event()
-        if self._commit_inline():
+        inline = self._commit_inline()
+        if inline:
             records, size, seconds = self._write_through(last)
             average = self._inline_write_s
             self._inline_write_s = seconds if average is None else average + (seconds - average) / INLINE_EWMA_WEIGHT
@@ -769,44 +828,50 @@ class Wal:
         self._publish()
         if records and self._on_commit is not None:
             self._on_commit(records, size, seconds)
-        # Let the readers run before the next group (an inline write never yielded): what they
-        # append meanwhile forms that group, so groups still grow with the load.
-        await trio.lowlevel.checkpoint()
+        if inline:
+            # Let the readers run before the next group (an inline write never yielded): what they
+            # append meanwhile forms that group, so groups still grow with the load. After a
+            # threaded write, what gathered during it is handed off at once (the pipeline).
+            await trio.lowlevel.checkpoint()
 
     async def _write_in_thread(self, last: int) -> tuple[int, int, float]:
-        """_write_through(last) in the writer thread. Not abandonable: a cancelled committer still
-        waits for the write it started."""
-        done = trio.Event()
-        result: list[outcome.Outcome] = []
+        """_write_through(last) in the writer thread; the next group gathers on the loop meanwhile.
 
-        def deliver(written: outcome.Outcome) -> None:  # in the trio thread
-            result.append(written)
-            done.set()
-
-        self._writer_jobs.put((last, deliver))
+        The hand-off is one SimpleQueue.put; the hand-back is the doorbell (an eventfd the loop waits
+        on with wait_readable), not a trio token call and an Event per group. Not abandonable: a
+        cancelled committer still waits for the write it started."""
+        doorbell = self._doorbell
+        assert doorbell is not None
+        self._writer_busy = True
+        self._writer_jobs.put(last)
         with trio.CancelScope(shield=True):
-            await done.wait()
-        return result[0].unwrap()
+            await doorbell.wait()
+        self._writer_busy = False
+        written, self._writer_result = self._writer_result, None
+        assert written is not None
+        return written.unwrap()
 
-    def _writer_thread(self) -> None:
-        token = self._committer_token
-        assert token is not None
+    def _writer_thread(self, doorbell: _Doorbell) -> None:
         while True:  # one job per commit group, until run_committer ends
-            job = self._writer_jobs.get()
-            if job is None:
+            last = self._writer_jobs.get()
+            if last is None:
                 return
-            last, deliver = job
-            written = outcome.capture(self._write_through, last)
-            try:
-                token.run_sync_soon(deliver, written)
-            except trio.RunFinishedError:
-                return
+            self._writer_result = outcome.capture(self._write_through, last)
+            doorbell.ring()  # after the result: the loop reads it once it sees the ring
 
     def _commit_inline(self) -> bool:
-        """Write this group in the trio thread? Yes while the disk has been fast, and now and then
-        in thread mode to measure it again (a slow disk then blocks the loop once per probe)."""
+        """Write this group in the trio thread? Only when the loop looks idle (then it has nothing
+        better to do, and inline saves the hand-off's CPU); and then while the disk has been fast,
+        and now and then in thread mode to measure it again (a slow disk then blocks the loop once
+        per probe). Under load groups gather while the previous one is written: the pipeline."""
         if self._inline_commit_s_max <= 0 or self._unwritable is not None:
             return False  # a disk in trouble may also be slow: never block the loop on it
+        if trio.lowlevel.current_statistics().tasks_runnable:
+            # Tasks are ready to run (a partial view: those later in trio's current batch are not
+            # counted; ~3 us to ask). The loop has work: it must not wait for the disk too. Under
+            # load the waiters a threaded group wakes are runnable here, so the pipeline stays on.
+            self.groups_loop_busy += 1
+            return False
         if self._inline_write_s is not None and self._inline_write_s <= self._inline_commit_s_max:
             return True
         self._groups_since_probe += 1
