@@ -166,7 +166,7 @@ async def test_employee_sees_no_images_and_may_not_decide(server, data_dir: Path
 
 
 async def test_decisions_without_csrf_token_are_403(server, data_dir: Path) -> None:
-    customer_id, form_id = await submitted_form(server, data_dir)
+    _, form_id = await submitted_form(server, data_dir)
     async with https(data_dir, server.rest_port) as client:
         await login(client, server, data_dir)
         assert (await client.post(f"/panel/kyc/{form_id}/accept", data={})).status_code == 403
@@ -184,6 +184,10 @@ def amounts_in(page: str) -> str:
     return re.sub(r"\s+", " ", page)
 
 
+def money(minor: int) -> str:
+    return f"{minor // 100:,}.{minor % 100:02d}"
+
+
 async def test_partner_balances_and_summary_match_the_rest_api(server, data_dir: Path, cards) -> None:
     iso = await IsoClient.connect(server.iso_port)
     try:  # a pending authorization: holds on the user balance and on the partner's deposit
@@ -199,7 +203,6 @@ async def test_partner_balances_and_summary_match_the_rest_api(server, data_dir:
         await login(client, server, data_dir, Role.employee)
         page = amounts_in((await client.get("/panel/partner-balances")).text)
         assert "demo" in page and "DEPOSIT" in page and "Reload</button>" not in page
-        money = lambda minor: f"{minor // 100:,}.{minor % 100:02d}"  # noqa: E731
         for value in (deposit["amount"], deposit["available"], deposit["amount"] - deposit["available"]):
             assert f">{money(value)}<" in page, value
         summary = amounts_in((await client.get("/panel/summary")).text)
