@@ -12,7 +12,13 @@ responses of one connection batched into one `send_all`. Requests of one connect
 concurrently (up to IN_FLIGHT_MAX), so the pool, not the connection count, bounds the concurrency.
 psycopg (sync) runs in worker threads through `trio.to_thread.run_sync`, one thread per connection.
 
+`--variant function` is the baseline a careful team would build: one round trip per authorization,
+`SELECT * FROM authorize(...)` (the PL/pgSQL function in bench/postgres.py: lock, check, update,
+insert, in autocommit), on a pool of nonblocking libpq connections driven by the trio loop itself
+(no worker threads): the request is sent, the task waits for the socket with `wait_readable`.
+
     python -m bench.pg_baseline --port N --conninfo "host=... port=... user=bench dbname=bench" --zpk-file F
+                                [--variant transactions|function] [--pool-size N]
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from simulators.network.pinblock import decrypt_pin_block, load_zpk
 
 SPEC = iso8583.specs.default
 POOL_SIZE_DEFAULT = 8  # PostgreSQL connections (and worker threads)
+FUNCTION_POOL_SIZE_DEFAULT = 16  # the function variant's connections (no threads: more are cheap here)
+VARIANTS = ("transactions", "function")
 POOL_SIZE_MAX = 64
 IN_FLIGHT_MAX = 512  # requests of one ISO connection being worked on at once
 RESPONSES_BATCH_MAX = 256  # responses joined into one send_all
@@ -266,6 +274,97 @@ def _reverse(connection, auth: Auth) -> Outcome:
     return Outcome(Result.approved, available, changed=True)
 
 
+# -- the one-round-trip variant: a PL/pgSQL function over nonblocking libpq connections ---------
+
+AUTHORIZE_STATEMENT = b"authorize"
+AUTHORIZE_CALL = b"SELECT o_result, o_available FROM authorize($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+AUTHORIZE_FORMATS = [1, 0, 0, 0, 0, 0, 0, 0, 0]  # the card key is sent as binary bytea, the rest as text
+RESULTS_PER_CALL_MAX = 4  # one statement: its result, then the end (bounds the drain loop)
+
+
+def _text(value: object) -> bytes | None:
+    return None if value is None else str(value).encode("ascii")
+
+
+def function_params(auth: Auth, zpk: bytes | None, today_yymm: str) -> list[bytes | None]:
+    """The arguments of `authorize(...)`: the card key, the action, what the checks compare (the PIN
+    decrypted here, as the transactions variant does; '' for a block that does not decrypt)."""
+    offered = None
+    if auth.pin_block is not None and auth.action is not Action.reversal:
+        offered = (pin_of(auth.pin_block, auth.pan, zpk) if zpk is not None else None) or ""
+    return [pan_index(auth.pan), _text(int(auth.action)), _text(auth.expiry), _text(auth.cvc2), _text(offered),
+            _text(auth.amount_minor), _text(auth.rrn), _text(auth.remaining_minor), today_yymm.encode("ascii")]
+
+
+def function_outcome(result: int, available: int | None) -> Outcome:
+    return Outcome(Result(result), available)  # (`changed` is not reported by the function)
+
+
+class FunctionPool:
+    """Nonblocking libpq connections (psycopg.pq), each used by one trio task at a time: send the
+    prepared call, flush, then wait for the socket in the trio loop until the result is in."""
+
+    def __init__(self, conninfo: str, size: int) -> None:
+        import psycopg
+
+        assert 0 < size <= POOL_SIZE_MAX
+        self._connections = [psycopg.connect(conninfo, autocommit=True) for _ in range(size)]
+        self.idle = []
+        for connection in self._connections:
+            pgconn = connection.pgconn
+            prepared = pgconn.prepare(AUTHORIZE_STATEMENT, AUTHORIZE_CALL)
+            if prepared.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise RuntimeError(f"PREPARE authorize failed: {prepared.error_message.decode(errors='replace')}")
+            pgconn.nonblocking = 1
+            self.idle.append(pgconn)
+        self.available = trio.Semaphore(size)
+        self.errors = 0
+
+    async def run(self, auth: Auth, zpk: bytes | None) -> Outcome:
+        async with self.available:
+            pgconn = self.idle.pop()  # the semaphore guarantees one is idle
+            try:
+                outcome = await self._call(pgconn, function_params(auth, zpk, current_yymm()))
+            except BaseException:
+                # Cancelled or broken halfway through the protocol: this connection is not reused.
+                self.errors += 1
+                raise
+            self.idle.append(pgconn)
+        if outcome.result is Result.internal_error:
+            self.errors += 1
+        return outcome
+
+    @staticmethod
+    async def _call(pgconn, params: list[bytes | None]) -> Outcome:
+        from psycopg import pq
+
+        pgconn.send_query_prepared(AUTHORIZE_STATEMENT, params, param_formats=AUTHORIZE_FORMATS)
+        descriptor = pgconn.socket
+        # Bounded by the socket buffer: each pass sends some of the request or waits until it can.
+        while pgconn.flush():
+            await trio.lowlevel.wait_writable(descriptor)
+        results = []
+        # Bounded by the server: each pass reads what arrived; the statement ends with a None result.
+        while True:
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    if len(results) != 1 or results[0].status != pq.ExecStatus.TUPLES_OK:
+                        return Outcome(Result.internal_error)
+                    row = results[0]
+                    available = row.get_value(0, 1)
+                    return function_outcome(int(row.get_value(0, 0)), None if available is None else int(available))
+                if len(results) >= RESULTS_PER_CALL_MAX:
+                    return Outcome(Result.internal_error)
+                results.append(result)
+            await trio.lowlevel.wait_readable(descriptor)
+
+    def close(self) -> None:
+        for connection in self._connections:
+            connection.close()
+
+
 # -- the front end ----------------------------------------------------------------------------
 
 
@@ -322,7 +421,7 @@ class ConnectionPool:
 
 @attrs.define
 class Server:
-    pool: ConnectionPool
+    pool: ConnectionPool | FunctionPool
     zpk: bytes | None
     answered: int = 0
     undecodable: int = 0
@@ -425,12 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--conninfo", required=True, help="libpq connection string of the loaded database")
     parser.add_argument("--zpk-file", type=Path, default=None, help="32 hex digits; without it every PIN is wrong")
-    parser.add_argument("--pool-size", type=int, default=POOL_SIZE_DEFAULT)
+    parser.add_argument("--variant", choices=VARIANTS, default="transactions",
+                        help="transactions: 4 round trips from worker threads; function: 1 round trip, async")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help=f"connections (default {POOL_SIZE_DEFAULT}, function variant {FUNCTION_POOL_SIZE_DEFAULT})")
     args = parser.parse_args(argv)
-    if not 0 < args.pool_size <= POOL_SIZE_MAX:
+    function = args.variant == "function"
+    size = args.pool_size or (FUNCTION_POOL_SIZE_DEFAULT if function else POOL_SIZE_DEFAULT)
+    if not 0 < size <= POOL_SIZE_MAX:
         parser.error(f"--pool-size must be in 1..{POOL_SIZE_MAX}")
     zpk = load_zpk(args.zpk_file) if args.zpk_file else None
-    pool = ConnectionPool.open(args.conninfo, args.pool_size)
+    pool = FunctionPool(args.conninfo, size) if function else ConnectionPool.open(args.conninfo, size)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # SIGINT is handled in _main; this covers start-up
             trio.run(_main, args.host, args.port, Server(pool, zpk))

@@ -18,8 +18,8 @@ from bench.harness import p99_bound_ms
 if TYPE_CHECKING:
     from bench.harness import BenchResults
 
-COLOURS = {"authsrv": "tab:blue", "floor": "tab:grey", "postgres": "tab:purple", "external-5ms": "tab:green",
-           "external-timeout": "tab:orange"}  # fmt: skip
+COLOURS = {"authsrv": "tab:blue", "floor": "tab:grey", "postgres": "tab:purple", "postgres-fn": "tab:brown",
+           "external-5ms": "tab:green", "external-timeout": "tab:orange"}  # fmt: skip
 ROLES = {"floor": "codec + transport only"}  # the baseline's role comes from BenchResults.baseline
 PANELS = (("p99_ms", "p99"), ("p50_ms", "p50"))
 FIGURE_SIZE_IN = (12.0, 5.5)

@@ -2,8 +2,9 @@
 
 `running_postgres(cards_path, amount_minor=...)` is a context manager: `initdb` into a temporary
 directory (trust auth on a unix socket inside it and on 127.0.0.1), `pg_ctl start` on a free loopback
-port with fsync and synchronous commit on, create the schema, COPY the seeded cards and balances
-in, yield a `PgInstance`; on exit `pg_ctl stop` and remove the directory, whatever happened.
+port with fsync and synchronous commit on, create the schema and the one-round-trip `authorize`
+function, COPY the seeded cards and balances in, yield a `PgInstance`; on exit `pg_ctl stop` and
+remove the directory, whatever happened.
 
 PostgreSQL refuses to run as root: when this process is root, `initdb`, `pg_ctl` and the server run
 as the `postgres` system user (Debian's packages create it) through `runuser`.
@@ -76,6 +77,83 @@ CREATE TABLE holds (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX holds_rrn ON holds (rrn);
+"""
+
+# The one-round-trip variant (bench/pg_baseline.py --variant function): the whole authorization in
+# one call, as a careful team would write it. Results are bench.pg_baseline.Result values; actions
+# its Action values. Declines write nothing (their commit needs no WAL flush): the card row is read
+# without a lock (only PIN tries change it, and those update it atomically), and the balance row is
+# locked, checked and debited by one conditional UPDATE.
+AUTHORIZE_FUNCTION = """
+CREATE FUNCTION authorize(p_key bytea, p_action integer, p_expiry text, p_cvc2 text, p_pin text,
+                          p_amount bigint, p_rrn text, p_remaining bigint, p_today text,
+                          OUT o_result integer, OUT o_available bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+    h record;
+    v_kept bigint;
+    v_status text;
+BEGIN
+    IF p_action = 5 THEN  -- reversal: release the original's hold, all of it or down to p_remaining
+        SELECT id, balance_id, amount INTO h FROM holds WHERE rrn = p_rrn ORDER BY id LIMIT 1 FOR UPDATE;
+        o_result := 1;
+        IF NOT FOUND THEN RETURN; END IF;
+        v_kept := CASE WHEN p_remaining IS NOT NULL AND p_remaining < h.amount THEN p_remaining ELSE 0 END;
+        UPDATE balances SET available = available + h.amount - v_kept WHERE id = h.balance_id
+            RETURNING available INTO o_available;
+        IF v_kept > 0 THEN
+            UPDATE holds SET amount = v_kept WHERE id = h.id;
+        ELSE
+            DELETE FROM holds WHERE id = h.id;
+        END IF;
+        RETURN;
+    END IF;
+    SELECT expiry, cvc2, pin, status, pin_tries, balance_id INTO c FROM cards WHERE pan_index = p_key;
+    IF NOT FOUND THEN
+        o_result := CASE WHEN p_action = 4 THEN 1 ELSE 2 END;  -- an advice cannot be declined
+        RETURN;
+    END IF;
+    IF p_action <> 4 THEN  -- status, expiry, CVC2, PIN, in authsrv's order
+        IF c.status = 'pin_locked' THEN o_result := 6; RETURN; END IF;
+        IF c.status <> 'active' THEN o_result := 2; RETURN; END IF;
+        IF c.expiry < p_today OR (p_expiry IS NOT NULL AND p_expiry <> c.expiry) THEN
+            o_result := 3; RETURN;
+        END IF;
+        IF p_cvc2 IS NOT NULL AND p_cvc2 <> c.cvc2 THEN o_result := 4; RETURN; END IF;
+        IF p_pin IS NOT NULL THEN
+            IF p_pin = c.pin THEN
+                IF c.pin_tries > 0 THEN
+                    UPDATE cards SET pin_tries = 0, status = 'active' WHERE pan_index = p_key;
+                END IF;
+            ELSE  -- the third wrong PIN in a row locks the card
+                UPDATE cards SET pin_tries = pin_tries + 1,
+                                 status = CASE WHEN pin_tries + 1 >= 3 THEN 'pin_locked' ELSE 'active' END
+                    WHERE pan_index = p_key RETURNING status INTO v_status;
+                o_result := CASE WHEN v_status = 'pin_locked' THEN 6 ELSE 5 END;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    o_result := 1;
+    IF p_action = 3 THEN  -- inquiry
+        SELECT available INTO o_available FROM balances WHERE id = c.balance_id;
+    ELSIF p_action = 2 THEN  -- credit
+        UPDATE balances SET available = available + p_amount WHERE id = c.balance_id
+            RETURNING available INTO o_available;
+    ELSE
+        UPDATE balances SET available = available - p_amount
+            WHERE id = c.balance_id AND (p_action = 4 OR available >= p_amount)
+            RETURNING available INTO o_available;
+        IF NOT FOUND THEN
+            SELECT available INTO o_available FROM balances WHERE id = c.balance_id;
+            o_result := 7;
+            RETURN;
+        END IF;
+        INSERT INTO holds (balance_id, amount, rrn) VALUES (c.balance_id, p_amount, p_rrn);
+    END IF;
+END
+$$;
 """
 
 
@@ -230,6 +308,7 @@ def load_schema(instance: PgInstance, cards_path: Path, amount_minor: int) -> in
         connection.execute(f"CREATE DATABASE {DATABASE}")
     with psycopg.connect(instance.conninfo) as connection:
         connection.execute(SCHEMA)
+        connection.execute(AUTHORIZE_FUNCTION)
         with connection.cursor() as cursor:
             with cursor.copy("COPY balances (id, available) FROM STDIN") as copy:
                 for row in balances:

@@ -195,7 +195,10 @@ def test_quick_bench_against_authsrv_and_the_floor(tmp_path: Path) -> None:
     assert len(ours.steps) == 3 and all(step.answered == step.sent for step in ours.steps)
     assert all(step.cpu_s_per_1000 and step.cpu_s_per_1000 > 0 for step in ours.steps)
     assert results.floor_ratios is not None and len(results.floor_ratios.per_rate) == 3
-    assert results.baseline == "postgres" and (results.ratios is None) == (not results.targets["postgres"].steps)
+    ran = [name for name in ("postgres", "postgres-fn") if results.targets[name].steps]
+    assert results.baseline == (max(ran, key=lambda name: (results.targets[name].sustained_rate_per_s or 0,
+                                                           len(results.targets[name].steps))) if ran else "postgres")
+    assert (results.ratios is None) == (not ran) and set(results.baseline_ratios) == set(ran)
     for name in ("external-5ms", "external-timeout"):
         external = results.targets[name]
         assert external.error is None and external.server_exit_code == 0 and external.ledger_verify_exit_code == 0
@@ -214,7 +217,7 @@ def test_quick_bench_against_authsrv_and_the_floor(tmp_path: Path) -> None:
 def test_external_targets_get_capped_rates_and_their_own_stop_line() -> None:
     from bench.harness import EXTERNAL_RATE_MAX, ISO_BUDGET_MS, TARGETS, p99_stop_ms, target_rates
 
-    assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres", "cluster"}
+    assert set(TARGETS) == {"authsrv", "floor", "external-5ms", "external-timeout", "postgres", "postgres-fn", "cluster"}
     config = BenchConfig()
     assert target_rates("authsrv", config) == config.rates == target_rates("floor", config)
     assert target_rates("external-5ms", config) == (100.0, 250.0) == target_rates("external-timeout", config)

@@ -11,16 +11,28 @@ from pathlib import Path
 import pytest
 
 from bench import postgres
-from bench.harness import TARGETS, BenchResults, Machine, Ratios, TargetResult, compute_ratios, summary
+from bench.harness import (
+    TARGETS,
+    BenchResults,
+    Machine,
+    Ratios,
+    TargetResult,
+    compute_baseline_ratios,
+    compute_ratios,
+    stronger_baseline,
+    summary,
+)
 from bench.pg_baseline import (
     RESPONSE_CODES,
     Action,
     Auth,
+    FunctionPool,
     Outcome,
     Result,
     authorize,
     build_response,
     cvc2_of,
+    function_params,
     parse_request,
     pin_of,
 )
@@ -117,6 +129,43 @@ def test_harness_knows_the_postgres_target_and_prints_its_ratio() -> None:
     assert "authsrv / postgres (baseline) sustained rate: 4.0" in summary(results)
 
 
+def test_function_variant_sends_the_checks_inputs_and_never_a_pin_block() -> None:
+    right = parse_request(purchase(**{"52": encrypt_pin_block("4321", PAN, ZPK).hex(), "4": "000000000500"}))
+    assert isinstance(right, Auth)
+    params = function_params(right, ZPK, "2601")
+    assert params[0] == postgres.pan_index(PAN) and params[1:] == [
+        b"1", b"2812", b"123", b"4321", b"500", b"001000000001", None, b"2601"]  # fmt: skip
+    assert function_params(right, None, "2601")[4] == b""  # no key: a PIN that never matches, not "no PIN"
+    reversal = parse_request(purchase(t="0400", **{"95": "000000000600" + "0" * 30}))
+    assert function_params(reversal, ZPK, "2601")[1:8] == [b"5", b"2812", b"123", None, b"1234", b"001000000001", b"600"]
+
+
+def test_the_stronger_postgres_variant_is_the_baseline() -> None:
+    from tests.test_bench_harness import make_step
+
+    def target(name: str, sustained: float | None, rates: int) -> TargetResult:
+        return TargetResult(name=name, steps=[make_step(1000 * (i + 1), cpu=2.0) for i in range(rates)],
+                            sustained_rate_per_s=sustained, stop_reason="p99")  # fmt: skip
+
+    ours = TargetResult(name="authsrv", steps=[make_step(1000, cpu=0.4)], sustained_rate_per_s=2000.0,
+                        stop_reason="all rates offered")  # fmt: skip
+    assert "postgres-fn" in TARGETS
+    assert stronger_baseline({"authsrv": ours}) == "postgres"
+    assert stronger_baseline({"postgres": target("postgres", 250.0, 2), "postgres-fn": target("postgres-fn", 1000.0, 1)}) == "postgres-fn"
+    assert stronger_baseline({"postgres": target("postgres", 500.0, 3), "postgres-fn": target("postgres-fn", 500.0, 2)}) == "postgres"
+    assert stronger_baseline({"postgres": target("postgres", None, 1), "postgres-fn": target("postgres-fn", None, 2)}) == "postgres-fn"
+    targets = {"authsrv": ours, "postgres": target("postgres", 250.0, 1), "postgres-fn": target("postgres-fn", 1000.0, 1)}
+    both = compute_baseline_ratios(targets)
+    assert set(both) == {"postgres", "postgres-fn"} and both["postgres-fn"].sustained_rate == 2.0
+    results = BenchResults(created_utc="2026-01-01T00:00:00+00:00",
+                           machine=Machine(cpu_model="x", cores=2, python="3.11", platform="linux"), settings={},
+                           targets=targets, ratios=both["postgres-fn"], baseline="postgres-fn",
+                           baseline_ratios=both)  # fmt: skip
+    text = summary(results)
+    assert "authsrv / postgres-fn (baseline) sustained rate: 2.0" in text
+    assert "authsrv / postgres (the weaker baseline) sustained rate: 8.0" in text
+
+
 # -- against a real throwaway PostgreSQL ------------------------------------------------------
 
 
@@ -159,14 +208,15 @@ def test_transactions_debit_release_and_lock_durably(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(POSTGRES_MISSING is not None, reason=f"PostgreSQL baseline unavailable: {POSTGRES_MISSING}")
-def test_quick_bench_of_the_postgres_target_answers_the_mix_like_authsrv(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["postgres", "postgres-fn"])
+def test_quick_bench_of_the_postgres_target_answers_the_mix_like_authsrv(tmp_path: Path, name: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--rates", "100,200", "--targets", "postgres",
+        [sys.executable, "-m", "bench", "--quick", "--rates", "100,200", "--targets", name,
          "--out-dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
-    target = json.loads((tmp_path / "latest.json").read_text())["targets"]["postgres"]
+    target = json.loads((tmp_path / "latest.json").read_text())["targets"][name]
     assert target["error"] is None and target["server_exit_code"] == 0
     assert [step["offered_rate_per_s"] for step in target["steps"]] == [100.0, 200.0]
     codes: set[str] = set()
@@ -175,3 +225,72 @@ def test_quick_bench_of_the_postgres_target_answers_the_mix_like_authsrv(tmp_pat
         assert step["cpu_s_per_1000"] > 0  # the postmaster's processes are counted
         codes |= set(step["code_mix"])
     assert {"00", "51", "N7", "14", "54", "55"} <= codes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(POSTGRES_MISSING is not None, reason=f"PostgreSQL baseline unavailable: {POSTGRES_MISSING}")
+def test_function_variant_answers_like_the_transactions_in_one_round_trip(tmp_path: Path) -> None:
+    """The same requests, two databases: the PL/pgSQL function over the trio-driven nonblocking
+    connection gives the transactions' results and balances, and writes the same rows."""
+    import psycopg
+    import trio
+
+    cards_path = tmp_path / "cards.jsonl"
+    write_synthetic_cards(cards_path, 10, seed=5)
+    card, other = load_cards(cards_path)[:2]
+    today = time.strftime("%y%m", time.gmtime())
+    wrong_pin = {"52": encrypt_pin_block(f"{(int(card.pin) + 1) % 10_000:04d}", card.pan, ZPK).hex()}
+    script = [
+        {"4": "000000003000"},
+        {"4": "000000008000"},  # over the balance: 51, and nothing written
+        {"48": "9203" + f"{(int(card.cvc2) + 1) % 1000:03d}"},
+        {"14": "0101"},
+        {"2": "5355229999999999"},
+        {"t": "0120", "4": "000000009000"},  # an advice: forced past the balance
+        {"t": "0400", "4": "000000003000", "95": "000000001000" + "0" * 30},
+        {"t": "0400", "4": "000000003000"},
+        {"3": "200000", "4": "000000000500"},  # refund
+        {"3": "300000"},  # balance inquiry
+        {"t": "0400", "37": "999999999999"},  # an unknown original: acknowledged
+        wrong_pin, wrong_pin,
+        {"52": encrypt_pin_block(card.pin, card.pan, ZPK).hex()},  # right: the tries start again
+        wrong_pin, wrong_pin, wrong_pin,
+        {"52": encrypt_pin_block(card.pin, card.pan, ZPK).hex()},  # locked
+        {"2": other.pan, "14": other.expiry, "48": "9203" + other.cvc2, "4": "000000000100"},
+    ]
+
+    def requests() -> list[Auth]:
+        parsed = []
+        for fields in script:
+            request = purchase(**{"2": card.pan, "14": card.expiry, "48": "9203" + card.cvc2, **fields})
+            auth = parse_request(request)
+            assert isinstance(auth, Auth)
+            parsed.append(auth)
+        return parsed
+
+    def state(conninfo: str) -> list:
+        with psycopg.connect(conninfo) as connection:
+            return [connection.execute("SELECT id, available FROM balances ORDER BY id").fetchall(),
+                    connection.execute("SELECT balance_id, amount, rrn FROM holds ORDER BY id").fetchall(),
+                    connection.execute("SELECT pan_index, status, pin_tries FROM cards ORDER BY pan_index").fetchall()]
+
+    with postgres.running_postgres(cards_path, amount_minor=10_000) as database:
+        with psycopg.connect(database.conninfo) as connection:
+            expected = [authorize(connection, auth, ZPK, today) for auth in requests()]
+        expected_state = state(database.conninfo)
+    assert [outcome.result for outcome in expected].count(Result.approved) >= 8  # the script does what it says
+    assert Result.pin_locked in [outcome.result for outcome in expected]
+
+    with postgres.running_postgres(cards_path, amount_minor=10_000) as database:
+        pool = FunctionPool(database.conninfo, 2)
+
+        async def run_all() -> list[Outcome]:
+            return [await pool.run(auth, ZPK) for auth in requests()]
+
+        try:
+            got = trio.run(run_all)
+        finally:
+            pool.close()
+        assert pool.errors == 0
+        assert state(database.conninfo) == expected_state
+    assert [(o.result, o.available_minor) for o in got] == [(o.result, o.available_minor) for o in expected]
