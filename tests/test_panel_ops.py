@@ -13,16 +13,19 @@ import httpx
 import pytest
 import trio
 
-from authsrv.notify.outbox import DEAD, PENDING, OutboxStore
+from authsrv.hotpath.journal import AuthJournal, AuthRecord
+from authsrv.notify.outbox import DEAD, OutboxStore
+from authsrv.panel.txindex import TransactionIndex
 from authsrv.store.db import AuditQuery
 from simulators.partner import PartnerSimSettings, running_partner
 from tests.conftest import start_in_process
-from tests.isoclient import IsoClient, auth
+from tests.isoclient import IsoClient, auth, reversal_of
 from tests.restclient import admin_login, bearer, https
 from tests.test_notify_outbox import configure_delivery, configure_partner, sim_mode
 from tests.test_panel_core import admin_password, csrf_of, panel_login
 
 pytestmark = pytest.mark.timeout(90)
+T0_NS = 1_800_000_000 * 10**9
 
 
 async def _purchase(server, card: dict, amount: int) -> tuple[dict, dict]:
@@ -99,6 +102,70 @@ async def test_purchase_found_by_rrn_masked_pan_and_code_with_its_ledger_entries
         declined_page = await client.get(declined_link)
         assert "51" in declined_page.text and "Insufficient funds" in declined_page.text
         assert (await client.get("/panel/transactions/nope%7Cx")).status_code == 404
+
+
+def _record(n: int, *, card_id: int = 1, code: str = "00", rrn: str | None = None, auth_code: str = "",
+            outcome: int = 0, **fields) -> AuthRecord:
+    key_rrn = rrn or f"R{n:011d}"
+    fields.setdefault("processing_code", "000000")
+    return AuthRecord(key=f"01|123456|{n:06d}|1121221500|{key_rrn}", original_key=f"01|123456|{n:06d}|1121221500",
+                      timestamp_ns=T0_NS + n, mti="0100", outcome=outcome,
+                      response_code=code, auth_code=auth_code or f"A{n:05d}", card_id=card_id, rrn=key_rrn,
+                      amount=100, currency="EUR", user_hold_id=n if outcome == 0 else 0, **fields)
+
+
+async def test_transaction_index_is_bounded_follows_replacements_and_reseeds() -> None:
+    journal = AuthJournal()
+    for n in range(1, 4):
+        journal.add(_record(n, card_id=n))  # before the index: seeded from the card activity
+    index = TransactionIndex(capacity=4)
+    index.follow(journal)
+    assert len(index) == 3 and [r.rrn for r in index.by_rrn("R00000000002")] == ["R00000000002"]
+    for n in range(4, 8):
+        journal.add(_record(n, card_id=1, code="51" if n % 2 else "00", outcome=16 if n % 2 else 0))
+    journal.add(_record(8, card_id=1, processing_code="300000"))  # an inquiry is not listed
+    assert len(index) == 4 and index.by_rrn("R00000000008") == []  # the bound; the inquiry is not listed
+    assert index.by_rrn("R00000000001") == [] and index.by_auth_code("A00001") == []
+    assert index.get("01|123456|000007|1121221500|R00000000007").response_code == "51"
+    # A decision replaced under the same key (a stand-in) is the same entry, not a new one.
+    journal.add(_record(7, card_id=1, code="91", outcome=24, stand_in=True))
+    assert len(index) == 4 and [r.response_code for r in index.by_rrn("R00000000007")] == ["91"]
+    found, cursor = await index.scan(lambda r: r.response_code == "00", before_seq=None, limit=1)
+    assert [r.rrn for r in found] == ["R00000000006"] and cursor is not None
+    more, end = await index.scan(lambda r: r.response_code == "00", before_seq=cursor, limit=1)
+    assert [r.rrn for r in more] == ["R00000000004"] and end is None
+    # Two records with one RRN (different acquirers' keys) are both found, newest first.
+    journal.add(_record(9, card_id=2, rrn="R00000000006"))
+    assert [r.key.split("|")[2] for r in index.by_rrn("R00000000006")] == ["000009", "000006"]
+    # A new journal (a takeover) is followed afresh, from its activity.
+    other = AuthJournal()
+    other.add(_record(20, card_id=5))
+    index.follow(other)
+    assert len(index) == 1 and index.by_rrn("R00000000006") == []
+    journal.add(_record(21, card_id=5))
+    assert index.by_rrn("R00000000021") == []  # the old journal no longer feeds it
+
+
+async def test_reversal_shown_and_search_survives_a_restart(data_dir, cards):
+    card = cards[9]
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        client = await IsoClient.connect(server.iso_port)
+        request = auth(card, amount=4200, cvc2=card["cvc2"])
+        assert (await client.call(request))["39"] == "00"
+        assert (await client.call(reversal_of(request)))["39"] == "00"
+        await client.aclose()
+        async with panel_as(data_dir, server) as panel:
+            page = await panel.get("/panel/transactions", params={"rrn": request["37"]})
+            assert page.text.count('<td data-label="RRN">') == 1 and "REVERSED" in page.text
+        server.stop.set()
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)  # the index is rebuilt from the card activity
+        async with panel_as(data_dir, server) as panel:
+            for query in ({"rrn": request["37"]}, {"code": "00"}, {"customer": str(card["customerId"])}):
+                page = await panel.get("/panel/transactions", params=query)
+                assert request["37"] in page.text and "REVERSED" in page.text, query
+        server.stop.set()
 
 
 # -- clearing --------------------------------------------------------------------------------------
