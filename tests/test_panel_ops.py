@@ -137,6 +137,17 @@ async def test_transaction_index_is_bounded_follows_replacements_and_reseeds() -
     # Two records with one RRN (different acquirers' keys) are both found, newest first.
     journal.add(_record(9, card_id=2, rrn="R00000000006"))
     assert [r.key.split("|")[2] for r in index.by_rrn("R00000000006")] == ["000009", "000006"]
+    # A failure inside the listener never reaches journal.add; the next search rebuilds the index.
+    real_append = index._append
+    index._append = lambda record: (_ for _ in ()).throw(RuntimeError("bug"))
+    journal.add(_record(10, card_id=3))
+    assert journal.get("01|123456|000010|1121221500|R00000000010") is not None
+    index._append = real_append
+    journal.add(_record(11, card_id=3))
+    assert index.by_rrn("R00000000011") == []  # not indexing meanwhile
+    index.follow(journal)
+    assert [r.rrn for r in index.by_rrn("R00000000011")] == ["R00000000011"] and index.by_rrn("R00000000010")
+    assert journal.listeners.count(index._on_record) == 1
     # A new journal (a takeover) is followed afresh, from its activity.
     other = AuthJournal()
     other.add(_record(20, card_id=5))

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import collections
 import heapq
+import logging
 from collections.abc import Callable, Iterable
 
 import trio
 
 from authsrv.hotpath.activity import shown
 from authsrv.hotpath.journal import AuthJournal, AuthRecord
+
+log = logging.getLogger("authsrv.panel")
 
 INDEX_MAX = 200_000  # records across all cards searchable by RRN, auth code, response code, date
 CANDIDATES_MAX = 10_000  # records one RRN or authorization code yields, newest first
@@ -40,6 +43,7 @@ class TransactionIndex:
         assert capacity > 0
         self.capacity = capacity
         self._journal: AuthJournal | None = None
+        self._broken = False  # indexing failed: `follow` rebuilds
         self._slots: list[AuthRecord | None] = [None] * capacity
         self._next = 0  # sequence number of the next record; slot = seq % capacity
         self._by_rrn: dict[str, int | collections.deque[int]] = {}
@@ -52,18 +56,19 @@ class TransactionIndex:
 
     def follow(self, journal: AuthJournal | None) -> None:
         """Index `journal` (seed from its card activity, then listen); again after a takeover
-        replaced the journal. Runs on the thread that owns the ledger."""
-        if journal is None or journal is self._journal:
+        replaced the journal, or after a failure. Runs on the thread that owns the ledger."""
+        if journal is None or (journal is self._journal and not self._broken):
             return
-        if self._journal is not None and self._on_record in self._journal.listeners:
+        if self._journal is not None and self._journal is not journal and self._on_record in self._journal.listeners:
             self._journal.listeners.remove(self._on_record)
         self._reset()
-        self._journal = journal
-        activity = journal.activity
-        seeds = heapq.nlargest(self.capacity, _all_activity(activity), key=lambda record: record.timestamp_ns)
+        seeds = heapq.nlargest(self.capacity, _all_activity(journal.activity), key=lambda record: record.timestamp_ns)
         for record in reversed(seeds):
             self._append(record)
-        journal.listeners.append(self._on_record)
+        if self._on_record not in journal.listeners:
+            journal.listeners.append(self._on_record)
+        self._journal = journal
+        self._broken = False
 
     def _reset(self) -> None:
         self._slots = [None] * self.capacity
@@ -72,7 +77,18 @@ class TransactionIndex:
         self._by_auth.clear()
 
     def _on_record(self, record: AuthRecord) -> None:
-        """A journal listener: called with every record added, after the journal stored it."""
+        """A journal listener: called with every record added, after the journal stored it. It runs
+        inside the hot path's journal.add, so nothing it does may raise into the switch: a failure
+        is logged once and indexing stops until the next search rebuilds the index (`follow`)."""
+        if self._broken:
+            return
+        try:
+            self._index(record)
+        except Exception:  # a bug here must cost the panel's search, never an authorization
+            self._broken = True
+            log.exception("panel transaction index: a record could not be indexed; rebuilt at the next search")
+
+    def _index(self, record: AuthRecord) -> None:
         if record.reverses:
             original = self._journal.get(record.reverses) if self._journal is not None else None
             if original is not None:
