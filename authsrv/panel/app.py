@@ -67,7 +67,7 @@ NAV: tuple[NavItem, ...] = (
     NavItem("/panel/summary", "Balance summary", ALL_ROLES),
     NavItem("/panel/fees", "Fees", ALL_ROLES),
     NavItem("/panel/clearing", "Clearing", ALL_ROLES),
-    NavItem("/panel/outbox", "Outbox", ALL_ROLES),
+    NavItem("/panel/outbox", "Outbox", frozenset({Role.admin, Role.manager})),  # the REST OUTBOX_ROLES
     NavItem("/panel/fx-rates", "FX rates", ALL_ROLES),
     NavItem("/panel/admins", "Admin users", frozenset({Role.admin})),
     NavItem("/panel/audit", "Audit log", ALL_ROLES),
