@@ -325,3 +325,45 @@ async def test_login_from_chromium_same_origin_form_with_origin_null(server, dat
             reply = await client.post("/panel/login", headers=headers, data={
                 "username": "admin", "password": admin_password(data_dir), "csrf_token": csrf_of(form)})
             assert reply.status_code == status, headers
+
+
+async def test_reload_a_user_balance_once_per_form(server, data_dir, cards):
+    card = next(card for card in cards if card["customerId"] == 4)
+    balance = server.store.get_balance(card["balanceId"])
+    path, action = "/panel/users/4", f"/panel/users/4/balances/{balance.id}/reload"
+    booked = lambda: server.ledger.ledger.balance(balance.ledger_account_id).posted  # noqa: E731
+    start = booked()
+    async with https(data_dir, server.rest_port) as client:
+        await logged_in(client, data_dir)
+        page = await client.get(path)
+        assert button("Reload balance").search(page.text)
+        key = re.search(r'name="idempotency_key" value="([^"]+)"', page.text).group(1)
+        form = {"csrf_token": csrf_of(page), "idempotency_key": key, "amount": "25.50"}
+        assert (await client.post(action, data=form)).status_code == 303
+        assert booked() == start + 2550
+        page = await client.get(path)
+        assert "1,025.50" in page.text and "reloaded with 25.50 EUR" in page.text
+        assert (await client.post(action, data=form)).status_code == 303  # the same form again: nothing moves
+        assert booked() == start + 2550
+        reused = await client.post(action, data={**form, "amount": "30"})
+        assert reused.status_code == 409 and "IDEMPOTENCY_KEY_REUSED" in reused.text
+        for amount, message in (("abc", "a positive amount"), ("0", "more than zero"), ("1.001", "at most 2 decimals"),
+                                ("", "type the amount"), ("2000000000", "at most")):
+            reply = await client.post(action, data={**form, "amount": amount})
+            assert reply.status_code == 400 and message in reply.text, amount
+        assert (await client.post(action, data={**form, "idempotency_key": ""})).status_code == 400
+        other = await client.post(f"/panel/users/5/balances/{balance.id}/reload", data=form)  # not user 5's
+        assert other.status_code == 404
+        assert booked() == start + 2550
+    entries = panel_entries(server, "balance.reload")
+    assert [entry.outcome for entry in entries] == ["refused: idempotency_key_reused", "ok", "ok"]
+    assert json.loads(entries[2].before_json)["booked"] == start
+    assert json.loads(entries[2].after_json)["booked"] == start + 2550
+    server.store.create_admin(EMPLOYEE, Role.employee, PASSWORD, created_by="admin")
+    async with https(data_dir, server.rest_port) as client:
+        await logged_in(client, data_dir, EMPLOYEE, PASSWORD)
+        page = await client.get(path)
+        assert not button("Reload balance").search(page.text)
+        forged = await client.post(action, data={"csrf_token": csrf_of(page), "idempotency_key": "k", "amount": "5"})
+        assert forged.status_code == 403
+    assert booked() == start + 2550

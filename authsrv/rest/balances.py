@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
@@ -134,12 +135,16 @@ class CreateResult(enum.IntEnum):
 
 
 class ReloadResult(enum.IntEnum):
-    """Outcome of a reload, in precedence order. Never renumber."""
+    """Outcome of a reload. Never renumber. `reload_user_balance` checks 4, 5, 6 first (nothing
+    moves), then `reload_balance` answers 0 to 3."""
 
     reloaded = 0
     idempotency_key_reused = 1  # the key was used for another amount
     credit_balance_missing = 2  # collateral `credit` but no CREDIT partner balance in the currency
     insufficient_funds = 3  # the credit balance is short
+    kyc_required = 4  # the customer's KYC is not SUCCESS
+    external_balance = 5  # the partner holds the balance (balance_mode external): reloaded there
+    balance_not_active = 6  # deleted
 
 
 class DeleteResult(enum.IntEnum):
@@ -316,6 +321,18 @@ class BalanceLocks:
                 del self._locks[balance_id]
 
 
+_LOCKS: dict[int, tuple[weakref.ref, BalanceLocks]] = {}
+
+
+def balance_locks(ctx: RestContext) -> BalanceLocks:
+    """The one BalanceLocks of `ctx`, shared by every channel that reloads or deletes (REST, panel)."""
+    found = _LOCKS.get(id(ctx))
+    if found is None or found[0]() is not ctx:
+        found = _LOCKS[id(ctx)] = (weakref.ref(ctx), BalanceLocks())
+        weakref.finalize(ctx, _LOCKS.pop, id(ctx), None)
+    return found[1]
+
+
 async def create_ledger_accounts(ctx: RestContext, accounts: list[AccountSpec]) -> None:
     if not accounts:
         return
@@ -366,6 +383,23 @@ async def reload_balance(ctx: RestContext, balance: BalanceRow, amount: int, key
     return ReloadResult.reloaded
 
 
+async def reload_user_balance(ctx: RestContext, user: UserRow, row: BalanceRow, amount: int,
+                              key: str) -> tuple[ReloadResult, BalanceRow]:
+    """A reload of the user's balance `row` as every channel does it: KYC and the partner's balance
+    mode checked, then under the balance's lock its state read again and the money moved."""
+    assert row.user_id == user.id and 0 < amount <= RELOAD_AMOUNT_MAX
+    if user.kyc != KYC_SUCCESS:
+        return ReloadResult.kyc_required, row
+    if ctx.partner_config(row.partner).balance_mode == "external":
+        return ReloadResult.external_balance, row
+    async with balance_locks(ctx).hold(row.id):
+        fresh = await ctx.in_thread(ctx.store.get_balance, row.id)
+        assert fresh is not None
+        if fresh.status != BALANCE_ACTIVE:
+            return ReloadResult.balance_not_active, fresh
+        return await reload_balance(ctx, fresh, amount, key), fresh
+
+
 def balance_view(ctx: RestContext, row: BalanceRow, cards: list[CardRow]) -> Balance:
     amounts = money.amounts(ctx.ledger, row.ledger_account_id)
     return Balance(id=row.id, currency=row.currency, amount=amounts.booked, available=amounts.available,
@@ -387,7 +421,7 @@ class BalancesApi:
     def __init__(self, ctx: RestContext) -> None:
         self.ctx = ctx
         self.store = ctx.store
-        self.locks = BalanceLocks()
+        self.locks = balance_locks(ctx)
 
     def routes(self) -> list[Route]:
         ctx = self.ctx
@@ -461,16 +495,13 @@ class BalancesApi:
         row = await self._own_balance(request, call)
         if row is None:
             return balance_not_found()
-        if call.user.kyc != KYC_SUCCESS:
+        result, row = await reload_user_balance(self.ctx, call.user, row, body.amount, key)
+        if result is ReloadResult.kyc_required:
             return kyc_required()
-        if self.ctx.partner_config(row.partner).balance_mode == "external":
+        if result is ReloadResult.external_balance:
             return problem(409, Title.EXTERNAL_BALANCE, "the partner holds this balance: it is reloaded there")
-        async with self.locks.hold(row.id):
-            row = await self.ctx.in_thread(self.store.get_balance, row.id)
-            assert row is not None
-            if row.status != BALANCE_ACTIVE:
-                return problem(409, Title.BALANCE_NOT_ACTIVE, f"the balance is {row.status}")
-            result = await reload_balance(self.ctx, row, body.amount, key)
+        if result is ReloadResult.balance_not_active:
+            return problem(409, Title.BALANCE_NOT_ACTIVE, f"the balance is {row.status}")
         if result is ReloadResult.idempotency_key_reused:
             return problem(409, Title.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used for another amount")
         if result is ReloadResult.credit_balance_missing:

@@ -122,6 +122,20 @@ class FormError(Exception):
     """A field of the spend-controls form is not valid: the message names it."""
 
 
+def parse_amount(text: str, exp: int, label: str, *, empty: str = "") -> int | None:
+    """'150', '150.5', '1,500.50' in major units -> minor units; None for ''; FormError else."""
+    value = text.strip().replace(",", "").replace(" ", "")
+    if not value:
+        return None
+    if not _AMOUNT.match(value):
+        example = "150" if exp == 0 else f"150 or 150.{'0' * exp}"
+        raise FormError(f"{label}: a positive amount such as {example}{', ' + empty if empty else ''}.")
+    minor = decimal.Decimal(value).scaleb(exp)
+    if minor != minor.to_integral_value():
+        raise FormError(f"{label}: at most {exp} decimals in this currency.")
+    return int(minor)
+
+
 def controls_from_form(form: FormData, exp: int) -> ControlsSpec:
     """The form's fields as the REST body, decoded (validated) by the REST API's decoder."""
     body: dict[str, Any] = {}
@@ -131,17 +145,7 @@ def controls_from_form(form: FormData, exp: int) -> ControlsSpec:
         return value.strip() if isinstance(value, str) else ""
 
     def amount(name: str) -> int | None:
-        value = text(name).replace(",", "").replace(" ", "")
-        if not value:
-            return None
-        if not _AMOUNT.match(value):
-            raise FormError(f"{AMOUNT_FIELDS[name]}: a positive amount such as 150 or 150.{'0' * exp}, or empty "
-                            "for no limit.")
-        number = decimal.Decimal(value)
-        minor = number.scaleb(exp)
-        if minor != minor.to_integral_value():
-            raise FormError(f"{AMOUNT_FIELDS[name]}: at most {exp} decimals in this currency.")
-        return int(minor)
+        return parse_amount(text(name), exp, AMOUNT_FIELDS[name], empty="or empty for no limit")
 
     def count(name: str) -> int | None:
         value = text(name)
