@@ -242,6 +242,13 @@ async def test_clearing_upload_in_the_panel_is_the_rest_ingest(server, data_dir,
                                   files={"file": ("again.jsonl", data, "text/plain")})
         assert again.status_code == 303
         assert "applied before: nothing changed" in (await client.get(again.headers["location"])).text
+        # Far above the 64 KiB form bound: the upload path has the clearing file's bound.
+        big = b"".join(_clearing_line(f"B{i}", f"7{i:011d}", "", other["pan"], 1) for i in range(700))
+        assert len(big) > 64 * 1024
+        large = await client.post("/panel/clearing/upload", data={"csrf_token": token},
+                                  files={"file": ("big.jsonl", big, "text/plain")})
+        assert large.status_code == 303, large.text
+        assert "Applied 700 of 700 records; 700 exceptions." in (await client.get(large.headers["location"])).text
         assert (await _create_admin(client, "emp.clearing", "Employee", "e" * 14)).status_code == 303
     async with panel_as(data_dir, server, "emp.clearing", "e" * 14) as employee:
         page = await employee.get("/panel/clearing")
@@ -293,6 +300,7 @@ async def test_dead_letter_listed_and_replayed(data_dir, cards):
             assert call["idempotencyKey"] == dead.idempotency_key
             async with panel_as(data_dir, server, "emp.outbox", "o" * 14) as employee:
                 assert (await employee.get("/panel/outbox")).status_code == 403
+                assert '<li><a href="/panel/outbox"' not in (await employee.get("/panel/audit")).text  # not in the menu
             entries = server.store.audit_page(AuditQuery(action="outbox.replay"))
             assert [(e.target, e.outcome) for e in entries] == [(f"delivery:{dead.id}", "not a dead letter"),
                                                                 (f"delivery:{dead.id}", "ok")]
