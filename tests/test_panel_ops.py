@@ -70,6 +70,9 @@ async def test_purchase_found_by_rrn_masked_pan_and_code_with_its_ledger_entries
             by_pan = await client.get("/panel/transactions", params=query)
             assert by_pan.status_code == 200 and rrn in by_pan.text and declined_request["37"] in by_pan.text
             assert pan not in by_pan.text
+        newest = await client.get("/panel/transactions")
+        assert newest.status_code == 200 and rrn in newest.text and declined_request["37"] in newest.text
+        assert newest.text.index(declined_request["37"]) < newest.text.index(rrn)  # newest first
         by_code = await client.get("/panel/transactions", params={"code": "51"})
         assert declined_request["37"] in by_code.text and rrn not in by_code.text
         by_auth = await client.get("/panel/transactions", params={"auth": response["38"]})

@@ -151,7 +151,7 @@ def parse_search(query: QueryParams) -> tuple[Search, list[str], str]:
         elif (found := MASKED_PAN.fullmatch(pan)) is not None:
             fields.update(pan=f"{found[1]}******{found[2]}", first6=found[1], last4=found[2])
         else:
-            errors.append("Card: enter the first 6 and the last 4 digits, e.g. 123456******1234 or 123456...1234.")
+            errors.append("Masked PAN: enter the first 6 and the last 4 digits, e.g. 123456******1234 or 123456...1234.")
     for name, key in (("card", "card_id"), ("customer", "customer_id")):
         if value := text(name):
             parsed = parse_id(value)
@@ -230,7 +230,7 @@ def register(panel: PanelApp) -> None:
                 return panel.redirect(request, "/panel/transactions?" + target.params())
             note = "No card has this number."
         rows, next_cursor, cards_named = [], None, []
-        if not errors and not search.empty and not note:
+        if not errors and not note:  # no criterion: the newest transactions across all cards
             rows, next_cursor, cards_named = await _search(panel, journal(), index, search)
         status = 400 if errors else 200
         return panel.render(
