@@ -226,3 +226,44 @@ async def test_stale_rows_of_a_crashed_run_are_refused_and_reported_never_posted
     assert stored(server, data)[0].state == RecordState.failed
     assert balance(server, card).posted == SEED_AMOUNT and balance(server, card).debits_pending == 0
     check_books(server.ledger.ledger)
+
+
+async def test_slices_of_one_chunk_expect_the_state_their_earlier_slices_left(server, data_dir, solo):
+    """The server submits a chunk in slices with checkpoints between. Two parts of one authorization
+    in two slices: the second's plan counted the first's post (overlay), so the state right after
+    the first slice is what it expects, and nothing is planned again."""
+    card = solo[8]
+    client = await IsoClient.connect(server.iso_port)
+    _, made = await approve(client, card, 9_000)
+    run, planned, data = await planned_run(server, data_dir, record(made, 4_000), record(made, 3_000))
+    first = run.apply(planned, 1)
+    assert first and not planned.done
+    await trio.sleep(0.05)  # what the server does in between: other work, here nothing touching the hold
+    second = run.apply(planned, 1)
+    assert second > first and planned.done
+    await server.ledger.wait_durable(second)
+    run.durable()
+    run.finish()
+    assert run.replanned == 0 and (run.summary.split, run.summary.partial) == (1, 1)
+    assert balance(server, card).posted == SEED_AMOUNT - 7_000 and balance(server, card).debits_pending == 0
+    assert_rows_are_what_was_posted(server, data, [])
+    check_books(server.ledger.ledger)
+
+
+async def test_a_reversal_between_two_slices_replans_the_later_slice(server, data_dir, solo):
+    card = solo[9]
+    client = await IsoClient.connect(server.iso_port)
+    request, made = await approve(client, card, 9_000)
+    run, planned, data = await planned_run(server, data_dir, record(made, 4_000), record(made, 3_000))
+    stale_ids = [spec.id for spec in planned.rows[1].transfers]
+    assert run.apply(planned, 1)
+    # Field 95 = 5,000: 4,000 released of the 5,000 still held; 1,000 stays for the last part (3,000).
+    assert (await client.call(reversal_of(request, remaining=5_000)))["39"] == "00"
+    seq = run.apply(planned, 1)
+    await server.ledger.wait_durable(seq)
+    run.durable()
+    run.finish()
+    assert run.replanned == 1 and (run.summary.split, run.summary.over) == (1, 1)
+    assert balance(server, card).posted == SEED_AMOUNT - 7_000 and balance(server, card).debits_pending == 0
+    assert_rows_are_what_was_posted(server, data, stale_ids)
+    check_books(server.ledger.ledger)

@@ -23,7 +23,11 @@ nothing changes under it. At 3, back on the loop, each RRN is read again: when a
 hold reversed, voided, expired, posted or reduced meanwhile, an approval closed or evicted), or a
 hold's deadline falls on the other side of the batch's actual timestamp, the records of that RRN
 are planned again on the loop against the live state and their rows replaced (`ClearingStore.replan`,
-one store commit on the loop, only when such a race happened) before the batch is submitted. A
+one store commit on the loop, only when such a race happened) before the batch is submitted. The
+server submits a chunk in slices (APPLY_SLICE_RECORDS_MAX records, one batch each, a checkpoint
+between them): right after a slice is submitted its RRNs are read again, in the same synchronous
+step, and that state (which the later slices' plans counted through their overlay) is what they
+are checked against; an RRN whose chain the ledger refused is planned again outright. A
 record is therefore posted by exactly one plan, the one that matches the state the batch applies
 to: no double post, and a record whose hold closed meanwhile is force-posted as `late` and reported
 as an exception, not lost. RRNs partition the holds (a record reaches a hold only through an
@@ -71,11 +75,14 @@ from ledger.wal import WalFullError
 log = logging.getLogger("authsrv.clearing")
 
 CHUNK_RECORDS_MAX = 500  # records per ledger batch: up to ~4 transfers each, far below 8,192
-# On the running server the event loop holds only a chunk's gather and apply: ~0.4 + ~1.6 ms per 100
-# records (in-process test, 2-core VM), against 5-11 ms for planning and recording them on the loop
-# as before (then ~0.56 ms per record in the soak, in chunks of 25, docs/benchmarks.md section 6).
-# The worker's share (~4 ms per 100 records, a store commit included) holds the GIL meanwhile.
-ONLINE_CHUNK_RECORDS_MAX = 100
+# On the running server the event loop holds only a chunk's gather and its slices' apply: ~0.4 + ~1.6
+# ms per 100 records (in-process test, 2-core VM), against 5-11 ms for planning and recording them on
+# the loop as before (then ~0.56 ms per record in the soak, in chunks of 25, docs/benchmarks.md
+# section 6). The worker's share (~4 ms per 100 records, a store commit included) holds the GIL
+# meanwhile. A chunk costs a thread hop and a store commit, so it is larger than a slice: with the
+# CPU shared, each hop waits to be scheduled (chunks of 100 planned one hop each fell behind the soak).
+ONLINE_CHUNK_RECORDS_MAX = 400  # planned in one worker hop (one store commit for its rows)
+APPLY_SLICE_RECORDS_MAX = 100  # submitted per batch on the loop: ~2 ms held, then a checkpoint
 ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
 WAL_FULL_RETRIES_MAX = 500
 WAL_FULL_BACKOFF_S = 0.01
@@ -162,8 +169,16 @@ class Planned:
     start: int
     lines: tuple[Line, ...]
     rows: list[RecordRow]  # in file order: the records with a chain to submit
-    reads: dict[str, tuple[RrnReads, int]]  # RRN of a row -> what its plan read, and the ts it assumed
+    # RRN of a row -> what its plan expects to read there now (None: unknown, plan again), and the
+    # timestamp it was planned for. After a slice is submitted its RRNs are read again at once.
+    reads: dict[str, tuple[RrnReads | None, int]]
     positions: dict[str, int]  # identity -> index of its line in the file
+    submitted: int = 0  # rows submitted so far, slice by slice
+    dropped: set[str] = attrs.Factory(set)  # identities refused when planned again (nothing to submit)
+
+    @property
+    def done(self) -> bool:
+        return self.submitted >= len(self.rows)
 
 
 class ClearingRun:
@@ -201,6 +216,10 @@ class ClearingRun:
             return earlier
         self._rows.begin_file(self._file.sha256, self.summary.name)
         return None
+
+    @property
+    def lines_left(self) -> bool:
+        return self._next < len(self._file.lines)
 
     @property
     def finished(self) -> bool:
@@ -251,8 +270,9 @@ class ClearingRun:
     # -- planning off the event loop: gather (loop), plan (worker thread), apply (loop) ------------
 
     def gather(self) -> Gathered:
-        """On the thread that owns the ledger: the next chunk and what its planning may read. Cheap."""
-        assert self._pending is None, "call durable() after the previous chunk"
+        """On the thread that owns the ledger: the next chunk and what its planning may read. Cheap.
+        Taken once the previous chunk is submitted (it may not be durable yet: its rows then say
+        `planned`, and a re-run resubmits them, in file order, before this chunk's)."""
         ledger = self._deps.ledger.ledger
         chunk = self._file.lines[self._next:self._next + self._chunk_records_max]
         ts_effective = max(self._clock_ns(), ledger.timestamp_ns + 1)  # what Ledger.apply would use now
@@ -296,51 +316,68 @@ class ClearingRun:
         reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
         return Planned(gathered.start, chunk, rows, reads, positions)
 
-    def apply(self, planned: Planned) -> int:
-        """On the thread that owns the ledger, synchronously: check the plans still hold (re-plan those
-        that do not), then submit the chunk's batch. Returns the seq to wait for (0: nothing submitted).
+    def apply(self, planned: Planned, slice_records_max: int | None = None) -> int:
+        """On the thread that owns the ledger, synchronously: the next slice of the chunk's rows (all
+        of them when `slice_records_max` is None). Check their plans still hold (plan again those that
+        do not), then submit the slice as one batch. Returns the seq to wait for (0: nothing submitted).
 
         Raises WalFullError with nothing submitted when the log is full: back off and call again
-        (the check runs again then)."""
-        assert self._pending is None and planned.start == self._next
+        (the check runs again then). Between slices the caller may await: each slice is checked anew."""
+        assert planned.start == self._next and (not planned.done or not planned.rows)
         ledger = self._deps.ledger.ledger
         ts_ns = max(self._clock_ns(), ledger.timestamp_ns + 1)  # the batch applies at exactly this time
-        stale = {rrn for rrn, (reads, planned_ns) in planned.reads.items()
-                 if not self._unchanged(rrn, reads, planned_ns, ts_ns)}
+        end = len(planned.rows) if slice_records_max is None else planned.submitted + slice_records_max
+        lines = {line.identity: line for line in planned.lines}
+        rrns = {lines[row.identity].record.rrn for row in planned.rows[planned.submitted:end]}
+        stale = {rrn for rrn in rrns if not self._unchanged(rrn, *planned.reads[rrn], ts_ns)}
         if stale:
             self._replan(planned, stale, ts_ns)
-        rows = planned.rows
+        rows = [row for row in planned.rows[planned.submitted:end] if row.identity not in planned.dropped]
         self._ensure_room(ts_ns, rows, [], 0)  # the rows carry their real ids
-        self._next = planned.start + len(planned.lines)
+        planned.submitted = min(end, len(planned.rows))
+        if planned.done:
+            self._next = planned.start + len(planned.lines)
         if not rows:
             return 0
         transfers = tuple(spec for row in rows for spec in row.transfers)
         result, seq = self._deps.ledger.submit(Batch(timestamp_ns=ts_ns, transfers=transfers))
-        lines = {line.identity: line for line in planned.lines}
         applied = self._settle(lines, rows, result.transfer_results)
+        # What the rest of the chunk's plans expect of these RRNs is the state right after this batch
+        # (their overlay counted this slice's posts), unless a chain was refused: then plan again.
+        ok = set(applied)
+        refused_rrns = {lines[row.identity].record.rrn for row in rows if row.identity not in ok}
+        for rrn in rrns:
+            reads = None if rrn in refused_rrns else read_rrn(ledger, self._deps.journal, rrn)
+            planned.reads[rrn] = (reads, planned.reads[rrn][1])
         by_identity = {row.identity: row.plan.event for row in rows}
         events = {identity: by_identity[identity] for identity in applied if by_identity[identity] is not None}
-        self._pending = _Pending(seq, applied, events)
+        if self._pending is None:
+            self._pending = _Pending(seq, applied, events)
+        else:  # an earlier slice of this chunk, maybe not durable yet: one store commit for all
+            self._pending.seq = seq
+            self._pending.applied.extend(applied)
+            self._pending.events.update(events)
         return seq
 
-    def _unchanged(self, rrn: str, reads: RrnReads, planned_ns: int, ts_ns: int) -> bool:
+    def _unchanged(self, rrn: str, reads: RrnReads | None, planned_ns: int, ts_ns: int) -> bool:
         """Would planning now, for a batch at `ts_ns`, read what it read for `planned_ns`?"""
-        if read_rrn(self._deps.ledger.ledger, self._deps.journal, rrn) != reads:
+        if reads is None or read_rrn(self._deps.ledger.ledger, self._deps.journal, rrn) != reads:
             return False
         # A pending hold whose deadline the batch reaches expires first (plan.Planner._remaining).
         return all(view is None or view.state is not HoldState.pending or not view.deadline_ns
                    or (view.deadline_ns <= planned_ns) == (view.deadline_ns <= ts_ns) for _, view in reads.holds)
 
     def _replan(self, planned: Planned, stale: set[str], ts_ns: int) -> None:
-        """The records of `stale` RRNs, planned again against the live state, their rows replaced
-        (one store commit, on the loop: only after such a race)."""
+        """The rows not yet submitted of `stale` RRNs, planned again against the live state (which
+        holds the chunk's earlier slices), their rows replaced (one store commit, on the loop: only
+        after such a race)."""
         lines = {line.identity: line for line in planned.lines}
         overlay = Overlay()
         redo: list[tuple[Line, Plan]] = []
         refused: list[str] = []
-        for row in planned.rows:
+        for row in planned.rows[planned.submitted:]:
             line = lines[row.identity]
-            if line.record.rrn not in stale:
+            if line.record.rrn not in stale or row.identity in planned.dropped:
                 continue
             plan = self._planner.plan(line.record, self._card(line.record.pan),
                                       last=self._is_last(line, planned.positions[row.identity]), overlay=overlay,
@@ -353,7 +390,8 @@ class ClearingRun:
         count = sum(len(plan.transfers) for _, plan in redo)
         replaced = {row.identity: row for row in self._rows.replan(count, lambda ids: self._new_rows(redo, ids))}
         self._rows.set_state(refused, RecordState.failed)
-        planned.rows = [replaced.get(row.identity, row) for row in planned.rows if row.identity not in refused]
+        planned.rows = [replaced.get(row.identity, row) for row in planned.rows]
+        planned.dropped.update(refused)
         for rrn in stale:
             planned.reads[rrn] = (read_rrn(self._deps.ledger.ledger, self._deps.journal, rrn), ts_ns)
         self.replanned += len(redo) + len(refused)
@@ -362,6 +400,11 @@ class ClearingRun:
 
     def _is_last(self, line: Line, position: int) -> bool:
         return self._last_line[_match_key(line)] == position
+
+    def durable_then_plan(self, gathered: Gathered | None) -> Planned | None:
+        """In a worker thread: mark the last chunk applied (it is durable), then plan the next one."""
+        self.durable()
+        return None if gathered is None else self.plan(gathered)
 
     def durable(self) -> None:
         """The last chunk's batch is on disk: its rows become `applied`."""
@@ -499,27 +542,36 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
     """On the server's trio thread: chunk by chunk, waiting for each to be durable in between.
 
     The loop keeps only the cheap steps (gather, apply: copying a chunk's reads, checking them
-    again, submitting); parsing, the store's reads and commits, and planning run in worker threads."""
+    again, submitting slices of APPLY_SLICE_RECORDS_MAX records, with a checkpoint between slices);
+    parsing, the store's reads and commits, and planning run in worker threads, one hop per chunk
+    (marking the previous chunk applied, then planning this one)."""
     run = await trio.to_thread.run_sync(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX)
     done = await trio.to_thread.run_sync(run.start)
     if done is not None:
         return done
     retries = 0
+    seq = 0
     while not run.finished:  # bounded: each round consumes up to ONLINE_CHUNK_RECORDS_MAX lines
-        planned = await trio.to_thread.run_sync(run.plan, run.gather())
-        while True:  # bounded by WAL_FULL_RETRIES_MAX over the run
+        gathered = run.gather() if run.lines_left else None
+        if seq:
+            await deps.ledger.wait_durable(seq)
+        # Marking rows applied and planning touch the store (commits with an fsync): off the loop.
+        planned = await trio.to_thread.run_sync(run.durable_then_plan, gathered)
+        if gathered is None:
+            break
+        seq = 0
+        while True:  # bounded: a slice per round (the chunk's rows / APPLY_SLICE_RECORDS_MAX), retries bounded
             try:
-                seq = run.step() if planned is None else run.apply(planned)
-                break
+                seq = run.step() if planned is None else run.apply(planned, APPLY_SLICE_RECORDS_MAX) or seq
             except WalFullError:
                 retries += 1
                 if retries > WAL_FULL_RETRIES_MAX:
                     raise
                 await trio.sleep(WAL_FULL_BACKOFF_S)
-        if seq:
-            await deps.ledger.wait_durable(seq)
-        # Marking the rows applied touches only the store (a commit with an fsync): off the loop.
-        await trio.to_thread.run_sync(run.durable)
+                continue
+            if planned is None or planned.done:
+                break
+            await trio.sleep(0)  # authorizations in between slices
     return await trio.to_thread.run_sync(run.finish)
 
 
