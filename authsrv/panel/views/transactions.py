@@ -34,7 +34,7 @@ from authsrv.panel.app import PanelApp
 from authsrv.panel.txindex import TransactionIndex
 from authsrv.rest.cards_domain import masked_pan
 from authsrv.rest.context import ALL_ROLES, parse_id
-from authsrv.rest.history_api import HISTORY_KEPT_ALL, Statuses, transaction
+from authsrv.rest.history_api import Statuses, transaction
 from authsrv.store import panel_transactions as queries
 from authsrv.store.db import CardRow, ManagementTransferCode
 from ledger.state import HistoryKind, HoldState, Side
@@ -43,6 +43,11 @@ PAGE_SIZE = 50
 CANDIDATES_MAX = 20_000  # records examined for one card- or name-scoped search
 SEARCH_TEXT_MAX = 40
 DAY_NS = 86_400 * 10**9
+# A transaction's ledger events: those of its balance account (and its partner's collateral account)
+# from its receipt on, newest first, at most this many per account (history is kept per account).
+LEDGER_EVENTS_SCANNED_MAX = 20_000
+LEDGER_EVENTS_PAGE = 1_000
+EVENTS_MARGIN_NS = 60 * 10**9  # ledger events are stamped after the request's receipt
 MASKED_PAN = re.compile(r"([0-9]{6})(?:\*+|\.{2,}|\u2026|[xX]+|#+)([0-9]{4})")
 FULL_PAN = re.compile(r"[0-9]{12,19}")
 RRN = re.compile(r"[A-Za-z0-9]{1,12}")
@@ -419,7 +424,8 @@ class EntryRow:
 def _ledger_entries(ledger, record: AuthRecord, account_id: int, holds: list[int]) -> list[EntryRow]:
     """The balance account's ledger events of this transaction (its hold, fee, posts, voids, expiry,
     clearing), oldest first; the collateral hold's events from the partner's account. Bounded by
-    what the ledger keeps per account (`[ledger] history_per_account_max`)."""
+    what the ledger keeps per account (`[ledger] history_per_account_max`) and by
+    LEDGER_EVENTS_SCANNED_MAX events read per account from the newest back to the transaction."""
     wanted = set(holds)
     found: dict[tuple[int, int, int], EntryRow] = {}
     accounts = [account_id]
@@ -427,7 +433,7 @@ def _ledger_entries(ledger, record: AuthRecord, account_id: int, holds: list[int
     if collateral is not None:
         accounts.append(collateral.debit_account_id)
     for account in accounts:
-        for entry in ledger.history(account, limit=HISTORY_KEPT_ALL):
+        for entry in _events_since(ledger, account, record.timestamp_ns - EVENTS_MARGIN_NS):
             mine = entry.transfer_id in wanted or entry.pending_id in wanted or (
                 account == account_id and entry.reference == record.rrn and record.rrn != "")
             if mine:
@@ -450,6 +456,23 @@ def _external(value: int) -> str:
         return EXTERNAL[External(value)]
     except ValueError:
         return f"partner answer {value}"
+
+
+def _events_since(ledger, account_id: int, since_ns: int):
+    """The account's kept ledger events from `since_ns` on, newest first, at most
+    LEDGER_EVENTS_SCANNED_MAX (a partner's collateral account sees every card's holds)."""
+    before = None
+    scanned = 0
+    while scanned < LEDGER_EVENTS_SCANNED_MAX:
+        page = ledger.history(account_id, before_timestamp_ns=before, limit=LEDGER_EVENTS_PAGE)
+        for entry in page:
+            if entry.timestamp_ns < since_ns:
+                return
+            yield entry
+        scanned += len(page)
+        if len(page) < LEDGER_EVENTS_PAGE:
+            return
+        before = page[-1].timestamp_ns
 
 
 def _merchant(field43: str) -> str:
