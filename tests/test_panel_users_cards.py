@@ -77,7 +77,7 @@ async def test_search_scans_a_bounded_window_but_finds_exact_terms_anywhere(serv
     from authsrv.store import panel_users
 
     monkeypatch.setattr(panel_users, "SEARCH_SCAN_MAX", 5)  # the newest 5 of 20 users
-    found = lambda text: [user.id for user in panel_users.search_users(server.store, text)[0]]  # noqa: E731
+    found = lambda text: [user.id for user in panel_users.search_users(server.store, text)[0]]
     assert found("User3") == [] and found("User17") == [17]
     assert found("4890000000003") == [3] and found("seed3@example.invalid") == [3] and found("3") == [3]
     assert found("SEED3@EXAMPLE.INVALID") == [3]  # e-mail addresses are stored in lower case by the seed
@@ -331,7 +331,7 @@ async def test_reload_a_user_balance_once_per_form(server, data_dir, cards):
     card = next(card for card in cards if card["customerId"] == 4)
     balance = server.store.get_balance(card["balanceId"])
     path, action = "/panel/users/4", f"/panel/users/4/balances/{balance.id}/reload"
-    booked = lambda: server.ledger.ledger.balance(balance.ledger_account_id).posted  # noqa: E731
+    booked = lambda: server.ledger.ledger.balance(balance.ledger_account_id).posted
     start = booked()
     async with https(data_dir, server.rest_port) as client:
         await logged_in(client, data_dir)

@@ -16,8 +16,18 @@ every user.
 
 from __future__ import annotations
 
-from authsrv.store.db import _CARD_COLUMNS, _EVENT_COLUMNS, _USER_COLUMNS, AuditEntry, CardRow, EventRow, KycFormRow, \
-    Store, UserRow, _card_row
+from authsrv.store.db import (
+    _CARD_COLUMNS,
+    _EVENT_COLUMNS,
+    _USER_COLUMNS,
+    AuditEntry,
+    CardRow,
+    EventRow,
+    KycFormRow,
+    Store,
+    UserRow,
+    _card_row,
+)
 
 USERS_PAGE_SIZE = 25
 USERS_PAGES_MAX = 200  # offset bound: 5,000 rows deep
@@ -42,7 +52,7 @@ def _like_escape(text: str) -> str:
 def _phone_digits(text: str) -> str:
     """'+48 900-000 001' -> '48900000001'; '' when the text is not phone-like."""
     stripped = text.replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
-    stripped = stripped[1:] if stripped.startswith("+") else stripped
+    stripped = stripped.removeprefix("+")
     return stripped if stripped.isascii() and stripped.isdigit() else ""
 
 

@@ -40,9 +40,9 @@ from authsrv.rest.balances import (
 )
 from authsrv.rest.context import ALL_ROLES, parse_id
 from authsrv.rest.history_api import balance_transactions
-from authsrv.store import panel_users
 from authsrv.rest.money import LedgerNotWritable
 from authsrv.rest.money import amounts as money_amounts
+from authsrv.store import panel_users
 from authsrv.store.db import BalanceRow, UserRow, card_visible
 
 log = logging.getLogger("authsrv.panel")
@@ -50,15 +50,15 @@ log = logging.getLogger("authsrv.panel")
 TRANSACTIONS_PER_BALANCE = 5
 RELOAD_ROLES = BALANCES_ACCESS["reload"].admin  # the REST reload's admin roles (Admin, Manager)
 RELOAD_REFUSALS: dict[ReloadResult, tuple[int, str]] = {
-    ReloadResult.idempotency_key_reused: (409, "Refused (IDEMPOTENCY_KEY_REUSED): this form was already used for "
-                                               "another amount; reload the page."),
-    ReloadResult.credit_balance_missing: (422, "Refused (INSUFFICIENT_FUNDS): the partner has no CREDIT balance in "
-                                               "this currency."),
-    ReloadResult.insufficient_funds: (422, "Refused (INSUFFICIENT_FUNDS): the partner's CREDIT balance is too low "
-                                           "for this reload."),
+    ReloadResult.idempotency_key_reused: (
+        409, "Refused (IDEMPOTENCY_KEY_REUSED): this form was already used for another amount; reload the page."),
+    ReloadResult.credit_balance_missing: (
+        422, "Refused (INSUFFICIENT_FUNDS): the partner has no CREDIT balance in this currency."),
+    ReloadResult.insufficient_funds: (
+        422, "Refused (INSUFFICIENT_FUNDS): the partner's CREDIT balance is too low for this reload."),
     ReloadResult.kyc_required: (403, "Refused (KYC_REQUIRED): the customer's KYC must be SUCCESS for balances."),
-    ReloadResult.external_balance: (409, "Refused (EXTERNAL_BALANCE): the partner holds this balance; it is "
-                                         "reloaded there."),
+    ReloadResult.external_balance: (
+        409, "Refused (EXTERNAL_BALANCE): the partner holds this balance; it is reloaded there."),
     ReloadResult.balance_not_active: (409, "Refused (BALANCE_NOT_ACTIVE): the balance is deleted."),
 }
 assert set(RELOAD_REFUSALS) == set(ReloadResult) - {ReloadResult.reloaded}
