@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import functools
 import json
+import os
 import random
 import re
 import shutil
@@ -708,8 +710,37 @@ def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Pa
     return step, report
 
 
-def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakResults:
-    """Init, seed, bound, serve, warm up, soak with RSS samples and clearing, stop, verify."""
+MEMTRACE_DIR = Path(__file__).parent / "memtrace"  # its sitecustomize traces the server (--trace-memory)
+
+
+@contextlib.contextmanager
+def _memory_traced(directory: Path | None, interval_s: float):
+    """While starting the server: the environment that makes bench/memtrace trace it (children
+    inherit it at start; restored afterwards, so `ledger verify` and the rest run untraced)."""
+    if directory is None:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "AUTHSRV_TRACEMALLOC_DIR",
+                                                      "AUTHSRV_TRACEMALLOC_SECONDS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(MEMTRACE_DIR), saved["PYTHONPATH"])))
+    os.environ["AUTHSRV_TRACEMALLOC_DIR"] = str(directory.resolve())
+    os.environ["AUTHSRV_TRACEMALLOC_SECONDS"] = str(interval_s)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_memory: Path | None = None,
+             trace_memory_s: float = 60.0) -> SoakResults:
+    """Init, seed, bound, serve, warm up, soak with RSS samples and clearing, stop, verify.
+
+    `trace_memory`: a directory where the server writes tracemalloc reports every `trace_memory_s`
+    (bench/memtrace; diagnosis only, it slows the server down)."""
     config = default_bounds(config)
     work = Path(tempfile.mkdtemp(prefix="authsrv-soak-"))
     data, log_path = work / "data", work / "authsrv.log"
@@ -733,7 +764,10 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print) -> SoakR
             f" history_per_account_max = {config.history_per_account_max:,};"
             f" [history] activities_max = {config.activities_max:,}")  # fmt: skip
         ports = Ports.free()
-        server = start_authsrv(data, ports, log_path)
+        with _memory_traced(trace_memory, trace_memory_s):
+            server = start_authsrv(data, ports, log_path)
+        if trace_memory is not None:
+            log(f"soak: tracemalloc reports every {trace_memory_s:.0f} s in {trace_memory}")
         sampler = _Sampler(server, ports.metrics, config.sample_s, log)
         samples = sampler.samples
         clearer = None
@@ -881,6 +915,55 @@ def load_results(path: Path) -> SoakResults:
     return msgspec.json.decode(path.read_bytes(), type=SoakResults)
 
 
+def write_rss_plot(results: SoakResults, path: Path) -> None:
+    """RSS and pending holds against time since ready: the judged part shaded, the flatness bound as
+    a band over its first sample, each clearing upload a tick on the time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render straight to PNG
+    import matplotlib.pyplot as plt
+
+    samples = results.rss_samples
+    figure, axes = plt.subplots(figsize=(11.0, 5.0), dpi=110)
+    try:
+        elapsed = [sample.elapsed_s for sample in samples]
+        axes.plot(elapsed, [sample.rss_bytes / MIB for sample in samples], "-", color="tab:blue", label="VmRSS (MiB)")
+        verdict = results.rss
+        if verdict.judged_from_s is not None and verdict.first_bytes is not None and verdict.bound_bytes is not None:
+            end_s = elapsed[-1]
+            axes.axvspan(verdict.judged_from_s, end_s, color="tab:green", alpha=0.08, label="judged part")
+            low = verdict.first_bytes / MIB
+            axes.fill_between([verdict.judged_from_s, end_s], low, low + verdict.bound_bytes / MIB, color="tab:green",
+                              alpha=0.2, label=f"flat: within {verdict.bound_bytes / MIB:.0f} MiB of the first")
+        for done in results.ingestions:
+            axes.axvline(done.elapsed_s, ymax=0.03, color="tab:grey", linewidth=0.6)
+        axes.set_xlabel("seconds since the server was ready (warm-up first)")
+        axes.set_ylabel("resident memory (MiB)")
+        axes.grid(True, alpha=0.3)
+        holds = [(sample.elapsed_s, sample.gauges["holds_pending"]) for sample in samples
+                 if "holds_pending" in sample.gauges]
+        lines, labels = axes.get_legend_handles_labels()
+        if holds:
+            twin = axes.twinx()
+            twin.plot([at for at, _ in holds], [count / 1000 for _, count in holds], "-", color="tab:orange",
+                      linewidth=0.8, label="pending holds (thousands)")
+            twin.set_ylabel("pending holds (thousands)")
+            more_lines, more_labels = twin.get_legend_handles_labels()
+            lines, labels = lines + more_lines, labels + more_labels
+        axes.legend(lines, labels, fontsize=8, loc="lower right")
+        settings = results.settings
+        step = results.soak
+        tail = f", p99.9 {step.p999_ms:.1f} ms" if step is not None else ""
+        axes.set_title(f"soak: {settings.rate_per_s:,.0f}/s for {settings.duration_s:.0f} s, clearing every"
+                       f" {settings.clearing_s:.0f} s{tail} - {results.machine.cpu_model}, {results.machine.cores} cores",
+                       fontsize=9)
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -917,11 +1000,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hot-share", type=float, default=HOT_SHARE_DEFAULT, metavar="FRACTION",
                         help="share of the purchase-type requests that go to the hot cards")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
+    parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
+                        help="diagnosis: the server traces its allocations (tracemalloc) and writes a report"
+                             " of what grew into DIR every --trace-memory-seconds (slows it down)")
+    parser.add_argument("--trace-memory-seconds", type=float, default=60.0)
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="the RSS plot (PNG; default: --out with .png)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="no run: draw the plot of the results already in --out")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    plot = args.plot or args.out.with_suffix(".png")
+    if args.plot_only:
+        write_rss_plot(load_results(args.out), plot)
+        print(f"wrote {plot}")
+        return 0
+    if not args.trace_memory_seconds >= 1:
+        print("error: --trace-memory-seconds must be at least 1", file=sys.stderr)
+        return 2
     try:
         config = SoakConfig(rate_per_s=args.rate, duration_s=args.duration, users=args.users,
                             connections=args.connections, sample_s=args.sample_seconds,
@@ -936,13 +1035,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        results = run_soak(config)
+        results = run_soak(config, trace_memory=args.trace_memory, trace_memory_s=args.trace_memory_seconds)
     except KeyboardInterrupt:
         return 130
     write_results(results, args.out)
+    write_rss_plot(results, plot)
     print()
     print(summary(results))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {plot}")
     clean = results.error is None and results.server_exit_code == 0 and results.ledger_verify_exit_code == 0
     clean = clean and not any(done.error for done in results.ingestions)
     return 0 if clean and results.soak is not None and results.soak.mismatches == 0 else 1

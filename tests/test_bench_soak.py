@@ -301,3 +301,56 @@ def test_short_soak_clears_during_the_run_bounds_the_journal_and_reports_every_f
     assert elapsed == sorted(elapsed)
     assert all(20 * MIB < item.rss_bytes < 4096 * MIB for item in results.rss_samples)
     assert results.rss.flat is not None and results.rss.last_bytes == results.rss_samples[-1].rss_bytes
+
+
+_TRACED = """import os, pathlib, sys, time
+kept = [bytes(1000) for _ in range(20_000)]
+directory = pathlib.Path(os.environ["AUTHSRV_TRACEMALLOC_DIR"])
+deadline = time.monotonic() + (30 if "serve" in sys.argv else 3)  # untraced: files would come in 1-2 s
+while time.monotonic() < deadline and len(list(directory.glob("memtrace-*.txt"))) < 2:
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("argv, traced", [(["serve"], True), (["seed"], False)])
+def test_trace_memory_reports_what_grew_in_the_server_only(tmp_path: Path, argv: list[str], traced: bool) -> None:
+    """bench/memtrace traces a process whose argv names `serve` (the server bench.soak starts), and
+    nothing else those environment variables reach (the load, `ledger verify`)."""
+    from bench.soak import MEMTRACE_DIR, _memory_traced
+
+    before = dict(os.environ)
+    with _memory_traced(tmp_path / "trace", 1.0):
+        assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(MEMTRACE_DIR)
+        (tmp_path / "trace").mkdir()
+        done = subprocess.run([sys.executable, "-c", _TRACED, *argv], env=dict(os.environ), timeout=60)
+    assert dict(os.environ) == before  # restored: later children run untraced
+    assert done.returncode == 0
+    reports = sorted((tmp_path / "trace").glob("memtrace-*.txt"))
+    assert bool(reports) == traced
+    if traced:
+        assert len(reports) >= 2
+        head = reports[0].read_text().splitlines()[0]
+        assert "VmRSS" in head and "traced" in head
+        traced_mib = float(head.split("traced ")[1].split()[0])
+        assert traced_mib >= 19  # the 20,000 kept buffers of 1,000 bytes
+        assert "since the previous snapshot" in reports[1].read_text()
+
+
+def test_rss_plot_from_results_on_disk(tmp_path: Path) -> None:
+    """`--plot-only` draws RSS and pending holds from a results file (what docs/benchmarks.md shows)."""
+    from bench.harness import Machine
+    from bench.soak import SoakResults, main, write_results
+
+    samples = [sample("warmup", 10, 200, holds=10_000), sample("soak", 40, 300, holds=40_000),
+               sample("soak", 70, 310, holds=30_000), sample("end", 100, 312, holds=35_000)]
+    results = SoakResults(created_utc="2026-12-05T00:00:00+00:00",
+                          machine=Machine(cpu_model="test", cores=2, python="3.11", platform="linux"),
+                          settings=SoakConfig(rate_per_s=100, duration_s=60), soak=None, unsent=None,
+                          connection_errors=[], mismatch_detail={}, rss_samples=samples,
+                          rss=rss_verdict(samples, from_s=40), bounds=None, ingestions=[], error=None,
+                          server_exit_code=0, ledger_verify_exit_code=0)
+    out = tmp_path / "soak.json"
+    write_results(results, out)
+    assert main(["--rate", "1", "--duration", "1", "--out", str(out), "--plot-only"]) == 0
+    png = (tmp_path / "soak.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
