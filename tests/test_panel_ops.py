@@ -264,6 +264,37 @@ async def test_clearing_upload_in_the_panel_is_the_rest_ingest(server, data_dir,
     assert ("clearing.upload", "applied") in actions and ("clearing.upload", "duplicate file") in actions
 
 
+def test_clearing_rows_found_near_their_ledger_times_or_among_the_newest(data_dir) -> None:
+    from authsrv.store import panel_transactions as queries
+    from authsrv.store.db import Store
+
+    def plan(hold_id: int) -> str:
+        return json.dumps({"outcome": "exact", "currency": "EUR", "cleared": 5, "released": 0, "refunded": 0,
+                           "referenced": False, "holdId": hold_id, "maskedPan": "535522******0001"},
+                          separators=(",", ":"))
+
+    base = 1_800_000_000
+    with Store.open(data_dir) as store:
+        with store.transaction():
+            store.db.execute("INSERT INTO clearing_files (sha256, name, received_at) VALUES (?, ?, ?)",
+                             ("f" * 64, "f.jsonl", "2027-01-15T08:00:00Z"))
+            for n in range(1, 201):  # one row a minute; hold 1000 + n
+                moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(base + 60 * n))
+                store.db.execute(
+                    "INSERT INTO clearing_records (identity, file_sha256, record_id, line, outcome, state, transfers,"
+                    " plan_json, created_at) VALUES (?, ?, ?, ?, 'exact', 'applied', x'90', ?, ?)",
+                    (f"id{n}", "f" * 64, f"R{n}", n, plan(1000 + n), moment))
+            store.db.execute("DELETE FROM clearing_records WHERE identity IN ('id50', 'id51')")  # rowid gaps
+        near = queries.clearing_rows_of_holds(store, [1100], around_ns=[(base + 6000 + 1) * 10**9])
+        assert [(row.record_id, row.hold_id, row.file_name, row.cleared) for row in near] == [
+            ("R100", 1100, "f.jsonl", 5)]
+        assert queries.clearing_rows_of_holds(store, [1100], around_ns=[(base + 9000) * 10**9]) == []
+        assert [r.record_id for r in queries.clearing_rows_of_holds(store, [1052], around_ns=[(base + 3120) * 10**9])
+                ] == ["R52"]  # just past the gap
+        assert [r.record_id for r in queries.clearing_rows_of_holds(store, [1003, 1199], newest=True)] == ["R3", "R199"]
+        assert queries.clearing_rows_of_holds(store, [1010]) == []  # neither a time nor the newest rows asked
+
+
 # -- outbox ----------------------------------------------------------------------------------------
 
 

@@ -107,6 +107,8 @@ def _code_names() -> dict[int, str]:
 
 
 CODE_NAMES = _code_names()
+CLEARING_CODES = frozenset(value for name, value in vars(ClearingCode).items()
+                           if isinstance(value, int) and not name.startswith("_"))
 
 
 @attrs.frozen
@@ -260,13 +262,19 @@ def register(panel: PanelApp) -> None:
         ledger = panel.ctx.ledger.ledger
         view = transaction(record, card, Statuses(ledger, account_id))
         holds = [hold_id for hold_id in dict.fromkeys((record.user_hold_id, record.collateral_hold_id)) if hold_id]
-        clearing = await panel.ctx.in_thread(queries.clearing_rows_of_holds, panel.store, holds)
+        entries = _ledger_entries(ledger, record, account_id, holds)
+        # Clearing rows are found near the times clearing moved this transaction's money; when the
+        # ledger has forgotten a hold, among the newest rows (queries.CLEARING_ROWS_SCANNED_MAX).
+        cleared_at = sorted({entry.timestamp_ns for entry in entries if entry.code_value in CLEARING_CODES})
+        forgotten = any(ledger.hold(hold_id) is None for hold_id in holds)
+        clearing = await panel.ctx.in_thread(queries.clearing_rows_of_holds, panel.store, holds,
+                                             around_ns=cleared_at, newest=forgotten)
         return panel.render(
             request, op, "transaction.html", record=record, view=view, card=card, masked=masked_pan(card),
             meaning=RESPONSE_MEANINGS.get(record.response_code, "Not a code of the wire profile"),
             rule=Outcome(record.outcome).name.replace("_", " "), approved=is_approval(Outcome(record.outcome)),
             external=_external(record.external), holds=[_hold(ledger, hold_id, record) for hold_id in holds],
-            entries=_ledger_entries(ledger, record, account_id, holds), clearing=clearing,
+            entries=entries, clearing=clearing,
             merchant=_merchant(record.merchant), country=country_from_field43(record.merchant) if record.merchant
             else None, when=_iso(record.timestamp_ns), exponent=exponent)
 
@@ -409,6 +417,7 @@ def _hold(ledger, hold_id: int, record: AuthRecord) -> HoldRow:
 
 @attrs.frozen
 class EntryRow:
+    timestamp_ns: int
     when: str
     kind: str
     side: str
@@ -419,6 +428,7 @@ class EntryRow:
     pending_id: int
     counterparty: int
     forced: bool
+    code_value: int
 
 
 def _ledger_entries(ledger, record: AuthRecord, account_id: int, holds: list[int]) -> list[EntryRow]:
@@ -438,10 +448,10 @@ def _ledger_entries(ledger, record: AuthRecord, account_id: int, holds: list[int
                 account == account_id and entry.reference == record.rrn and record.rrn != "")
             if mine:
                 found[(entry.timestamp_ns, entry.transfer_id, account)] = EntryRow(
-                    _iso(entry.timestamp_ns), KINDS.get(entry.kind, str(entry.kind)),
+                    entry.timestamp_ns, _iso(entry.timestamp_ns), KINDS.get(entry.kind, str(entry.kind)),
                     "debit" if entry.side is Side.debit else "credit", entry.amount, entry.released,
                     CODE_NAMES.get(entry.code, str(entry.code)), entry.transfer_id, entry.pending_id,
-                    entry.counterparty_account_id, entry.forced)
+                    entry.counterparty_account_id, entry.forced, entry.code)
     return [found[key] for key in sorted(found)]
 
 
