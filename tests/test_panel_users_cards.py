@@ -162,7 +162,10 @@ async def test_lock_declines_on_the_iso_port_unlock_approves(server, data_dir, c
         assert await purchase(server, card) == "05"  # pending query
         page = await client.get(path)
         assert "locked: Pending query" in page.text  # the flash
-        assert button("Unlock").search(page.text) and not button("Lock").search(page.text)
+        assert button("Unlock").search(page.text) and button("Lock").search(page.text)  # Lock: change the reason
+        assert '<option value="3" selected>' in page.text
+        relocked = await client.post(f"{path}/lock", data={"reason": "7", "csrf_token": csrf_of(page)})
+        assert relocked.status_code == 303 and await purchase(server, card) == "59"  # suspected fraud
         unlocked = await client.post(f"{path}/unlock", data={"csrf_token": csrf_of(page)})
         assert unlocked.status_code == 303
         assert await purchase(server, card) == "00"
@@ -171,16 +174,19 @@ async def test_lock_declines_on_the_iso_port_unlock_approves(server, data_dir, c
         for action in ("card.lock", "card.unlock"):  # the card's history: operator actions and events
             assert f'data-label="Action">{action}<' in page.text
         assert 'data-label="Event">card.locked<' in page.text and "reason 3 (Pending query)" in page.text
-    lock, unlock = panel_entries(server, "card.lock")[0], panel_entries(server, "card.unlock")[0]
+    lock, relock = reversed(panel_entries(server, "card.lock"))
+    unlock = panel_entries(server, "card.unlock")[0]
+    assert json.loads(relock.before_json) == {"status": "LOCKED", "lockReason": 3}
+    assert json.loads(relock.after_json) == {"status": "LOCKED", "lockReason": 7}
     assert (lock.actor, lock.target, lock.outcome) == ("admin", f"card:{card['cardId']}", "ok")
     assert json.loads(lock.before_json) == {"status": "ACTIVE", "lockReason": 0}
     assert json.loads(lock.after_json) == {"status": "LOCKED", "lockReason": 3}
-    assert json.loads(unlock.before_json) == {"status": "LOCKED", "lockReason": 3}
+    assert json.loads(unlock.before_json) == {"status": "LOCKED", "lockReason": 7}
     assert json.loads(unlock.after_json) == {"status": "ACTIVE", "lockReason": 0}
     # The same partner events as through the REST API.
     kinds = [event.kind for event in server.store.events(partner="demo", limit=1000)
              if event.subject == f"card:{card['cardId']}"]
-    assert kinds[-2:] == ["card.locked", "card.unlocked"]
+    assert kinds[-3:] == ["card.locked", "card.locked", "card.unlocked"]
 
 
 async def test_employee_locks_but_cannot_unlock(server, data_dir, cards):
@@ -247,6 +253,10 @@ async def test_irreversible_lock_has_no_unlock_and_a_forged_unlock_is_refused(se
         assert not button("Unlock").search(forged.text)
         assert server.store.get_card(card["cardId"]).lock_reason == 2
         assert await purchase(server, card) == "43"
+        softer = await client.post(f"{path}/lock", data={"reason": "3", "csrf_token": token})  # cannot soften it
+        assert softer.status_code == 303
+        assert "keeps its irreversible reason (Stolen)" in (await client.get(path)).text
+        assert server.store.get_card(card["cardId"]).lock_reason == 2
         # Bad input is a 400 with the form again, not a 500.
         other = f"/panel/cards/{cards[4]['cardId']}"
         for bad in ({}, {"reason": "9"}, {"reason": "0"}, {"reason": "x"}):

@@ -291,7 +291,7 @@ def register(panel: PanelApp) -> None:
             exp=exp, limits=limits, controls=controls_form or controls_values(spec, exp), error=error,
             audit=audit, events=events, transactions=transactions, reasons=sorted(LOCK_REASON_LABELS.items()),
             default_reason=int(DEFAULT_LOCK_REASON), irreversible_reasons=sorted(int(r) for r in IRREVERSIBLE_LOCK_REASONS),
-            can_lock=facts["visible"] and op.role in LOCK_ROLES and not facts["irreversible"],
+            can_lock=facts["visible"] and op.role in LOCK_ROLES,  # locked already: the reason can change
             can_unlock=(facts["visible"] and op.role in UNLOCK_ROLES and card.status == CardStatus.locked
                         and not facts["irreversible"]),
             can_remove=facts["visible"] and op.role in REMOVE_ROLES,
