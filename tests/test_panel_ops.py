@@ -438,8 +438,11 @@ async def test_admin_creates_disables_and_resets_an_employee(server, data_dir):
 
             assert (await admin.post("/panel/admins/emp.one/enable", data={"csrf_token": token})).status_code == 303
             assert (await panel_login(employee, "emp.one", password)).status_code == 303
+            user_page = await admin.get("/panel/admins/emp.one")
+            assert user_page.status_code == 200 and 'action="/panel/admins/emp.one/password"' in user_page.text
+            assert (await admin.get("/panel/admins/admin")).status_code == 403
             short = await admin.post("/panel/admins/emp.one/password", data={"csrf_token": token, "password": "x"})
-            assert short.status_code == 400
+            assert short.status_code == 400 and "Not changed" in short.text
             reset = await admin.post("/panel/admins/emp.one/password", data={"csrf_token": token, "password": ""})
             assert reset.status_code == 200 and "shown only once" in reset.text
             new_password = re.search(r"<code>([^<]+)</code>", reset.text).group(1)

@@ -65,7 +65,7 @@ def register(panel: PanelApp) -> None:
         log.info("panel: %s created admin user %s (%s)", op.username, info.username, info.role)
         return panel.redirect(request, "/panel/admins", flash=f"{info.role} {info.username} created.")
 
-    async def target_of(request: Request, op):
+    async def target_of(request: Request, op, *, audit: bool = True):
         """(the Manager or Employee the path names, or None) and the refusal page when refused."""
         username = request.path_params["username"]
         target = None
@@ -74,8 +74,9 @@ def register(panel: PanelApp) -> None:
         if target is None:
             return None, panel.not_found(request, op, "admin user")
         if target.role is Role.admin:
-            await panel.audit(op, f"refused:admins/{request.url.path.rsplit('/', 1)[-1]}", f"admin:{username}",
-                              "forbidden", detail="an Admin cannot be disabled or reset from the panel")
+            if audit:
+                await panel.audit(op, f"refused:admins/{request.url.path.rsplit('/', 1)[-1]}", f"admin:{username}",
+                                  "forbidden", detail="an Admin cannot be disabled or reset from the panel")
             return None, panel.error(request, op, 403, "Not allowed", "An Admin cannot be disabled, enabled or "
                                      "reset here: only Managers and Employees.")
         return target, None
@@ -83,6 +84,14 @@ def register(panel: PanelApp) -> None:
     def end_sessions(username: str) -> int:
         closed = panel.sessions.close_where(lambda operator: operator.username == username)
         return closed + panel.ctx.admin_sessions.revoke_where(lambda subject: subject.username == username)
+
+    @panel.page("/admins/{username}", roles=ADMIN_ONLY)
+    async def admin_user(request: Request, op):
+        target, refusal = await target_of(request, op, audit=False)
+        if target is None:
+            return refusal
+        return panel.render(request, op, "admin_user.html", target=target, error="",
+                            password_min=ADMIN_PASSWORD_LENGTH_MIN)
 
     async def set_disabled(request: Request, op, disabled: bool):
         target, refusal = await target_of(request, op)
@@ -119,8 +128,10 @@ def register(panel: PanelApp) -> None:
         password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES) if generated else typed
         if not ADMIN_PASSWORD_LENGTH_MIN <= len(password) <= SECRET_LENGTH_MAX:
             await panel.audit(op, "admin.users.password", f"admin:{target.username}", "invalid")
-            return await show(request, op, status=400, error=f"Not changed: a password has {ADMIN_PASSWORD_LENGTH_MIN}"
-                              f" to {SECRET_LENGTH_MAX} characters. Leave it empty to generate one.")
+            return panel.render(request, op, "admin_user.html", status=400, target=target,
+                                password_min=ADMIN_PASSWORD_LENGTH_MIN,
+                                error=f"Not changed: a password has {ADMIN_PASSWORD_LENGTH_MIN} to "
+                                f"{SECRET_LENGTH_MAX} characters. Leave it empty to generate one.")
         changed = await panel.ctx.in_thread(admins_admin.set_admin_password, panel.store, target.username, password)
         if not changed:
             return panel.not_found(request, op, "admin user")
