@@ -90,7 +90,7 @@ def register(panel: PanelApp) -> None:
         target, refusal = await target_of(request, op, audit=False)
         if target is None:
             return refusal
-        return panel.render(request, op, "admin_user.html", target=target, error="",
+        return panel.render(request, op, "admins_user.html", target=target, error="",
                             password_min=ADMIN_PASSWORD_LENGTH_MIN)
 
     async def set_disabled(request: Request, op, disabled: bool):
@@ -128,7 +128,7 @@ def register(panel: PanelApp) -> None:
         password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES) if generated else typed
         if not ADMIN_PASSWORD_LENGTH_MIN <= len(password) <= SECRET_LENGTH_MAX:
             await panel.audit(op, "admin.users.password", f"admin:{target.username}", "invalid")
-            return panel.render(request, op, "admin_user.html", status=400, target=target,
+            return panel.render(request, op, "admins_user.html", status=400, target=target,
                                 password_min=ADMIN_PASSWORD_LENGTH_MIN,
                                 error=f"Not changed: a password has {ADMIN_PASSWORD_LENGTH_MIN} to "
                                 f"{SECRET_LENGTH_MAX} characters. Leave it empty to generate one.")
