@@ -13,8 +13,9 @@ Where the panel reads transactions from, and why:
   what the activity kept. Older records are still found through their card or customer.
 - The journal's open and recently closed authorizations (clearing's index) are also asked by RRN.
 
-Memory: ~200 bytes an entry past the records themselves, which the activity log shares (about
-40 MB at the bound). Scans (response code or dates alone) walk the ring newest first in chunks of
+Memory: ~214 bytes an entry past the records themselves, which the journal and the activity log
+share (~43 MB at the bound, docs/operations.md). Seeding reads the whole activity log once at start
+(about 1 s at its default bound of 1,000,000 records, less for a smaller log). Scans (response code or dates alone) walk the ring newest first in chunks of
 `SCAN_CHUNK`, yielding to the event loop between chunks so the switch is never held for long; an
 entry overwritten meanwhile is recognised by its sequence number and skipped.
 """
