@@ -43,6 +43,7 @@ DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 375, "height": 740}
 EMPLOYEE = ("clerk", "employee-password-1")
 KYC_NAME = ("Leon", "Bakiewicz")
+ACTION_TIMEOUT_MS = 10_000  # a page here answers in milliseconds; fail fast, not after Playwright's 30 s
 LOCK_REASON = "3"  # "pending query": reversible, answered 05 (docs/contract.md, response codes)
 
 
@@ -88,6 +89,7 @@ def page_for(browser):
 
     def new(viewport=DESKTOP):
         context = browser.new_context(ignore_https_errors=True, viewport=viewport)
+        context.set_default_timeout(ACTION_TIMEOUT_MS)
         contexts.append(context)
         return context.new_page()
 

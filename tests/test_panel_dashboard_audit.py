@@ -234,6 +234,7 @@ async def test_audit_csv_export_with_filters_and_formula_guard(server, data_dir)
         await panel_login(client, "admin", admin_password(data_dir))
         page = await client.get("/panel/audit", params={"actor": "mallory"})
         assert 'href="/panel/audit.csv?actor=mallory"' in page.text
+        assert "status: <del>ACTIVE</del> → <strong>—</strong>" in page.text
         reply = await client.get("/panel/audit.csv", params={"actor": "mallory"})
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/csv")
@@ -250,3 +251,19 @@ async def test_audit_csv_export_with_filters_and_formula_guard(server, data_dir)
         assert (await client.get("/panel/audit.csv", params={"since": "nope"})).status_code == 400
     exports = server.store.audit_page(AuditQuery(action="audit.export"))
     assert exports and exports[0].actor == "admin" and exports[0].detail == "5 rows"
+
+
+def test_audit_changes_side_by_side():
+    from authsrv.panel.views.audit import Change, changes_of
+
+    def entry(before: str, after: str) -> AuditEntry:
+        return AuditEntry(1, "", "a", "Admin", "panel", "card.lock", "card:1", "ok", before, after)
+
+    lock = changes_of(entry('{"status": "ACTIVE", "lockReason": 0, "pan": "535522******2312"}',
+                            '{"status": "LOCKED", "lockReason": 3, "pan": "535522******2312"}'))
+    assert lock == [Change("lockReason", "0", "3"), Change("pan", "535522******2312", "535522******2312"),
+                    Change("status", "ACTIVE", "LOCKED")]
+    assert [c.changed for c in lock] == [True, False, True]
+    assert changes_of(entry("", '{"rates": {"USD": 1.1}}')) == [Change("rates", "", '{"USD": 1.1}')]
+    assert changes_of(entry("plain text", "")) == [Change("", "plain text", "")]
+    assert changes_of(entry("", "")) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import json
 from urllib.parse import urlencode
 
 import attrs
@@ -31,6 +32,7 @@ TARGET_MAX = 128
 ACTION_MAX = 64
 CHANNELS = ("panel", "api")
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CHANGES_SHOWN_MAX = 40  # keys of one entry shown on the page (the CSV has every value)
 CSV_COLUMNS = ("id", "at", "actor", "role", "channel", "action", "target", "outcome", "before", "after", "detail")
 
 
@@ -99,6 +101,49 @@ def parse_before(params) -> int:
     return int(text)
 
 
+@attrs.frozen
+class Change:
+    """One value of an entry as shown: its name, before and after ('' where absent)."""
+
+    name: str
+    before: str
+    after: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def _json(text: str):
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _shown(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def changes_of(entry: AuditEntry) -> list[Change]:
+    """The before and after values side by side, per key when both are JSON objects (the panel and
+    the domain write them so); otherwise one row with the two texts."""
+    before, after = _json(entry.before_json), _json(entry.after_json)
+    if before is None and after is None:
+        return []
+    if isinstance(before, dict | None) and isinstance(after, dict | None):
+        before, after = before or {}, after or {}
+        return [Change(name, _shown(before.get(name)), _shown(after.get(name)))
+                for name in sorted(set(before) | set(after))][:CHANGES_SHOWN_MAX]
+    return [Change("", _shown(before), _shown(after))]
+
+
 def safe_cell(value: str) -> str:
     """A cell a spreadsheet shows as text: formulas are defused with a leading quote."""
     return "'" + value if value.startswith(FORMULA_PREFIXES) else value
@@ -128,7 +173,8 @@ def register(panel: PanelApp) -> None:
         older = f"/panel/audit?{urlencode({**params, 'before': entries[-1].id})}" if more else ""
         newest = f"/panel/audit?{urlencode(params)}" if before else ""
         export = "/panel/audit.csv" + (f"?{urlencode(params)}" if params else "")
-        return panel.render(request, op, "audit.html", status=status, entries=entries, filters=filters,
+        return panel.render(request, op, "audit.html", status=status, entries=entries, changes_of=changes_of,
+                            filters=filters,
                             actions=actions, channels=CHANNELS, error=error, older_url=older, newest_url=newest,
                             export_url=export, page_rows=PAGE_ROWS, csv_rows_max=CSV_ROWS_MAX)
 
