@@ -177,7 +177,7 @@ class TransactionIndex:
             seq -= 1
             examined += 1
             if examined % SCAN_CHUNK == 0:
-                await trio.sleep(0)  # let the switch run; entries overwritten meanwhile are skipped
+                await trio.lowlevel.checkpoint()  # let the switch run; entries overwritten meanwhile are skipped
         return found, None
 
 

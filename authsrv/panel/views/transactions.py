@@ -25,7 +25,7 @@ from authsrv.clearing.plan import ClearingCode
 from authsrv.hotpath.activity import shown
 from authsrv.hotpath.context import External
 from authsrv.hotpath.fees import FeeCode
-from authsrv.hotpath.journal import AuthRecord, open_hold_id
+from authsrv.hotpath.journal import AuthRecord
 from authsrv.hotpath.outcome import RESPONSE, Outcome, is_approval
 from authsrv.hotpath.steps import TransferCode
 from authsrv.iso import currency
