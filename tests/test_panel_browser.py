@@ -6,7 +6,9 @@ form submitted through the partner channel (its image loads, `Accept`); lock a c
 approved; an Employee who may lock but not unlock (no `Unlock` button, and a forged POST refused
 with 403); a CSRF refusal (a wrong token: 403); search (users by name, transactions by RRN); the
 audit entries of all this; the dashboard and a card page at a phone's width without horizontal
-scrolling. Every page visited is saved as a screenshot: to $PANEL_SCREENSHOTS (`make
+scrolling. The tests run in file order against one server and build on each other (the search
+finds the KYC test's customer, the audit page shows the earlier tests' actions). Every page
+visited is saved as a screenshot: to $PANEL_SCREENSHOTS (`make
 panel-screenshots` sets docs/panel) or a temporary directory.
 
 Chromium is Debian's (`/usr/bin/chromium`, installed by .ci/run with apt): `playwright install`
@@ -297,10 +299,11 @@ def test_audit_shows_the_actions_and_the_other_pages(live, page_for, shots):
     expect(page.locator("#live")).to_have_attribute("data-updated", re.compile(r"\d{4}-"), timeout=10_000)
 
 
-def test_phone_width_without_horizontal_scroll(live, page_for):
+def test_phone_width_without_horizontal_scroll(live, page_for, shots):
     page = page_for(PHONE)
     login(page, live.base, "admin", live.password)
     no_horizontal_scroll(page)
+    shoot(page, shots, "dashboard-phone")
     page.goto(f"{live.base}/panel/cards/{live.cards[0]['cardId']}")
     expect(page.get_by_role("button", name="Lock", exact=True)).to_be_visible()
     no_horizontal_scroll(page)
