@@ -160,6 +160,28 @@ async def test_transaction_index_is_bounded_follows_replacements_and_reseeds() -
     assert index.by_rrn("R00000000021") == []  # the old journal no longer feeds it
 
 
+async def test_index_scan_skips_entries_overwritten_while_it_yields(monkeypatch) -> None:
+    from authsrv.panel import txindex
+
+    monkeypatch.setattr(txindex, "SCAN_CHUNK", 2)
+    index = TransactionIndex(capacity=10)
+    for n in range(1, 11):
+        index._append(_record(n))
+    real_checkpoint = trio.lowlevel.checkpoint
+    fed = iter(range(11, 16))
+
+    async def checkpoint_while_traffic_flows() -> None:
+        index._append(_record(next(fed)))  # the switch appends while the scan is suspended
+        await real_checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint_while_traffic_flows)
+    found, cursor = await index.scan(lambda record: True, before_seq=None, limit=10)
+    numbers = [int(record.rrn[1:]) for record in found]
+    # Newest first from where it started (10), two per chunk; by the time the scan reached 3, the
+    # traffic of three suspensions (11..13) had overwritten 1..3: skipped, never shown stale.
+    assert numbers == [10, 9, 8, 7, 6, 5, 4] and cursor is None
+
+
 async def test_reversal_shown_and_search_survives_a_restart(data_dir, cards):
     card = cards[9]
     async with trio.open_nursery() as nursery:
