@@ -193,6 +193,7 @@ def test_kyc_review_with_its_image(live, page_for, shots):
     page.wait_for_function("() => Array.from(document.images).every(image => image.complete)")
     widths = images.evaluate_all("nodes => nodes.map(node => node.naturalWidth)")
     assert all(width > 0 for width in widths), widths  # decrypted and served to the browser
+    images.first.evaluate("image => image.scrollIntoView({block: 'center'})")  # the screenshot shows them
     shoot(page, shots, "kyc-form")
     page.get_by_role("button", name="Accept").click()
     expect(page).to_have_url(f"{live.base}/panel/kyc/{form_id}")
