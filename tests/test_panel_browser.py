@@ -267,8 +267,12 @@ def test_search_users_by_name_and_transactions_by_rrn(live, page_for, shots):
     page.goto(f"{live.base}/panel/transactions")
     page.get_by_label("RRN").fill(live.approved_rrn)
     page.locator('form[action="/panel/transactions"] button[type="submit"]').click()
-    expect(page.locator("main")).to_contain_text(live.approved_rrn)
+    expect(page.locator("main table")).to_contain_text(live.approved_rrn)
     assert live.cards[0]["pan"] not in page.content()
+    page.goto(f"{live.base}/panel/transactions?card={live.cards[0]['cardId']}")  # a card's transactions
+    results = page.locator("main table").first
+    expect(results).to_contain_text(live.approved_rrn)
+    results.evaluate("table => table.scrollIntoView({block: 'start'})")
     shoot(page, shots, "transactions")
 
 
