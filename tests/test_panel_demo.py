@@ -82,3 +82,11 @@ def test_panel_demo_serves_the_panel_and_stops_on_ctrl_c(tmp_path: Path):
     assert code == 0, text[-3000:]
     assert "server stopped (exit 0)" in text and "Traceback" not in text
     assert not (data / "run.json").exists()  # the server removed it when it stopped
+
+
+def test_make_demo_ends_with_how_to_open_the_panel():
+    from simulators.demo import panel_hint
+
+    hint = panel_hint(Path("/srv/demo-data"))
+    assert "make panel" in hint and "https://127.0.0.1:8443/panel/" in hint
+    assert "/srv/demo-data/admin-password" in hint and "authsrv serve --data /srv/demo-data" in hint
