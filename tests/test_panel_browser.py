@@ -103,8 +103,8 @@ def page_for(browser):
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def shoot(page, shots: Path, name: str) -> None:
-    page.screenshot(path=str(shots / f"{name}.png"), full_page=False)
+def shoot(page, shots: Path, name: str, *, full_page: bool = False) -> None:
+    page.screenshot(path=str(shots / f"{name}.png"), full_page=full_page)
 
 
 def login(page, base: str, username: str, password: str, shots: Path | None = None) -> None:
@@ -299,7 +299,7 @@ def test_audit_shows_the_actions_and_the_other_pages(live, page_for, shots):
     page.goto(f"{live.base}/panel/")
     expect(page.locator("#auth-total")).not_to_have_text("0")
     expect(page.locator("svg.chart")).to_be_visible()
-    shoot(page, shots, "dashboard")
+    shoot(page, shots, "dashboard", full_page=True)  # figures, codes, chart and ledger totals
     # The live refresh (panel.js) replaces the figures without a reload.
     expect(page.locator("#live")).to_have_attribute("data-updated", re.compile(r"\d{4}-"), timeout=10_000)
 
