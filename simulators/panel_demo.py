@@ -28,7 +28,15 @@ import trio
 from simulators.demo import EXTERNAL_PARTNER, INTERNAL_PARTNER, PARTNER_SIM_ARGS, _prepare_data, fresh_data_dir
 from simulators.network.load import LoadConfig, LoadError, run_load
 from simulators.network.pinblock import load_zpk
-from simulators.network.target import ChildProcess, Ports, TargetError, authsrv_command, free_port, run_cli, start_authsrv
+from simulators.network.target import (
+    ChildProcess,
+    Ports,
+    TargetError,
+    authsrv_command,
+    free_port,
+    run_cli,
+    start_authsrv,
+)
 
 DEFAULT_DATA = Path(".panel-demo")
 RATE_PER_S_MAX = 50.0  # "gentle": the panel is the point, not the switch's throughput
@@ -144,30 +152,33 @@ async def drive_until_stopped(cards: dict[str, Path], iso_port: int, zpk: bytes,
                 return
 
 
+async def one_round(cards: dict[str, Path], iso_port: int, zpk: bytes, rate: float, number: int) -> dict[str, int]:
+    """ROUND_S of the mix at both partners' cards at once; the answers by field 39."""
+    rates = {INTERNAL_PARTNER: rate * (1 - EXTERNAL_SHARE), EXTERNAL_PARTNER: rate * EXTERNAL_SHARE}
+    codes: dict[str, int] = {}
+
+    async def one(partner: str, seed: int) -> None:
+        config = LoadConfig(cards_path=cards[partner], port=iso_port, rate_per_s=rates[partner], duration_s=ROUND_S,
+                            connections=1, seed=seed, zpk=zpk, pin_victims_reused=number > 1)  # fmt: skip
+        report = await run_load(config)
+        for code, count in report.codes.items():
+            codes[code] = codes.get(code, 0) + count
+
+    async with trio.open_nursery() as nursery:
+        for index, partner in enumerate(cards):
+            nursery.start_soon(one, partner, number * 10 + index)  # another seed each round: fresh RRNs
+    return codes
+
+
 async def drive(cards: dict[str, Path], iso_port: int, zpk: bytes, rate: float) -> None:
     """Rounds of the network simulator's mix at `rate`/s until cancelled."""
-    rates = {INTERNAL_PARTNER: rate * (1 - EXTERNAL_SHARE), EXTERNAL_PARTNER: rate * EXTERNAL_SHARE}
     total = 0
-    for round_number in range(1, sys.maxsize):  # until Ctrl-C
-        reports = {}
-
-        async def one(partner: str, round_seed: int) -> None:
-            config = LoadConfig(cards_path=cards[partner], port=iso_port, rate_per_s=rates[partner],
-                                duration_s=ROUND_S, connections=1, seed=round_seed, zpk=zpk,
-                                pin_victims_reused=round_number > 1)  # fmt: skip
-            reports[partner] = await run_load(config)
-
-        async with trio.open_nursery() as nursery:
-            for index, partner in enumerate(cards):
-                nursery.start_soon(one, partner, round_number * 10 + index)
-        answered = sum(report.answered for report in reports.values())
+    for number in range(1, sys.maxsize):  # until Ctrl-C
+        codes = await one_round(cards, iso_port, zpk, rate, number)
+        answered = sum(codes.values())
         total += answered
-        codes: dict[str, int] = {}
-        for report in reports.values():
-            for code, count in report.codes.items():
-                codes[code] = codes.get(code, 0) + count
         mix = ", ".join(f"{code} x{count}" for code, count in sorted(codes.items(), key=lambda item: -item[1]))
-        print(f"  {time.strftime('%H:%M:%S')}  round {round_number}: {answered} answered ({mix}); {total} in all",
+        print(f"  {time.strftime('%H:%M:%S')}  round {number}: {answered} answered ({mix}); {total} in all",
               flush=True)
 
 

@@ -72,7 +72,7 @@ class Histo:
         """What was observed between `older` and this reading (same buckets, or this one whole)."""
         if older.bounds != self.bounds:
             return self
-        return Histo(self.bounds, tuple(max(0.0, a - b) for a, b in zip(self.counts, older.counts)))
+        return Histo(self.bounds, tuple(max(0.0, a - b) for a, b in zip(self.counts, older.counts, strict=True)))
 
     def quantile(self, q: float) -> float | None:
         """Prometheus' histogram_quantile: None without observations; the largest finite bound when
@@ -83,7 +83,7 @@ class Histo:
             return None
         rank = q * self.count
         lower_bound, lower_count = 0.0, 0.0
-        for bound, count in zip(self.bounds, self.counts):
+        for bound, count in zip(self.bounds, self.counts, strict=True):
             if count >= rank:
                 if math.isinf(bound):
                     return lower_bound
@@ -219,7 +219,7 @@ def chart_points(samples: Iterable[Sample], now: Sample | None = None) -> tuple[
     if now is not None and (not readings or now.at_s - readings[-1].at_s >= RATE_WINDOW_S_MIN):
         readings.append(now)
     points = []
-    for older, newer in zip(readings, readings[1:]):
+    for older, newer in zip(readings, readings[1:], strict=False):
         seconds = newer.at_s - older.at_s
         if seconds <= 0:
             continue
