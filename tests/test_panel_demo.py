@@ -90,3 +90,18 @@ def test_make_demo_ends_with_how_to_open_the_panel():
     hint = panel_hint(Path("/srv/demo-data"))
     assert "make panel" in hint and "https://127.0.0.1:8443/panel/" in hint
     assert "/srv/demo-data/admin-password" in hint and "authsrv serve --data /srv/demo-data" in hint
+
+
+def test_docs_panel_shows_the_screenshots_the_browser_suite_makes():
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "docs" / "panel.md").read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]+\]\((panel/[a-z-]+\.png)\)", text)
+    assert len(images) >= 9
+    for image in images:
+        assert (repo / "docs" / image).read_bytes().startswith(b"\x89PNG"), image
+    suite = (repo / "tests" / "test_panel_browser.py").read_text(encoding="utf-8")
+    made = set(re.findall(r'shoot\(page, shots, "([a-z-]+)"', suite))
+    made |= set(re.findall(r'\("/panel/[a-z-]+", "([a-z-]+)"\)', suite))  # the pages shot in a loop
+    assert {f"panel/{name}.png" for name in made} == set(images)
+    assert "docs/panel.md" in (repo / "README.md").read_text(encoding="utf-8")
+    assert "docs/panel.md" in (repo / "docs" / "operations.md").read_text(encoding="utf-8")
