@@ -137,7 +137,7 @@ async def test_dashboard_figures_move_after_iso_traffic(server, data_dir, cards)
         assert ">00<" in codes and ">N7<" in codes
         page = await client.get("/panel/")
         assert figure(page.text, "auth-total") == "7"
-        # The fragment did not take the page's flash message, and it needs a session like the page.
+    # The fragment needs a session like the page.
     async with https(data_dir, server.rest_port) as anonymous:
         refused = await anonymous.get("/panel/dashboard/live")
         assert refused.status_code == 303 and refused.headers["location"].endswith("/panel/login")
