@@ -538,6 +538,41 @@ def _match_key(line: Line) -> tuple[str, str, str]:
 # -- the two drivers ----------------------------------------------------------------------------
 
 
+@attrs.define
+class _Timing:
+    """Where an online run's time went (logged once per file): the event loop's share is the point."""
+
+    started: float = attrs.Factory(time.perf_counter)
+    worker_s: float = 0.0  # waiting for worker threads (parse, plan, store commits)
+    hops: int = 0
+    durable_s: float = 0.0  # waiting for the log's group commit
+    loop_s: float = 0.0  # holding the event loop: gather, apply (slices), step
+    loop_max_s: float = 0.0
+
+    async def worker(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.worker_s += time.perf_counter() - started
+            self.hops += 1
+
+    def on_loop(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            held = time.perf_counter() - started
+            self.loop_s += held
+            self.loop_max_s = max(self.loop_max_s, held)
+
+    def report(self, summary: ClearingSummary) -> None:
+        log.info("clearing %s: %d lines in %.2f s: worker threads %.2f s (%d hops), waiting for the log %.2f s,"
+                 " event loop %.3f s (longest %.1f ms)", summary.name, summary.lines,
+                 time.perf_counter() - self.started, self.worker_s, self.hops, self.durable_s, self.loop_s,
+                 self.loop_max_s * 1000)
+
+
 async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
     """On the server's trio thread: chunk by chunk, waiting for each to be durable in between.
 
@@ -545,24 +580,30 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
     again, submitting slices of APPLY_SLICE_RECORDS_MAX records, with a checkpoint between slices);
     parsing, the store's reads and commits, and planning run in worker threads, one hop per chunk
     (marking the previous chunk applied, then planning this one)."""
-    run = await trio.to_thread.run_sync(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX)
-    done = await trio.to_thread.run_sync(run.start)
+    timing = _Timing()
+    run = await timing.worker(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX)
+    done = await timing.worker(run.start)
     if done is not None:
         return done
     retries = 0
     seq = 0
     while not run.finished:  # bounded: each round consumes up to ONLINE_CHUNK_RECORDS_MAX lines
-        gathered = run.gather() if run.lines_left else None
+        gathered = timing.on_loop(run.gather) if run.lines_left else None
         if seq:
+            started = time.perf_counter()
             await deps.ledger.wait_durable(seq)
+            timing.durable_s += time.perf_counter() - started
         # Marking rows applied and planning touch the store (commits with an fsync): off the loop.
-        planned = await trio.to_thread.run_sync(run.durable_then_plan, gathered)
+        planned = await timing.worker(run.durable_then_plan, gathered)
         if gathered is None:
             break
         seq = 0
         while True:  # bounded: a slice per round (the chunk's rows / APPLY_SLICE_RECORDS_MAX), retries bounded
             try:
-                seq = run.step() if planned is None else run.apply(planned, APPLY_SLICE_RECORDS_MAX) or seq
+                if planned is None:
+                    seq = timing.on_loop(run.step)
+                else:
+                    seq = timing.on_loop(run.apply, planned, APPLY_SLICE_RECORDS_MAX) or seq
             except WalFullError:
                 retries += 1
                 if retries > WAL_FULL_RETRIES_MAX:
@@ -572,7 +613,9 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
             if planned is None or planned.done:
                 break
             await trio.sleep(0)  # authorizations in between slices
-    return await trio.to_thread.run_sync(run.finish)
+    summary = await timing.worker(run.finish)
+    timing.report(summary)
+    return summary
 
 
 def _open_run(deps: ClearingDeps, data: bytes, name: str, chunk_records_max: int | None) -> ClearingRun:
