@@ -303,10 +303,12 @@ def test_short_soak_clears_during_the_run_bounds_the_journal_and_reports_every_f
     assert results.rss.flat is not None and results.rss.last_bytes == results.rss_samples[-1].rss_bytes
 
 
-_TRACED = """import os, pathlib, sys, time
+_TRACED = """import os, pathlib, sys, time, tracemalloc
+deadline = time.monotonic() + (30 if "serve" in sys.argv else 3)
+while time.monotonic() < deadline and not tracemalloc.is_tracing():
+    time.sleep(0.05)
 kept = [bytes(1000) for _ in range(20_000)]
 directory = pathlib.Path(os.environ["AUTHSRV_TRACEMALLOC_DIR"])
-deadline = time.monotonic() + (30 if "serve" in sys.argv else 3)  # untraced: files would come in 1-2 s
 while time.monotonic() < deadline and len(list(directory.glob("memtrace-*.txt"))) < 2:
     time.sleep(0.2)
 """

@@ -2,7 +2,9 @@
 
 bench.soak puts this directory first on the PYTHONPATH of the `authsrv serve` it starts, so Python
 imports this module at startup. In that process only (`serve` in argv and AUTHSRV_TRACEMALLOC_DIR
-set) it starts tracemalloc and a daemon thread that every AUTHSRV_TRACEMALLOC_SECONDS writes
+set) it starts a daemon thread that starts tracemalloc after one AUTHSRV_TRACEMALLOC_SECONDS
+(recovery under tracing would outlast the soak's readiness wait; what the server holds by then is
+not traced, what it grows afterwards is), then every AUTHSRV_TRACEMALLOC_SECONDS writes
 DIR/memtrace-NNNN.txt: VmRSS, the traced total, and the allocation sites that grew the most since
 the first snapshot and since the previous one (by line, then by traceback). Comparing VmRSS with
 the traced total tells retained Python objects (both grow) from allocator high-water marks and
@@ -52,6 +54,8 @@ def _write(out: Path, started: float, snapshot, first, previous) -> None:
 
 
 def _run(directory: Path, interval_s: float) -> None:
+    time.sleep(interval_s)
+    tracemalloc.start(FRAMES)
     started = time.monotonic()
     first = previous = None
     for number in range(SNAPSHOTS_MAX):  # bounded: at most SNAPSHOTS_MAX files
@@ -68,7 +72,6 @@ def _start() -> None:
         return
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tracemalloc.start(FRAMES)
     interval_s = float(os.environ.get("AUTHSRV_TRACEMALLOC_SECONDS", "60"))
     threading.Thread(target=_run, args=(path, interval_s), name="memtrace", daemon=True).start()
 
