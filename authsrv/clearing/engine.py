@@ -173,6 +173,7 @@ class Planned:
     # timestamp it was planned for. After a slice is submitted its RRNs are read again at once.
     reads: dict[str, tuple[RrnReads | None, int]]
     positions: dict[str, int]  # identity -> index of its line in the file
+    last_row: dict[str, int] = attrs.Factory(dict)  # RRN -> index of its last row (rows keep their places)
     submitted: int = 0  # rows submitted so far, slice by slice
     dropped: set[str] = attrs.Factory(set)  # identities refused when planned again (nothing to submit)
 
@@ -314,7 +315,8 @@ class ClearingRun:
             count = sum(len(plan.transfers) for _, plan in fresh)
             rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids))
         reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
-        return Planned(gathered.start, chunk, rows, reads, positions)
+        last_row = {row_line.record.rrn: index for index, (row_line, _) in enumerate(fresh)}
+        return Planned(gathered.start, chunk, rows, reads, positions, last_row)
 
     def apply(self, planned: Planned, slice_records_max: int | None = None) -> int:
         """On the thread that owns the ledger, synchronously: the next slice of the chunk's rows (all
@@ -347,6 +349,9 @@ class ClearingRun:
         ok = set(applied)
         refused_rrns = {lines[row.identity].record.rrn for row in rows if row.identity not in ok}
         for rrn in rrns:
+            if planned.last_row[rrn] < planned.submitted:
+                del planned.reads[rrn]  # no row of it left in the chunk: nothing to expect
+                continue
             reads = None if rrn in refused_rrns else read_rrn(ledger, self._deps.journal, rrn)
             planned.reads[rrn] = (reads, planned.reads[rrn][1])
         by_identity = {row.identity: row.plan.event for row in rows}
