@@ -159,6 +159,9 @@ GAUGES = {
     "authsrv_ledger_history_entries": "history_entries",
     "authsrv_journal_closed": "journal_closed",
     "authsrv_activity_records": "activity_records",
+    # Not memory: what stalls the loop (the tail), as totals since start (histogram sum and count).
+    "authsrv_gc_pause_seconds_sum": "gc_pause_s",
+    "authsrv_gc_pause_seconds_count": "gc_pauses",
 }
 
 
@@ -835,11 +838,11 @@ def summary(results: SoakResults) -> str:
         ]  # fmt: skip
     lines.append("RSS samples (elapsed s, phase, MiB, holds pending / open auths / journal records"
                  " / journal evicted early / ledger ids evicted early / history trimmed / history entries"
-                 " / closed / activity rows):")
+                 " / closed / activity rows / GC pause s / GC pauses):")
     for sample in results.rss_samples:
         gauges = " / ".join(f"{sample.gauges[name]:.0f}" if name in sample.gauges else "-" for name in GAUGES.values())
         lines.append(f"  {sample.elapsed_s:8.1f}  {sample.phase:<6}  {sample.rss_bytes / MIB:8.1f}  {gauges}")
-    lines += _ingestion_lines(results.ingestions) + _bounds_lines(results)
+    lines += _ingestion_lines(results.ingestions) + _gc_lines(results.rss_samples) + _bounds_lines(results)
     lines.append(f"judged: {rss.judged_from}")
     if rss.flat is None:
         lines.append("RSS growth: too few samples in the judged part")
@@ -857,6 +860,16 @@ def summary(results: SoakResults) -> str:
         lines.append(f"error: {results.error}")
     lines.append(f"memory flat: {'unknown' if rss.flat is None else 'yes' if rss.flat else 'no'}")
     return "\n".join(lines)
+
+
+def _gc_lines(samples: list[RssSample]) -> list[str]:
+    """The periodic gc.collect() + gc.freeze() over the recorded run: each one holds the event loop."""
+    seen = [sample for sample in _recorded(samples) if "gc_pauses" in sample.gauges and "gc_pause_s" in sample.gauges]
+    if len(seen) < 2 or seen[-1].gauges["gc_pauses"] <= seen[0].gauges["gc_pauses"]:
+        return []
+    count = seen[-1].gauges["gc_pauses"] - seen[0].gauges["gc_pauses"]
+    total_s = seen[-1].gauges["gc_pause_s"] - seen[0].gauges["gc_pause_s"]
+    return [f"GC pauses (collect + freeze, event loop held): {count:.0f}, mean {total_s / count * 1000:.1f} ms"]
 
 
 def _ingestion_lines(ingestions: list[Ingestion]) -> list[str]:

@@ -356,3 +356,12 @@ def test_rss_plot_from_results_on_disk(tmp_path: Path) -> None:
     assert main(["--rate", "1", "--duration", "1", "--out", str(out), "--plot-only"]) == 0
     png = (tmp_path / "soak.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_gc_pauses_over_the_recorded_run() -> None:
+    from bench.soak import _gc_lines
+
+    samples = [sample("warmup", 10, 200, gc_pauses=10, gc_pause_s=5.0), sample("soak", 40, 300, gc_pauses=40, gc_pause_s=5.6),
+               sample("end", 100, 310, gc_pauses=100, gc_pause_s=6.8)]
+    assert _gc_lines(samples) == ["GC pauses (collect + freeze, event loop held): 60, mean 20.0 ms"]
+    assert _gc_lines(samples[:2]) == []  # one recorded sample: nothing to difference
