@@ -267,3 +267,21 @@ def test_audit_changes_side_by_side():
     assert changes_of(entry("", '{"rates": {"USD": 1.1}}')) == [Change("rates", "", '{"USD": 1.1}')]
     assert changes_of(entry("plain text", "")) == [Change("", "plain text", "")]
     assert changes_of(entry("", "")) == []
+
+
+async def test_dashboard_links_only_to_pages_the_role_may_open(server, data_dir):
+    from tests.restclient import admin_login, bearer
+
+    async with https(data_dir, server.rest_port) as client:
+        token = await admin_login(client, "admin", admin_password(data_dir))
+        created = await client.post("/admin/users", headers=bearer(token),
+                                    json={"username": "emp2", "role": "Employee", "password": "e" * 14})
+        assert created.status_code == 201
+        await panel_login(client, "admin", admin_password(data_dir))
+        assert 'href="/panel/outbox"' in (await client.get("/panel/dashboard/live")).text
+    async with https(data_dir, server.rest_port) as employee:
+        await panel_login(employee, "emp2", "e" * 14)
+        for path in ("/panel/", "/panel/dashboard/live"):
+            page = await employee.get(path)
+            assert page.status_code == 200 and 'href="/panel/outbox"' not in page.text, path
+            assert 'id="dead-letters"' in page.text  # the figure itself is for every role

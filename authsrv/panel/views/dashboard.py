@@ -15,7 +15,7 @@ import attrs
 from starlette.responses import HTMLResponse
 
 from authsrv.iso.currency import by_alpha
-from authsrv.panel.app import PanelApp
+from authsrv.panel.app import NAV, PanelApp
 from authsrv.panel.dashboard import ChartPoint, Dashboard, sampler_for
 from authsrv.rest.context import ALL_ROLES
 from authsrv.rest.partner_balances import summary
@@ -88,7 +88,12 @@ def ledger_totals(ledger) -> list[dict]:
     return rows
 
 
-def live_values(panel: PanelApp) -> dict:
+def may_open(op, path: str) -> bool:
+    """Whether the menu offers `path` to this operator (links elsewhere follow the same rule)."""
+    return op is not None and any(item.path == path and op.role in item.roles for item in NAV)
+
+
+def live_values(panel: PanelApp, op=None) -> dict:
     """What the live fragment shows (also the full page's first rendering)."""
     metrics = panel.ctx.metrics
     board: Dashboard | None = sampler_for(metrics).dashboard() if metrics is not None else None
@@ -98,16 +103,17 @@ def live_values(panel: PanelApp) -> dict:
         "chart": chart_of(board.chart) if board is not None else None,
         "totals": ledger_totals(panel.ctx.ledger),
         "updated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "outbox_link": may_open(op, "/panel/outbox"),
     }
 
 
 def register(panel: PanelApp) -> None:
     @panel.page("/", roles=ALL_ROLES)
     async def dashboard(request, op):
-        return panel.render(request, op, "dashboard.html", refresh_ms=REFRESH_MS, **live_values(panel))
+        return panel.render(request, op, "dashboard.html", refresh_ms=REFRESH_MS, **live_values(panel, op))
 
     @panel.page("/dashboard/live", roles=ALL_ROLES)
     async def live(request, op):
         # Rendered alone (not through panel.render): a refresh must not take the page's flash message.
-        body = panel.templates.get_template("dashboard_live.html").render(**live_values(panel))
+        body = panel.templates.get_template("dashboard_live.html").render(**live_values(panel, op))
         return HTMLResponse(body)
