@@ -147,6 +147,7 @@ async def test_dashboard_chart_after_samples(server, data_dir, cards):
     from authsrv.panel.dashboard import sampler_for
 
     sampler = sampler_for(server.switch._metrics)
+    assert len(sampler.samples) >= 1  # the server's task took its first reading before it was ready
     iso = await IsoClient.connect(server.iso_port)
     for card in cards[:3]:
         await iso.call(auth(card, amount=100, cvc2=card["cvc2"]))
