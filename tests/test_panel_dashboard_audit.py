@@ -286,3 +286,23 @@ async def test_dashboard_links_only_to_pages_the_role_may_open(server, data_dir)
             page = await employee.get(path)
             assert page.status_code == 200 and 'href="/panel/outbox"' not in page.text, path
             assert 'id="dead-letters"' in page.text  # the figure itself is for every role
+
+
+async def test_sampler_task_keeps_a_bounded_window(autojump_clock):
+    from authsrv.metrics import Metrics
+    from authsrv.panel.dashboard import DashboardSampler
+
+    metrics = Metrics()
+    sampler = DashboardSampler(metrics, interval_s=3.0, samples_max=5, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sampler.run)
+        assert len(sampler.samples) == 1
+        for second in range(60):
+            metrics.answered("0100", "00" if second % 4 else "51", 0.002)
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert len(sampler.samples) == 5  # 20 readings taken, the oldest dropped
+    times = [sample.at_s for sample in sampler.samples]
+    assert [b - a for a, b in zip(times, times[1:], strict=False)] == [3.0] * 4
+    window = sampler.dashboard().window
+    assert window is not None and window.approval_percent == pytest.approx(75.0, abs=10)
