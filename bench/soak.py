@@ -717,17 +717,18 @@ MEMTRACE_DIR = Path(__file__).parent / "memtrace"  # its sitecustomize traces th
 
 
 @contextlib.contextmanager
-def _memory_traced(directory: Path | None, interval_s: float):
-    """While starting the server: the environment that makes bench/memtrace trace it (children
+def _memory_traced(directory: Path | None, interval_s: float, tracemalloc_on: bool = False):
+    """While starting the server: the environment that makes bench/memtrace report on it (children
     inherit it at start; restored afterwards, so `ledger verify` and the rest run untraced)."""
     if directory is None:
         yield
         return
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "AUTHSRV_TRACEMALLOC_DIR",
-                                                      "AUTHSRV_TRACEMALLOC_SECONDS")}
+    names = ("PYTHONPATH", "AUTHSRV_MEMTRACE_DIR", "AUTHSRV_MEMTRACE_SECONDS", "AUTHSRV_MEMTRACE_TRACEMALLOC")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(MEMTRACE_DIR), saved["PYTHONPATH"])))
-    os.environ["AUTHSRV_TRACEMALLOC_DIR"] = str(directory.resolve())
-    os.environ["AUTHSRV_TRACEMALLOC_SECONDS"] = str(interval_s)
+    os.environ["AUTHSRV_MEMTRACE_DIR"] = str(directory.resolve())
+    os.environ["AUTHSRV_MEMTRACE_SECONDS"] = str(interval_s)
+    os.environ["AUTHSRV_MEMTRACE_TRACEMALLOC"] = "1" if tracemalloc_on else "0"
     try:
         yield
     finally:
@@ -739,11 +740,12 @@ def _memory_traced(directory: Path | None, interval_s: float):
 
 
 def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_memory: Path | None = None,
-             trace_memory_s: float = 60.0) -> SoakResults:
+             trace_memory_s: float = 60.0, tracemalloc_on: bool = False) -> SoakResults:
     """Init, seed, bound, serve, warm up, soak with RSS samples and clearing, stop, verify.
 
-    `trace_memory`: a directory where the server writes tracemalloc reports every `trace_memory_s`
-    (bench/memtrace; diagnosis only, it slows the server down)."""
+    `trace_memory`: a directory where the server writes its allocators' figures every
+    `trace_memory_s` (bench/memtrace), with tracemalloc's growth by site when `tracemalloc_on`
+    (diagnosis only: it slows the server down a lot)."""
     config = default_bounds(config)
     work = Path(tempfile.mkdtemp(prefix="authsrv-soak-"))
     data, log_path = work / "data", work / "authsrv.log"
@@ -767,10 +769,11 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
             f" history_per_account_max = {config.history_per_account_max:,};"
             f" [history] activities_max = {config.activities_max:,}")  # fmt: skip
         ports = Ports.free()
-        with _memory_traced(trace_memory, trace_memory_s):
+        with _memory_traced(trace_memory, trace_memory_s, tracemalloc_on):
             server = start_authsrv(data, ports, log_path)
         if trace_memory is not None:
-            log(f"soak: tracemalloc reports every {trace_memory_s:.0f} s in {trace_memory}")
+            log(f"soak: memory reports every {trace_memory_s:.0f} s in {trace_memory}"
+                + (" (tracemalloc on)" if tracemalloc_on else ""))
         sampler = _Sampler(server, ports.metrics, config.sample_s, log)
         samples = sampler.samples
         clearer = None
@@ -1014,9 +1017,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="share of the purchase-type requests that go to the hot cards")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
-                        help="diagnosis: the server traces its allocations (tracemalloc) and writes a report"
-                             " of what grew into DIR every --trace-memory-seconds (slows it down)")
+                        help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
+                             " its RSS into DIR every --trace-memory-seconds (bench/memtrace)")
     parser.add_argument("--trace-memory-seconds", type=float, default=60.0)
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="with --trace-memory: also tracemalloc's growth by allocation site (slows the server"
+                             " down a lot: for small runs)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="the RSS plot (PNG; default: --out with .png)")
     parser.add_argument("--plot-only", action="store_true",
@@ -1048,7 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        results = run_soak(config, trace_memory=args.trace_memory, trace_memory_s=args.trace_memory_seconds)
+        results = run_soak(config, trace_memory=args.trace_memory, trace_memory_s=args.trace_memory_seconds,
+                           tracemalloc_on=args.tracemalloc)
     except KeyboardInterrupt:
         return 130
     write_results(results, args.out)
