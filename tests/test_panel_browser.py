@@ -312,3 +312,6 @@ def test_phone_width_without_horizontal_scroll(live, page_for, shots):
     page.goto(f"{live.base}/panel/cards/{live.cards[0]['cardId']}")
     expect(page.get_by_role("button", name="Lock", exact=True)).to_be_visible()
     no_horizontal_scroll(page)
+    page.goto(f"{live.base}/panel/audit")  # long action names and values wrap
+    expect(page.locator("#audit")).to_be_visible()
+    no_horizontal_scroll(page)
