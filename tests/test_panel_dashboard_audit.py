@@ -306,3 +306,19 @@ async def test_sampler_task_keeps_a_bounded_window(autojump_clock):
     assert [b - a for a, b in zip(times, times[1:], strict=False)] == [3.0] * 4
     window = sampler.dashboard().window
     assert window is not None and window.approval_percent == pytest.approx(75.0, abs=10)
+
+
+def test_chart_axes_and_points():
+    from authsrv.panel.dashboard import ChartPoint
+    from authsrv.panel.views.dashboard import CHART_PAD, _nice_max, chart_of
+
+    maxima = [_nice_max(v) for v in (0, 0.01, 0.3, 3, 10, 30, 101, float("inf"))]
+    assert maxima == pytest.approx([1, 0.01, 0.5, 5, 10, 50, 200, 1])
+    points = (ChartPoint(100.0, 0.0, None), ChartPoint(103.0, 4.0, 20.0), ChartPoint(106.0, 2.0, 10.0))
+    chart = chart_of(points, width=200, height=100)
+    inner_w, bottom = 200 - 2 * CHART_PAD, 100 - CHART_PAD
+    assert chart.rate_max == 5 and chart.p99_max_ms == 20 and chart.minutes == pytest.approx(0.1)
+    xy = [tuple(map(float, pair.split(","))) for pair in chart.rate_points.split()]
+    assert xy[0] == (CHART_PAD, bottom) and xy[-1][0] == CHART_PAD + inner_w
+    assert xy[1][1] == pytest.approx(bottom - (100 - 2 * CHART_PAD) * 4 / 5, abs=0.1)
+    assert len(chart.p99_points.split()) == 2  # no point where no answer was timed

@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from authsrv.panel.app import build_panel
 from authsrv.rest.audit import AuditMiddleware
 from authsrv.rest.auth import AuthMiddleware
 from authsrv.rest.balances import BalancesApi
@@ -91,6 +90,10 @@ def build_app(ctx: RestContext, *, body_bytes_max: int = REQUEST_BODY_BYTES_MAX)
         return found is not None
 
     # The Administration Panel: HTML pages on this same listener (authsrv/panel, docs/panel.md).
+    # Imported here: the panel imports authsrv.rest (context, domain code), so a module-level import
+    # made `import authsrv.panel.app` fail when it came first (a circular import).
+    from authsrv.panel.app import build_panel
+
     panel = build_panel(ctx, attempts=sessions.admin_attempts)
     return Starlette(
         routes=[Route("/openapi.json", openapi, methods=["GET"]), *routes, panel],

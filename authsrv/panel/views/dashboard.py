@@ -42,12 +42,12 @@ class Chart:
 
 def _nice_max(value: float) -> float:
     """A round upper bound for an axis (1, 2, 5 x 10^n) at or above `value`."""
-    if value <= 0:
+    if not 0 < value < 1e12:  # nothing to scale (or nothing sensible): one unit
         return 1.0
     scale = 1.0
     while scale * 10 < value:
         scale *= 10
-    while scale > value * 10:
+    while scale > value:
         scale /= 10
     for step in (1, 2, 5, 10):
         if step * scale >= value:
