@@ -267,3 +267,23 @@ async def test_a_reversal_between_two_slices_replans_the_later_slice(server, dat
     assert balance(server, card).posted == SEED_AMOUNT - 7_000 and balance(server, card).debits_pending == 0
     assert_rows_are_what_was_posted(server, data, stale_ids)
     check_books(server.ledger.ledger)
+
+
+async def test_a_gather_in_pieces_with_a_reversal_in_between(server, data_dir, solo):
+    """The server reads a chunk's RRNs in pieces, with checkpoints between. A hold voided after its
+    RRN was read, while later RRNs are still being read, is found at submit like any other change."""
+    client = await IsoClient.connect(server.iso_port)
+    request, first = await approve(client, solo[10], 1_500)
+    _, second = await approve(client, solo[11], 1_600)
+    data = clearing_file(record(first), record(second))
+    run = ClearingRun(deps(server, data_dir), parse_clearing_file(data), "race.jsonl")
+    assert run.start() is None
+    gathered = run.gather(1)
+    assert list(gathered.reads) == [first["rrn"]]
+    assert (await client.call(reversal_of(request)))["39"] == "00"  # between two pieces of the gather
+    assert run.gather_more(gathered, 1) and list(gathered.reads) == [first["rrn"], second["rrn"]]
+    planned = await trio.to_thread.run_sync(run.plan, gathered)
+    await apply_rest(server, run, planned)
+    assert run.replanned == 1 and (run.summary.exact, run.summary.late) == (1, 1)
+    assert [row.plan.outcome for row in stored(server, data)] == ["late", "exact"]
+    check_books(server.ledger.ledger)
