@@ -321,15 +321,17 @@ class FunctionPool:
         self.errors = 0
 
     async def run(self, auth: Auth, zpk: bytes | None) -> Outcome:
-        async with self.available:
-            pgconn = self.idle.pop()  # the semaphore guarantees one is idle
-            try:
-                outcome = await self._call(pgconn, function_params(auth, zpk, current_yymm()))
-            except BaseException:
-                # Cancelled or broken halfway through the protocol: this connection is not reused.
-                self.errors += 1
-                raise
-            self.idle.append(pgconn)
+        await self.available.acquire()
+        pgconn = self.idle.pop()  # the semaphore guarantees one is idle
+        try:
+            outcome = await self._call(pgconn, function_params(auth, zpk, current_yymm()))
+        except BaseException:
+            # Cancelled or broken halfway through the protocol: the connection is not reused, and
+            # its semaphore token goes with it (the pool is one smaller; closed in close()).
+            self.errors += 1
+            raise
+        self.idle.append(pgconn)
+        self.available.release()
         if outcome.result is Result.internal_error:
             self.errors += 1
         return outcome

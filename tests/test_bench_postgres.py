@@ -289,8 +289,22 @@ def test_function_variant_answers_like_the_transactions_in_one_round_trip(tmp_pa
 
         try:
             got = trio.run(run_all)
+            assert pool.errors == 0
+            assert state(database.conninfo) == expected_state
+            # A call cancelled while PostgreSQL holds it (its balance row locked elsewhere): that
+            # connection is dropped with its token, and the pool goes on with the other one.
+            with psycopg.connect(database.conninfo) as blocker:
+                blocker.execute("SELECT 1 FROM balances FOR UPDATE")
+
+                async def cancelled_then_another() -> Outcome:
+                    with trio.move_on_after(0.3) as scope:
+                        await pool.run(requests()[-1], ZPK)  # the other card: not locked
+                    assert scope.cancelled_caught
+                    blocker.rollback()
+                    return await pool.run(requests()[-1], ZPK)
+
+                assert trio.run(cancelled_then_another).result is Result.approved
+            assert pool.errors == 1 and len(pool.idle) == 1
         finally:
             pool.close()
-        assert pool.errors == 0
-        assert state(database.conninfo) == expected_state
     assert [(o.result, o.available_minor) for o in got] == [(o.result, o.available_minor) for o in expected]
