@@ -76,10 +76,12 @@ def setup_logging() -> None:
 
 def serve_main(data_dir: Path, *, iso_port: int | None = None, rest_port: int | None = None,
                metrics_port: int | None = None) -> int:
+    from authsrv.allocator import tune_allocator
     from authsrv.config import load_config
     from authsrv.store.db import DataDirBusy, DataDirLock
 
     setup_logging()
+    tune_allocator()  # before any worker thread: large objects mapped, not heap holes (allocator.py)
     if not (data_dir / "authsrv.toml").exists():
         print(f"authsrv serve: {data_dir} is not a data directory (run `authsrv init --data {data_dir}`)",
               file=sys.stderr)
