@@ -35,7 +35,7 @@ SNAPSHOTS_MAX = 1_000
 _IGNORED = (tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
             tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"), tracemalloc.Filter(False, "<unknown>"))
 # sys._debugmallocstats' summary lines worth keeping (the per-size-class table is left out)
-_PYMALLOC_LINES = re.compile(r"^# arenas|^# bytes in|^Total|^\d+ unused pools|^\d+ free \d+-sized")
+_PYMALLOC_LINES = re.compile(r"^# arenas|^# bytes in|^\d+ unused pools")
 
 
 class _Mallinfo2(ctypes.Structure):
