@@ -287,3 +287,30 @@ async def test_a_gather_in_pieces_with_a_reversal_in_between(server, data_dir, s
     assert run.replanned == 1 and (run.summary.exact, run.summary.late) == (1, 1)
     assert [row.plan.outcome for row in stored(server, data)] == ["late", "exact"]
     check_books(server.ledger.ledger)
+
+
+async def test_the_worker_hands_the_gil_back_between_records(server, data_dir, solo):
+    """On the server, parsing and planning in the worker pause (engine.yield_gil) every few lines
+    and every record, so the event loop is not held up by them; never on the loop itself."""
+    from authsrv.clearing import engine
+
+    client = await IsoClient.connect(server.iso_port)
+    made = [(await approve(client, card, 1_000))[1] for card in solo[12:16]]
+    records = [record(one) for one in made] + [record({"rrn": f"9{n:011d}", "authCode": "", "pan": solo[0]["pan"],
+                                                       "amount": 1}) for n in range(40)]  # forced posts
+    pauses: list[str] = []
+
+    def pause() -> None:
+        assert trio.lowlevel.in_trio_run() is False  # a worker thread, not the loop
+        pauses.append("pause")
+
+    data = clearing_file(*records)
+    run = await trio.to_thread.run_sync(engine._open_run, deps(server, data_dir), data, "pauses.jsonl", None, pause)
+    parsed = len(pauses)
+    assert parsed == len(records) // 16  # parse_clearing_file: every PAUSE_EVERY_LINES lines
+    assert run.start() is None
+    planned = await trio.to_thread.run_sync(run.plan, run.gather())
+    assert len(pauses) - parsed == len(records) + len(records) // engine.PAUSE_EVERY_ROWS  # each record, rows
+    await apply_rest(server, run, planned)
+    assert (run.summary.exact, run.summary.forced) == (4, 40)
+    check_books(server.ledger.ledger)

@@ -86,6 +86,7 @@ ONLINE_CHUNK_RECORDS_MAX = 400  # planned in one worker hop (one store commit fo
 # the loop 7-25 ms at the longest in the soak at 1,400/s (a slice's check, submit and settle).
 APPLY_SLICE_RECORDS_MAX = 50
 ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
+PAUSE_EVERY_ROWS = 16  # rows built between two pauses of a worker (a row: a few microseconds)
 WAL_FULL_RETRIES_MAX = 500
 WAL_FULL_BACKOFF_S = 0.01
 _OK = (TransferStatus.created, TransferStatus.exists)
@@ -95,6 +96,15 @@ _REASONS = {
     ClearingOutcome.forced: "no matching authorization: force-posted",
     ClearingOutcome.late: "the authorization's hold had closed (expired, voided or posted): force-posted",
 }
+
+
+def yield_gil() -> None:
+    """Hand the GIL to a thread waiting for it, if any (sleep(0) releases it). A worker thread calls
+    this between records: with the GIL shared, a worker that keeps it runs the event loop at half
+    speed or less, and the loop waits up to the switch interval (5 ms) for every wake-up. Yielding
+    per record (~0.1 ms of work), clearing runs in the loop's idle time instead. Measured in the soak
+    at 1,400/s without it: p99 108 ms, p99.9 274 ms."""
+    time.sleep(0)
 
 
 @attrs.frozen
@@ -186,7 +196,9 @@ class Planned:
 
 class ClearingRun:
     def __init__(self, deps: ClearingDeps, parsed: ClearingFile, name: str, *,
-                 clock_ns: Callable[[], int] = time.time_ns, chunk_records_max: int | None = None) -> None:
+                 clock_ns: Callable[[], int] = time.time_ns, chunk_records_max: int | None = None,
+                 pause: Callable[[], None] | None = None) -> None:
+        self._pause = pause  # run between records planned in a worker (yield_gil); None offline
         # Read at call time, and never above CHUNK_RECORDS_MAX (the batch-size bound).
         self._chunk_records_max = min(chunk_records_max or CHUNK_RECORDS_MAX, CHUNK_RECORDS_MAX)
         assert self._chunk_records_max > 0
@@ -319,6 +331,8 @@ class ClearingRun:
                 self._known(line, row, [], overlay)  # counted: applied earlier, or refused
                 continue
             position = gathered.start + offset
+            if self._pause is not None:
+                self._pause()
             plan = planner.plan(line.record, self._card(line.record.pan), last=self._is_last(line, position),
                                 overlay=overlay, ts_ns=gathered.ts_ns, identity=line.identity)
             if plan.outcome is None:
@@ -329,7 +343,7 @@ class ClearingRun:
         rows = []
         if fresh:
             count = sum(len(plan.transfers) for _, plan in fresh)
-            rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids))
+            rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids, self._pause))
         reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
         last_row = {row_line.record.rrn: index for index, (row_line, _) in enumerate(fresh)}
         return Planned(gathered.start, chunk, rows, reads, positions, last_row)
@@ -474,9 +488,13 @@ class ClearingRun:
         else:
             self._refused(line, Refusal.ledger_refused)
 
-    def _new_rows(self, fresh: list[tuple[Line, Plan]], ids: Iterator[int]) -> list[RecordRow]:
+    def _new_rows(self, fresh: list[tuple[Line, Plan]], ids: Iterator[int],
+                  pause: Callable[[], None] | None = None) -> list[RecordRow]:
+        """`pause`: in a worker thread only (never on the loop: it would hand the GIL away)."""
         rows = []
-        for line, plan in fresh:
+        for count, (line, plan) in enumerate(fresh, start=1):
+            if pause is not None and count % PAUSE_EVERY_ROWS == 0:
+                pause()
             transfers = tuple(msgspec.structs.replace(spec, id=next(ids)) for spec in plan.transfers)
             record = line.record
             summary_row = PlanRow(str(plan.outcome), plan.currency, plan.cleared, plan.released, plan.refunded,
@@ -602,7 +620,7 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
     parsing, the store's reads and commits, and planning run in worker threads, one hop per chunk
     (marking the previous chunk applied, then planning this one)."""
     timing = _Timing()
-    run = await timing.worker(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX)
+    run = await timing.worker(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX, yield_gil)
     done = await timing.worker(run.start)
     if done is not None:
         return done
@@ -643,8 +661,10 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
     return summary
 
 
-def _open_run(deps: ClearingDeps, data: bytes, name: str, chunk_records_max: int | None) -> ClearingRun:
-    return ClearingRun(deps, parse_clearing_file(data), name, chunk_records_max=chunk_records_max)
+def _open_run(deps: ClearingDeps, data: bytes, name: str, chunk_records_max: int | None,
+              pause: Callable[[], None] | None = None) -> ClearingRun:
+    return ClearingRun(deps, parse_clearing_file(data, pause=pause), name, chunk_records_max=chunk_records_max,
+                       pause=pause)
 
 
 def apply_clearing_offline(deps: ClearingDeps, data: bytes, name: str) -> ClearingSummary:
