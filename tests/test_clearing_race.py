@@ -290,8 +290,9 @@ async def test_a_gather_in_pieces_with_a_reversal_in_between(server, data_dir, s
 
 
 async def test_the_worker_hands_the_gil_back_between_records(server, data_dir, solo):
-    """On the server, parsing and planning in the worker pause (engine.yield_gil) every few lines
-    and every record, so the event loop is not held up by them; never on the loop itself."""
+    """On the server, parsing and planning in the worker pause every few lines and every record (a
+    pause hands the GIL back once a millisecond has passed: engine.GilYield), so the event loop is
+    not held up by them; never on the loop itself."""
     from authsrv.clearing import engine
 
     client = await IsoClient.connect(server.iso_port)
@@ -314,3 +315,17 @@ async def test_the_worker_hands_the_gil_back_between_records(server, data_dir, s
     await apply_rest(server, run, planned)
     assert (run.summary.exact, run.summary.forced) == (4, 40)
     check_books(server.ledger.ledger)
+
+
+def test_gil_yield_releases_once_per_interval(monkeypatch):
+    from authsrv.clearing import engine
+
+    clock = [0.0]
+    sleeps: list[float] = []
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(engine.time, "sleep", sleeps.append)
+    pause = engine.GilYield(0.001)
+    for _ in range(10):  # 0.25 ms apart: a release every fourth pause
+        clock[0] += 0.00025
+        pause()
+    assert sleeps == [0, 0]

@@ -102,7 +102,7 @@ PAUSE_EVERY_LINES = 16  # parse_clearing_file's `pause` runs this often (~0.25 m
 
 def parse_clearing_file(data: bytes, *, pause: Callable[[], None] | None = None) -> ClearingFile:
     """`pause`, when given, runs every PAUSE_EVERY_LINES lines: in a worker thread of the server it
-    hands the GIL back (engine.yield_gil), so parsing does not hold up the event loop."""
+    hands the GIL back (engine.GilYield), so parsing does not hold up the event loop."""
     if len(data) > CLEARING_FILE_BYTES_MAX:
         raise ClearingFileError(f"clearing file larger than {CLEARING_FILE_BYTES_MAX} bytes")
     raw_lines = data.split(b"\n")
