@@ -18,8 +18,9 @@ Planning off the event loop. On the running server, steps 1 and 2 (parsing the f
 reads and its commit, matching, amounts, events: the bulk of the cost) run in a worker thread; the
 event loop keeps only cheap steps. Before 1, the loop copies what planning may read of the chunk:
 for each RRN its approvals (open, then recently closed) and the holds they name (`RrnReads`), with
-the timestamp the batch is planned for. The worker plans against that copy, a consistent view that
-nothing changes under it. At 3, back on the loop, each RRN is read again: when anything differs (a
+the timestamp the batch is planned for; each RRN in one synchronous step, the RRNs in pieces with
+checkpoints between. The worker plans against that copy, a view that nothing changes under it and
+that is consistent for each RRN, which is all a record's plan reads. At 3, back on the loop, each RRN is read again: when anything differs (a
 hold reversed, voided, expired, posted or reduced meanwhile, an approval closed or evicted), or a
 hold's deadline falls on the other side of the batch's actual timestamp, the records of that RRN
 are planned again on the loop against the live state and their rows replaced (`ClearingStore.replan`,
@@ -76,11 +77,12 @@ log = logging.getLogger("authsrv.clearing")
 
 CHUNK_RECORDS_MAX = 500  # records per ledger batch: up to ~4 transfers each, far below 8,192
 # On the running server the event loop holds only a chunk's gather and its slices' apply: ~0.4 + ~1.6
-# ms per 100 records (in-process test, 2-core VM), against 5-11 ms for planning and recording them on
-# the loop as before (then ~0.56 ms per record in the soak, in chunks of 25, docs/benchmarks.md
-# section 6). The worker's share (~4 ms per 100 records, a store commit included) holds the GIL
-# meanwhile. A chunk costs a thread hop and a store commit, so it is larger than a slice: with the
-# CPU shared, each hop waits to be scheduled (chunks of 100 planned one hop each fell behind the soak).
+# ms per 100 records in-process, 40-70 us per record in the soak at 1,400/s, against 5-11 ms per 100
+# for planning and recording them on the loop as before. The worker's share (~4 ms per 100 records, a
+# store commit included) holds the GIL meanwhile, which the loop then waits for: the soak's tail was
+# longer than with chunks of 25 planned on the loop (docs/benchmarks.md, section 6). A chunk costs a
+# thread hop and a store commit, so it is larger than a slice: with the CPU shared, each hop waits to
+# be scheduled (chunks of 100 planned one hop each fell behind the soak).
 ONLINE_CHUNK_RECORDS_MAX = 400  # planned in one worker hop (one store commit for its rows)
 # Submitted per batch on the loop, then a checkpoint; also the RRNs read per step of a gather. 100 held
 # the loop 7-25 ms at the longest in the soak at 1,400/s (a slice's check, submit and settle).
