@@ -15,11 +15,12 @@ Durability (the issue's words): commit groups the records of many concurrent cal
 write and one fsync; a caller resumes only after its record is on disk. The commit is a two-stage
 pipeline: while the log's long-lived writer thread writes and syncs one group, the next gathers on
 the trio loop, and is handed off the moment the writer rings the doorbell (an eventfd the loop
-waits on: one write(2) and one read(2) per group, no trio token call). Where the disk is fast
-(recent groups took under `inline_commit_s_max`) the committer may write in the trio thread itself
-instead, because handing a group to the thread and back costs CPU (~40 us more per group than
-inline on a 2-core VM, measured) while a fast fdatasync blocks the loop only ~100 us there; the
-default keeps that mode off or on as the measurements in docs/benchmarks.md (issue 16) decided.
+waits on: one write(2) and one read(2) per group, no trio token call). Only when the loop looks
+idle (no task ready to run) and the disk is fast (recent groups took under `inline_commit_s_max`)
+does the committer write in the trio thread itself: handing a group to the thread and back costs
+CPU (~40 us more per group than inline on a 2-core VM, measured), and with nothing else to run a
+fast fdatasync (~100 us there) delays no one. Under load the pipeline is used (docs/benchmarks.md,
+section 8: 3.5x lower p99 at 3,000/s, 1-12% more CPU per authorization).
 A torn record at the tail of the last segment is truncated with a log line; a bad checksum or a sequence gap anywhere else stops recovery with `CorruptLogError` naming
 the file and the byte offset. The directory is fsync'd whenever a segment is created or deleted.
 
