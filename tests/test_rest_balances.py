@@ -287,6 +287,11 @@ async def test_credit_partner_reload_charges_credit_and_low_threshold(world: Wor
     credit_path = "/admin/partner-balances/other/CREDIT/EUR"
     reply = await world.anonymous.post(f"{credit_path}/reload", json={"amount": 100_00}, headers=world.admin())
     assert reply.status_code == 200 and reply.json()["amount"] == 100_00, reply.text
+    # The admin API's audit entry holds the balance before and after the reload.
+    from authsrv.store.db import AuditQuery
+    (entry,) = world.store.audit_page(AuditQuery(action="admin.partner_balance.reload"))
+    assert entry.channel == "api" and entry.outcome == "HTTP 200"
+    assert json.loads(entry.before_json)["amount"] == 0 and json.loads(entry.after_json)["amount"] == 100_00
 
     assert (await world.other.post(reload, json={"amount": 60_00})).json()["amount"] == 60_00  # credit: 40_00
     assert world.events("partner_balance.low") == []

@@ -43,6 +43,8 @@ from starlette.routing import Route
 
 from authsrv.iso.currency import by_alpha
 from authsrv.rest import money
+from authsrv.rest.audit import set_before
+from authsrv.rest.auth import Channel
 from authsrv.rest.context import (
     ALL_ROLES,
     Access,
@@ -495,6 +497,8 @@ class BalancesApi:
         row = await self._own_balance(request, call)
         if row is None:
             return balance_not_found()
+        if call.caller.channel is Channel.admin:
+            set_before(request, balance_view(self.ctx, row, []))
         result, row = await reload_user_balance(self.ctx, call.user, row, body.amount, key)
         if result is ReloadResult.kyc_required:
             return kyc_required()

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from authsrv.hotpath.fx import RATES_FILE_NAME, RatesDocument, RatesError, RatesFile, RatesTable, table_of
 from authsrv.rest.auth import Caller
+from authsrv.rest.audit import set_before
 from authsrv.rest.context import ALL_ROLES, Doc, RestContext, admin_route, invalid, json_response
 from authsrv.rest.errors import Title, problem
 from authsrv.store.db import Role
@@ -85,6 +86,8 @@ class FxApi:
             table = parse_rates(await request.body())
         except RatesError as error:
             return invalid(str(error))
+        previous = await self._ctx.in_thread(self._rates.table)
+        set_before(request, previous.document if previous.base else None)
         await self._ctx.in_thread(replace_rates, self._ctx, self._rates, table)
         log.info("FX rates replaced by %s: base %s, %d rates, as of %s", caller.admin, table.base,
                  len(table.rates), table.as_of)

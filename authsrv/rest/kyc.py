@@ -31,6 +31,7 @@ from starlette.routing import Route
 from authsrv.rest import money
 from authsrv.rest.auth import Caller
 from authsrv.rest.balances import auto_balance_hook
+from authsrv.rest.audit import set_before
 from authsrv.rest.context import Access, Call, Doc, RestContext, admin_route, customer_routes, invalid, \
     json_response, parse_id
 from authsrv.rest.errors import KYC_BODY_BYTES_MAX, Title, problem
@@ -491,6 +492,9 @@ class KycApi:
         form_id = parse_id(request.path_params["formId"])
         if form_id is None:
             return form_not_found()
+        before = await self.ctx.in_thread(self.store.get_kyc_form, form_id)
+        if before is not None:
+            set_before(request, form_status(before))
         status, row = await self.decide_form(form_id, accepted, caller.admin or "", reason)
         if status is DecideStatus.form_not_found:
             return form_not_found()

@@ -40,6 +40,7 @@ from starlette.routing import Route
 from authsrv.iso.currency import by_alpha
 from authsrv.rest import money
 from authsrv.rest.auth import Caller, Channel
+from authsrv.rest.audit import set_before
 from authsrv.rest.context import ALL_ROLES, Doc, RestContext, admin_route, invalid, json_response, route
 from authsrv.rest.errors import Title, problem
 from authsrv.store import partner_reloads
@@ -349,6 +350,7 @@ class PartnerBalancesApi:
         row = await self._find(request)
         if row is None:
             return partner_balance_not_found()
+        set_before(request, partner_balance_view(self.ctx, row))
         result = await reload_partner_balance(self.ctx, row, body.amount, caller.admin or "")
         assert result is PartnerReloadResult.reloaded, result  # no key: nothing else can happen
         return json_response(partner_balance_view(self.ctx, row))
@@ -361,6 +363,7 @@ class PartnerBalancesApi:
         row = await self._find(request)
         if row is None:
             return partner_balance_not_found()
+        set_before(request, partner_balance_view(self.ctx, row))
         fresh = await update_threshold(self.ctx, row, body.low_threshold)
         return json_response(partner_balance_view(self.ctx, fresh))
 
