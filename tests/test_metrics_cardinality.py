@@ -126,3 +126,22 @@ def test_partner_labels_are_the_configured_partners():
     assert families["authsrv_external_calls"] == {
         (("partner", "demo"), ("result", "approved")), (("partner", "other"), ("result", "approved"))}
     assert families["authsrv_external_call_seconds"] == {(("partner", "demo"),), (("partner", "other"),)}
+
+
+def test_external_metrics_once_per_registry():
+    """A cluster node that becomes primary again in the same process builds a second Switch on the
+    same registry: its external-balance metrics are the first ones, not a refused re-registration."""
+    from authsrv.hotpath.external import ExternalMetrics
+    from authsrv.metrics import Metrics
+
+    metrics = Metrics()
+    first = ExternalMetrics.of(metrics.registry, ["demo"])
+    first.child(first.calls, "demo", "approved").inc()
+    again = ExternalMetrics.of(metrics.registry, ["demo", "acme"])
+    assert again is first
+    again.child(again.calls, "acme", "approved").inc()
+    from prometheus_client import generate_latest
+
+    families = isofuzz.series_by_family(generate_latest(metrics.registry).decode())
+    assert (("partner", "acme"), ("result", "approved")) in families["authsrv_external_calls"]
+    assert ExternalMetrics.of(Metrics().registry, ["demo"]) is not first  # another registry: its own

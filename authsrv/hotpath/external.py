@@ -34,6 +34,7 @@ import logging
 import ssl
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -342,9 +343,24 @@ class StandInWindow:
 # -- metrics ----------------------------------------------------------------------------------------
 
 
+_EXTERNAL_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # registry -> ExternalMetrics
+
+
 class ExternalMetrics:
     """Label values: `partner` is one of the configured partners (else OTHER), `result` an External
     state name, `decision` approve or decline: fixed sets, whatever a partner answers."""
+
+    @classmethod
+    def of(cls, registry, partners: Iterable[str] = ()) -> ExternalMetrics:
+        """The one of `registry`: a cluster node that becomes primary again in the same process builds
+        a new Switch, and the registry refuses a second registration of these families."""
+        found = _EXTERNAL_METRICS.get(registry)
+        if found is None:
+            found = _EXTERNAL_METRICS[registry] = cls(registry, partners)
+        elif found._partners != frozenset(partners):
+            found._partners = frozenset(partners)
+            found._children.clear()
+        return found
 
     def __init__(self, registry, partners: Iterable[str] = ()) -> None:
         self._partners = frozenset(partners)
@@ -391,7 +407,7 @@ class ExternalBalance:
         self._hold_timeout_s = hold_timeout_s
         self._partners = dict(partners)  # name -> authsrv.config.PartnerConfig
         self._metrics = metrics  # authsrv.metrics.Metrics (its registry gets ExternalMetrics)
-        self._own = ExternalMetrics(metrics.registry, self._partners)
+        self._own = ExternalMetrics.of(metrics.registry, self._partners)
         self._in_flight_max = in_flight_max
         self.in_flight: dict[str, Pending] = {}
         self.window = StandInWindow()
