@@ -41,7 +41,7 @@ from ledger.types import (
     TransferFlags,
     TransferSpec,
 )
-from ledger.wal import Wal
+from ledger.wal import INLINE_COMMIT_S_MAX, Wal
 
 LEVELS = (1, 4, 16, 64, 256)
 SECONDS_PER_LEVEL = 3.0
@@ -152,29 +152,12 @@ async def run_level(directory: Path, concurrency: int, seconds: float) -> Level:
 
 
 async def run_wal_level(directory: Path, concurrency: int, seconds: float) -> tuple[float, float, float]:
-    """The log alone: (durable appends/s, CPU µs per append, mean group size)."""
-    groups: list[int] = []
-    wal = Wal.open(directory, on_commit=lambda records, size, elapsed: groups.append(records))
-    payload = b"x" * 90  # about the size of a logged hold+post batch
-    ops = 0
+    """The log alone: (durable appends/s, CPU µs per append, mean group size), inline commits allowed."""
+    from bench.wal_commit import run_level
 
-    async def client(deadline: float) -> None:
-        nonlocal ops
-        while time.perf_counter() < deadline:  # bounded by the deadline
-            await wal.wait_durable(wal.append(payload))
-            ops += 1
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(wal.run_committer)
-        cpu_started, wall_started = time.process_time(), time.perf_counter()
-        async with trio.open_nursery() as clients:
-            for _ in range(concurrency):
-                clients.start_soon(client, wall_started + seconds)
-        wall = time.perf_counter() - wall_started
-        cpu = time.process_time() - cpu_started
-        nursery.cancel_scope.cancel()
-    wal.close()
-    return ops / wall, cpu / ops * 1e6, ops / max(len(groups), 1)
+    figures = await run_level(directory, concurrency, seconds, INLINE_COMMIT_S_MAX)
+    per_group = figures["records_per_group"]
+    return figures["appends_per_s"], figures["cpu_us_per_group"] / per_group, per_group
 
 
 def step_costs(directory: Path) -> dict[str, float]:
