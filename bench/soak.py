@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -562,7 +564,11 @@ class _ClearingFeed:
 
 
 class _Clearer:
-    """Every `interval_s`, the approvals so far as a clearing file, applied by the running server."""
+    """Every `interval_s`, the approvals so far as a clearing file, applied by the running server.
+
+    The file is written and uploaded by a separate process (`_Uploader`): done by a thread of this
+    one, it shared the load's GIL, and the load's clock, for the seconds each file took, which the
+    soak then reported as the server's latency. A network's clearing system is not its terminals."""
 
     def __init__(self, data: Path, work: Path, config: SoakConfig, clock: Callable[[], float]) -> None:
         assert config.clearing_s > 0
@@ -570,9 +576,8 @@ class _Clearer:
         self.feed = _ClearingFeed(config.clearing_hold_back)
         self.ingestions: list[Ingestion] = []
         self._rng = random.Random(config.seed)
-        self._client: httpx.Client | None = None  # used from one worker thread at a time
-        self._token: str | None = None
-        self._token_s = 0.0
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"))  # fmt: skip
 
     async def every_interval(self, phase: str) -> None:
         for _ in range(INGESTIONS_MAX):  # bounded; cancelled when the load run ends
@@ -594,9 +599,12 @@ class _Clearer:
         records = applied = matched = exceptions = 0
         error = None
         try:
-            records, summary = await trio.to_thread.run_sync(self._write_and_apply, generation, path)
-            applied, matched, exceptions = summary.applied, summary.matched, summary.exceptions_count
-        except (IngestError, ClearingFileError, OSError, httpx.HTTPError, msgspec.DecodeError) as failure:
+            future = self._pool.submit(_upload_in_child, generation, path, self.data, self._rng.getrandbits(64))
+            records, reply, error = await trio.to_thread.run_sync(future.result)  # a thread that only waits
+            if error is None:
+                summary = summary_decoder.decode(reply)
+                applied, matched, exceptions = summary.applied, summary.matched, summary.exceptions_count
+        except (concurrent.futures.process.BrokenProcessPool, msgspec.DecodeError) as failure:
             error = str(failure)[:500]  # reported; the soak goes on
         finally:
             path.unlink(missing_ok=True)  # card numbers
@@ -605,23 +613,45 @@ class _Clearer:
             phase=phase, elapsed_s=round(elapsed_s, 2), approvals=len(generation), records=records, applied=applied,
             matched=matched, exceptions=exceptions, seconds=seconds, error=error))  # fmt: skip
 
-    def _write_and_apply(self, generation: ClearingLog, path: Path) -> tuple[int, ClearingSummary]:
-        counts = generation.write(path, rng=self._rng)
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _upload_in_child(generation: ClearingLog, path: Path, data: Path, seed: int) -> tuple[int, bytes, str | None]:
+    """In the uploader process: write the file, POST it. (records, summary JSON, error or None);
+    errors come back as text, since httpx's exceptions do not survive pickling."""
+    global _UPLOADER
+    if _UPLOADER is None:
+        _UPLOADER = _Uploader(data)
+    try:
+        return _UPLOADER.write_and_apply(generation, path, random.Random(seed))
+    except (IngestError, ClearingFileError, OSError, httpx.HTTPError) as failure:
+        return 0, b"", f"{type(failure).__name__}: {failure}"[:500]
+
+
+class _Uploader:
+    """The uploader process's HTTPS client and admin session (one login per ADMIN_TOKEN_REFRESH_S:
+    each login costs the server a scrypt, ~16 MiB in a store thread, which would add to the RSS)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        port = json.loads((data / "run.json").read_text())["rest_port"]
+        self._client = httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=UPLOAD_TIMEOUT_S,
+                                    verify=client_ssl_context(data / "pki"))  # fmt: skip
+        self._token: str | None = None
+        self._token_s = 0.0
+
+    def write_and_apply(self, generation: ClearingLog, path: Path, rng: random.Random) -> tuple[int, bytes, None]:
+        counts = generation.write(path, rng=rng)
         reply = self._post(path)
         if reply.status_code == 401:  # the admin token expired early (a shorter configured TTL)
             self._token = None
             reply = self._post(path)
         if reply.status_code != 200:
             raise IngestError(f"the server refused the clearing file: {reply.status_code} {reply.text[:300]}")
-        return counts.records, summary_decoder.decode(reply.content)
+        return counts.records, reply.content, None
 
     def _post(self, path: Path) -> httpx.Response:
-        """One admin session per ADMIN_TOKEN_REFRESH_S: each login costs the server a scrypt (~16 MiB
-        in a store thread), which a login per file would add to the RSS being measured."""
-        if self._client is None:
-            port = json.loads((self.data / "run.json").read_text())["rest_port"]
-            self._client = httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=UPLOAD_TIMEOUT_S,
-                                        verify=client_ssl_context(self.data / "pki"))  # fmt: skip
         if self._token is None or time.monotonic() - self._token_s > ADMIN_TOKEN_REFRESH_S:
             password = (self.data / "admin-password").read_text().strip()
             login = self._client.post("/admin/sessions", json={"username": ADMIN_USERNAME, "password": password})
@@ -631,9 +661,8 @@ class _Clearer:
         return self._client.post("/admin/clearing", content=path.read_bytes(), headers={
             "Authorization": f"Bearer {self._token}", "Content-Type": "application/x-ndjson", "X-File-Name": path.name})
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+
+_UPLOADER: _Uploader | None = None  # in the uploader process
 
 
 class _Sampler:

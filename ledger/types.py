@@ -121,7 +121,7 @@ class AccountStatus(enum.IntEnum):
     flags_unknown = 10  # a flag bit outside AccountFlags
 
 
-class AccountSpec(msgspec.Struct, frozen=True, array_like=True):
+class AccountSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What a caller asks for when creating an account (and what the log records)."""
 
     id: int
@@ -131,7 +131,7 @@ class AccountSpec(msgspec.Struct, frozen=True, array_like=True):
     user_data: int = 0  # caller's reference, e.g. a balance id
 
 
-class TransferSpec(msgspec.Struct, frozen=True, array_like=True):
+class TransferSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What a caller asks for when creating a transfer (and what the log records).
 
     For post_pending / void_pending, debit/credit_account_id may be 0 (taken from the hold) and

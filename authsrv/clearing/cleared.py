@@ -47,7 +47,7 @@ FORCED_NAMESPACE = uuid.UUID("3b0d5f62-8a41-4c7e-b2d9-6e15a0c4f873")
 Amount = Annotated[int, Meta(ge=0, le=AMOUNT_MAX)]
 
 
-class ClearedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class ClearedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True, gc=False):
     """The event body (also kept in the record's plan row, so a resumed run writes the same)."""
 
     partner: str
@@ -70,7 +70,7 @@ class ClearedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="came
     pan_last4: str
 
 
-class ForcedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class ForcedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True, gc=False):
     """The `transaction.forced` event body (kept in the record's plan row like the cleared one)."""
 
     partner: str

@@ -40,7 +40,7 @@ Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
 Amount = Annotated[int, Meta(ge=0, le=AMOUNT_MAX)]
 
 
-class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True, gc=False):
     record_id: Annotated[str, Meta(min_length=1, max_length=RECORD_ID_LENGTH_MAX)]
     type: RecordType
     rrn: Annotated[str, Meta(min_length=1, max_length=RRN_LENGTH_MAX)]
@@ -71,8 +71,10 @@ def mask_pan(pan: str) -> str:
     return pan[:PAN_VISIBLE_FIRST] + "*" * (len(pan) - PAN_VISIBLE_FIRST - PAN_VISIBLE_LAST) + pan[-PAN_VISIBLE_LAST:]
 
 
-@attrs.frozen
-class Line:
+class Line(msgspec.Struct, frozen=True, gc=False):
+    """Untracked by the collector (as are its record and the plan structs): a clearing file is
+    thousands of them, alive for its whole run, that each second's collection would otherwise walk."""
+
     number: int  # 1-based line number in the file
     record: ClearingRecord
     identity: str

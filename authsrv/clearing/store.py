@@ -24,7 +24,7 @@ class RecordState:
     failed = "failed"  # the ledger refused the record's chain (reported; never retried blindly)
 
 
-class PlanRow(msgspec.Struct, frozen=True, rename="camel"):
+class PlanRow(msgspec.Struct, frozen=True, rename="camel", gc=False):
     """What the summary needs of a record applied earlier (a resumed run counts it again)."""
 
     outcome: str

@@ -28,6 +28,7 @@ from authsrv.hotpath.activity import ACTIVITIES_MAX, ACTIVITY_PER_CARD_MAX, Acti
 from authsrv.hotpath.limits import SpendWindows
 from authsrv.hotpath.outcome import Outcome, is_approval
 from ledger.state import HOLDS_PENDING_MAX
+from ledger.tracked import TrackedDict
 from ledger.types import Batch
 
 RETENTION_NS_DEFAULT = 24 * 3600 * 10**9  # duplicates are answered for at least 24 h (contract)
@@ -146,10 +147,11 @@ class AuthJournal:
         self._closed_max = closed_max
         self._open: dict[int, AuthRecord] = {}  # user hold id -> approval
         # RRN -> hold ids, as tuples of ints: the collector stops tracking those, unlike lists
-        # (measured: lists made journal.add 2x slower once the index held 100k entries).
-        self._open_by_rrn: dict[str, tuple[int, ...]] = {}
+        # (measured: lists made journal.add 2x slower once the index held 100k entries). The dicts
+        # themselves stay tracked (ledger/tracked.py), or each second's collection walks them whole.
+        self._open_by_rrn: dict[str, tuple[int, ...]] = TrackedDict()
         self._closed: collections.OrderedDict[int, AuthRecord] = collections.OrderedDict()
-        self._closed_by_rrn: dict[str, tuple[int, ...]] = {}
+        self._closed_by_rrn: dict[str, tuple[int, ...]] = TrackedDict()
         # Called with each record `add` takes, live or replayed (authsrv/notify feeds its outbox
         # from here). Synchronous and O(1) each: they run on the authorization hot path.
         self.listeners: list[Callable[[AuthRecord], None]] = []
