@@ -185,6 +185,7 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     closed_max: int = 0  # 0: derived from the rate (default_bounds)
     activities_max: int = 0  # 0: derived from the rate (default_bounds)
     settle_s: float | None = None  # judge flatness from this far into the recorded run
+    snapshot_interval_records: int = 0  # 0: authsrv.toml's default; the log records between two snapshots
     hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
     hot_share: float = HOT_SHARE_DEFAULT
 
@@ -204,6 +205,8 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"sample interval must be in [{SAMPLE_S_MIN}, {SAMPLE_S_MAX:.0f}] s")
         if not 0 < self.users <= USERS_MAX:
             raise ValueError(f"users must be in 1..{USERS_MAX}")
+        if self.snapshot_interval_records < 0:
+            raise ValueError("snapshot interval must be >= 0 records (0: the default)")
         if self.clearing_s != 0 and not CLEARING_S_MIN <= self.clearing_s <= DURATION_S_MAX:
             raise ValueError(f"clearing interval must be 0 (off) or in [{CLEARING_S_MIN:.0f}, {DURATION_S_MAX:.0f}] s")
         if not 0 <= self.clearing_hold_back <= HOLD_BACK_APPROVALS_MAX:
@@ -256,14 +259,14 @@ def default_bounds(config: SoakConfig) -> SoakConfig:
 
 def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_max: int | None = None,
                  history_per_account_max: int | None = None, closed_max: int | None = None,
-                 activities_max: int | None = None) -> None:  # fmt: skip
-    """Set the count bounds in the data directory's authsrv.toml (keys of the default template);
-    None leaves a key as it is."""
+                 activities_max: int | None = None, snapshot_interval_records: int | None = None) -> None:  # fmt: skip
+    """Set the count bounds (and the snapshot interval) in the data directory's authsrv.toml (keys of
+    the default template); None leaves a key as it is."""
     path = config_path(data)
     text = path.read_text()
     wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
               "history_per_account_max": history_per_account_max, "closed_max": closed_max,
-              "activities_max": activities_max}  # fmt: skip
+              "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records}  # fmt: skip
     for key, value in wanted.items():
         if value is None:
             continue
@@ -277,7 +280,8 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
     written = {"records_max": config.duplicates.records_max, "ids_max": config.ledger.ids_max,
                "holds_pending_max": config.ledger.holds_pending_max,
                "history_per_account_max": config.ledger.history_per_account_max,
-               "closed_max": config.duplicates.closed_max, "activities_max": config.history.activities_max}  # fmt: skip
+               "closed_max": config.duplicates.closed_max, "activities_max": config.history.activities_max,
+               "snapshot_interval_records": config.ledger.snapshot_interval_records}  # fmt: skip
     assert all(value is None or written[key] == value for key, value in wanted.items()), written
     path.write_text(text)
 
@@ -791,7 +795,8 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
         write_bounds(data, records_max=config.journal_records_max, ids_max=config.ledger_ids_max,
                      holds_pending_max=config.holds_pending_max,
                      history_per_account_max=config.history_per_account_max, closed_max=config.closed_max,
-                     activities_max=config.activities_max)  # fmt: skip
+                     activities_max=config.activities_max,
+                     snapshot_interval_records=config.snapshot_interval_records or None)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
             f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
             f" holds_pending_max = {config.holds_pending_max:,},"
@@ -1044,6 +1049,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="share of the cards that are hot, funded for it (0: uniform picks)")
     parser.add_argument("--hot-share", type=float, default=HOT_SHARE_DEFAULT, metavar="FRACTION",
                         help="share of the purchase-type requests that go to the hot cards")
+    parser.add_argument("--snapshot-interval-records", type=int, default=0, metavar="N",
+                        help="log records between two snapshots (authsrv.toml [ledger]); 0: the default")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
                         help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
@@ -1078,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                             holds_pending_max=args.holds_pending_max,
                             history_per_account_max=args.history_per_account_max, closed_max=args.closed_max,
                             activities_max=args.activities_max, settle_s=args.settle_seconds,
+                            snapshot_interval_records=args.snapshot_interval_records,
                             hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
