@@ -351,6 +351,18 @@ class RssVerdict(msgspec.Struct, frozen=True, kw_only=True):
     judged_from: str = ""  # why from there: bounds reached, settle time, or the whole run
 
 
+class ServerLatency(msgspec.Struct, frozen=True, kw_only=True):
+    """The server's own view of the recorded run: `authsrv_iso_request_seconds` (receipt to answer
+    written) scraped before and after it. Percentiles are interpolated inside the histogram's buckets,
+    so each is within its bucket (10-15-25-35-50-75-100 ms around the goal). Unlike the load's figures,
+    it leaves out the load generator's own delays on a shared machine."""
+
+    answered: int
+    p99_ms: float
+    p999_ms: float
+    over_25ms_fraction: float
+
+
 class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
     created_utc: str
     machine: Machine
@@ -366,6 +378,7 @@ class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     server_exit_code: int | None
     ledger_verify_exit_code: int | None
+    server_latency: ServerLatency | None = None  # None: /metrics did not answer (or an older results file)
 
 
 def read_rss_bytes(pid: int) -> int:
@@ -385,6 +398,54 @@ def parse_gauges(metrics_text: str) -> dict[str, float]:
             if sample.name in GAUGES and not sample.labels:
                 found[GAUGES[sample.name]] = sample.value
     return found
+
+
+LATENCY_FAMILY = "authsrv_iso_request_seconds"
+
+
+def parse_latency_buckets(metrics_text: str) -> dict[float, float]:
+    """Upper bound (s) -> cumulative count of the server's request latency histogram."""
+    found: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == LATENCY_FAMILY:
+            for sample in family.samples:
+                if sample.name == LATENCY_FAMILY + "_bucket":
+                    found[float(sample.labels["le"])] = sample.value
+    return found
+
+
+def _scrape_latency(metrics_port: int) -> dict[float, float]:
+    try:
+        return parse_latency_buckets(scrape_metrics(metrics_port))
+    except (OSError, ValueError):
+        return {}
+
+
+def server_latency(before: dict[float, float], after: dict[float, float]) -> ServerLatency | None:
+    """Percentiles of what the histogram counted between two scrapes (None if either is missing)."""
+    if not before or not after or set(before) != set(after):
+        return None
+    bounds = sorted(after)
+    counts = [after[bound] - before[bound] for bound in bounds]  # cumulative
+    total = counts[-1]
+    if total <= 0:
+        return None
+
+    def quantile(q: float) -> float:
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, cumulative in zip(bounds, counts):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    return lower * 1000  # past the last finite bucket: its bound, a floor
+                inside = cumulative - below
+                return (lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)) * 1000
+            lower, below = bound, cumulative
+        return lower * 1000
+
+    over = total - counts[bounds.index(0.025)] if 0.025 in bounds else 0.0
+    return ServerLatency(answered=int(total), p99_ms=round(quantile(0.99), 2), p999_ms=round(quantile(0.999), 2),
+                         over_25ms_fraction=round(over / total, 6))
 
 
 def _scrape_gauges(metrics_port: int) -> dict[str, float]:
@@ -721,7 +782,7 @@ def _load_config(config: SoakConfig, *, port: int, cards_path: Path, zpk: bytes 
 
 def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Path, zpk: bytes | None,
           sampler: _Sampler, clearer: _Clearer | None,
-          log: Callable[[str], None]) -> tuple[Step, LoadReport]:  # fmt: skip
+          log: Callable[[str], None]) -> tuple[Step, LoadReport, ServerLatency | None]:  # fmt: skip
     """Warm-up (unrecorded), then the soak, the sampler beside each; returns the soak's figures."""
     cards = load_cards(cards_path)
     trio.run(sampler.take, "start")
@@ -736,14 +797,16 @@ def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Pa
                         seed=config.seed, weights=MixWeights())  # fmt: skip
     clearing = f", clearing every {config.clearing_s:.0f} s" if clearer is not None else ", no clearing"
     log(f"soak: {config.duration_s:.0f} s at {config.rate_per_s:,.0f}/s, RSS every {config.sample_s:.0f} s{clearing}")
+    latency_before = _scrape_latency(ports.metrics)
     server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
     report = trio.run(functools.partial(sampler.beside, "soak", load, cards, clearer))
+    latency = server_latency(latency_before, _scrape_latency(ports.metrics))
     step = step_from_report(
         report, server_cpu_s=server.cpu_s() - server_before, client_cpu_s=time.process_time() - client_before,
         wall_s=time.perf_counter() - wall_before,
     )  # fmt: skip
     trio.run(sampler.take, "end")
-    return step, report
+    return step, report, latency
 
 
 MEMTRACE_DIR = Path(__file__).parent / "memtrace"  # its sitecustomize traces the server (--trace-memory)
@@ -782,7 +845,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
     config = default_bounds(config)
     work = Path(tempfile.mkdtemp(prefix="authsrv-soak-"))
     data, log_path = work / "data", work / "authsrv.log"
-    step = report = server = None
+    step = report = server = latency = None
     error = exit_code = verify_code = None
     samples: list[RssSample] = []
     ingestions: list[Ingestion] = []
@@ -815,7 +878,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
             clearer = _Clearer(data, work, config, sampler.elapsed_s)
             ingestions = clearer.ingestions
         try:
-            step, report = drive(config, server, ports, cards_path, zpk, sampler, clearer, log)
+            step, report, latency = drive(config, server, ports, cards_path, zpk, sampler, clearer, log)
         finally:
             if clearer is not None:
                 clearer.close()
@@ -841,7 +904,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
         connection_errors=list(report.connection_errors) if report else [],
         mismatch_detail=dict(report.mismatch_detail) if report else {}, rss_samples=samples,
         rss=rss_verdict(samples, from_s=from_s, judged_from=judged_from), bounds=bounds, ingestions=ingestions,
-        error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify_code,
+        error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify_code, server_latency=latency,
     )  # fmt: skip
 
 
@@ -866,6 +929,9 @@ def summary(results: SoakResults) -> str:
             f"achieved {step.achieved_rate_per_s:,.1f}/s  sent {step.sent}  answered {step.answered}"
             f"  timeouts {step.timeouts}  lost {step.lost}  unsent {results.unsent}",
             f"latency ms  p50 {step.p50_ms:.2f}  p99 {step.p99_ms:.2f}  p99.9 {step.p999_ms:.2f}  max {step.max_ms:.2f}",
+            *([f"server's own histogram (receipt to answer written): p99 {server.p99_ms:.1f} ms  p99.9"
+               f" {server.p999_ms:.1f} ms  over 25 ms {server.over_25ms_fraction:.3%} of {server.answered:,}"]
+              if (server := results.server_latency) is not None else []),
             f"response codes: {codes or '-'}",
             f"mismatches: {step.mismatches}" + "".join(
                 f"; {kind}: " + ", ".join(f"{pair} x{count}" for pair, count in sorted(detail.items()))

@@ -375,3 +375,21 @@ def test_gc_pauses_over_the_recorded_run() -> None:
                sample("end", 100, 310, gc_pauses=100, gc_pause_s=6.8)]
     assert _gc_lines(samples) == ["GC pauses (collect + freeze, event loop held): 60, mean 20.0 ms"]
     assert _gc_lines(samples[:2]) == []  # one recorded sample: nothing to difference
+
+
+def test_server_latency_reads_percentiles_from_the_histogram_between_two_scrapes():
+    from bench.soak import parse_latency_buckets, server_latency
+
+    def scrape(counts: dict[str, int]) -> str:
+        lines = [f'authsrv_iso_request_seconds_bucket{{le="{le}"}} {n}' for le, n in counts.items()]
+        return "# TYPE authsrv_iso_request_seconds histogram\n" + "\n".join(lines) + "\n"
+
+    before = parse_latency_buckets(scrape({"0.01": 500, "0.025": 500, "0.05": 500, "+Inf": 500}))
+    # 10,000 more: 9,000 under 10 ms, 990 in (10, 25], 9 in (25, 50], 1 over 50 ms
+    after = parse_latency_buckets(scrape({"0.01": 9_500, "0.025": 10_490, "0.05": 10_499, "+Inf": 10_500}))
+    found = server_latency(before, after)
+    assert found is not None and found.answered == 10_000
+    assert found.p99_ms == round(10 + 15 * 900 / 990, 2)  # the 9,900th answer, 900 of 990 into (10, 25]
+    assert found.p999_ms == 25.0  # the 9,990th: the last of that bucket
+    assert found.over_25ms_fraction == 0.001
+    assert server_latency({}, after) is None  # a scrape that failed: no figure, not a wrong one
