@@ -17,8 +17,10 @@ a daemon thread writes DIR/memtrace-NNNN.txt every AUTHSRV_MEMTRACE_SECONDS:
 - always: DIR/stalls.txt, one line per event-loop stall (at most STALL_LINES_MAX lines): a task
   that waited more than STALL_DELAY_S between being woken and running, with the tasks that ran
   meanwhile and their time; a collection (`gc` callback) over STALL_GC_S; a return from the I/O
-  wait more than STALL_IO_S past its timeout (the GIL held by another thread). A trio Instrument
-  added by wrapping `trio.run`; it costs about a microsecond per task step.
+  wait more than STALL_IO_S past its timeout (the GIL held by another thread); and for a single
+  task step that runs past STALL_STEP_S, the event loop thread's stack as a watchdog thread saw it
+  then (where the time goes). A trio Instrument added by wrapping `trio.run`; it costs about a
+  microsecond per task step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ STALL_GC_S = 0.003
 STALL_IO_S = 0.003
 STALL_LINES_MAX = 100_000
 STALL_RECENT_STEPS = 400  # task steps kept to say what ran during a delay
+STALL_STEP_S = 0.008  # a step still running after this gets its stack logged (once per step)
+STALL_WATCH_S = 0.002  # how often the watchdog looks
 FRAMES = 8
 TOP_LINES = 30
 TOP_TRACEBACKS = 8
@@ -155,6 +159,7 @@ def _stall_instrument(stalls: _StallLog):
 
         def before_task_step(self, task) -> None:
             now = self._step_s = time.perf_counter()
+            watch.step(now, task.name)
             woken = self._woken.pop(id(task), None)
             if woken is not None and now - woken > STALL_DELAY_S:
                 ran: collections.Counter[str] = collections.Counter()
@@ -165,6 +170,7 @@ def _stall_instrument(stalls: _StallLog):
                 stalls.write(f"delay {(now - woken) * 1000:.1f} ms before {task.name.rsplit('.', 1)[-1]}; ran: {top}")
 
         def after_task_step(self, task) -> None:
+            watch.step(0.0, "")
             now = time.perf_counter()
             self._recent.append((now, now - self._step_s, task.name))
 
@@ -176,7 +182,37 @@ def _stall_instrument(stalls: _StallLog):
             if over > STALL_IO_S:
                 stalls.write(f"io wait returned {over * 1000:.1f} ms late")
 
+    watch = _StepWatch(stalls, threading.get_ident())
+    threading.Thread(target=watch.run, name="stall-watch", daemon=True).start()
     return StallFinder()
+
+
+class _StepWatch:
+    """A daemon thread that logs the loop thread's stack when one task step runs long."""
+
+    def __init__(self, stalls: _StallLog, loop_thread: int) -> None:
+        self._stalls, self._loop_thread = stalls, loop_thread
+        self._started, self._task, self._seen = 0.0, "", 0.0
+
+    def step(self, started: float, task: str) -> None:
+        self._started, self._task = started, task
+
+    def run(self) -> None:
+        import traceback
+
+        while True:  # a daemon thread: ends with the process
+            time.sleep(STALL_WATCH_S)
+            started, task = self._started, self._task
+            if not started or started == self._seen or time.perf_counter() - started < STALL_STEP_S:
+                continue
+            self._seen = started
+            frame = sys._current_frames().get(self._loop_thread)
+            if frame is None:
+                continue
+            stack = " <- ".join(f"{entry.filename.rsplit('/', 2)[-2:][-1]}:{entry.lineno} {entry.name}"
+                                for entry in reversed(traceback.extract_stack(frame)[-12:]))
+            self._stalls.write(f"long step {(time.perf_counter() - started) * 1000:.1f} ms so far in"
+                               f" {task.rsplit('.', 1)[-1]}: {stack}")
 
 
 def _trace_stalls(path: Path) -> None:
