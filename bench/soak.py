@@ -77,6 +77,7 @@ from authsrv.config import (
     config_path,
     decode_config,
 )
+from authsrv.panel.dashboard import Histo
 from authsrv.pki import client_ssl_context
 from bench.external import scrape_metrics
 from bench.harness import SEED_AMOUNT_MINOR, Machine, Step, machine_info, step_from_report
@@ -403,49 +404,37 @@ def parse_gauges(metrics_text: str) -> dict[str, float]:
 LATENCY_FAMILY = "authsrv_iso_request_seconds"
 
 
-def parse_latency_buckets(metrics_text: str) -> dict[float, float]:
-    """Upper bound (s) -> cumulative count of the server's request latency histogram."""
+def parse_latency_buckets(metrics_text: str) -> Histo:
+    """The server's request latency histogram (cumulative counts by upper bound, in seconds)."""
     found: dict[float, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         if family.name == LATENCY_FAMILY:
             for sample in family.samples:
                 if sample.name == LATENCY_FAMILY + "_bucket":
                     found[float(sample.labels["le"])] = sample.value
-    return found
+    bounds = tuple(sorted(found))
+    return Histo(bounds, tuple(found[bound] for bound in bounds))
 
 
-def _scrape_latency(metrics_port: int) -> dict[float, float]:
+def _scrape_latency(metrics_port: int) -> Histo:
     try:
         return parse_latency_buckets(scrape_metrics(metrics_port))
     except (OSError, ValueError):
-        return {}
+        return Histo()
 
 
-def server_latency(before: dict[float, float], after: dict[float, float]) -> ServerLatency | None:
-    """Percentiles of what the histogram counted between two scrapes (None if either is missing)."""
-    if not before or not after or set(before) != set(after):
+def server_latency(before: Histo, after: Histo) -> ServerLatency | None:
+    """Percentiles of what the histogram counted between two scrapes (the panel's histogram_quantile
+    rule); None when either scrape is missing or the buckets differ."""
+    if not before.bounds or before.bounds != after.bounds:
         return None
-    bounds = sorted(after)
-    counts = [after[bound] - before[bound] for bound in bounds]  # cumulative
-    total = counts[-1]
-    if total <= 0:
+    run = after.minus(before)
+    p99, p999 = run.quantile(0.99), run.quantile(0.999)
+    if p99 is None or p999 is None:
         return None
-
-    def quantile(q: float) -> float:
-        rank = q * total
-        lower, below = 0.0, 0.0
-        for bound, cumulative in zip(bounds, counts):
-            if cumulative >= rank:
-                if bound == float("inf"):
-                    return lower * 1000  # past the last finite bucket: its bound, a floor
-                inside = cumulative - below
-                return (lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)) * 1000
-            lower, below = bound, cumulative
-        return lower * 1000
-
-    over = total - counts[bounds.index(0.025)] if 0.025 in bounds else 0.0
-    return ServerLatency(answered=int(total), p99_ms=round(quantile(0.99), 2), p999_ms=round(quantile(0.999), 2),
-                         over_25ms_fraction=round(over / total, 6))
+    over = run.count - run.counts[run.bounds.index(0.025)] if 0.025 in run.bounds else 0.0
+    return ServerLatency(answered=int(run.count), p99_ms=round(p99 * 1000, 2), p999_ms=round(p999 * 1000, 2),
+                         over_25ms_fraction=round(over / run.count, 6))
 
 
 def _scrape_gauges(metrics_port: int) -> dict[str, float]:

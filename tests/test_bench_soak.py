@@ -392,4 +392,4 @@ def test_server_latency_reads_percentiles_from_the_histogram_between_two_scrapes
     assert found.p99_ms == round(10 + 15 * 900 / 990, 2)  # the 9,900th answer, 900 of 990 into (10, 25]
     assert found.p999_ms == 25.0  # the 9,990th: the last of that bucket
     assert found.over_25ms_fraction == 0.001
-    assert server_latency({}, after) is None  # a scrape that failed: no figure, not a wrong one
+    assert server_latency(parse_latency_buckets(""), after) is None  # a failed scrape: no figure, not a wrong one
