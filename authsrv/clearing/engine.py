@@ -55,6 +55,7 @@ or refund (cleared.py) rides on step 5 the same way.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -89,6 +90,13 @@ ONLINE_CHUNK_RECORDS_MAX = 400  # planned in one worker hop (one store commit fo
 APPLY_SLICE_RECORDS_MAX = 50
 ID_ENCODED_BYTES_MAX = 10  # a msgpack uint64: what a real id adds over the placeholder 0
 GIL_YIELD_EVERY_S = 0.001  # a clearing worker holds the GIL at most about this long at a time
+GATE_WAIT_S_MAX = 0.05  # a worker waits this long at most for an idle loop, then works a record
+# Between two of clearing's steps on the loop (a slice's apply, a piece of a gather): a real pause,
+# not a bare checkpoint. An authorization crosses the scheduler several times (read, commit hand-off,
+# the log's doorbell, its waiter, send); with clearing runnable at every pass, each crossing waited
+# for a slice (~2.5 ms). Measured in the soak at 1,400/s: slow requests (over 25 ms) received during
+# slicing fell from 727 to 66 per 100 s run (docs/benchmarks.md, section 6).
+LOOP_PAUSE_S = 0.005
 PAUSE_EVERY_ROWS = 16  # rows built between two pauses of a worker (a row: a few microseconds)
 WAL_FULL_RETRIES_MAX = 500
 WAL_FULL_BACKOFF_S = 0.01
@@ -101,20 +109,54 @@ _REASONS = {
 }
 
 
+class LoopIdleGate(trio.abc.Instrument):
+    """Open while the event loop waits for I/O with nothing to run; shut while it works.
+
+    A trio instrument, installed only while a file is applied online. The clearing worker waits at
+    the gate between records (GilYield), so it takes the GIL only when the loop has nothing to do.
+    Without it the worker took the GIL at every system call the loop made (each recv, send, epoll
+    and log hand-off lets it go) and kept it until its next pause, and every step of an
+    authorization paid for that: in the soak at 1,400/s, 0.5-1.1% of requests over 25 ms on the
+    server's own histogram, against 0.17% with the gate (docs/benchmarks.md, section 6)."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self._open = False  # the event's state, as the loop last set it (set/clear only on change)
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0 and not self._open:  # 0: tasks are runnable, the loop only polls
+            self._open = True
+            self.open.set()
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self._open:
+            self._open = False
+            self.open.clear()
+
+
 class GilYield:
     """A worker thread's pause between records: hands the GIL to a thread waiting for it (sleep(0)
     releases it) once every `every_s` of work. With the GIL shared, a worker that keeps it runs the
     event loop at half speed or less, and the loop waits up to the switch interval (5 ms) for every
     wake-up: measured in the soak at 1,400/s without pauses, p99 108 ms and p99.9 274 ms. Handing it
     back after every record (~0.1 ms) slowed clearing to ~1 ms per record, behind the soak's
-    approvals; every millisecond bounds the loop's wait for the GIL to about that."""
+    approvals; every millisecond bounds the loop's wait for the GIL to about that.
 
-    def __init__(self, every_s: float = GIL_YIELD_EVERY_S) -> None:
+    With a `gate` (LoopIdleGate.open), a pause also waits while the loop is busy, up to
+    GATE_WAIT_S_MAX at a time, so a loop that never idles cannot stop clearing outright."""
+
+    def __init__(self, every_s: float = GIL_YIELD_EVERY_S, gate: threading.Event | None = None) -> None:
         assert every_s > 0
         self._every_s = every_s
+        self._gate = gate
         self._last = time.perf_counter()
 
     def __call__(self) -> None:
+        gate = self._gate
+        if gate is not None and not gate.is_set():
+            gate.wait(GATE_WAIT_S_MAX)  # blocks without the GIL
+            self._last = time.perf_counter()
+            return
         now = time.perf_counter()
         if now - self._last >= self._every_s:
             time.sleep(0)
@@ -452,14 +494,14 @@ class ClearingRun:
 
     def durable_then_plan(self, gathered: Gathered | None) -> Planned | None:
         """In a worker thread: mark the last chunk applied (it is durable), then plan the next one."""
-        self.durable()
+        self.durable(self._pause)
         return None if gathered is None else self.plan(gathered)
 
-    def durable(self) -> None:
-        """The last chunk's batch is on disk: its rows become `applied`."""
+    def durable(self, pause: Callable[[], None] | None = None) -> None:
+        """The last chunk's batch is on disk: its rows become `applied`. `pause`: in a worker only."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            cleared, forced = self._rows.mark_applied(pending.applied, pending.events)
+            cleared, forced = self._rows.mark_applied(pending.applied, pending.events, pause)
             self.summary.cleared_events += cleared
             self.summary.forced_events += forced
             self.summary.ledger_seq = pending.seq
@@ -630,11 +672,22 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
     """On the server's trio thread: chunk by chunk, waiting for each to be durable in between.
 
     The loop keeps only the cheap steps (gather, apply: copying a chunk's reads, checking them
-    again, submitting slices of APPLY_SLICE_RECORDS_MAX records, with a checkpoint between slices);
-    parsing, the store's reads and commits, and planning run in worker threads, one hop per chunk
-    (marking the previous chunk applied, then planning this one)."""
+    again, submitting slices of APPLY_SLICE_RECORDS_MAX records, with a LOOP_PAUSE_S pause between
+    slices); parsing, the store's reads and commits, and planning run in worker threads, one hop
+    per chunk (marking the previous chunk applied, then planning this one), which work only while
+    the loop waits for I/O (LoopIdleGate)."""
+    gate = LoopIdleGate()
+    trio.lowlevel.add_instrument(gate)
+    try:
+        return await _apply_online(deps, data, name, gate.open)
+    finally:
+        trio.lowlevel.remove_instrument(gate)
+        gate.open.set()  # a worker still at the gate (a cancelled run) goes on at once
+
+
+async def _apply_online(deps: ClearingDeps, data: bytes, name: str, gate: threading.Event) -> ClearingSummary:
     timing = _Timing()
-    run = await timing.worker(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX, GilYield())
+    run = await timing.worker(_open_run, deps, data, name, ONLINE_CHUNK_RECORDS_MAX, GilYield(gate=gate))
     done = await timing.worker(run.start)
     if done is not None:
         return done
@@ -645,7 +698,7 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
         if run.lines_left:  # its reads in pieces of APPLY_SLICE_RECORDS_MAX RRNs, checkpoints between
             gathered = timing.on_loop(run.gather, APPLY_SLICE_RECORDS_MAX)
             while not timing.on_loop(run.gather_more, gathered, APPLY_SLICE_RECORDS_MAX):
-                await trio.sleep(0)
+                await trio.sleep(LOOP_PAUSE_S)
         if seq:
             started = time.perf_counter()
             await deps.ledger.wait_durable(seq)
@@ -669,7 +722,7 @@ async def apply_clearing(deps: ClearingDeps, data: bytes, name: str) -> Clearing
                 continue
             if planned is None or planned.done:
                 break
-            await trio.sleep(0)  # authorizations in between slices
+            await trio.sleep(LOOP_PAUSE_S)  # authorizations in between slices
     summary = await timing.worker(run.finish)
     timing.report(summary)
     return summary

@@ -33,7 +33,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -810,16 +810,27 @@ class Store:
 
         The event commits with the change that caused it, or neither does. `idempotency_key` is
         fixed here, so every delivery attempt of this event carries the same key."""
-        assert kind and len(kind) <= EVENT_KIND_LENGTH_MAX, kind
+        return self.append_events([(partner, kind, subject, body)])[0]
+
+    def append_events(self, events: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+                      pause: Callable[[], None] | None = None) -> range:
+        """`append_event` for many (partner, kind, subject, body), in order, in one statement; their
+        ids. `pause` runs before each row is built (a worker thread yielding to the event loop)."""
         with self.transaction():
-            event_id = self._next_id("events")
-            self._conn.execute(
-                "INSERT INTO events (id, partner, kind, subject, body, idempotency_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (event_id, partner, kind, subject, json.dumps(body, separators=(",", ":"), sort_keys=True),
-                 f"evt-{event_id}-{secrets.token_hex(8)}", utc_now_iso()),
-            )
-        return event_id
+            first = self._next_id("events")
+            created = utc_now_iso()
+            rows = []
+            for event_id, (partner, kind, subject, body) in enumerate(events, start=first):
+                if pause is not None:
+                    pause()
+                assert kind and len(kind) <= EVENT_KIND_LENGTH_MAX, kind
+                rows.append((event_id, partner, kind, subject, json.dumps(body, separators=(",", ":"), sort_keys=True),
+                             f"evt-{event_id}-{secrets.token_hex(8)}", created))
+            if rows:
+                self._conn.executemany(
+                    "INSERT INTO events (id, partner, kind, subject, body, idempotency_key, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return range(first, first + len(rows))
 
     def events(self, *, partner: str | None = None, after_id: int = 0, limit: int = 100) -> list[EventRow]:
         assert 0 < limit <= EVENTS_PAGE_MAX
