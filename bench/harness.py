@@ -185,6 +185,7 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     max_ms: float
     service_p99_ms: float
     send_lag_p99_ms: float
+    send_lag_p999_ms: float = 0.0  # how late the load generator's own sends were (its share of the tail)
     code_mix: dict[str, int]
     server_cpu_s: float
     cpu_s_per_1000: float | None  # server CPU seconds per 1,000 answered authorizations
@@ -279,6 +280,7 @@ def step_from_report(report: LoadReport, *, server_cpu_s: float, client_cpu_s: f
         max_ms=report.latency.max_ms,
         service_p99_ms=report.service_time.p99_ms,
         send_lag_p99_ms=report.send_lag.p99_ms,
+        send_lag_p999_ms=report.send_lag.p999_ms,
         code_mix=report.codes,
         server_cpu_s=round(server_cpu_s, 3),
         cpu_s_per_1000=round(server_cpu_s / (report.answered / 1000), 4) if report.answered else None,

@@ -925,7 +925,8 @@ def summary(results: SoakResults) -> str:
             f"mismatches: {step.mismatches}" + "".join(
                 f"; {kind}: " + ", ".join(f"{pair} x{count}" for pair, count in sorted(detail.items()))
                 for kind, detail in results.mismatch_detail.items()),
-            f"server cpu/1000 {cpu} s  client cpu share {step.client_cpu_share:.0%}"
+            f"server cpu/1000 {cpu} s  client cpu share {step.client_cpu_share:.0%}  client send lag p99"
+            f" {step.send_lag_p99_ms:.2f} ms  p99.9 {step.send_lag_p999_ms:.2f} ms"
             + ("  CLIENT SATURATED" if step.client_saturated else ""),
         ]  # fmt: skip
     lines.append("RSS samples (elapsed s, phase, MiB, holds pending / open auths / journal records"
