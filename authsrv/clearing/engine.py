@@ -97,7 +97,8 @@ GATE_WAIT_S_MAX = 0.05  # a worker waits this long at most for an idle loop, the
 # for a slice (~2.5 ms). Measured in the soak at 1,400/s: slow requests (over 25 ms) received during
 # slicing fell from 727 to 66 per 100 s run with 5 ms (docs/benchmarks.md, section 6). But 5 ms, with
 # the worker gated, slowed clearing to ~1,300 records/s in the 30-minute soak, behind its 1,400
-# approvals/s: 2 ms applies ~1,840/s in a 100 s run.
+# approvals/s: 2 ms applies ~1,840/s in a 100 s run (30-minute runs fell behind with both, as
+# clearing slowed with the state: docs/benchmarks.md).
 LOOP_PAUSE_S = 0.002
 PAUSE_EVERY_ROWS = 16  # rows built between two pauses of a worker (a row: a few microseconds)
 WAL_FULL_RETRIES_MAX = 500
