@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import trio
 
 from authsrv.clearing import engine
@@ -68,18 +69,17 @@ def _planned(store: Store, count: int) -> list[str]:
     return identities
 
 
-class _Event:
-    """The attributes mark_applied reads of a ClearedTransaction (events are written as JSON)."""
+class _Event(msgspec.Struct, rename="camel"):
+    """What mark_applied reads of a ClearedTransaction; written as its JSON body."""
 
-    def __init__(self, partner: str, transaction_id: str) -> None:
-        self.partner, self.transaction_id = partner, transaction_id
+    partner: str
+    transaction_id: str
 
 
 def test_mark_applied_moves_each_planned_row_once_and_writes_its_event_once(tmp_path: Path, monkeypatch):
     from authsrv.clearing import store as clearing_store
 
     monkeypatch.setattr(clearing_store, "event_kind", lambda event: "transaction.cleared")
-    monkeypatch.setattr(clearing_store, "event_body", lambda event: {"transactionId": event.transaction_id})
     with Store.open(tmp_path / "store.db", create=True) as store:
         store.add_partner("demo", balance_mode="internal", collateral="deposit")
         identities = _planned(store, QUERY_IDENTITIES_MAX + 7)  # two statements

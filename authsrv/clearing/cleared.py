@@ -36,6 +36,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from authsrv.uuids import uuid5_text
 from ledger.types import AMOUNT_MAX
 
 CLEARED_EVENT_KIND = "transaction.cleared"
@@ -105,12 +106,7 @@ forced_decoder = msgspec.json.Decoder(ForcedTransaction)
 def forced_transaction_id(identity: str) -> str:
     """`transactionId` of a forced clearing posting: from the record's identity (records.py)."""
     assert identity
-    return str(uuid.uuid5(FORCED_NAMESPACE, identity))
-
-
-def event_body(event: ClearedTransaction | ForcedTransaction) -> dict:
-    """The mapping `Store.append_event` stores as JSON."""
-    return msgspec.to_builtins(event)
+    return uuid5_text(FORCED_NAMESPACE, identity)
 
 
 def event_kind(event: ClearedTransaction | ForcedTransaction) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import attrs
 import msgspec
 
-from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction, event_body, event_kind
+from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction, event_kind
 from authsrv.store.db import Store, utc_now_iso
 from ledger.types import TransferSpec
 
@@ -161,7 +161,7 @@ class ClearingStore:
                     pause()
             written = [events[identity] for identity in identities if identity in moved and identity in events]
             self._store.append_events([(event.partner, event_kind(event), f"transaction:{event.transaction_id}",
-                                        event_body(event)) for event in written], pause)
+                                        event) for event in written], pause)
         forced = sum(isinstance(event, ForcedTransaction) for event in written)
         return len(written) - forced, forced
 

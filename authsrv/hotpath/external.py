@@ -51,6 +51,7 @@ from authsrv.hotpath.steps import TransferCode, TransferIds, auth_code_for
 from authsrv.iso.currency import alpha_to_numeric
 from authsrv.iso.fields import build_field54
 from authsrv.metrics import bounded
+from authsrv.uuids import uuid5_text
 from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
 
 log = logging.getLogger("authsrv.external")
@@ -88,12 +89,12 @@ CAPTURE_MODES = {"01": "manual", "02": "magstripe", "05": "emv", "07": "nfc", "8
 
 def idempotency_key(duplicate_key: str) -> str:
     """X-Idempotency-Key of the hot-path call for a request: the same for every retry and restart."""
-    return str(uuid.uuid5(KEY_NAMESPACE, duplicate_key))
+    return uuid5_text(KEY_NAMESPACE, duplicate_key)
 
 
 def transaction_id(duplicate_key: str) -> str:
     """`transactionId` of the transaction object (a reversal names the original's as its reference)."""
-    return str(uuid.uuid5(TRANSACTION_NAMESPACE, duplicate_key))
+    return uuid5_text(TRANSACTION_NAMESPACE, duplicate_key)
 
 
 def is_external(ctx: AuthContext) -> bool:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import msgspec
 import sqlite_utils
 
 from authsrv.iban import make_iban
@@ -179,6 +180,15 @@ ADDED_INDEXES: list[str] = [
     "CREATE UNIQUE INDEX IF NOT EXISTS balances_iban ON balances (iban) WHERE iban != ''",
 ]
 EVENT_KIND_LENGTH_MAX = 64
+EVENT_KEY_TOKEN_BYTES = 8  # the random part of an event's idempotency key
+_event_json = msgspec.json.Encoder(order="sorted")
+
+
+def _event_body_json(body: Mapping[str, Any] | msgspec.Struct) -> str:
+    """Compact, keys sorted (a Struct's by their encoded names, as its mapping's would be). A Struct
+    is encoded as is: msgspec.to_builtins and then json.dumps cost clearing's worker ~10% of its
+    time at 1,400 events/s."""
+    return _event_json.encode(body).decode()
 EVENTS_PAGE_MAX = 1_000
 
 
@@ -812,7 +822,7 @@ class Store:
         fixed here, so every delivery attempt of this event carries the same key."""
         return self.append_events([(partner, kind, subject, body)])[0]
 
-    def append_events(self, events: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+    def append_events(self, events: Sequence[tuple[str, str, str, Mapping[str, Any] | msgspec.Struct]],
                       pause: Callable[[], None] | None = None) -> range:
         """`append_event` for many (partner, kind, subject, body), in order, in one statement; their
         ids. `pause` runs before each row is built (a worker thread yielding to the event loop)."""
@@ -820,12 +830,15 @@ class Store:
             first = self._next_id("events")
             created = utc_now_iso()
             rows = []
-            for event_id, (partner, kind, subject, body) in enumerate(events, start=first):
+            tokens = secrets.token_hex(EVENT_KEY_TOKEN_BYTES * len(events))  # one system call for all
+            step = 2 * EVENT_KEY_TOKEN_BYTES
+            for offset, (partner, kind, subject, body) in enumerate(events):
                 if pause is not None:
                     pause()
                 assert kind and len(kind) <= EVENT_KIND_LENGTH_MAX, kind
-                rows.append((event_id, partner, kind, subject, json.dumps(body, separators=(",", ":"), sort_keys=True),
-                             f"evt-{event_id}-{secrets.token_hex(8)}", created))
+                event_id = first + offset
+                rows.append((event_id, partner, kind, subject, _event_body_json(body),
+                             f"evt-{event_id}-{tokens[offset * step:(offset + 1) * step]}", created))
             if rows:
                 self._conn.executemany(
                     "INSERT INTO events (id, partner, kind, subject, body, idempotency_key, created_at)"
