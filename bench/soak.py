@@ -113,7 +113,9 @@ HOLD_BACK_APPROVALS = 2 * REVERSAL_POOL_MAX  # margin: the pool holds reversible
 HOLD_BACK_APPROVALS_MAX = 1_000_000  # ClearingLog's APPROVALS_MAX
 ADMIN_TOKEN_REFRESH_S = 240.0  # below the default admin_token_ttl_s (600 s)
 UPLOAD_TIMEOUT_S = 120.0
-INGESTIONS_MAX = 1_000  # per run; duration / clearing-seconds is far below this within the bounds above
+# Files per run: (warm-up + duration) x rate / GENERATION_APPROVALS, 9,000 at an hour at 5,000/s.
+INGESTIONS_MAX = 10_000
+ROUNDS_MAX = 1_000  # uploads per run: duration / clearing-seconds is far below this within the bounds above
 # Default bounds: what the offered rate fills in this time (warm-up included), so that every bound
 # is reached in the first ~2-3 minutes and the rest of a 4-minute run judges flatness with all of
 # them evicting. (The growth per authorization before the first bound then often spans rising
@@ -308,6 +310,19 @@ class Ingestion(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+class ClearingCadence(msgspec.Struct, frozen=True, kw_only=True):
+    """Whether clearing kept up: every round (the files of one interval) done before the next was due."""
+
+    interval_s: float
+    rounds: int
+    overruns: int  # rounds that ended after the next one was due
+    round_s_max: float  # the longest round
+
+    @property
+    def kept_up(self) -> bool:
+        return self.rounds > 0 and self.overruns == 0
+
+
 class RetentionBounds(msgspec.Struct, frozen=True, kw_only=True):
     journal_records_max: int
     ledger_ids_max: int
@@ -380,6 +395,7 @@ class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
     server_exit_code: int | None
     ledger_verify_exit_code: int | None
     server_latency: ServerLatency | None = None  # None: /metrics did not answer (or an older results file)
+    clearing: ClearingCadence | None = None  # None: no clearing during the run (or an older results file)
 
 
 def read_rss_bytes(pid: int) -> int:
@@ -629,17 +645,32 @@ class _Clearer:
         self.data, self.work, self.interval_s, self.clock = data, work, config.clearing_s, clock
         self.feed = _ClearingFeed(config.clearing_hold_back)
         self.ingestions: list[Ingestion] = []
+        self.rounds = self.overruns = 0  # uploads every interval_s; those that ended after the next was due
+        self.round_s_max = 0.0
         self._rng = random.Random(config.seed)
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"))  # fmt: skip
 
     async def every_interval(self, phase: str) -> None:
-        for _ in range(INGESTIONS_MAX):  # bounded; cancelled when the load run ends
-            await trio.sleep(self.interval_s)
+        """A round every `interval_s` on a fixed cadence, as a network sends its files: a round that
+        overruns its interval is counted, and the next one starts at once. (Sleeping `interval_s`
+        after each round made each round's backlog grow with the last one's length, and the pending
+        holds with it, whenever clearing was less than twice as fast as the load.)"""
+        due = trio.current_time()
+        for _ in range(ROUNDS_MAX):  # bounded; cancelled when the load run ends
+            due += self.interval_s
+            await trio.sleep_until(due)
             if len(self.ingestions) >= INGESTIONS_MAX:
                 return
+            started = trio.current_time()
             with trio.CancelScope(shield=True):  # taken approvals are cleared, even as the load ends
                 await self.ingest(phase)
+            ended = trio.current_time()
+            self.rounds += 1
+            self.round_s_max = max(self.round_s_max, ended - started)
+            if ended > due + self.interval_s:
+                self.overruns += 1
+                due = ended - self.interval_s  # the next round at once, the cadence from there
 
     async def ingest(self, phase: str) -> None:
         for generation in self.feed.take():  # bounded by the generations sealed since the last upload
@@ -838,6 +869,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
     error = exit_code = verify_code = None
     samples: list[RssSample] = []
     ingestions: list[Ingestion] = []
+    cadence = None
     try:
         log(f"soak: init + seed {config.users} users in {data} (log {log_path})")
         cards_path = init_and_seed(data, users=config.users, cards_per_user=1, amount_minor=SEED_AMOUNT_MINOR,
@@ -871,6 +903,8 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
         finally:
             if clearer is not None:
                 clearer.close()
+                cadence = ClearingCadence(interval_s=config.clearing_s, rounds=clearer.rounds,
+                                          overruns=clearer.overruns, round_s_max=round(clearer.round_s_max, 2))
         if not server.running():
             error = f"server exited with {server.process.returncode} during the soak"
     except (LoadError, TargetError, OSError, ValueError) as failure:
@@ -894,6 +928,7 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
         mismatch_detail=dict(report.mismatch_detail) if report else {}, rss_samples=samples,
         rss=rss_verdict(samples, from_s=from_s, judged_from=judged_from), bounds=bounds, ingestions=ingestions,
         error=error, server_exit_code=exit_code, ledger_verify_exit_code=verify_code, server_latency=latency,
+        clearing=cadence,
     )  # fmt: skip
 
 
@@ -935,7 +970,8 @@ def summary(results: SoakResults) -> str:
     for sample in results.rss_samples:
         gauges = " / ".join(f"{sample.gauges[name]:.0f}" if name in sample.gauges else "-" for name in GAUGES.values())
         lines.append(f"  {sample.elapsed_s:8.1f}  {sample.phase:<6}  {sample.rss_bytes / MIB:8.1f}  {gauges}")
-    lines += _ingestion_lines(results.ingestions) + _gc_lines(results.rss_samples) + _bounds_lines(results)
+    lines += _ingestion_lines(results.ingestions, results.clearing) + _gc_lines(results.rss_samples)
+    lines += _bounds_lines(results)
     lines.append(f"judged: {rss.judged_from}")
     if rss.flat is None:
         lines.append("RSS growth: too few samples in the judged part")
@@ -965,14 +1001,30 @@ def _gc_lines(samples: list[RssSample]) -> list[str]:
     return [f"GC pauses (collect + freeze, event loop held): {count:.0f}, mean {total_s / count * 1000:.1f} ms"]
 
 
-def _ingestion_lines(ingestions: list[Ingestion]) -> list[str]:
+INGESTION_LINES_SHOWN = 10  # the first and last files; the rest are summed (all are in the JSON)
+
+
+def _ingestion_lines(ingestions: list[Ingestion], cadence: ClearingCadence | None = None) -> list[str]:
     if not ingestions:
         return ["clearing: none during the run"]
     lines = ["clearing uploads (elapsed s, phase, approvals, records, matched, applied, exceptions, seconds):"]
-    for done in ingestions:
+    half = INGESTION_LINES_SHOWN // 2
+    shown = ingestions if len(ingestions) <= INGESTION_LINES_SHOWN else [*ingestions[:half], None, *ingestions[-half:]]
+    for done in shown:
+        if done is None:
+            lines.append(f"  ... {len(ingestions) - 2 * half} more")
+            continue
         lines.append(f"  {done.elapsed_s:8.1f}  {done.phase:<6}  {done.approvals:7d}  {done.records:7d}"
                      f"  {done.matched:7d}  {done.applied:7d}  {done.exceptions:5d}  {done.seconds:7.2f}"
                      + (f"  ERROR {done.error}" if done.error else ""))  # fmt: skip
+    records = sum(done.records for done in ingestions)
+    busy_s = sum(done.seconds for done in ingestions)
+    errors = sum(done.error is not None for done in ingestions)
+    lines.append(f"clearing: {len(ingestions)} files, {records:,} records in {busy_s:.0f} s of uploads"
+                 f" ({records / busy_s if busy_s else 0:,.0f} records/s while busy), {errors} failed")
+    if cadence is not None:
+        lines.append(f"clearing cadence: {cadence.rounds} rounds every {cadence.interval_s:.0f} s, longest"
+                     f" {cadence.round_s_max:.1f} s, {cadence.overruns} overran: kept up {'yes' if cadence.kept_up else 'NO'}")
     return lines
 
 

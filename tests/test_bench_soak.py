@@ -26,6 +26,7 @@ from bench.soak import (
     RSS_GROWTH_BYTES_FLOOR,
     RssSample,
     SoakConfig,
+    _Clearer,
     _ClearingFeed,
     default_bounds,
     judged_start,
@@ -219,6 +220,34 @@ def test_clearing_feed_hands_over_each_approval_once_and_holds_back_the_newest()
     assert feed.take() == []
 
 
+def test_clearing_rounds_keep_a_fixed_cadence_and_count_overruns(tmp_path: Path, monkeypatch) -> None:
+    """A round every interval from the start, not an interval after each round: a slow round is
+    counted and the next starts at once (else each backlog grows with the last round's length)."""
+    import trio
+    import trio.testing
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    durations = iter([10.0, 130.0, 10.0, 10.0])
+    started: list[float] = []
+
+    async def ingest(phase: str) -> None:
+        started.append(trio.current_time())
+        await trio.sleep(next(durations))
+
+    async def main() -> _Clearer:
+        clearer = _Clearer(tmp_path, tmp_path, SoakConfig(rate_per_s=100, duration_s=60, clearing_s=60), time.monotonic)
+        monkeypatch.setattr(clearer, "ingest", ingest)
+        with trio.move_on_after(365):  # the fifth round would start at 370
+            await clearer.every_interval("soak")
+        clearer.close()
+        return clearer
+
+    clearer = trio.run(main, clock=clock)
+    origin = started[0] - 60
+    assert [round(at - origin) for at in started] == [60, 120, 250, 310]
+    assert (clearer.rounds, clearer.overruns, clearer.round_s_max) == (4, 1, 130.0)
+
+
 @pytest.mark.parametrize(
     "settings",
     [{"duration_s": 3601}, {"duration_s": 0}, {"rate_per_s": 0}, {"sample_s": 0.1}, {"users": 0}, {"warmup_s": -1},
@@ -277,6 +306,9 @@ def test_short_soak_clears_during_the_run_bounds_the_journal_and_reports_every_f
     assert done.returncode == (1 if soak.mismatches else 0)
     # Clearing ran beside the load, each approval once, and released holds.
     assert results.ingestions and all(item.error is None for item in results.ingestions)
+    cadence = results.clearing
+    assert cadence is not None and cadence.interval_s == 8 and cadence.rounds >= 2 and cadence.kept_up
+    assert "clearing cadence: " in done.stdout and "kept up yes" in done.stdout
     assert all(item.applied == item.records and item.matched >= item.approvals - 1 for item in results.ingestions)
     holds = [item.gauges["holds_pending"] for item in results.rss_samples if "holds_pending" in item.gauges]
     assert min(holds[holds.index(max(holds)):]) < max(holds)
