@@ -12,9 +12,11 @@ it stops the server with SIGTERM, runs `authsrv ledger verify`, prints the figur
 
 What the traffic leaves behind, and how the soak bounds it within minutes:
 - Pending holds (ledger hold, open-authorization index): released when clearing posts them. As an
-  issuer does, the soak clears during the run: every `--clearing-seconds` it writes the approvals
-  seen since the last file (simulators/network/clearing.py) and uploads them to the running server
-  (`POST /admin/clearing`, as `authsrv clearing ingest` does) from a task beside the load.
+  issuer does, the soak clears during the run: every `--clearing-seconds`, on a fixed cadence, it
+  writes the approvals seen since the last round (simulators/network/clearing.py) and uploads them
+  to the running server (`POST /admin/clearing`, as `authsrv clearing ingest` does) from a task
+  beside the load. A round still running when the next is due is counted as an overrun (the output
+  says whether clearing kept up), and the next round starts as soon as it ends.
 - Every other structure traffic grows, each bounded by a count in authsrv.toml: the 24-hour
   windows (journal records for duplicate answers, `[duplicates] records_max`; the ledger's
   remembered transfer ids, `[ledger] ids_max`), per-account ledger history (`[ledger]

@@ -234,6 +234,7 @@ class Gathered:
     lines: tuple[Line, ...]
     reads: dict[str, RrnReads]
     ts_ns: int  # the timestamp planned for: what Ledger.apply would use at the time of the reads
+    rrns: tuple[str, ...]  # the chunk's RRNs in file order, each once: gather_more reads them in this order
 
 
 @attrs.define
@@ -242,6 +243,7 @@ class Planned:
 
     start: int
     lines: tuple[Line, ...]
+    by_identity: dict[str, Line]  # the chunk's lines (built in the worker, read by every slice)
     rows: list[RecordRow]  # in file order: the records with a chain to submit
     # RRN of a row -> what its plan expects to read there now (None: unknown, plan again), and the
     # timestamp it was planned for. After a slice is submitted its RRNs are read again at once.
@@ -358,17 +360,19 @@ class ClearingRun:
         ledger = self._deps.ledger.ledger
         chunk = self._file.lines[self._next:self._next + self._chunk_records_max]
         ts_effective = max(self._clock_ns(), ledger.timestamp_ns + 1)  # what Ledger.apply would use now
-        gathered = Gathered(self._next, chunk, {}, ts_effective)
+        rrns = tuple(dict.fromkeys(line.record.rrn for line in chunk))
+        gathered = Gathered(self._next, chunk, {}, ts_effective, rrns)
         self.gather_more(gathered, rrns_max)
         return gathered
 
     def gather_more(self, gathered: Gathered, rrns_max: int | None = None) -> bool:
         """Read up to `rrns_max` more of the chunk's RRNs (all when None); True once all are read."""
         ledger, journal = self._deps.ledger.ledger, self._deps.journal
-        left = [rrn for rrn in dict.fromkeys(line.record.rrn for line in gathered.lines) if rrn not in gathered.reads]
-        for rrn in left[:rrns_max]:
+        start = len(gathered.reads)  # the RRNs are read in order: those before `start` are
+        end = len(gathered.rrns) if rrns_max is None else start + rrns_max
+        for rrn in gathered.rrns[start:end]:
             gathered.reads[rrn] = read_rrn(ledger, journal, rrn)
-        return rrns_max is None or len(left) <= rrns_max
+        return end >= len(gathered.rrns)
 
     def plan(self, gathered: Gathered) -> Planned | None:
         """In a worker thread: plan the chunk against its reads and write its rows (`planned`).
@@ -408,7 +412,7 @@ class ClearingRun:
             rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids, self._pause))
         reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
         last_row = {row_line.record.rrn: index for index, (row_line, _) in enumerate(fresh)}
-        return Planned(gathered.start, chunk, rows, reads, positions, last_row)
+        return Planned(gathered.start, chunk, {line.identity: line for line in chunk}, rows, reads, positions, last_row)
 
     def apply(self, planned: Planned, slice_records_max: int | None = None) -> int:
         """On the thread that owns the ledger, synchronously: the next slice of the chunk's rows (all
@@ -421,7 +425,7 @@ class ClearingRun:
         ledger = self._deps.ledger.ledger
         ts_ns = max(self._clock_ns(), ledger.timestamp_ns + 1)  # the batch applies at exactly this time
         end = len(planned.rows) if slice_records_max is None else planned.submitted + slice_records_max
-        lines = {line.identity: line for line in planned.lines}
+        lines = planned.by_identity
         rrns = {lines[row.identity].record.rrn for row in planned.rows[planned.submitted:end]}
         stale = {rrn for rrn in rrns if not self._unchanged(rrn, *planned.reads[rrn], ts_ns)}
         if stale:
@@ -468,7 +472,7 @@ class ClearingRun:
         """The rows not yet submitted of `stale` RRNs, planned again against the live state (which
         holds the chunk's earlier slices), their rows replaced (one store commit, on the loop: only
         after such a race)."""
-        lines = {line.identity: line for line in planned.lines}
+        lines = planned.by_identity
         overlay = Overlay()
         redo: list[tuple[Line, Plan]] = []
         refused: list[str] = []
