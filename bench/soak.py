@@ -379,6 +379,12 @@ class ServerLatency(msgspec.Struct, frozen=True, kw_only=True):
     p99_ms: float
     p999_ms: float
     over_25ms_fraction: float
+    # The log's group commits over the same run (`authsrv_wal_fsync_seconds`: write + fsync): the
+    # disk's share of the tail. None in an older results file.
+    fsync_groups: int | None = None
+    fsync_p99_ms: float | None = None
+    fsync_p999_ms: float | None = None
+    fsync_over_100ms: int | None = None
 
 
 class SoakResults(msgspec.Struct, frozen=True, kw_only=True):
@@ -420,30 +426,36 @@ def parse_gauges(metrics_text: str) -> dict[str, float]:
 
 
 LATENCY_FAMILY = "authsrv_iso_request_seconds"
+FSYNC_FAMILY = "authsrv_wal_fsync_seconds"
 
 
-def parse_latency_buckets(metrics_text: str) -> Histo:
-    """The server's request latency histogram (cumulative counts by upper bound, in seconds)."""
+def parse_latency_buckets(metrics_text: str, family_name: str = LATENCY_FAMILY) -> Histo:
+    """A histogram of the server's (cumulative counts by upper bound, in seconds): by default the
+    request latency."""
     found: dict[float, float] = {}
     for family in text_string_to_metric_families(metrics_text):
-        if family.name == LATENCY_FAMILY:
+        if family.name == family_name:
             for sample in family.samples:
-                if sample.name == LATENCY_FAMILY + "_bucket":
+                if sample.name == family_name + "_bucket":
                     found[float(sample.labels["le"])] = sample.value
     bounds = tuple(sorted(found))
     return Histo(bounds, tuple(found[bound] for bound in bounds))
 
 
-def _scrape_latency(metrics_port: int) -> Histo:
+def _scrape_latency(metrics_port: int) -> tuple[Histo, Histo]:
+    """The request latency and the log's fsync histograms, from one scrape."""
     try:
-        return parse_latency_buckets(scrape_metrics(metrics_port))
+        text = scrape_metrics(metrics_port)
+        return parse_latency_buckets(text), parse_latency_buckets(text, FSYNC_FAMILY)
     except (OSError, ValueError):
-        return Histo()
+        return Histo(), Histo()
 
 
-def server_latency(before: Histo, after: Histo) -> ServerLatency | None:
+def server_latency(before: Histo, after: Histo, fsync_before: Histo | None = None,
+                   fsync_after: Histo | None = None) -> ServerLatency | None:
     """Percentiles of what the histogram counted between two scrapes (the panel's histogram_quantile
-    rule); None when either scrape is missing or the buckets differ."""
+    rule); None when either scrape is missing or the buckets differ. The fsync figures likewise,
+    when both of their scrapes are given and agree."""
     if not before.bounds or before.bounds != after.bounds:
         return None
     run = after.minus(before)
@@ -451,8 +463,17 @@ def server_latency(before: Histo, after: Histo) -> ServerLatency | None:
     if p99 is None or p999 is None:
         return None
     over = run.count - run.counts[run.bounds.index(0.025)] if 0.025 in run.bounds else 0.0
+    fsync: dict[str, float | int] = {}
+    if fsync_before is not None and fsync_after is not None and fsync_before.bounds \
+            and fsync_before.bounds == fsync_after.bounds:
+        groups = fsync_after.minus(fsync_before)
+        f99, f999 = groups.quantile(0.99), groups.quantile(0.999)
+        if f99 is not None and f999 is not None:
+            slow = groups.count - groups.counts[groups.bounds.index(0.1)] if 0.1 in groups.bounds else 0.0
+            fsync = {"fsync_groups": int(groups.count), "fsync_p99_ms": round(f99 * 1000, 2),
+                     "fsync_p999_ms": round(f999 * 1000, 2), "fsync_over_100ms": int(slow)}
     return ServerLatency(answered=int(run.count), p99_ms=round(p99 * 1000, 2), p999_ms=round(p999 * 1000, 2),
-                         over_25ms_fraction=round(over / run.count, 6))
+                         over_25ms_fraction=round(over / run.count, 6), **fsync)
 
 
 def _scrape_gauges(metrics_port: int) -> dict[str, float]:
@@ -819,10 +840,11 @@ def drive(config: SoakConfig, server: ChildProcess, ports: Ports, cards_path: Pa
                         seed=config.seed, weights=MixWeights())  # fmt: skip
     clearing = f", clearing every {config.clearing_s:.0f} s" if clearer is not None else ", no clearing"
     log(f"soak: {config.duration_s:.0f} s at {config.rate_per_s:,.0f}/s, RSS every {config.sample_s:.0f} s{clearing}")
-    latency_before = _scrape_latency(ports.metrics)
+    latency_before, fsync_before = _scrape_latency(ports.metrics)
     server_before, client_before, wall_before = server.cpu_s(), time.process_time(), time.perf_counter()
     report = trio.run(functools.partial(sampler.beside, "soak", load, cards, clearer))
-    latency = server_latency(latency_before, _scrape_latency(ports.metrics))
+    latency_after, fsync_after = _scrape_latency(ports.metrics)
+    latency = server_latency(latency_before, latency_after, fsync_before, fsync_after)
     step = step_from_report(
         report, server_cpu_s=server.cpu_s() - server_before, client_cpu_s=time.process_time() - client_before,
         wall_s=time.perf_counter() - wall_before,
@@ -958,6 +980,9 @@ def summary(results: SoakResults) -> str:
             *([f"server's own histogram (receipt to answer written): p99 {server.p99_ms:.1f} ms  p99.9"
                f" {server.p999_ms:.1f} ms  over 25 ms {server.over_25ms_fraction:.3%} of {server.answered:,}"]
               if (server := results.server_latency) is not None else []),
+            *([f"the log's group commits (write + fsync): p99 {server.fsync_p99_ms:.1f} ms  p99.9"
+               f" {server.fsync_p999_ms:.1f} ms  over 100 ms {server.fsync_over_100ms:,} of {server.fsync_groups:,}"]
+              if server is not None and server.fsync_p99_ms is not None else []),
             f"response codes: {codes or '-'}",
             f"mismatches: {step.mismatches}" + "".join(
                 f"; {kind}: " + ", ".join(f"{pair} x{count}" for pair, count in sorted(detail.items()))

@@ -425,3 +425,27 @@ def test_server_latency_reads_percentiles_from_the_histogram_between_two_scrapes
     assert found.p999_ms == 25.0  # the 9,990th: the last of that bucket
     assert found.over_25ms_fraction == 0.001
     assert server_latency(parse_latency_buckets(""), after) is None  # a failed scrape: no figure, not a wrong one
+
+
+def test_the_log_s_fsync_tail_is_read_from_the_same_scrapes():
+    from bench.soak import FSYNC_FAMILY, parse_latency_buckets, server_latency
+
+    def scrape(requests: dict[str, int], fsyncs: dict[str, int]) -> str:
+        lines = ["# TYPE authsrv_iso_request_seconds histogram"]
+        lines += [f'authsrv_iso_request_seconds_bucket{{le="{le}"}} {n}' for le, n in requests.items()]
+        lines += [f"# TYPE {FSYNC_FAMILY} histogram"]
+        lines += [f'{FSYNC_FAMILY}_bucket{{le="{le}"}} {n}' for le, n in fsyncs.items()]
+        return "\n".join(lines) + "\n"
+
+    requests = {"0.01": 100, "0.025": 100, "+Inf": 100}
+    before = scrape(requests, {"0.005": 10, "0.1": 10, "0.5": 10, "+Inf": 10})
+    # 2,000 more groups: 1,990 under 5 ms, 7 in (5, 100], 3 in (100, 500] ms
+    after = scrape({"0.01": 200, "0.025": 200, "+Inf": 200}, {"0.005": 2_000, "0.1": 2_007, "0.5": 2_010, "+Inf": 2_010})
+    found = server_latency(parse_latency_buckets(before), parse_latency_buckets(after),
+                           parse_latency_buckets(before, FSYNC_FAMILY), parse_latency_buckets(after, FSYNC_FAMILY))
+    assert found is not None and found.answered == 100 and found.fsync_groups == 2_000
+    assert found.fsync_over_100ms == 3
+    assert found.fsync_p99_ms == round(5 * 1_980 / 1_990, 2)  # the 1,980th group, in (0, 5] ms
+    assert found.fsync_p999_ms == round(100 + 400 * 1 / 3, 2)  # the 1,998th: 1 of 3 into (100, 500]
+    without = server_latency(parse_latency_buckets(before), parse_latency_buckets(after))
+    assert without is not None and without.fsync_p99_ms is None and without.fsync_groups is None
