@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ PARTNER_BALANCE_CHECK_INTERVAL_S = 5.0
 log = logging.getLogger("authsrv")
 
 TICK_INTERVAL_S = 1.0  # hold expiry runs on the logged clock: an empty batch per tick advances it
+STORE_CHECKPOINT_S = 1.0  # the store's WAL into its database (_checkpoint_store): a few MB at most
 MCC_CACHE_MAX = 10_000  # there are fewer than 10,000 MCCs
 GC_GEN0_THRESHOLD = 100_000
 # Every tick: the pause grows with what was allocated since the last freeze (machine A, 800/s: 50 ms
@@ -349,6 +351,7 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics, config)
+        nursery.start_soon(_checkpoint_store, store)
         nursery.start_soon(_watch_partner_balances, rest_context)
         await nursery.start(sampler_for(metrics).run)  # the panel dashboard's rates (authsrv/panel/dashboard.py)
         await nursery.start(_run_delivery, store, data_dir, config, journal, index, ledger, metrics)
@@ -447,6 +450,26 @@ async def _tick(ledger, journal, metrics, config) -> None:
                 log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
                 last_snapshot_seq = ledger.last_seq
             metrics.snapshot_seconds.observe(time.perf_counter() - started)
+
+
+async def _checkpoint_store(store) -> None:
+    """The store's WAL copied into its database every STORE_CHECKPOINT_S, in a worker thread, so
+    that no committing thread (clearing's worker, a REST handler) pays for it (Store.defer_checkpoints).
+    A failure is logged and tried again; the WAL stays bounded meanwhile."""
+    store.defer_checkpoints()
+    failing = False
+    while True:  # until cancelled with the server
+        await trio.sleep(STORE_CHECKPOINT_S)
+        try:
+            await trio.to_thread.run_sync(store.checkpoint)
+        except sqlite3.Error as error:
+            if not failing:
+                log.error("store checkpoint failed, trying again every %.0f s: %s", STORE_CHECKPOINT_S, error)
+            failing = True
+            continue
+        if failing:
+            log.warning("store checkpoints work again")
+        failing = False
 
 
 def _check_open_authorizations(ledger, journal) -> None:

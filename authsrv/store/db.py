@@ -58,6 +58,9 @@ SCHEMA_VERSION = 1
 STORE_FILE_NAME = "store.db"
 LOCK_FILE_NAME = ".lock"
 BUSY_TIMEOUT_MS = 5_000
+# With checkpoints deferred to a background task (Store.defer_checkpoints), a COMMIT still checkpoints
+# once the WAL passes this many pages (64 MiB): the bound on the WAL should that task stop.
+WAL_AUTOCHECKPOINT_DEFERRED_PAGES = 16_384
 # Transfer ids: the authorization hot path allocates time-based ids below 2**63 (nanoseconds since
 # 1970: good until 2262); management transfers (funding, reloads, seeding) take 2**63 + n from the
 # `sequences` counter, so they never meet. Both stay below 2**64, which msgpack (the write-ahead
@@ -598,6 +601,8 @@ class Store:
         self._files: list[tuple[str, bytes]] = []  # files this transaction wrote (replicated with it)
         self._log = None  # a cluster primary's replicated log (ledger.jetstream.StreamLog)
         self.replicated_wait_s = REPLICATED_WAIT_S
+        self._checkpoints: sqlite3.Connection | None = None  # defer_checkpoints: checkpoint()'s own
+        self._checkpoint_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Store:
@@ -626,8 +631,40 @@ class Store:
         return store
 
     def close(self) -> None:
+        with self._checkpoint_lock:
+            if self._checkpoints is not None:
+                self._checkpoints.close()
+                self._checkpoints = None
         with self._lock:
             self._conn.close()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def defer_checkpoints(self) -> None:
+        """From now on `checkpoint()`, called by a background task, copies the WAL into the database,
+        not the COMMIT that crosses SQLite's 1,000-page mark (that stays as a bound, at
+        WAL_AUTOCHECKPOINT_DEFERRED_PAGES). A checkpoint writes pages all over the file and fsyncs
+        it: as clearing_records grew, it became most of clearing's commit time (a 400-record chunk's
+        commit took 3 ms at 25k rows and 19 ms at 410k with checkpoints, 5 ms at 410k without;
+        docs/benchmarks.md, section 6), and that commit runs in clearing's critical path."""
+        with self._lock:
+            path = self._conn.execute("PRAGMA database_list").fetchone()[2]
+        checkpoints = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        checkpoints.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        checkpoints.execute("PRAGMA synchronous = FULL")
+        with self._checkpoint_lock:
+            assert self._checkpoints is None, "checkpoints deferred twice"
+            self._checkpoints = checkpoints
+        with self._lock:
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_DEFERRED_PAGES}")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """A PASSIVE checkpoint (it waits for no reader or writer): the WAL's frames, and how many of
+        them are now in the database. Blocking: run it in a worker thread."""
+        with self._checkpoint_lock:
+            assert self._checkpoints is not None, "defer_checkpoints() first"
+            _, frames, copied = self._checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return frames, copied
 
     def __enter__(self) -> Store:
         return self
