@@ -28,6 +28,7 @@ from ledger.snapshot import (
     list_snapshots,
     load_latest_snapshot,
     publish_snapshot,
+    sync_snapshot_temporary,
     write_snapshot,
     write_snapshot_temporary,
 )
@@ -413,7 +414,10 @@ class DurableLedger:
             os.closerange(3, _fd_limit())
             app = app_snapshot() if callable(app_snapshot) else app_snapshot
             payload = _snapshot_encoder.encode(_SnapshotImage(self.ledger.to_snapshot(), app))
-            write_snapshot_temporary(self.directory, seq, payload)
+            # Not fsync'd here: the parent does it (_publish_snapshot). Until this child exits, every
+            # page the parent writes is copied first (copy-on-write); the fsync, seconds with the
+            # disk busy, would only keep it alive longer.
+            write_snapshot_temporary(self.directory, seq, payload, sync=False)
             code = 0
         except BaseException:  # noqa: BLE001 - the exit code tells the parent
             code = 1
@@ -422,6 +426,7 @@ class DurableLedger:
 
     def _publish_snapshot(self, seq: int) -> None:
         assert seq <= self._wal.durable_seq
+        sync_snapshot_temporary(self.directory, seq)  # the child wrote it without an fsync
         publish_snapshot(self.directory, seq)
         self._after_snapshot(seq)
 

@@ -64,9 +64,10 @@ def write_snapshot(directory: Path, seq: int, payload: bytes) -> Path:
     return publish_snapshot(directory, seq)
 
 
-def write_snapshot_temporary(directory: Path, seq: int, payload: bytes) -> Path:
-    """The first half of write_snapshot: the file under its temporary name, fsync'd, not yet in
-    use. Logs nothing (a forked child writes it: authsrv's snapshots off the event loop)."""
+def write_snapshot_temporary(directory: Path, seq: int, payload: bytes, *, sync: bool = True) -> Path:
+    """The first half of write_snapshot: the file under its temporary name, fsync'd (unless `sync`
+    is False: then sync_snapshot_temporary before publishing), not yet in use. Logs nothing (a
+    forked child writes it: authsrv's snapshots off the event loop)."""
     directory = Path(directory)
     assert seq >= 0
     assert 0 < len(payload) <= SNAPSHOT_SIZE_MAX - HEADER_SIZE, len(payload)
@@ -78,13 +79,29 @@ def write_snapshot_temporary(directory: Path, seq: int, payload: bytes) -> Path:
         try:
             write_all(fd, header)
             write_all(fd, payload)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
         temporary.unlink(missing_ok=True)  # a full disk: do not keep half a snapshot taking its space
         raise
     return temporary
+
+
+def sync_snapshot_temporary(directory: Path, seq: int) -> None:
+    """fsync the temporary file another process wrote with sync=False. On failure (an I/O error, or
+    a full disk found only now, as delayed allocation may) the file is removed and the error raised."""
+    temporary = _temporary_path(Path(directory), seq)
+    try:
+        fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def publish_snapshot(directory: Path, seq: int) -> Path:

@@ -140,3 +140,33 @@ def test_empty_payload_and_negative_seq_are_refused(tmp_path: Path) -> None:
     with pytest.raises(AssertionError):
         write_snapshot(tmp_path, -1, b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_written_without_fsync_is_synced_before_it_is_published(tmp_path: Path) -> None:
+    # The forked writer skips the fsync (it would only live longer); the parent syncs, then publishes.
+    from ledger.snapshot import publish_snapshot, sync_snapshot_temporary, write_snapshot_temporary
+
+    temporary = write_snapshot_temporary(tmp_path, 7, b"state at seven", sync=False)
+    sync_snapshot_temporary(tmp_path, 7)
+    assert temporary.exists()
+    publish_snapshot(tmp_path, 7)
+    assert load_latest_snapshot(tmp_path) == (7, b"state at seven")
+
+
+def test_a_temporary_that_cannot_be_synced_is_removed_and_the_error_raised(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from ledger import snapshot
+    from ledger.snapshot import sync_snapshot_temporary, write_snapshot_temporary
+
+    temporary = write_snapshot_temporary(tmp_path, 7, b"state at seven", sync=False)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshot.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        sync_snapshot_temporary(tmp_path, 7)
+    assert not temporary.exists()  # no half-synced snapshot left taking the disk's space
+    monkeypatch.setattr(snapshot.os, "fsync", os.fsync)
+    assert load_latest_snapshot(tmp_path) is None
