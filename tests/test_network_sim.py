@@ -625,3 +625,19 @@ def test_load_config_leaves_hot_cards_off_unless_asked(cards_path: Path) -> None
     factory = RequestFactory(load_cards(cards_path), weights=MixWeights(), rng=random.Random(1), zpk=ZPK,
                              amounts=Amounts(), acquirer_id="535001", rrn_tag="123", hot=hot)  # fmt: skip
     assert factory.hot_cards == load_cards(cards_path)[:2]  # 1% of 200
+
+
+async def test_the_pump_keeps_its_survivors_frozen_and_hands_them_back_at_the_end(cards_path: Path) -> None:
+    # A full collection in the generator pauses its sends (up to 166 ms in a 30-minute soak): the
+    # pump freezes what survived every GC_FREEZE_INTERVAL_S, and unfreezes all of it when it ends.
+    import gc
+
+    seen: list[int] = []
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery)
+        report = await run_load(quiet_config(cards_path, port, duration_s=1.6, connections=2),
+                                progress=lambda _: seen.append(gc.get_freeze_count()), progress_interval_s=0.5)
+        nursery.cancel_scope.cancel()
+    assert report.answered == report.sent > 0
+    assert seen and min(seen) > 0  # frozen while the pump ran
+    assert gc.get_freeze_count() == 0  # and handed back to the collector
