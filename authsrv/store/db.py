@@ -646,14 +646,20 @@ class Store:
         WAL_AUTOCHECKPOINT_DEFERRED_PAGES). A checkpoint writes pages all over the file and fsyncs
         it: as clearing_records grew, it became most of clearing's commit time (a 400-record chunk's
         commit took 3 ms at 25k rows and 19 ms at 410k with checkpoints, 5 ms at 410k without;
-        docs/benchmarks.md, section 6), and that commit runs in clearing's critical path."""
+        docs/benchmarks.md, section 6), and that commit runs in clearing's critical path. Deferred
+        once per store: calling it again (a cluster node serving anew) changes nothing."""
+        with self._checkpoint_lock:
+            if self._checkpoints is not None:
+                return
         with self._lock:
             path = self._conn.execute("PRAGMA database_list").fetchone()[2]
         checkpoints = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         checkpoints.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         checkpoints.execute("PRAGMA synchronous = FULL")
         with self._checkpoint_lock:
-            assert self._checkpoints is None, "checkpoints deferred twice"
+            if self._checkpoints is not None:  # deferred meanwhile by another thread
+                checkpoints.close()
+                return
             self._checkpoints = checkpoints
         with self._lock:
             self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_DEFERRED_PAGES}")
