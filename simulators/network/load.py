@@ -561,7 +561,7 @@ def _pump(
     timers = _Timers(reap_s=run.t0 + REAP_INTERVAL_S, echo_s=run.t0 + run.config.echo_interval_s,
                      progress_s=run.t0 + progress_interval_s, progress_before_s=run.t0,
                      freeze_s=run.t0 + GC_FREEZE_INTERVAL_S)  # fmt: skip
-    with selectors.DefaultSelector() as poller, _frozen_garbage():  # epoll on Linux
+    with selectors.DefaultSelector() as poller:  # epoll on Linux
         for connection in connections:
             poller.register(connection.socket, selectors.EVENT_READ, connection)
         while True:  # bounded: `due` rises with the clock to `planned`, then the drain deadline, `end_s`
@@ -627,7 +627,7 @@ def _run_timers(
 
 @contextlib.contextmanager
 def _frozen_garbage() -> Iterator[None]:
-    """The pump's run with what exists at its start out of the collector's view (see
+    """The pump's run with what exists before it starts out of the collector's view (see
     GC_FREEZE_INTERVAL_S), and everything handed back to it at the end."""
     gc.collect()
     gc.freeze()
@@ -698,13 +698,14 @@ async def run_load(
     try:
         for index in range(config.connections):
             connections.append(await _open_connection(index, run))
-        run.t0 = _now() + START_LEAD_S
-        end_s = run.t0 + run.planned / config.rate_per_s + 2 * config.timeout_s + RUN_SLACK_S
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_cancel, run)
-            pump = functools.partial(_pump, run, connections, end_s, progress, progress_interval_s)
-            aborted = await trio.to_thread.run_sync(pump)
-            nursery.cancel_scope.cancel()
+        with _frozen_garbage():  # its collection before the schedule starts: it takes what it takes
+            run.t0 = _now() + START_LEAD_S
+            end_s = run.t0 + run.planned / config.rate_per_s + 2 * config.timeout_s + RUN_SLACK_S
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_cancel, run)
+                pump = functools.partial(_pump, run, connections, end_s, progress, progress_interval_s)
+                aborted = await trio.to_thread.run_sync(pump)
+                nursery.cancel_scope.cancel()
     finally:
         run.stopping = True
         with trio.CancelScope(shield=True):
