@@ -18,9 +18,12 @@ from authsrv.hotpath.outcome import Outcome, is_approval, response_code
 from authsrv.hotpath.steps import TransferCode, TransferIds, auth_code_for
 from authsrv.iso.currency import alpha_to_numeric
 from authsrv.iso.fields import build_field54
+from authsrv.ratelog import RateLimitedLog
 from ledger.types import Batch, TransferFlags, TransferSpec, TransferStatus
 
 log = logging.getLogger("authsrv.hotpath")
+REFUSAL_LOG_INTERVAL_S = 10.0
+_refusals = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_S)  # per request otherwise (authsrv/ratelog.py)
 
 PARTIAL_APPROVAL_SUBELEMENT = "61"
 _FAILURES_FUNDS = frozenset({TransferStatus.exceeds_credits, TransferStatus.exceeds_debits})
@@ -133,7 +136,7 @@ class MoveFunds:
                 ctx.outcome = Outcome.insufficient_collateral if collateral else Outcome.insufficient_funds
                 ctx.cause = "collateral" if collateral else "user balance"
             else:
-                log.error("ledger refused a hot-path transfer: %s", status.name)
+                _refusals.error("ledger refused a hot-path transfer: %s", status.name)
                 ctx.outcome, ctx.cause = Outcome.internal_error, f"ledger {status.name}"
             ctx.auth_code = ""
             ctx.user_hold_id = ctx.collateral_hold_id = 0
