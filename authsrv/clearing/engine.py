@@ -368,7 +368,7 @@ class ClearingRun:
     def gather_more(self, gathered: Gathered, rrns_max: int | None = None) -> bool:
         """Read up to `rrns_max` more of the chunk's RRNs (all when None); True once all are read."""
         ledger, journal = self._deps.ledger.ledger, self._deps.journal
-        start = len(gathered.reads)  # the RRNs are read in order: those before `start` are
+        start = len(gathered.reads)  # read in order: the first `start` RRNs are read already
         end = len(gathered.rrns) if rrns_max is None else start + rrns_max
         for rrn in gathered.rrns[start:end]:
             gathered.reads[rrn] = read_rrn(ledger, journal, rrn)

@@ -82,6 +82,7 @@ SEND_BATCH_MAX = 64  # frames built and joined into one write before the pump re
 TIMER_SLACK_S = 0.001  # a request is sent up to this early (see the module docstring)
 START_LEAD_S = 0.05  # between the last sign-on and the first intended send
 TICK_S = 0.001  # the pump's period while answers are awaited
+assert TICK_S <= TIMER_SLACK_S, "a tick must not make a send late"
 # The generator's own collector: every GC_FREEZE_INTERVAL_S the pump moves what survived so far out
 # of the collector's view (gc.freeze), so a full collection only scans the last second's objects.
 # Left alone, in a 30-minute soak at 1,400/s (cards, in-flight requests, clearing's approvals), 37
@@ -89,7 +90,6 @@ TICK_S = 0.001  # the pump's period while answers are awaited
 # p99.9 counted the generator. Frozen objects are still freed by reference counting; the pump
 # unfreezes them when it ends, so cyclic garbage is collected after the run.
 GC_FREEZE_INTERVAL_S = 1.0
-assert TICK_S <= TIMER_SLACK_S, "a tick must not make a send late"
 REAP_INTERVAL_S = 0.05  # timeouts are counted this often (and late answers heard meanwhile)
 RECEIVES_PER_TICK_MAX = 16  # reads per connection per tick
 TIMED_OUT_KEYS_MAX = 10_000  # remembered per connection to tell late responses from stray ones
