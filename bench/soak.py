@@ -966,7 +966,7 @@ def _verify_problems(output: str) -> str:
 
 
 def summary(results: SoakResults) -> str:
-    settings, step, rss = results.settings, results.soak, results.rss
+    settings, step, rss, server = results.settings, results.soak, results.rss, results.server_latency
     lines = [f"machine: {results.machine.cpu_model}, {results.machine.cores} cores, Python {results.machine.python}",
              f"soak: offered {settings.rate_per_s:,.0f}/s for {settings.duration_s:.0f} s after a"
              f" {settings.warmup_s:.0f} s warm-up, {settings.users} users, {settings.connections} connections"]  # fmt: skip
@@ -979,7 +979,7 @@ def summary(results: SoakResults) -> str:
             f"latency ms  p50 {step.p50_ms:.2f}  p99 {step.p99_ms:.2f}  p99.9 {step.p999_ms:.2f}  max {step.max_ms:.2f}",
             *([f"server's own histogram (receipt to answer written): p99 {server.p99_ms:.1f} ms  p99.9"
                f" {server.p999_ms:.1f} ms  over 25 ms {server.over_25ms_fraction:.3%} of {server.answered:,}"]
-              if (server := results.server_latency) is not None else []),
+              if server is not None else []),
             *([f"the log's group commits (write + fsync): p99 {server.fsync_p99_ms:.1f} ms  p99.9"
                f" {server.fsync_p999_ms:.1f} ms  over 100 ms {server.fsync_over_100ms:,} of {server.fsync_groups:,}"]
               if server is not None and server.fsync_p99_ms is not None else []),
