@@ -23,7 +23,8 @@ from pathlib import Path
 import attrs
 import trio
 
-from authsrv.clearing.expiry import ObservedLedger, hold_pending, watch_expiry, watch_expiry_fees
+from authsrv.clearing.expiry import ObservedLedger, watch_expiry, watch_expiry_fees
+from authsrv.compactor import command as compactor_command
 from authsrv.hotpath.cardstate import CardStateWriter
 from authsrv.hotpath.fees import FeeBook
 from authsrv.hotpath.fx import RatesFile
@@ -32,6 +33,7 @@ from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
 from authsrv.metrics import Metrics, MetricsServer
 from authsrv.panel.dashboard import sampler_for
+from authsrv.recovery import new_journal, rebuild_journal, set_ledger_bounds
 from authsrv.rest import build_app, serve_rest
 from authsrv.rest.app import make_context
 from authsrv.rest.cards import CardsApi
@@ -117,6 +119,7 @@ def _open_state(data_dir: Path, config, metrics: Metrics):
 
     started = time.perf_counter()
     ledger, journal = open_ledger_and_journal(data_dir, config, on_commit=metrics.on_wal_commit)
+    ledger.compactor = compactor_command(config)  # snapshots built by replay in another process
     metrics.watch_retention(journal, ledger.ledger)
     metrics.watch_wal(ledger.wal)  # free space, unwritable (and /readyz 503 meanwhile)
     watch_expiry(ledger, journal, metrics.holds_expired)
@@ -145,25 +148,9 @@ def open_ledger_and_journal(data_dir: Path, config, *, on_commit=None):
     options = {"on_commit": on_commit} if on_commit is not None else {}
     ledger = ObservedLedger.open(data_dir / "ledger", on_app=lambda seq, data: replayed.append(data),
                                  segment_size_max=config.ledger.segment_size_max_bytes, **options)
-    # After replay, which ran with the bounds the snapshot recorded: the next batch evicts down to
-    # the ids bound; history lists are trimmed now.
-    set_ledger_bounds(ledger.ledger, config.ledger)
-    # Replay has finished, so hold states are final: the open-authorization index keeps only the
-    # approvals whose holds still hold money at the end of the log.
-    journal.hold_open = hold_pending(ledger.ledger)
-    journal.load_snapshot(ledger.app_snapshot)
-    for data in replayed:  # the snapshot's journal first, then every record after it, in log order
-        journal.on_app(0, data)
-    replayed.clear()
-    journal.prune()  # holds resolved after the snapshot (expired, posted by clearing, voided)
+    rebuild_journal(journal, ledger.ledger, ledger.app_snapshot, replayed, config.ledger)
     ledger.journal = journal
     return ledger, journal
-
-
-def new_journal(config) -> AuthJournal:
-    return AuthJournal(retention_ns=config.duplicates.retention_hours * 3600 * 10**9,
-                       records_max=config.duplicates.records_max, closed_max=config.duplicates.closed_max,
-                       activities_max=config.history.activities_max)
 
 
 def become_primary(data_dir: Path, config, metrics: Metrics, state, stream_log, snapshots):
@@ -191,12 +178,6 @@ def become_primary(data_dir: Path, config, metrics: Metrics, state, stream_log, 
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     return ledger
-
-
-def set_ledger_bounds(ledger, bounds) -> None:
-    """The operator's `[ledger]` count bounds onto an opened ledger."""
-    ledger.set_bounds(ids_max=bounds.ids_max, holds_pending_max=bounds.holds_pending_max,
-                      history_per_account_max=bounds.history_per_account_max)
 
 
 @contextlib.contextmanager
@@ -350,7 +331,8 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
                                                 stopped=rest_stopped))
-        nursery.start_soon(_tick, ledger, journal, metrics, config)
+        nursery.start_soon(_tick, ledger, journal, metrics)
+        nursery.start_soon(_snapshot_when_due, ledger, journal, metrics, config)
         nursery.start_soon(_checkpoint_store, store)
         nursery.start_soon(_watch_partner_balances, rest_context)
         await nursery.start(sampler_for(metrics).run)  # the panel dashboard's rates (authsrv/panel/dashboard.py)
@@ -417,12 +399,10 @@ async def _watch_partner_balances(rest_context) -> None:
             log.exception("partner balance check failed")
 
 
-async def _tick(ledger, journal, metrics, config) -> None:
-    """Advance the logged clock so holds expire while idle; snapshot every N records."""
+async def _tick(ledger, journal, metrics) -> None:
+    """Advance the logged clock so holds expire while idle; keep the collector's view small."""
     from ledger.types import Batch
 
-    snapshot_interval = config.ledger.snapshot_interval_records
-    last_snapshot_seq = ledger.last_seq
     ticks = 0
     while True:
         await trio.sleep(TICK_INTERVAL_S)
@@ -441,15 +421,28 @@ async def _tick(ledger, journal, metrics, config) -> None:
         metrics.holds_pending.set(ledger.ledger.pending_count())
         metrics.open_authorizations.set(journal.open_count)
         metrics.journal_records.set(len(journal))
-        if accepting and ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
-            # The state is captured in this step (a fork: no await in between), serialized and written by the child.
-            started = time.perf_counter()
-            try:
-                last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot)  # serialized in a child
-            except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
-                log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
-                last_snapshot_seq = ledger.last_seq
-            metrics.snapshot_seconds.observe(time.perf_counter() - started)
+
+
+async def _snapshot_when_due(ledger, journal, metrics, config) -> None:
+    """A snapshot every `[ledger] snapshot_interval_records`, written by another process (the
+    compactor, ledger.compact) while this one goes on; a task of its own, so the tick keeps its pace
+    for the seconds one takes."""
+    snapshot_interval = config.ledger.snapshot_interval_records
+    last_snapshot_seq = ledger.last_seq
+    while True:  # until cancelled with the server
+        await trio.sleep(TICK_INTERVAL_S)
+        accepting = getattr(ledger.wal, "accepting", True)  # False: the log's disk refuses for now
+        if not accepting or not ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
+            continue
+        started = time.perf_counter()
+        try:
+            # journal.to_snapshot is used only where the state is captured in this process (a fork,
+            # or a cluster primary); a compactor rebuilds the journal from the log.
+            last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot)
+        except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
+            log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
+            last_snapshot_seq = ledger.last_seq
+        metrics.snapshot_seconds.observe(time.perf_counter() - started)
 
 
 async def _checkpoint_store(store) -> None:

@@ -39,6 +39,11 @@ from ledger.wal import RECORD_SIZE_MAX, SEQ_FIRST, Wal, WalError
 log = logging.getLogger("ledger.durable")
 
 _OnApp = Callable[[int, bytes], None]
+# A compactor replays one snapshot interval (~500k records: seconds); past this it is killed and
+# the snapshot tried again later. Its error output is kept to this many lines in the error.
+COMPACTOR_TIMEOUT_S = 600.0
+COMPACTOR_LINES_KEPT = 5
+COMPACTOR_SUMMARY_CHARS = 300
 _Finish = Callable[[BatchResult], bytes]
 
 
@@ -47,7 +52,8 @@ class LedgerRecoveryError(WalError):
 
 
 class SnapshotChildError(OSError):
-    """The forked snapshot writer failed (full disk, I/O error, killed): no snapshot; try later."""
+    """The snapshot writer (a fork, or a compactor) failed (full disk, I/O error, killed): no
+    snapshot; try later."""
 
 
 class LedgerFailedError(RuntimeError):
@@ -139,17 +145,21 @@ def replay_into(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) 
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _replay(ledger, wal, from_seq, on_app)
+        applied = apply_records(ledger, wal.replay(from_seq), from_seq, on_app)
     finally:
         if gc_was_enabled:
             gc.enable()
+    assert from_seq + applied == wal.durable_seq + 1 or applied == 0
+    return applied
 
 
-def _replay(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) -> int:
+def apply_records(ledger: Ledger, records: Iterable[tuple[int, bytes]], from_seq: int,
+                  on_app: _OnApp | None) -> int:
+    """Apply logged (seq, payload) records, which must start at from_seq and follow each other."""
     decoder = msgspec.msgpack.Decoder(Batch)
     applied = 0
     seq_expected = from_seq
-    for seq, payload in wal.replay(from_seq):
+    for seq, payload in records:
         assert seq == seq_expected, (seq, seq_expected)
         try:
             batch = decode_batch(decoder, payload)
@@ -160,8 +170,12 @@ def _replay(ledger: Ledger, wal: Wal, from_seq: int, on_app: _OnApp | None) -> i
             on_app(seq, batch.app)
         applied += 1
         seq_expected += 1
-    assert seq_expected == wal.durable_seq + 1 or applied == 0
     return applied
+
+
+def encode_snapshot(ledger: Ledger, app: bytes) -> bytes:
+    """A snapshot's payload: the ledger's state image and the application's, taken at one seq."""
+    return _snapshot_encoder.encode(_SnapshotImage(ledger.to_snapshot(), app))
 
 
 def decode_snapshot(payload: bytes) -> tuple[Ledger, bytes]:
@@ -176,6 +190,9 @@ class DurableLedger:
     """What the server and the CLI use. Build with `DurableLedger.open`."""
 
     FORK_SNAPSHOTS = True  # snapshot_async serializes in a forked child (see there)
+    # snapshot_async runs `[*compactor, directory, seq]` instead of forking (ledger.compact): the
+    # command prefix, e.g. (sys.executable, "-m", "ledger.compact"); None: fork.
+    compactor: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -359,15 +376,22 @@ class DurableLedger:
         self._wal.flush_sync()
         seq = self._wal.last_seq
         assert self._wal.durable_seq >= seq, "a snapshot may only cover durable records"
-        image = _SnapshotImage(self.ledger.to_snapshot(), app_snapshot)
+        payload = encode_snapshot(self.ledger, app_snapshot)
         assert self._wal.last_seq == seq, "the ledger changed during the snapshot"
-        self._store_snapshot(seq, _snapshot_encoder.encode(image))
+        self._store_snapshot(seq, payload)
         return seq
 
     async def snapshot_async(self, app_snapshot: bytes | Callable[[], bytes] = b"") -> int:
-        """Like snapshot(), but the event loop is held only for a fork.
+        """Like snapshot(), but off the event loop: the state at last_seq (at the call) is written
+        by another process, then published. Submissions continue meanwhile.
 
-        The state at last_seq is captured at the call: a forked child (copy-on-write: the parent
+        With a `compactor` command (ledger.compact), that process rebuilds the state from the disk:
+        the newest snapshot and the log up to that seq, once it is durable. It shares no memory with
+        this one, which is why it is preferred; `app_snapshot` is not used (the compactor rebuilds
+        the application's state from the log as well). A compactor that fails or outlives
+        COMPACTOR_TIMEOUT_S raises SnapshotChildError: no snapshot, the log is kept; try later.
+
+        Otherwise the state is captured at the call by a fork: a forked child (copy-on-write: the parent
         goes on changing its own pages) serializes the ledger and `app_snapshot` (bytes, or a
         function returning them, run in the child) and writes the file under its temporary name;
         the parent waits for the log to be durable up to that seq and for the child, then puts the
@@ -379,6 +403,13 @@ class DurableLedger:
         if self._snapshot_running:
             raise RuntimeError("a snapshot is already being written")
         seq = self._wal.last_seq
+        if self.compactor is not None:
+            self._snapshot_running = True
+            try:
+                await self._compact(seq)
+            finally:
+                self._snapshot_running = False
+            return seq
         if self.FORK_SNAPSHOTS and hasattr(os, "fork"):
             pid = self._fork_snapshot_writer(seq, app_snapshot)
             self._snapshot_running = True
@@ -402,6 +433,23 @@ class DurableLedger:
             self._snapshot_running = False
         return seq
 
+    async def _compact(self, seq: int) -> None:
+        if seq > 0:  # WalUnwritableError while the log cannot be written: try again later
+            await self._wal.wait_durable(seq, unwritable_raises=True)
+        started = time.perf_counter()
+        command = [*self.compactor, str(self.directory), str(seq)]
+        with trio.move_on_after(COMPACTOR_TIMEOUT_S) as deadline:
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        if deadline.cancelled_caught:
+            raise SnapshotChildError(f"the compactor for seq {seq} ran past {COMPACTOR_TIMEOUT_S:.0f} s: killed")
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip().splitlines()[-COMPACTOR_LINES_KEPT:]
+            raise SnapshotChildError(f"the compactor for seq {seq} failed (exit {done.returncode}): "
+                                     + (" | ".join(said) or "no output"))
+        await trio.to_thread.run_sync(self._publish_snapshot, seq)
+        log.info("snapshot by replay, %.2f s: %s", time.perf_counter() - started,
+                 done.stdout.decode(errors="replace").strip()[:COMPACTOR_SUMMARY_CHARS])
+
     def _fork_snapshot_writer(self, seq: int, app_snapshot: bytes | Callable[[], bytes]) -> int:
         pid = os.fork()
         if pid:
@@ -413,7 +461,7 @@ class DurableLedger:
         try:
             os.closerange(3, _fd_limit())
             app = app_snapshot() if callable(app_snapshot) else app_snapshot
-            payload = _snapshot_encoder.encode(_SnapshotImage(self.ledger.to_snapshot(), app))
+            payload = encode_snapshot(self.ledger, app)
             # Not fsync'd here: the parent does it (_publish_snapshot). Until this child exits, every
             # page the parent writes is copied first (copy-on-write); the fsync, seconds with the
             # disk busy, would only keep it alive longer.

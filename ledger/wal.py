@@ -970,6 +970,33 @@ def _replay_segment(
         seq += 1
 
 
+def read_log(directory: Path, from_seq: int, upto_seq: int) -> Iterator[tuple[int, bytes]]:
+    """(seq, payload) of records from_seq..upto_seq of a log that another process owns and may be
+    appending to (ledger.compact: snapshots built by replay). Takes no lock and changes no file.
+
+    The caller knows that every record up to `upto_seq` is durable, and that the owner deletes no
+    segment holding one while this reads (it truncates only after the snapshot being built is
+    published). Bytes past `upto_seq` are never looked at: they may be half written. A log that
+    ends before `upto_seq` raises WalError."""
+    assert SEQ_FIRST <= from_seq <= upto_seq + 1
+    segments = list_segments(Path(directory))
+    if not segments or segments[0][0] > from_seq:
+        first = segments[0][0] if segments else None
+        raise WalError(f"read from seq {from_seq}: the log in {directory} starts at seq {first}")
+    seq_next = from_seq
+    for index, (first, path) in enumerate(segments):
+        if first > upto_seq:
+            break
+        if index + 1 < len(segments) and segments[index + 1][0] <= from_seq:
+            continue
+        for seq, payload in _replay_segment(path, first, from_seq, upto_seq):
+            assert seq == seq_next, (seq, seq_next)
+            seq_next += 1
+            yield seq, payload
+    if seq_next != upto_seq + 1:
+        raise WalError(f"the log in {directory} ends at seq {seq_next - 1}, before seq {upto_seq}")
+
+
 def _recover(directory: Path, dir_fd: int) -> tuple[list[_Segment], int, int]:
     """Scan every segment in order; truncate a torn tail of the last; return the state."""
     found = list_segments(directory)

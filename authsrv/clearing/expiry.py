@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 from authsrv.hotpath.fees import HOLD_ID_DERIVABLE_MAX, FeeCode, expiry_fee_refund_id, refund_share
 from ledger.durable import DurableLedger
-from ledger.state import HoldState, HoldView, Ledger
+from ledger.state import HoldState, HoldView
 from ledger.types import Batch, BatchResult, TransferSpec, TransferStatus
 from ledger.wal import WalFullError
 
@@ -61,16 +61,6 @@ class ObservedLedger(DurableLedger):
             for retry in list(self.after_submit):  # a retry may submit, and remove itself
                 retry()
         return result, seq
-
-
-def hold_pending(ledger: Ledger) -> Callable[[int], bool]:
-    """hold id -> does it still hold money? (the open-authorization index's membership rule)"""
-
-    def pending(hold_id: int) -> bool:
-        view = ledger.hold(hold_id)
-        return view is not None and view.state is HoldState.pending
-
-    return pending
 
 
 def watch_expiry(ledger: ObservedLedger, journal, counter=None) -> None:

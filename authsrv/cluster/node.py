@@ -77,8 +77,7 @@ class NodeState:
     """A node's state at log record `seq`: ledger, journal, store and card index."""
 
     def __init__(self, data_dir: Path, config, snapshot: ClusterSnapshot) -> None:
-        from authsrv.app import new_journal
-        from authsrv.clearing.expiry import hold_pending
+        from authsrv.recovery import hold_pending, new_journal
         from authsrv.store.db import Store
         from authsrv.store.index import load_index
 

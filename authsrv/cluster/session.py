@@ -36,7 +36,8 @@ class ShardBusy(Exception):
 @contextlib.contextmanager
 def shard_session(data_dir: Path, config) -> Iterator[object]:
     """An `authsrv.app.OfflineState` whose changes go through the shard's stream."""
-    from authsrv.app import OfflineState, _create_missing_accounts, set_ledger_bounds
+    from authsrv.app import OfflineState, _create_missing_accounts
+    from authsrv.recovery import set_ledger_bounds
     from authsrv.clearing.expiry import watch_expiry, watch_expiry_fees
 
     node = ClusterNode(Path(data_dir), config, _NoMetrics(), None)

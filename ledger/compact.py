@@ -1,0 +1,121 @@
+"""Snapshots built by replay, in a process of their own.
+
+A snapshot taken by forking the live process costs that process dearly for as long as the child
+lives: every page it then writes is copied first. Measured in a 30-minute soak at 1,400/s with a
+~670 MiB heap: ~130,000 page faults in the 6 s after each fork, event-loop steps of 30-95 ms back
+to back for over a second (docs/benchmarks.md, section 6).
+
+A compactor shares no memory with the live process. It reads what the live process already made
+durable: the newest snapshot, then the log's records up to `upto_seq` (wal.read_log: no lock taken,
+no file changed), applies them to a fresh `Ledger` exactly as recovery does, and writes the state
+image under the snapshot's temporary name, fsync'd. Because `Ledger.apply` is deterministic, that
+image is the state the live process had at `upto_seq`. The live process then publishes it and
+truncates the log behind it (DurableLedger.snapshot_async); it truncates nothing while a compactor
+runs, so the segments read here stay in place.
+
+`python -m ledger.compact DIRECTORY SEQ` does this for a ledger without application state; an
+application whose batches carry `app` bytes runs its own command built on `rebuild` and
+`write_image` (authsrv.compactor), because only it can rebuild that state.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ledger.durable import (
+    LedgerRecoveryError,
+    apply_records,
+    check_coverage,
+    decode_snapshot,
+    encode_snapshot,
+)
+from ledger.snapshot import load_latest_snapshot, write_snapshot_temporary
+from ledger.state import Ledger
+from ledger.wal import SEQ_FIRST, list_segments, read_log
+
+# Below the live process's priority: on a busy machine the compactor takes what CPU is left (a
+# snapshot late by seconds costs only a longer log), not the switch's.
+NICE_INCREMENT = 10
+_PR_SET_PDEATHSIG = 1
+
+
+def rebuild(directory: Path, upto_seq: int, *,
+            on_app: Callable[[int, bytes], None] | None = None) -> tuple[Ledger, bytes, int]:
+    """The state at `upto_seq`, read-only: (ledger, the snapshot's app image, the snapshot's seq).
+
+    `on_app(seq, app)` gets the `app` bytes of every record replayed after the snapshot, in order.
+    The garbage collector is paused meanwhile, as in recovery (replay only adds live objects)."""
+    directory = Path(directory)
+    segments = list_segments(directory)
+    log_first_seq = segments[0][0] if segments else SEQ_FIRST
+    loaded = load_latest_snapshot(directory, log_first_seq=log_first_seq)
+    if loaded is None:
+        snapshot_seq, ledger, app = 0, Ledger(), b""
+    else:
+        snapshot_seq = loaded[0]
+        ledger, app = decode_snapshot(loaded[1])
+    if snapshot_seq > upto_seq:
+        raise LedgerRecoveryError(f"the newest snapshot covers seq {snapshot_seq}, past seq {upto_seq}")
+    check_coverage(log_first_seq, upto_seq, snapshot_seq)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        apply_records(ledger, read_log(directory, snapshot_seq + 1, upto_seq), snapshot_seq + 1, on_app)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return ledger, app, snapshot_seq
+
+
+def write_image(directory: Path, seq: int, ledger: Ledger, app: bytes) -> Path:
+    """The snapshot at `seq` under its temporary name, fsync'd; the owner of the log publishes it."""
+    return write_snapshot_temporary(Path(directory), seq, encode_snapshot(ledger, app), sync=True)
+
+
+def become_compactor() -> None:
+    """For a compactor's first line: lower priority, and die with the process that started it (a
+    server killed mid-snapshot must not leave this one competing with its restart)."""
+    os.nice(NICE_INCREMENT)
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            raise SystemExit(1)
+
+
+def summary(seq: int, snapshot_seq: int, started: float) -> str:
+    """One line for the owner's log: what was replayed, how long it took, the peak memory."""
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (f"seq {seq}: {seq - snapshot_seq} records replayed after the snapshot at seq {snapshot_seq} "
+            f"in {time.perf_counter() - started:.2f} s, peak RSS {peak_mib:.0f} MiB")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m ledger.compact DIRECTORY SEQ", file=sys.stderr)
+        return 2
+    become_compactor()
+    started = time.perf_counter()
+    directory, seq = Path(argv[0]), int(argv[1])
+    with_app: list[int] = []
+    ledger, app, snapshot_seq = rebuild(directory, seq, on_app=lambda record_seq, _: with_app.append(record_seq))
+    if app or with_app:  # that state would be lost: only the application can rebuild it
+        print(f"the log in {directory} carries application state (e.g. seq "
+              f"{with_app[0] if with_app else snapshot_seq}): use the application's compactor", file=sys.stderr)
+        return 1
+    write_image(directory, seq, ledger, b"")
+    print(summary(seq, snapshot_seq, started))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,195 @@
+"""Snapshots built by replay in another process (ledger/compact.py, authsrv/compactor.py): the image
+is the owner's state at the seq asked for, byte for byte, while the owner goes on appending; a
+compactor that fails publishes nothing and truncates nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from ledger import durable as durable_module
+from ledger.durable import SnapshotChildError, decode_snapshot
+from ledger.snapshot import list_snapshots, read_snapshot
+from ledger.types import Batch
+from ledger.wal import WalError, list_segments, read_log
+from tests.test_durable_ledger import hold_and_post, open_ledger, random_batches, setup_accounts
+
+LEDGER_COMPACTOR = (sys.executable, "-m", "ledger.compact")
+
+
+def without_app(batches):
+    for batch in batches:
+        yield msgspec.structs.replace(batch, app=b"")
+
+
+async def test_a_compacted_snapshot_is_the_state_at_its_seq_while_the_owner_appends(tmp_path: Path) -> None:
+    durable = open_ledger(tmp_path, segment_size_max=4096)
+    setup_accounts(durable, fund=100_000)
+    batches = list(without_app(random_batches(7, 400)))
+    for index, batch in enumerate(batches[:250]):
+        durable.submit(batch)
+        if index == 100:
+            durable.snapshot()  # the compactor starts from this one, not from the empty ledger
+    durable.flush_sync()
+    durable.compactor = LEDGER_COMPACTOR
+    at_call: list[tuple[int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        done = trio.Event()
+
+        async def snapshot() -> None:
+            at_call.append((durable.last_seq, durable.ledger.to_snapshot()))  # no await until the call
+            assert await durable.snapshot_async(b"not used: the compactor rebuilds the state") == at_call[0][0]
+            done.set()
+
+        nursery.start_soon(snapshot)
+        for batch in batches[250:]:  # the owner appends (and rotates segments) meanwhile
+            _, last = durable.submit(batch)
+            await trio.sleep(0)
+        await durable.wait_durable(last)
+        with trio.fail_after(60):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    [(seq, image)] = at_call
+    assert durable.last_seq > seq + 100
+    snap_seq, payload = read_snapshot(list_snapshots(tmp_path)[-1][1])
+    ledger, app = decode_snapshot(payload)
+    assert (snap_seq, app) == (seq, b"")
+    assert ledger.to_snapshot() == image  # the state at the seq, byte for byte
+    assert durable.snapshot_seq == seq
+    older = list_snapshots(tmp_path)[0][0]
+    assert [snapshot for snapshot, _ in list_snapshots(tmp_path)] == [older, seq] and older < seq
+    assert list_segments(tmp_path)[0][0] <= older + 1 < list_segments(tmp_path)[1][0]  # kept from there
+    final = durable.ledger.digest()
+    durable.close()
+    durable = open_ledger(tmp_path)
+    assert durable.snapshot_seq == seq and durable.ledger.digest() == final
+    durable.close()
+
+
+async def test_a_failing_compactor_publishes_and_truncates_nothing(tmp_path: Path, monkeypatch) -> None:
+    durable = open_ledger(tmp_path, segment_size_max=4096)
+    setup_accounts(durable)
+    for batch in random_batches(3, 200):  # app bytes: ledger.compact cannot rebuild them
+        durable.submit(batch)
+    durable.flush_sync()
+    segments = list_segments(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        durable.compactor = LEDGER_COMPACTOR
+        with pytest.raises(SnapshotChildError, match=r"exit 1.*carries application state"):
+            await durable.snapshot_async()
+        durable.compactor = (sys.executable, "-c", "import sys; sys.exit(3)")
+        with pytest.raises(SnapshotChildError, match="exit 3"):
+            await durable.snapshot_async()
+        monkeypatch.setattr(durable_module, "COMPACTOR_TIMEOUT_S", 0.5)
+        durable.compactor = (sys.executable, "-c", "import time; time.sleep(30)")
+        with trio.fail_after(20), pytest.raises(SnapshotChildError, match="ran past"):
+            await durable.snapshot_async()
+        nursery.cancel_scope.cancel()
+    assert list_snapshots(tmp_path) == [] and list_segments(tmp_path) == segments
+    assert durable.snapshot_seq == 0
+    digest = durable.ledger.digest()
+    durable.close()
+    assert open_ledger(tmp_path).ledger.digest() == digest
+
+
+def test_read_log_stops_at_the_seq_asked_for_and_never_reads_past_it(tmp_path: Path) -> None:
+    durable = open_ledger(tmp_path, segment_size_max=1024)
+    setup_accounts(durable)
+    for hold_id in range(5_000, 5_200, 2):
+        durable.submit_now(transfers=hold_and_post(hold_id, amount=1))
+        durable.flush_sync()  # one group each: the segments rotate
+    last = durable.last_seq
+    assert len(list_segments(tmp_path)) >= 3
+    expected = list(durable.wal.replay(10))
+    durable.close()
+    with pytest.raises(WalError, match=f"ends at seq {last}, before seq {last + 1}"):
+        list(read_log(tmp_path, 10, last + 1))
+    active = list_segments(tmp_path)[-1][1]
+    with active.open("ab") as file:  # a record the owner is half way through writing
+        file.write(b"\x40\x00\x00\x00" + (last + 1).to_bytes(8, "little") + b"torn")
+    assert list(read_log(tmp_path, 10, last)) == expected
+    assert [seq for seq, _ in read_log(tmp_path, last - 2, last - 1)] == [last - 2, last - 1]
+    with pytest.raises(WalError, match="truncated record"):  # never taken for a record
+        list(read_log(tmp_path, 10, last + 1))
+    (tmp_path / list_segments(tmp_path)[0][1].name).unlink()
+    with pytest.raises(WalError, match="starts at seq"):
+        list(read_log(tmp_path, 1, last))
+
+
+def test_the_ledger_compactor_refuses_bad_arguments(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: python -m ledger.compact DIRECTORY SEQ" in done.stderr
+
+
+async def test_the_switch_snapshots_by_replay_and_recovers_from_them(data_dir, cards) -> None:
+    """The server's snapshots come from authsrv.compactor: ledger and journal equal to what the
+    server had at that seq, so a restart answers duplicates from them as before."""
+    from authsrv.app import open_ledger_and_journal
+    from authsrv.config import load_config
+    from tests.conftest import start_in_process
+    from tests.isoclient import IsoClient
+    from tests.test_switch import auth
+
+    requests = [auth(cards[i % 8], amount=3) for i in range(55)]
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir, ledger__snapshot_interval_records=30)
+        assert server.ledger.compactor[1:3] == ("-m", "authsrv.compactor")
+        client = await IsoClient.connect(server.iso_port)
+        answers = [await client.call(request) for request in requests[:50]]
+        with trio.fail_after(30):
+            while server.ledger.snapshot_seq == 0:
+                await trio.sleep(0.05)
+        seq = server.ledger.snapshot_seq
+        answers += [await client.call(request) for request in requests[50:]]  # served on
+        await client.aclose()
+        server.stop.set()
+    assert all(answer["39"] == "00" for answer in answers)
+    ledger_dir = data_dir / "ledger"
+    _, payload = read_snapshot(dict(list_snapshots(ledger_dir))[seq])
+    compacted_ledger, compacted_journal = decode_snapshot(payload)
+    # The same state rebuilt in this process, as a restart does: older snapshots and the log cut at `seq`.
+    for snapshot_seq, path in list_snapshots(ledger_dir):
+        if snapshot_seq >= seq:
+            path.unlink()
+    _cut_log_after(ledger_dir, seq)
+    ledger, journal = open_ledger_and_journal(data_dir, load_config(data_dir))
+    try:
+        assert ledger.last_seq == seq and ledger.snapshot_seq < seq
+        assert ledger.ledger.to_snapshot() == compacted_ledger.to_snapshot()
+        assert journal.to_snapshot() == compacted_journal and len(journal) >= 50
+    finally:
+        ledger.close()
+
+
+def _cut_log_after(directory: Path, seq: int) -> None:
+    """Keep only the records up to `seq`: the log of a server that stopped there."""
+    from ledger.wal import FILE_MODE, frame, segment_path
+
+    segments = list_segments(directory)
+    records = list(read_log(directory, segments[0][0], seq))
+    for _, path in segments:
+        path.unlink()
+    path = segment_path(directory, records[0][0])
+    path.write_bytes(b"".join(frame(record_seq, payload) for record_seq, payload in records))
+    path.chmod(FILE_MODE)
+
+
+def test_an_empty_batch_log_compacts_to_the_same_empty_state(tmp_path: Path) -> None:
+    durable = open_ledger(tmp_path)
+    durable.submit(Batch(timestamp_ns=1))
+    durable.flush_sync()
+    durable.close()
+    import subprocess
+
+    done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "seq 1: 1 records replayed after the snapshot at seq 0" in done.stdout
+    assert (tmp_path / "snapshot-00000000000000000001.snap.tmp").exists()  # the owner publishes it
