@@ -13,7 +13,7 @@ image is the state the live process had at `upto_seq`. The live process then pub
 truncates the log behind it (DurableLedger.snapshot_async); it truncates nothing while a compactor
 runs, so the segments read here stay in place.
 
-`python -m ledger.compact DIRECTORY SEQ` does this for a ledger without application state; an
+`python -m ledger.compact DIRECTORY SEQ BOUNDS_JSON` does this for a ledger without application state; an
 application whose batches carry `app` bytes runs its own command built on `rebuild` and
 `write_image` (authsrv.compactor), because only it can rebuild that state.
 """
@@ -27,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import msgspec
 
 from ledger.durable import (
     LedgerRecoveryError,
@@ -45,12 +47,36 @@ NICE_INCREMENT = 10
 _PR_SET_PDEATHSIG = 1
 
 
-def rebuild(directory: Path, upto_seq: int, *,
+class LedgerBounds(msgspec.Struct, frozen=True):
+    """The owner's count bounds at the call, given to the compactor as JSON (its last argument).
+
+    A snapshot does not hold the bounds the owner runs with (the operator's are set after opening,
+    not logged), and replay evicts ids and trims history by them. Replayed with other bounds, the
+    image would differ from the owner's state, or even break its invariants (ids past the bound)."""
+
+    ids_max: int
+    holds_pending_max: int
+    history_per_account_max: int
+
+    @classmethod
+    def of(cls, ledger: Ledger) -> LedgerBounds:
+        return cls(ids_max=ledger.ids_max, holds_pending_max=ledger.holds_pending_max,
+                   history_per_account_max=ledger.history_per_account_max)
+
+    def put_on(self, ledger: Ledger) -> None:
+        ledger.set_bounds(ids_max=self.ids_max, holds_pending_max=self.holds_pending_max,
+                          history_per_account_max=self.history_per_account_max)
+
+
+def rebuild(directory: Path, upto_seq: int, bounds: LedgerBounds, *,
             on_app: Callable[[int, bytes], None] | None = None) -> tuple[Ledger, bytes, int]:
     """The state at `upto_seq`, read-only: (ledger, the snapshot's app image, the snapshot's seq).
 
-    `on_app(seq, app)` gets the `app` bytes of every record replayed after the snapshot, in order.
-    The garbage collector is paused meanwhile, as in recovery (replay only adds live objects)."""
+    `bounds` (the owner's) are put on the loaded snapshot before replay, so that replay evicts and
+    trims as the owner did. `on_app(seq, app)` gets the `app` bytes of every record replayed after
+    the snapshot, in order. The garbage collector is paused meanwhile, as in recovery (replay only
+    adds live objects). The result's invariants are checked: an image that would not load is never
+    written."""
     directory = Path(directory)
     segments = list_segments(directory)
     log_first_seq = segments[0][0] if segments else SEQ_FIRST
@@ -63,6 +89,7 @@ def rebuild(directory: Path, upto_seq: int, *,
     if snapshot_seq > upto_seq:
         raise LedgerRecoveryError(f"the newest snapshot covers seq {snapshot_seq}, past seq {upto_seq}")
     check_coverage(log_first_seq, upto_seq, snapshot_seq)
+    bounds.put_on(ledger)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -70,6 +97,7 @@ def rebuild(directory: Path, upto_seq: int, *,
     finally:
         if gc_was_enabled:
             gc.enable()
+    ledger.check_invariants()
     return ledger, app, snapshot_seq
 
 
@@ -99,15 +127,29 @@ def summary(seq: int, snapshot_seq: int, started: float) -> str:
             f"in {time.perf_counter() - started:.2f} s, peak RSS {peak_mib:.0f} MiB")
 
 
+def parse_arguments(argv: list[str], usage: str) -> tuple[Path, int, LedgerBounds] | None:
+    """DIRECTORY SEQ BOUNDS_JSON, as DurableLedger.snapshot_async appends them; None: print usage."""
+    if len(argv) != 3 or not argv[1].isdigit():
+        print(f"usage: {usage}", file=sys.stderr)
+        return None
+    try:
+        bounds = msgspec.json.decode(argv[2], type=LedgerBounds)
+    except msgspec.DecodeError as error:
+        print(f"bounds {argv[2]!r}: {error}\nusage: {usage}", file=sys.stderr)
+        return None
+    return Path(argv[0]), int(argv[1]), bounds
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m ledger.compact DIRECTORY SEQ", file=sys.stderr)
+    parsed = parse_arguments(argv, "python -m ledger.compact DIRECTORY SEQ BOUNDS_JSON")
+    if parsed is None:
         return 2
+    directory, seq, bounds = parsed
     become_compactor()
     started = time.perf_counter()
-    directory, seq = Path(argv[0]), int(argv[1])
     with_app: list[int] = []
-    ledger, app, snapshot_seq = rebuild(directory, seq, on_app=lambda record_seq, _: with_app.append(record_seq))
+    ledger, app, snapshot_seq = rebuild(directory, seq, bounds,
+                                        on_app=lambda record_seq, _: with_app.append(record_seq))
     if app or with_app:  # that state would be lost: only the application can rebuild it
         print(f"the log in {directory} carries application state (e.g. seq "
               f"{with_app[0] if with_app else snapshot_seq}): use the application's compactor", file=sys.stderr)

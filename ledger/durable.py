@@ -190,7 +190,7 @@ class DurableLedger:
     """What the server and the CLI use. Build with `DurableLedger.open`."""
 
     FORK_SNAPSHOTS = True  # snapshot_async serializes in a forked child (see there)
-    # snapshot_async runs `[*compactor, directory, seq]` instead of forking (ledger.compact): the
+    # snapshot_async runs `[*compactor, directory, seq, bounds]` instead of forking (ledger.compact): the
     # command prefix, e.g. (sys.executable, "-m", "ledger.compact"); None: fork.
     compactor: tuple[str, ...] | None = None
 
@@ -437,7 +437,10 @@ class DurableLedger:
         if seq > 0:  # WalUnwritableError while the log cannot be written: try again later
             await self._wal.wait_durable(seq, unwritable_raises=True)
         started = time.perf_counter()
-        command = [*self.compactor, str(self.directory), str(seq)]
+        from ledger.compact import LedgerBounds  # ledger.compact imports this module
+
+        bounds = msgspec.json.encode(LedgerBounds.of(self.ledger)).decode()
+        command = [*self.compactor, str(self.directory), str(seq), bounds]
         with trio.move_on_after(COMPACTOR_TIMEOUT_S) as deadline:
             done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
         if deadline.cancelled_caught:

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from ledger import durable as durable_module
+from ledger.compact import LedgerBounds
 from ledger.durable import SnapshotChildError, decode_snapshot
 from ledger.snapshot import list_snapshots, read_snapshot
 from ledger.types import Batch
@@ -71,6 +72,35 @@ async def test_a_compacted_snapshot_is_the_state_at_its_seq_while_the_owner_appe
     durable.close()
 
 
+async def test_replay_evicts_and_trims_by_the_owners_bounds_snapshot_after_snapshot(tmp_path: Path) -> None:
+    """The operator's bounds are not in the log: the compactor replays with the owner's, passed at the
+    call. Replayed with the defaults, the first image held every id since seq 1 under a bound of a
+    few hundred, and the next compaction (or a restart) refused to load it."""
+    durable = open_ledger(tmp_path, segment_size_max=4096)
+    durable.ledger.set_bounds(ids_max=150, holds_pending_max=60, history_per_account_max=3)
+    setup_accounts(durable, fund=100_000)
+    durable.compactor = LEDGER_COMPACTOR
+    batches = list(without_app(random_batches(11, 900)))
+    images: list[tuple[int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        for part in (batches[:300], batches[300:600], batches[600:]):
+            for batch in part:
+                durable.submit(batch)
+            images.append((durable.last_seq, durable.ledger.to_snapshot()))
+            assert await durable.snapshot_async() == images[-1][0]
+        nursery.cancel_scope.cancel()
+    assert durable.ledger.ids_evicted_count > 500  # the bound was at work all along
+    for seq, image in images[1:]:  # the newest two are kept
+        _, payload = read_snapshot(dict(list_snapshots(tmp_path))[seq])
+        assert decode_snapshot(payload)[0].to_snapshot() == image
+    digest = durable.ledger.digest()
+    durable.close()
+    reopened = open_ledger(tmp_path)
+    assert reopened.snapshot_seq == images[-1][0] and reopened.ledger.digest() == digest
+    reopened.close()
+
+
 async def test_a_failing_compactor_publishes_and_truncates_nothing(tmp_path: Path, monkeypatch) -> None:
     durable = open_ledger(tmp_path, segment_size_max=4096)
     setup_accounts(durable)
@@ -125,8 +155,12 @@ def test_read_log_stops_at_the_seq_asked_for_and_never_reads_past_it(tmp_path: P
 def test_the_ledger_compactor_refuses_bad_arguments(tmp_path: Path) -> None:
     import subprocess
 
+    usage = "usage: python -m ledger.compact DIRECTORY SEQ BOUNDS_JSON"
     done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "usage: python -m ledger.compact DIRECTORY SEQ" in done.stderr
+    assert done.returncode == 2 and usage in done.stderr
+    done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1", '{"ids_max": "many"}'],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Expected `int`, got `str`" in done.stderr and usage in done.stderr
 
 
 async def test_the_switch_snapshots_by_replay_and_recovers_from_them(data_dir, cards) -> None:
@@ -189,7 +223,8 @@ def test_an_empty_batch_log_compacts_to_the_same_empty_state(tmp_path: Path) -> 
     durable.close()
     import subprocess
 
-    done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1"], capture_output=True, text=True, timeout=60)
+    bounds = msgspec.json.encode(LedgerBounds.of(durable.ledger)).decode()
+    done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1", bounds], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "seq 1: 1 records replayed after the snapshot at seq 0" in done.stdout
     assert (tmp_path / "snapshot-00000000000000000001.snap.tmp").exists()  # the owner publishes it
