@@ -33,7 +33,20 @@ class AccountKind(enum.IntEnum):
     fx = 8  # foreign-exchange position
 
 
-class AccountFlags(enum.IntFlag):
+class _CachedFlag(enum.IntFlag):
+    """An IntFlag whose combinations, once made, are looked up rather than made again.
+
+    msgspec decodes a flag value that is not a single member by calling `_missing_`, which builds
+    the combination anew each time: ~10% of a log replay's time (profiled on 400k records of the
+    soak). The enum module keeps every combination it built in `_value2member_map_`; use it."""
+
+    @classmethod
+    def _missing_(cls, value):
+        member = cls._value2member_map_.get(value)
+        return member if member is not None else super()._missing_(value)
+
+
+class AccountFlags(_CachedFlag):
     none = 0
     # The account must never have more debits than credits (posted + pending): a balance that
     # cannot go below zero. Checked against debits_pending + debits_posted.
@@ -42,7 +55,7 @@ class AccountFlags(enum.IntFlag):
     credits_must_not_exceed_debits = 2
 
 
-class TransferFlags(enum.IntFlag):
+class TransferFlags(_CachedFlag):
     none = 0
     # This transfer and the next one in the batch succeed or fail together. A chain ends at the
     # first transfer without the flag. A chain left open at the end of a batch fails with
