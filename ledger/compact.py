@@ -24,6 +24,7 @@ import gc
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,8 @@ from ledger.wal import SEQ_FIRST, list_segments, read_log
 # Below the live process's priority: on a busy machine the compactor takes what CPU is left (a
 # snapshot late by seconds costs only a longer log), not the switch's.
 NICE_INCREMENT = 10
-_PR_SET_PDEATHSIG = 1
+PARENT_CHECK_S = 0.5  # a compactor whose parent died exits within this
+PARENT_ENV = "LEDGER_COMPACTOR_PARENT"  # the owner's pid, set when it starts a compactor
 
 
 class LedgerBounds(msgspec.Struct, frozen=True):
@@ -108,16 +110,22 @@ def write_image(directory: Path, seq: int, ledger: Ledger, app: bytes) -> Path:
 
 def become_compactor() -> None:
     """For a compactor's first line: lower priority, and die with the process that started it (a
-    server killed mid-snapshot must not leave this one competing with its restart)."""
-    os.nice(NICE_INCREMENT)
-    if sys.platform == "linux":
-        import ctypes
-        import signal
+    server killed mid-snapshot must not leave this one competing with its restart).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            raise SystemExit(1)
+    The owner names itself in PARENT_ENV (DurableLedger does), so a parent that died before this
+    line is seen too; without it, the parent at this line is watched. A thread watches the pid
+    rather than prctl(PR_SET_PDEATHSIG): that signal follows the *thread* that started the child,
+    and trio starts processes from worker threads, which end when idle: the soak's second
+    compactor was killed (exit -9) half way through that way."""
+    os.nice(NICE_INCREMENT)
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:  # until the process ends (a daemon thread)
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="compactor-parent-watch", daemon=True).start()
 
 
 def summary(seq: int, snapshot_seq: int, started: float) -> str:

@@ -39,12 +39,12 @@ from ledger.wal import RECORD_SIZE_MAX, SEQ_FIRST, Wal, WalError
 log = logging.getLogger("ledger.durable")
 
 _OnApp = Callable[[int, bytes], None]
-# A compactor replays one snapshot interval (~500k records: seconds); past this it is killed and
-# the snapshot tried again later. Its error output is kept to this many lines in the error.
+_Finish = Callable[[BatchResult], bytes]
+# A compactor replays one snapshot interval (500k records: 20-60 s on machine B); past this it is
+# killed and the snapshot tried again later. Its error output is kept to this many lines.
 COMPACTOR_TIMEOUT_S = 600.0
 COMPACTOR_LINES_KEPT = 5
 COMPACTOR_SUMMARY_CHARS = 300
-_Finish = Callable[[BatchResult], bytes]
 
 
 class LedgerRecoveryError(WalError):
@@ -437,12 +437,14 @@ class DurableLedger:
         if seq > 0:  # WalUnwritableError while the log cannot be written: try again later
             await self._wal.wait_durable(seq, unwritable_raises=True)
         started = time.perf_counter()
-        from ledger.compact import LedgerBounds  # ledger.compact imports this module
+        from ledger.compact import PARENT_ENV, LedgerBounds  # ledger.compact imports this module
 
         bounds = msgspec.json.encode(LedgerBounds.of(self.ledger)).decode()
         command = [*self.compactor, str(self.directory), str(seq), bounds]
+        environment = {**os.environ, PARENT_ENV: str(os.getpid())}
         with trio.move_on_after(COMPACTOR_TIMEOUT_S) as deadline:
-            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False,
+                                          env=environment)
         if deadline.cancelled_caught:
             raise SnapshotChildError(f"the compactor for seq {seq} ran past {COMPACTOR_TIMEOUT_S:.0f} s: killed")
         if done.returncode != 0:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from ledger import durable as durable_module
-from ledger.compact import LedgerBounds
+from ledger.compact import PARENT_ENV, LedgerBounds
 from ledger.durable import SnapshotChildError, decode_snapshot
 from ledger.snapshot import list_snapshots, read_snapshot
 from ledger.types import Batch
@@ -228,3 +228,48 @@ def test_an_empty_batch_log_compacts_to_the_same_empty_state(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     assert "seq 1: 1 records replayed after the snapshot at seq 0" in done.stdout
     assert (tmp_path / "snapshot-00000000000000000001.snap.tmp").exists()  # the owner publishes it
+
+
+def test_a_compactor_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
+    """trio starts processes from worker threads that end when idle; the compactor must not die
+    with that thread (it did, with prctl's parent-death signal: exit -9 half way through)."""
+    import subprocess
+    import threading
+
+    durable = open_ledger(tmp_path)
+    setup_accounts(durable)
+    durable.flush_sync()
+    bounds = msgspec.json.encode(LedgerBounds.of(durable.ledger)).decode()
+    durable.close()
+    started: list[subprocess.Popen] = []
+    thread = threading.Thread(target=lambda: started.append(subprocess.Popen(
+        [*LEDGER_COMPACTOR, str(tmp_path), "2", bounds], stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    thread.start()
+    thread.join()  # gone before the compactor has even imported the ledger
+    out, err = started[0].communicate(timeout=60)
+    assert started[0].returncode == 0, err
+    assert (tmp_path / "snapshot-00000000000000000002.snap.tmp").exists()
+
+
+def test_a_compactor_whose_parent_died_exits(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import time
+
+    grandchild = ("from ledger.compact import become_compactor; become_compactor(); "
+                  "import time; time.sleep(60)")
+    parent = ("import os, subprocess, sys; "
+              f"env = {{**os.environ, {PARENT_ENV!r}: str(os.getpid())}}; "
+              f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], env=env, stdout=subprocess.DEVNULL); "
+              "print(p.pid, flush=True)")
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    pid = int(done.stdout)  # its parent has exited already, maybe before the compactor started
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail("the orphaned compactor was still running 10 s after its parent exited")
