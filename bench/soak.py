@@ -53,6 +53,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import threading
 import sys
 import tempfile
@@ -1201,6 +1202,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill` (SIGTERM) stops a soak as Ctrl-C does: the server is stopped and the work directory,
+    which holds the seeded cards file (PANs, PINs), removed. Killed soaks used to leave it behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     plot = args.plot or args.out.with_suffix(".png")
@@ -1225,10 +1236,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    _interrupt_on_sigterm()
     try:
         results = run_soak(config, trace_memory=args.trace_memory, trace_memory_s=args.trace_memory_seconds,
                            tracemalloc_on=args.tracemalloc)
     except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:  # raised inside a trio task (SIGTERM's handler): in a group
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
         return 130
     write_results(results, args.out)
     write_rss_plot(results, plot)

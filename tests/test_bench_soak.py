@@ -449,3 +449,31 @@ def test_the_log_s_fsync_tail_is_read_from_the_same_scrapes():
     assert found.fsync_p999_ms == round(100 + 400 * 1 / 3, 2)  # the 1,998th: 1 of 3 into (100, 500]
     without = server_latency(parse_latency_buckets(before), parse_latency_buckets(after))
     assert without is not None and without.fsync_p99_ms is None and without.fsync_groups is None
+
+
+def test_a_soak_stopped_by_sigterm_stops_its_server_and_removes_its_work_directory(tmp_path: Path) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "bench.soak", "--rate", "50", "--duration", "60",
+                                "--users", "20", "--clearing-seconds", "0", "--out", str(tmp_path / "r.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = process.stdout.readline()  # "soak: init + seed 20 users in DIR/data (log ...)"
+        work = Path(re.search(r" in (\S+)/data ", first).group(1))
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # until the server is up and loaded (the warm-up)
+            if " warmup " in line or time.monotonic() > deadline:
+                break
+        assert work.exists()
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 130, rest
+    assert "server exit" in rest  # stopped, and its ledger verified, as after Ctrl-C
+    assert not work.exists()
+    assert not (tmp_path / "r.json").exists()
