@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 
@@ -33,13 +32,14 @@ class CompactorSettings(msgspec.Struct, frozen=True):
 
 
 def command(config) -> tuple[str, ...]:
-    """The command prefix for DurableLedger.compactor: the directory and seq are appended."""
+    """The command prefix for DurableLedger.compactor, which appends the directory, the seq and the
+    ledger's bounds."""
     settings = CompactorSettings(duplicates=config.duplicates, history=config.history)
     return (sys.executable, "-m", "authsrv.compactor", msgspec.json.encode(settings).decode())
 
 
 def main(argv: list[str]) -> int:
-    from ledger.compact import LedgerBounds, become_compactor, parse_arguments, rebuild, summary, write_image
+    from ledger.compact import become_compactor, parse_arguments, rebuild, summary, write_image
 
     try:
         settings = msgspec.json.decode(argv[0], type=CompactorSettings) if argv else None

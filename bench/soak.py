@@ -69,7 +69,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authsrv.clearing.cli import ADMIN_USERNAME, IngestError
 from authsrv.clearing.records import ClearingFileError
-from authsrv.clearing.summary import ClearingSummary, summary_decoder
+from authsrv.clearing.summary import summary_decoder
 from authsrv.config import (
     ACTIVITIES_MAX_MIN,
     CLOSED_MAX_MIN,
