@@ -58,6 +58,7 @@ import threading
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
@@ -1204,10 +1205,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _interrupt_on_sigterm() -> None:
     """`kill` (SIGTERM) stops a soak as Ctrl-C does: the server is stopped and the work directory,
-    which holds the seeded cards file (PANs, PINs), removed. Killed soaks used to leave it behind."""
+    which holds the seeded cards file (PANs, PINs), removed. Killed soaks used to leave it behind.
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    The signal goes to whatever handles SIGINT at that moment: inside `trio.run` that is trio's
+    handler, which raises only where it is safe and otherwise wakes the main task. Raising from
+    here directly could land inside trio's own bookkeeping and corrupt its nursery stack."""
+
+    def interrupt(signum: int, frame: types.FrameType | None) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored or left to C (not set by this program): stop anyway
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
 
