@@ -1,13 +1,19 @@
 """The ISO 8583 TCP listener on trio.
 
-Per connection: a reader that decides the requests of each receive synchronously, one after the
-other (the hot path never awaits anything but the commit), and hands their answers to the writer
-as one list; and a writer that waits for the write-ahead log's group commit once for a whole group
-of answers, then sends them with one `send_all`. Per-message trio operations cost more here than
-most hot-path steps (~9 us a checkpoint, ~15 us a cancel scope with a deadline, ~16 us a channel
-hand-off on a 2-core VM), so they happen per receive and per group, not per message. At most
-`in_flight_per_connection_max` answers wait to be sent: past that the reader stops reading until
-the writer catches up, so a sender that floods us is slowed by TCP instead of growing our memory.
+One reader for every connection: the sockets sit in one level-triggered epoll set, and the reader
+waits on that set's descriptor through trio (`wait_readable`). Each pass reads once from every
+connection that has bytes, decides the requests of each receive synchronously, one after the other
+(the hot path never awaits anything but the commit), and hands their answers to that connection's
+writer as one list. A writer per connection waits for the write-ahead log's group commit once for a
+whole group of answers, then sends them with one `send_all`. Per-message trio operations cost more
+here than most hot-path steps (~9 us a checkpoint, ~15 us a cancel scope with a deadline, ~16 us a
+channel hand-off on a 2-core VM), so they happen per pass and per group, not per message: a reader
+per connection paid a wake-up, an epoll re-arm and an idle deadline for every receive.
+
+At most `in_flight_per_connection_max` answers wait to be sent per connection: past that its socket
+leaves the epoll set until the writer catches up, so a sender that floods us is slowed by TCP
+instead of growing our memory. Each connection's own task only waits: for its end (end of stream,
+framing lost, an error, stop()) or its idle deadline.
 
 A request whose decision needs the partner's external balance comes back from the switch deferred
 (`Outgoing.pending`): the reader starts its completion in the connection's nursery and goes on
@@ -18,6 +24,7 @@ its answer to the writer like any other (it counts as in flight until sent).
 from __future__ import annotations
 
 import logging
+import select
 import time
 
 import trio
@@ -35,26 +42,24 @@ FRAMES_PER_RECEIVE_MAX = RECEIVE_SIZE // (LENGTH_PREFIX_SIZE + 1)
 CLOSE_TIMEOUT_S = 2.0  # closing the partners' HTTP pools at shutdown
 
 
-class InFlight:
-    """One connection's answers decided and not yet sent, and the reader's wait for room."""
+class Connection:
+    """One connection as the reader sees it: its socket, its partial frame, the channel to its
+    writer, its answers in flight, and how it ended (`done`, with `error` if it failed)."""
 
-    __slots__ = ("count", "_room")
+    __slots__ = ("fd", "sock", "splitter", "send", "nursery", "count", "paused", "last_read", "done", "error")
 
-    def __init__(self) -> None:
-        self.count = 0
-        self._room: trio.Event | None = None
-
-    async def wait_for_room(self, count_max: int) -> None:
-        while self.count >= count_max:  # bounded: each pass waits for the writer to send a group
-            self._room = trio.Event()
-            await self._room.wait()
-
-    def sent(self, count: int) -> None:
-        self.count -= count
-        assert self.count >= 0
-        if self._room is not None:
-            self._room.set()
-            self._room = None
+    def __init__(self, sock: StreamSocket, splitter: FrameSplitter, send: trio.MemorySendChannel,
+                 nursery: trio.Nursery, now: float) -> None:
+        self.fd = sock.fileno
+        self.sock = sock
+        self.splitter = splitter
+        self.send = send
+        self.nursery = nursery
+        self.count = 0  # answers decided and not yet sent
+        self.paused = False  # out of the epoll set: too many answers in flight
+        self.last_read = now  # trio time of the last receive (the idle deadline counts from it)
+        self.done = trio.Event()
+        self.error: BaseException | None = None
 
 
 class IsoServer:
@@ -68,21 +73,26 @@ class IsoServer:
         self._idle_timeout_s = idle_timeout_s
         self._frame_size_max = frame_size_max
         self._connections_max = connections_max
-        self._readers: set[trio.CancelScope] = set()  # each connection's wait for its next frame
+        self._epoll: select.epoll | None = None  # the reader's set, while run() runs
+        self._reading: dict[int, Connection] = {}  # by fd: every connection the reader serves
         self._stopping = False
         self._accepting = trio.CancelScope()
+        self._reader_scope = trio.CancelScope()
         self._connections = 0
         self._idle = trio.Event()
         self._idle.set()
 
     async def run(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); then let open connections drain (bounded by the caller)."""
+        self._epoll = select.epoll()
         try:
             async with trio.open_nursery() as handlers:
+                handlers.start_soon(self._read_all)
                 with self._accepting:
                     task_status.started()
                     await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
         finally:
+            self._epoll.close()
             aclose = getattr(self._switch, "aclose", None)
             if aclose is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
@@ -92,8 +102,10 @@ class IsoServer:
         """Stop accepting and stop reading new requests; answers already decided are still sent."""
         self._accepting.cancel()
         self._stopping = True
-        for scope in list(self._readers):
-            scope.cancel()
+        self._reader_scope.cancel()
+        for conn in list(self._reading.values()):
+            log.info("closing ISO 8583 connection: shutting down")
+            self._end(conn)
 
     async def drained(self) -> None:
         await self._idle.wait()
@@ -108,15 +120,18 @@ class IsoServer:
         self._connections += 1
         self._idle = trio.Event() if self._connections == 1 else self._idle
         self._metrics.connections.inc()
-        in_flight = InFlight()
+        conn = None
         try:
             # Items are lists of answers; the in-flight bound keeps the channel under this.
             send, receive = trio.open_memory_channel(self._in_flight_max + FRAMES_PER_RECEIVE_MAX)
             async with trio.open_nursery() as nursery:
                 sock = StreamSocket(stream)
-                nursery.start_soon(self._writer, sock, receive, in_flight, nursery)
+                conn = Connection(sock, FrameSplitter(self._frame_size_max), send, nursery, trio.current_time())
+                nursery.start_soon(self._writer, sock, receive, conn, nursery)
                 async with send:
-                    await self._reader(sock, send, in_flight, nursery)
+                    await self._serve(conn)
+                if conn.error is not None:
+                    raise conn.error
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             # The peer went away (reset, closed mid-answer): its own problem, not the server's.
             log.info("ISO 8583 connection lost: %s", group.exceptions[0])
@@ -128,70 +143,108 @@ class IsoServer:
             self._metrics.internal_errors.inc()
             log.error("closing ISO 8583 connection after an internal error", exc_info=group)
         finally:
-            self._metrics.in_flight.dec(in_flight.count)  # decided but never sent: the peer left
+            if conn is not None:
+                self._end(conn)  # out of the reader's set before the socket closes
+                self._metrics.in_flight.dec(conn.count)  # decided but never sent: the peer left
             self._metrics.connections.dec()
             await trio.aclose_forcefully(stream)
             self._connections -= 1
             if self._connections == 0:
                 self._idle.set()
 
-    async def _reader(self, sock: StreamSocket, send: trio.MemorySendChannel, in_flight: InFlight,
-                      nursery: trio.Nursery) -> None:
-        """Read and decide frames until EOF, idle timeout or stop().
+    async def _serve(self, conn: Connection) -> None:
+        """Hand the connection to the reader and wait until it ends, or for its idle deadline. A
+        connection whose answers are not being taken (out of the set, `paused`) is not idle."""
+        if self._stopping:
+            return
+        self._reading[conn.fd] = conn
+        self._epoll.register(conn.fd, select.EPOLLIN)
+        while not conn.done.is_set():  # bounded: one pass per idle period
+            now = trio.current_time()
+            if conn.paused:
+                conn.last_read = now
+            deadline = conn.last_read + self._idle_timeout_s
+            if now >= deadline:
+                log.info("closing ISO 8583 connection: idle")
+                self._end(conn)
+                return
+            with trio.move_on_at(deadline):
+                await conn.done.wait()
 
-        Only the wait for bytes (or for room) can be cancelled: once bytes are read they are decided,
-        and once a frame is decided (money may have moved) its answer always reaches the writer's
-        channel. A receive the kernel can satisfy at once costs one system call and no pass through
-        the scheduler (StreamSocket); the reader yields when it waits, or after two receives in a row.
-        """
-        handle, gauge, in_flight_max = self._switch.handle, self._metrics.in_flight, self._in_flight_max
-        splitter = FrameSplitter(self._frame_size_max)
-        waited = True  # since the last pass through the scheduler
-        while not self._stopping:
-            if in_flight.count >= in_flight_max:
-                await in_flight.wait_for_room(in_flight_max)
-                waited = True
-            data = sock.receive_nowait(RECEIVE_SIZE)
-            if data is None:
-                with trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s) as waiting:
-                    self._readers.add(waiting)
-                    try:
-                        await sock.wait_readable()
-                    finally:
-                        self._readers.discard(waiting)
-                if waiting.cancelled_caught:
-                    log.info("closing ISO 8583 connection: idle or shutting down")
-                    return
-                waited = True
+    def _end(self, conn: Connection, error: BaseException | None = None) -> None:
+        """No more reading from this connection (idempotent); its task sees `done`."""
+        if self._reading.get(conn.fd) is conn:
+            del self._reading[conn.fd]
+            if not conn.paused:
+                self._epoll.unregister(conn.fd)
+        if error is not None and conn.error is None:
+            conn.error = error
+        conn.done.set()
+
+    async def _read_all(self) -> None:
+        """The one reader: each pass reads once from every connection with bytes waiting. A pass
+        runs synchronously, so nothing is dropped between a receive and its decisions; the wait on
+        the set's descriptor is the pass's checkpoint, so writers and other tasks run between."""
+        epoll, reading = self._epoll, self._reading
+        with self._reader_scope:
+            while True:  # until stop() or the server's cancellation
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                now = trio.current_time()
+                for fd, _ in epoll.poll(0):
+                    conn = reading.get(fd)
+                    if conn is not None:
+                        self._read(conn, now)
+
+    def _read(self, conn: Connection, now: float) -> None:
+        """One receive from a ready connection, and the decisions of every frame in it. Once
+        bytes are read they are decided, and once a frame is decided (money may have moved) its
+        answer always reaches the writer's channel. An error ends this connection only."""
+        try:
+            data = conn.sock.receive_nowait(RECEIVE_SIZE)
+        except trio.BrokenResourceError as error:
+            self._end(conn, error)
+            return
+        if data is None:  # the kernel changed its mind (a spurious wake-up)
+            return
+        conn.last_read = now
+        splitter = conn.splitter
+        if not data:
+            if splitter.pending:
+                self._framing_lost(f"end of stream inside a frame ({splitter.pending} bytes pending)")
+            self._end(conn)
+            return
+        payloads = splitter.feed(data)
+        if payloads:
+            try:
+                self._decide(conn, payloads)
+            except Exception as error:  # raised again in the connection's task, which sorts it out
+                self._end(conn, error)
+                return
+        if splitter.error is not None:
+            self._framing_lost(str(splitter.error))
+            self._end(conn)
+        elif conn.count >= self._in_flight_max:
+            conn.paused = True
+            self._epoll.unregister(conn.fd)
+
+    def _decide(self, conn: Connection, payloads: list) -> None:
+        handle = self._switch.handle
+        received_ns = time.perf_counter_ns()
+        answers = []
+        for payload in payloads:
+            outgoing = handle(payload, received_ns)
+            if outgoing is None:
                 continue
-            if not waited:  # bytes were ready twice in a row: let the writer and the other connections run
-                await trio.lowlevel.cancel_shielded_checkpoint()  # a yield that cannot drop what was read
-            waited = False
-            if not data:
-                if splitter.pending:
-                    self._framing_lost(f"end of stream inside a frame ({splitter.pending} bytes pending)")
-                return
-            payloads = splitter.feed(data)
-            if payloads:
-                received_ns = time.perf_counter_ns()
-                answers = []
-                for payload in payloads:
-                    outgoing = handle(payload, received_ns)
-                    if outgoing is None:
-                        continue
-                    if outgoing.pending is None:
-                        answers.append(outgoing)
-                    else:
-                        in_flight.count += 1
-                        gauge.inc()
-                        nursery.start_soon(self._complete, outgoing, send.clone())
-                if answers:
-                    in_flight.count += len(answers)
-                    gauge.inc(len(answers))
-                    send.send_nowait(answers)  # never full: in_flight_max + one receive's frames
-            if splitter.error is not None:
-                self._framing_lost(str(splitter.error))
-                return
+            if outgoing.pending is None:
+                answers.append(outgoing)
+            else:
+                conn.count += 1
+                self._metrics.in_flight.inc()
+                conn.nursery.start_soon(self._complete, outgoing, conn.send.clone())
+        if answers:
+            conn.count += len(answers)
+            self._metrics.in_flight.inc(len(answers))
+            conn.send.send_nowait(answers)  # never full: in_flight_max + one receive's frames
 
     def _framing_lost(self, reason: str) -> None:
         self._metrics.framing_errors.inc()
@@ -207,7 +260,7 @@ class IsoServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.info("ISO 8583 connection gone before a deferred answer was sent")
 
-    async def _writer(self, sock: StreamSocket, receive: trio.MemoryReceiveChannel, in_flight: InFlight,
+    async def _writer(self, sock: StreamSocket, receive: trio.MemoryReceiveChannel, conn: Connection,
                       nursery: trio.Nursery) -> None:
         ledger = self._ledger
         sending = trio.Lock()  # shared with _send_when_durable's tasks; otherwise never contended
@@ -226,7 +279,7 @@ class IsoServer:
                     durable = ledger.durable_seq
                     late = [outgoing for outgoing in group if outgoing.seq > durable]
                     if late:  # past the budget and not compensable: sent once durable, the rest now
-                        nursery.start_soon(self._send_when_durable, sock, late, in_flight, sending)
+                        nursery.start_soon(self._send_when_durable, sock, late, conn, sending)
                         group = [outgoing for outgoing in group if outgoing.seq <= durable]
                         if not group:
                             continue
@@ -235,17 +288,22 @@ class IsoServer:
                         await sock.send_all(b"".join(outgoing.data for outgoing in group))
                 else:
                     await sock.send_all(b"".join(outgoing.data for outgoing in group))
-                self._sent(group, in_flight)
+                self._sent(group, conn)
 
-    def _sent(self, group: list, in_flight: InFlight) -> None:
+    def _sent(self, group: list, conn: Connection) -> None:
         metrics = self._metrics
         now = time.perf_counter_ns()
         for outgoing in group:
             metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
         metrics.in_flight.dec(len(group))
-        in_flight.sent(len(group))
+        conn.count -= len(group)
+        assert conn.count >= 0
+        if conn.paused and conn.count < self._in_flight_max:  # room again: back in the reader's set
+            conn.paused = False
+            if self._reading.get(conn.fd) is conn:
+                self._epoll.register(conn.fd, select.EPOLLIN)
 
-    async def _send_when_durable(self, sock: StreamSocket, late: list, in_flight: InFlight,
+    async def _send_when_durable(self, sock: StreamSocket, late: list, conn: Connection,
                                  sending: trio.Lock) -> None:
         """Answers still waiting for the log past their budget that a void cannot compensate (a
         posting, an advice, a reversal, a duplicate of one still committing; or a hold when the
@@ -258,7 +316,7 @@ class IsoServer:
             late = [self._switch.refuse(o) if o.seq > self._ledger.durable_seq else o for o in late]
         async with sending:
             await sock.send_all(b"".join(outgoing.data for outgoing in late))
-        self._sent(late, in_flight)
+        self._sent(late, conn)
 
     async def _commit(self, group: list, seq: int, durable: int) -> list:
         """Wait, up to the earliest budget, until every approval in the group is on disk; approvals

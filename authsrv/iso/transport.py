@@ -5,7 +5,7 @@ succeeds at once (a cancel-shielded checkpoint, on top of a cancellation check):
 that is two scheduler round trips per message at low load, more than the codec costs. Here a
 receive or send that the kernel can satisfy now is one system call; only "would block" waits, with
 `trio.lowlevel.wait_readable` (a real, cancellable checkpoint) or trio's own `send_all`. Callers
-must checkpoint themselves when they loop on data that is always ready (see IsoServer._reader).
+must checkpoint themselves when they loop on data that is always ready (see IsoServer._read_all).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import trio
 class StreamSocket:
     """One connection's socket: `receive_nowait`, `wait_readable`, `send_all`. Errors as trio's."""
 
-    __slots__ = ("_stream", "_fd")
+    __slots__ = ("_stream", "_fd", "fileno")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._fd = stream.socket.fileno()
+        self._fd = self.fileno = stream.socket.fileno()
 
     def receive_nowait(self, size: int) -> bytes | None:
         """The bytes the kernel has (b"" at end of stream), or None if there are none yet."""
