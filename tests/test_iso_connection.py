@@ -7,23 +7,23 @@ from tests.test_clearing import solo  # noqa: F401
 
 
 async def test_a_bug_in_one_connection_closes_only_that_connection(server, solo, monkeypatch):
-    """An unexpected error in a connection's writer closes that connection; the server and the
-    other connections go on (before: the error crashed the whole process)."""
+    """An unexpected error while writing a connection's answers closes that connection; the server
+    and the other connections go on (before: the error crashed the whole process)."""
     from authsrv.iso import transport
 
     card = solo[0]
     healthy = await IsoClient.connect(server.iso_port)
     assert (await healthy.call(auth(card, amount=100, cvc2=card["cvc2"])))["39"] == "00"
-    real_send_all = transport.StreamSocket.send_all
+    real_send_nowait = transport.StreamSocket.send_nowait
 
-    async def broken_send_all(self, data: bytes) -> None:
+    def broken_send_nowait(self, data: bytes) -> int:
         raise ValueError("injected writer bug")
 
-    monkeypatch.setattr(transport.StreamSocket, "send_all", broken_send_all)
+    monkeypatch.setattr(transport.StreamSocket, "send_nowait", broken_send_nowait)
     victim = await IsoClient.connect(server.iso_port)
     await victim.send(auth(card, amount=100, cvc2=card["cvc2"]))
     assert await victim.stream.receive_some(100) == b""  # closed by the server, no answer
-    monkeypatch.setattr(transport.StreamSocket, "send_all", real_send_all)
+    monkeypatch.setattr(transport.StreamSocket, "send_nowait", real_send_nowait)
     assert (await healthy.call(auth(card, amount=100, cvc2=card["cvc2"])))["39"] == "00"
     fresh = await IsoClient.connect(server.iso_port)
     assert (await fresh.call(auth(card, amount=100, cvc2=card["cvc2"])))["39"] == "00"

@@ -1,19 +1,22 @@
 """The ISO 8583 TCP listener on trio.
 
-One reader for every connection: the sockets sit in one level-triggered epoll set, and the reader
-waits on that set's descriptor through trio (`wait_readable`). Each pass reads once from every
-connection that has bytes, decides the requests of each receive synchronously, one after the other
-(the hot path never awaits anything but the commit), and hands their answers to that connection's
-writer as one list. A writer per connection waits for the write-ahead log's group commit once for a
-whole group of answers, then sends them with one `send_all`. Per-message trio operations cost more
-here than most hot-path steps (~9 us a checkpoint, ~15 us a cancel scope with a deadline, ~16 us a
-channel hand-off on a 2-core VM), so they happen per pass and per group, not per message: a reader
-per connection paid a wake-up, an epoll re-arm and an idle deadline for every receive.
+One reader and one writer for every connection. The sockets sit in one level-triggered epoll set,
+and the reader waits on that set's descriptor through trio (`wait_readable`). Each pass reads once
+from every connection that has bytes, decides the requests of each receive synchronously, one after
+the other (the hot path never awaits anything but the commit), and hands their answers to the
+writer. The writer takes every connection's answers at once, waits for the write-ahead log's group
+commit once for all of them, and writes each connection's answers with one system call. Per-message
+trio operations cost more here than most hot-path steps (~9 us a checkpoint, ~15 us a cancel scope
+with a deadline, ~16 us a channel hand-off on a 2-core VM), so they happen per pass, not per
+message or per connection: a reader and a writer per connection paid a wake-up, an epoll re-arm, a
+channel hand-off and a cancel scope for every receive and every group.
 
 At most `in_flight_per_connection_max` answers wait to be sent per connection: past that its socket
-leaves the epoll set until the writer catches up, so a sender that floods us is slowed by TCP
-instead of growing our memory. Each connection's own task only waits: for its end (end of stream,
-framing lost, an error, stop()) or its idle deadline.
+leaves the epoll set until its answers go out, so a sender that floods us is slowed by TCP instead
+of growing our memory. A send the kernel does not take whole (a peer that reads slowly) leaves the
+rest, and that connection's later answers, to a task of the connection's own, in order. Each
+connection's own task otherwise only waits: for its end (end of stream, framing lost, an error,
+stop()) or its idle deadline, then for its answers to go out.
 
 A request whose decision needs the partner's external balance comes back from the switch deferred
 (`Outgoing.pending`): the reader starts its completion in the connection's nursery and goes on
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import select
 import time
+from collections.abc import Iterable
 
 import trio
 
@@ -37,29 +41,32 @@ from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.iso")
 
-RESPONSE_GROUP_MAX = 256  # lists of answers written with one send_all
 FRAMES_PER_RECEIVE_MAX = RECEIVE_SIZE // (LENGTH_PREFIX_SIZE + 1)
 CLOSE_TIMEOUT_S = 2.0  # closing the partners' HTTP pools at shutdown
 
 
 class Connection:
-    """One connection as the reader sees it: its socket, its partial frame, the channel to its
-    writer, its answers in flight, and how it ended (`done`, with `error` if it failed)."""
+    """One connection as the reader and the writer see it: its socket, its partial frame, its
+    answers decided and not yet sent, and how it ended (`done`, with `error` if it failed)."""
 
-    __slots__ = ("fd", "sock", "splitter", "send", "nursery", "count", "paused", "last_read", "done", "error")
+    __slots__ = ("fd", "sock", "splitter", "nursery", "count", "paused", "last_read", "done", "error",
+                 "answers", "queued", "backlog", "closed", "all_sent")
 
-    def __init__(self, sock: StreamSocket, splitter: FrameSplitter, send: trio.MemorySendChannel,
-                 nursery: trio.Nursery, now: float) -> None:
+    def __init__(self, sock: StreamSocket, splitter: FrameSplitter, nursery: trio.Nursery, now: float) -> None:
         self.fd = sock.fileno
         self.sock = sock
         self.splitter = splitter
-        self.send = send
         self.nursery = nursery
-        self.count = 0  # answers decided and not yet sent
+        self.count = 0  # answers decided and not yet sent (bounded by in_flight_per_connection_max)
         self.paused = False  # out of the epoll set: too many answers in flight
         self.last_read = now  # trio time of the last receive (the idle deadline counts from it)
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.answers: list = []  # handed to the writer, not taken yet
+        self.queued = False  # in the writer's ready list
+        self.backlog: list | None = None  # (bytes, answers) behind a send the kernel did not take whole
+        self.closed = False  # the socket is closing: nothing more is written to this fd
+        self.all_sent: trio.Event | None = None  # set when `count` falls to 0 (the end's drain waits)
 
 
 class IsoServer:
@@ -75,6 +82,8 @@ class IsoServer:
         self._connections_max = connections_max
         self._epoll: select.epoll | None = None  # the reader's set, while run() runs
         self._reading: dict[int, Connection] = {}  # by fd: every connection the reader serves
+        self._ready: list[Connection] = []  # connections with answers for the writer (each once)
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer, while nothing is ready
         self._stopping = False
         self._accepting = trio.CancelScope()
         self._reader_scope = trio.CancelScope()
@@ -86,11 +95,16 @@ class IsoServer:
         """Serve until stop(); then let open connections drain (bounded by the caller)."""
         self._epoll = select.epoll()
         try:
-            async with trio.open_nursery() as handlers:
-                handlers.start_soon(self._read_all)
-                with self._accepting:
-                    task_status.started()
-                    await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+            async with trio.open_nursery() as services:
+                services.start_soon(self._write_all)
+                try:
+                    async with trio.open_nursery() as handlers:
+                        handlers.start_soon(self._read_all)
+                        with self._accepting:
+                            task_status.started()
+                            await trio.serve_listeners(self._connection, listeners, handler_nursery=handlers)
+                finally:  # every connection has drained (or the server is going down): no more answers
+                    services.cancel_scope.cancel()
         finally:
             self._epoll.close()
             aclose = getattr(self._switch, "aclose", None)
@@ -122,14 +136,11 @@ class IsoServer:
         self._metrics.connections.inc()
         conn = None
         try:
-            # Items are lists of answers; the in-flight bound keeps the channel under this.
-            send, receive = trio.open_memory_channel(self._in_flight_max + FRAMES_PER_RECEIVE_MAX)
-            async with trio.open_nursery() as nursery:
-                sock = StreamSocket(stream)
-                conn = Connection(sock, FrameSplitter(self._frame_size_max), send, nursery, trio.current_time())
-                nursery.start_soon(self._writer, sock, receive, conn, nursery)
-                async with send:
-                    await self._serve(conn)
+            async with trio.open_nursery() as nursery:  # the connection's deferred answers and slow sends
+                conn = Connection(StreamSocket(stream), FrameSplitter(self._frame_size_max), nursery,
+                                  trio.current_time())
+                await self._serve(conn)
+                await self._all_sent(conn)
                 if conn.error is not None:
                     raise conn.error
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
@@ -145,6 +156,7 @@ class IsoServer:
         finally:
             if conn is not None:
                 self._end(conn)  # out of the reader's set before the socket closes
+                conn.closed = True  # and out of the writer's reach: the fd number may be reused
                 self._metrics.in_flight.dec(conn.count)  # decided but never sent: the peer left
             self._metrics.connections.dec()
             await trio.aclose_forcefully(stream)
@@ -171,20 +183,31 @@ class IsoServer:
             with trio.move_on_at(deadline):
                 await conn.done.wait()
 
+    async def _all_sent(self, conn: Connection) -> None:
+        """Every answer decided for this connection sent (or the connection failed)."""
+        while conn.count and conn.error is None:  # bounded: woken when the count falls to 0, or on error
+            conn.all_sent = trio.Event()
+            await conn.all_sent.wait()
+
     def _end(self, conn: Connection, error: BaseException | None = None) -> None:
-        """No more reading from this connection (idempotent); its task sees `done`."""
+        """No more reading from this connection (idempotent); its task sees `done`. With an error,
+        nothing more is sent either: its task raises it."""
         if self._reading.get(conn.fd) is conn:
             del self._reading[conn.fd]
             if not conn.paused:
                 self._epoll.unregister(conn.fd)
         if error is not None and conn.error is None:
             conn.error = error
+            if conn.all_sent is not None:
+                conn.all_sent.set()
         conn.done.set()
+
+    # ------------------------------------------------------------------------------ the reader
 
     async def _read_all(self) -> None:
         """The one reader: each pass reads once from every connection with bytes waiting. A pass
         runs synchronously, so nothing is dropped between a receive and its decisions; the wait on
-        the set's descriptor is the pass's checkpoint, so writers and other tasks run between."""
+        the set's descriptor is the pass's checkpoint, so the writer and other tasks run between."""
         epoll, reading = self._epoll, self._reading
         with self._reader_scope:
             while True:  # until stop() or the server's cancellation
@@ -198,7 +221,7 @@ class IsoServer:
     def _read(self, conn: Connection, now: float) -> None:
         """One receive from a ready connection, and the decisions of every frame in it. Once
         bytes are read they are decided, and once a frame is decided (money may have moved) its
-        answer always reaches the writer's channel. An error ends this connection only."""
+        answer always reaches the writer. An error ends this connection only."""
         try:
             data = conn.sock.receive_nowait(RECEIVE_SIZE)
         except trio.BrokenResourceError as error:
@@ -240,71 +263,137 @@ class IsoServer:
             else:
                 conn.count += 1
                 self._metrics.in_flight.inc()
-                conn.nursery.start_soon(self._complete, outgoing, conn.send.clone())
+                conn.nursery.start_soon(self._complete, conn, outgoing)
         if answers:
             conn.count += len(answers)
             self._metrics.in_flight.inc(len(answers))
-            conn.send.send_nowait(answers)  # never full: in_flight_max + one receive's frames
+            self._hand(conn, answers)
 
     def _framing_lost(self, reason: str) -> None:
         self._metrics.framing_errors.inc()
         log.warning("closing ISO 8583 connection: framing lost: %s", reason)
 
-    async def _complete(self, outgoing, send: trio.MemorySendChannel) -> None:
+    async def _complete(self, conn: Connection, outgoing) -> None:
         """Finish a deferred decision (the partner call inside is shielded and bounded by the
-        budget, so a decided request always settles) and queue its answer for the writer."""
-        async with send:
-            final = await self._switch.complete(outgoing)
-            try:
-                await send.send([final])
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.info("ISO 8583 connection gone before a deferred answer was sent")
+        budget, so a decided request always settles) and hand its answer to the writer."""
+        final = await self._switch.complete(outgoing)
+        if conn.closed or conn.error is not None:
+            log.info("ISO 8583 connection gone before a deferred answer was sent")
+            return
+        self._hand(conn, [final])
 
-    async def _writer(self, sock: StreamSocket, receive: trio.MemoryReceiveChannel, conn: Connection,
-                      nursery: trio.Nursery) -> None:
+    # ------------------------------------------------------------------------------ the writer
+
+    def _hand(self, conn: Connection, answers: list) -> None:
+        """Answers for the writer (counted in `conn.count` already); wakes it if it is parked."""
+        conn.answers += answers
+        if not conn.queued:
+            conn.queued = True
+            self._ready.append(conn)
+            if self._writer_lot:
+                self._writer_lot.unpark()
+
+    async def _write_all(self) -> None:
+        """The one writer: takes every ready connection's answers, waits once for the log to hold
+        them (up to the earliest budget), and writes each connection's answers with one call."""
         ledger = self._ledger
-        sending = trio.Lock()  # shared with _send_when_durable's tasks; otherwise never contended
-        async with receive:
-            async for first in receive:
-                group = first
-                for _ in range(RESPONSE_GROUP_MAX - 1):
-                    try:
-                        group.extend(receive.receive_nowait())  # the lists are the writer's once sent
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                seq = max(outgoing.seq for outgoing in group)
+        while True:  # until run() cancels it, once every connection is gone
+            if not self._ready:
+                await self._writer_lot.park()
+                continue
+            ready, self._ready = self._ready, []
+            groups = []
+            for conn in ready:
+                conn.queued = False
+                if not conn.closed and conn.error is None:
+                    groups.append((conn, conn.answers))
+                conn.answers = []
+            while groups:  # bounded: each pass sends the groups the log holds, or waits for one more
                 durable = ledger.durable_seq  # read once: a writer thread may move it on at any moment
-                if seq > durable:
-                    group = await self._commit(group, seq, durable)
-                    durable = ledger.durable_seq
-                    late = [outgoing for outgoing in group if outgoing.seq > durable]
-                    if late:  # past the budget and not compensable: sent once durable, the rest now
-                        nursery.start_soon(self._send_when_durable, sock, late, conn, sending)
-                        group = [outgoing for outgoing in group if outgoing.seq <= durable]
-                        if not group:
-                            continue
-                if sending.locked():
-                    async with sending:
-                        await sock.send_all(b"".join(outgoing.data for outgoing in group))
-                else:
-                    await sock.send_all(b"".join(outgoing.data for outgoing in group))
-                self._sent(group, conn)
+                waiting = []
+                for conn, group in groups:
+                    if max(outgoing.seq for outgoing in group) <= durable:
+                        self._send(conn, group)
+                    else:
+                        waiting.append((conn, group))
+                if not waiting:
+                    break
+                groups = await self._commit(waiting, durable)
 
-    def _sent(self, group: list, conn: Connection) -> None:
+    async def _commit(self, waiting: list, durable: int) -> list:
+        """Wait, up to the earliest budget among them, until the first of the waiting groups is on
+        disk (commit groups complete in order). If the budget passes first, approvals not on disk
+        are compensated and answered with the stand-in decision instead; what cannot be compensated
+        is sent once durable by the connection's own task. Returns the groups left to send."""
+        ledger = self._ledger
+        seq = min(max(outgoing.seq for outgoing in group) for _, group in waiting)
+        deadline_ns = min(o.deadline_ns for _, group in waiting for o in group if o.seq > durable)
+        with trio.move_on_after(max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)):
+            try:
+                await ledger.wait_durable(seq)
+                return waiting
+            except LogFencedError:  # a deposed cluster primary: nothing more commits, nothing to release
+                return [(conn, [self._switch.refuse(o) if o.seq > ledger.durable_seq else o for o in group])
+                        for conn, group in waiting]
+        durable, left = ledger.durable_seq, []
+        for conn, group in waiting:
+            group = [self._switch.stand_in(o) if o.ctx is not None and o.seq > durable else o for o in group]
+            late = [outgoing for outgoing in group if outgoing.seq > durable]
+            if late:  # past the budget and not compensable: sent once durable, the rest now
+                conn.nursery.start_soon(self._send_when_durable, conn, late)
+                group = [outgoing for outgoing in group if outgoing.seq <= durable]
+            if group:
+                left.append((conn, group))
+        return left
+
+    def _send(self, conn: Connection, group: list) -> None:
+        """Write a connection's answers now, if the kernel takes them whole; otherwise the rest and
+        every later answer go through the connection's own task, in order (`backlog`)."""
+        if conn.closed or conn.error is not None:
+            return  # counted as never sent when its task ends
+        data = b"".join(outgoing.data for outgoing in group)
+        if conn.backlog is not None:
+            conn.backlog.append((data, group))
+            return
+        try:
+            sent = conn.sock.send_nowait(data)
+        except Exception as error:  # the peer reset, or a bug: this connection only
+            self._end(conn, error)
+            return
+        if sent == len(data):
+            self._sent(group, conn)
+            return
+        conn.backlog = [(memoryview(data)[sent:], group)]
+        conn.nursery.start_soon(self._send_backlog, conn)
+
+    async def _send_backlog(self, conn: Connection) -> None:
+        """The connection's answers behind a send the kernel did not take whole: through trio, which
+        waits for room in the socket's buffer. Errors end the connection (its nursery)."""
+        while conn.backlog:  # bounded: the backlog holds at most in_flight_per_connection_max answers
+            data, group = conn.backlog[0]
+            await conn.sock.send_all(data)
+            del conn.backlog[0]
+            self._sent(group, conn)
+        conn.backlog = None
+
+    def _sent(self, group: Iterable, conn: Connection) -> None:
         metrics = self._metrics
         now = time.perf_counter_ns()
+        sent = 0
         for outgoing in group:
             metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
-        metrics.in_flight.dec(len(group))
-        conn.count -= len(group)
+            sent += 1
+        metrics.in_flight.dec(sent)
+        conn.count -= sent
         assert conn.count >= 0
         if conn.paused and conn.count < self._in_flight_max:  # room again: back in the reader's set
             conn.paused = False
             if self._reading.get(conn.fd) is conn:
                 self._epoll.register(conn.fd, select.EPOLLIN)
+        if not conn.count and conn.all_sent is not None:
+            conn.all_sent.set()
 
-    async def _send_when_durable(self, sock: StreamSocket, late: list, conn: Connection,
-                                 sending: trio.Lock) -> None:
+    async def _send_when_durable(self, conn: Connection, late: list) -> None:
         """Answers still waiting for the log past their budget that a void cannot compensate (a
         posting, an advice, a reversal, a duplicate of one still committing; or a hold when the
         log's buffer has no room for its void), sent once durable while the connection's other
@@ -314,20 +403,4 @@ class IsoServer:
             await self._ledger.wait_durable(max(outgoing.seq for outgoing in late))
         except LogFencedError:  # a deposed cluster primary: nothing more commits
             late = [self._switch.refuse(o) if o.seq > self._ledger.durable_seq else o for o in late]
-        async with sending:
-            await sock.send_all(b"".join(outgoing.data for outgoing in late))
-        self._sent(late, conn)
-
-    async def _commit(self, group: list, seq: int, durable: int) -> list:
-        """Wait, up to the earliest budget, until every approval in the group is on disk; approvals
-        that missed it are compensated and answered with the stand-in decision instead. What cannot
-        be compensated is returned as it is, its seq above durable_seq (the writer sends it later)."""
-        ledger = self._ledger
-        deadline_ns = min(outgoing.deadline_ns for outgoing in group if outgoing.seq > durable)
-        with trio.move_on_after(max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9)):
-            try:
-                await ledger.wait_durable(seq)
-                return group
-            except LogFencedError:  # a deposed cluster primary: nothing more commits, nothing to release
-                return [self._switch.refuse(o) if o.seq > ledger.durable_seq else o for o in group]
-        return [self._switch.stand_in(o) if o.ctx is not None and o.seq > ledger.durable_seq else o for o in group]
+        self._send(conn, late)

@@ -16,7 +16,8 @@ import trio
 
 
 class StreamSocket:
-    """One connection's socket: `receive_nowait`, `wait_readable`, `send_all`. Errors as trio's."""
+    """One connection's socket: `receive_nowait`, `wait_readable`, `send_nowait`, `send_all`. Errors
+    as trio's."""
 
     __slots__ = ("_stream", "_fd", "fileno")
 
@@ -36,13 +37,17 @@ class StreamSocket:
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self._fd)
 
-    async def send_all(self, data: bytes) -> None:
-        """Write now what the kernel takes; the rest (a full socket buffer) through trio."""
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """The bytes the kernel takes now (0 if it would block: a full socket buffer)."""
         try:
-            sent = os.write(self._fd, data)
+            return os.write(self._fd, data)
         except BlockingIOError:
-            sent = 0
+            return 0
         except OSError as error:
             raise trio.BrokenResourceError(f"send failed: {error}") from error
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        """Write now what the kernel takes; the rest (a full socket buffer) through trio."""
+        sent = self.send_nowait(data)
         if sent < len(data):
             await self._stream.send_all(memoryview(data)[sent:])
