@@ -39,7 +39,7 @@ async def test_a_peer_that_does_not_read_its_answers_is_slowed_by_tcp(data_dir):
 
     import trio
 
-    from authsrv.iso.framing import RECEIVE_SIZE
+    from authsrv.iso.framing import RECEIVE_SIZE, FrameSplitter
     from tests.conftest import start_in_process
     from tests.isoclient import decode, encode
 
@@ -70,7 +70,7 @@ async def test_a_peer_that_does_not_read_its_answers_is_slowed_by_tcp(data_dir):
         assert answer["39"] == "00"
 
         answers: list[bytes] = []
-        buffer = bytearray()
+        splitter = FrameSplitter()
         partial = written % len(echo)
         if partial:  # finish the frame cut by the stall, so that every request is whole
             rest = echo[partial:]
@@ -79,30 +79,23 @@ async def test_a_peer_that_does_not_read_its_answers_is_slowed_by_tcp(data_dir):
                     try:
                         rest = rest[flood.send(rest):]
                     except BlockingIOError:
-                        await drain_some(flood, answers, buffer)
+                        await drain_some(flood, answers, splitter)
         expected = -(-written // len(echo))
         with trio.fail_after(60):
             while len(answers) < expected:
-                await drain_some(flood, answers, buffer)
+                await drain_some(flood, answers, splitter)
         flood.close()
         assert len(answers) == expected
         assert all(decode(payload)["39"] == "00" for payload in answers[:: max(1, expected // 50)])
         server.stop.set()
 
 
-async def drain_some(sock, answers: list, buffer: bytearray) -> None:
+async def drain_some(sock, answers: list, splitter) -> None:
     """Read what the socket has (waiting for it through trio) and split it into frames."""
-    import struct
-
     import trio
 
     await trio.lowlevel.wait_readable(sock)
     data = sock.recv(1 << 20)
     assert data, "the server closed the connection"
-    buffer += data
-    while len(buffer) >= 2:
-        (length,) = struct.unpack(">H", buffer[:2])
-        if len(buffer) < 2 + length:
-            break
-        answers.append(bytes(buffer[2:2 + length]))
-        del buffer[:2 + length]
+    answers += splitter.feed(data)
+    assert splitter.error is None
