@@ -29,11 +29,10 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections.abc import Iterable
 
 import trio
 
-from authsrv.iso.framing import LENGTH_PREFIX_SIZE, RECEIVE_SIZE, FrameSplitter
+from authsrv.iso.framing import RECEIVE_SIZE, FrameSplitter
 from authsrv.iso.transport import StreamSocket
 from ledger.durable import LedgerFailedError
 from ledger.jetstream import LogFencedError
@@ -41,7 +40,6 @@ from ledger.wal import WalFatalError
 
 log = logging.getLogger("authsrv.iso")
 
-FRAMES_PER_RECEIVE_MAX = RECEIVE_SIZE // (LENGTH_PREFIX_SIZE + 1)
 CLOSE_TIMEOUT_S = 2.0  # closing the partners' HTTP pools at shutdown
 
 
@@ -369,22 +367,20 @@ class IsoServer:
     async def _send_backlog(self, conn: Connection) -> None:
         """The connection's answers behind a send the kernel did not take whole: through trio, which
         waits for room in the socket's buffer. Errors end the connection (its nursery)."""
-        while conn.backlog:  # bounded: the backlog holds at most in_flight_per_connection_max answers
+        while conn.backlog:  # bounded: it holds only the connection's answers in flight
             data, group = conn.backlog[0]
             await conn.sock.send_all(data)
             del conn.backlog[0]
             self._sent(group, conn)
         conn.backlog = None
 
-    def _sent(self, group: Iterable, conn: Connection) -> None:
+    def _sent(self, group: list, conn: Connection) -> None:
         metrics = self._metrics
         now = time.perf_counter_ns()
-        sent = 0
         for outgoing in group:
             metrics.answered(outgoing.mti, outgoing.code, (now - outgoing.received_ns) / 1e9)
-            sent += 1
-        metrics.in_flight.dec(sent)
-        conn.count -= sent
+        metrics.in_flight.dec(len(group))
+        conn.count -= len(group)
         assert conn.count >= 0
         if conn.paused and conn.count < self._in_flight_max:  # room again: back in the reader's set
             conn.paused = False
