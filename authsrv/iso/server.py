@@ -47,11 +47,10 @@ class Connection:
     """One connection as the reader and the writer see it: its socket, its partial frame, its
     answers decided and not yet sent, and how it ended (`done`, with `error` if it failed)."""
 
-    __slots__ = ("fd", "sock", "splitter", "nursery", "count", "paused", "last_read", "done", "error",
+    __slots__ = ("sock", "splitter", "nursery", "count", "paused", "last_read", "done", "error",
                  "answers", "queued", "backlog", "closed", "all_sent")
 
     def __init__(self, sock: StreamSocket, splitter: FrameSplitter, nursery: trio.Nursery, now: float) -> None:
-        self.fd = sock.fileno
         self.sock = sock
         self.splitter = splitter
         self.nursery = nursery
@@ -167,8 +166,8 @@ class IsoServer:
         connection whose answers are not being taken (out of the set, `paused`) is not idle."""
         if self._stopping:
             return
-        self._reading[conn.fd] = conn
-        self._epoll.register(conn.fd, select.EPOLLIN)
+        self._reading[conn.sock.fd] = conn
+        self._epoll.register(conn.sock.fd, select.EPOLLIN)
         while not conn.done.is_set():  # bounded: one pass per idle period
             now = trio.current_time()
             if conn.paused:
@@ -190,10 +189,10 @@ class IsoServer:
     def _end(self, conn: Connection, error: BaseException | None = None) -> None:
         """No more reading from this connection (idempotent); its task sees `done`. With an error,
         nothing more is sent either: its task raises it."""
-        if self._reading.get(conn.fd) is conn:
-            del self._reading[conn.fd]
+        if self._reading.get(conn.sock.fd) is conn:
+            del self._reading[conn.sock.fd]
             if not conn.paused:
-                self._epoll.unregister(conn.fd)
+                self._epoll.unregister(conn.sock.fd)
         if error is not None and conn.error is None:
             conn.error = error
             if conn.all_sent is not None:
@@ -246,7 +245,7 @@ class IsoServer:
             self._end(conn)
         elif conn.count >= self._in_flight_max:
             conn.paused = True
-            self._epoll.unregister(conn.fd)
+            self._epoll.unregister(conn.sock.fd)
 
     def _decide(self, conn: Connection, payloads: list) -> None:
         handle = self._switch.handle
@@ -384,8 +383,8 @@ class IsoServer:
         assert conn.count >= 0
         if conn.paused and conn.count < self._in_flight_max:  # room again: back in the reader's set
             conn.paused = False
-            if self._reading.get(conn.fd) is conn:
-                self._epoll.register(conn.fd, select.EPOLLIN)
+            if self._reading.get(conn.sock.fd) is conn:
+                self._epoll.register(conn.sock.fd, select.EPOLLIN)
         if not conn.count and conn.all_sent is not None:
             conn.all_sent.set()
 

@@ -19,28 +19,28 @@ class StreamSocket:
     """One connection's socket: `receive_nowait`, `wait_readable`, `send_nowait`, `send_all`. Errors
     as trio's."""
 
-    __slots__ = ("_stream", "_fd", "fileno")
+    __slots__ = ("_stream", "fd")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._fd = self.fileno = stream.socket.fileno()
+        self.fd = stream.socket.fileno()  # the key of the ISO server's epoll set
 
     def receive_nowait(self, size: int) -> bytes | None:
         """The bytes the kernel has (b"" at end of stream), or None if there are none yet."""
         try:
-            return os.read(self._fd, size)
+            return os.read(self.fd, size)
         except BlockingIOError:
             return None
         except OSError as error:  # reset by the peer, or closed under us
             raise trio.BrokenResourceError(f"receive failed: {error}") from error
 
     async def wait_readable(self) -> None:
-        await trio.lowlevel.wait_readable(self._fd)
+        await trio.lowlevel.wait_readable(self.fd)
 
     def send_nowait(self, data: bytes | memoryview) -> int:
         """The bytes the kernel takes now (0 if it would block: a full socket buffer)."""
         try:
-            return os.write(self._fd, data)
+            return os.write(self.fd, data)
         except BlockingIOError:
             return 0
         except OSError as error:
