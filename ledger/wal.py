@@ -348,8 +348,9 @@ class Wal:
         # can hand off while a worker thread is in fsync.
         self._queue: collections.deque[tuple[int, int, bytearray]] = collections.deque()
         self._queue_lock = threading.Lock()
-        # Held while writing queued groups, rotating or deleting segments.
+        # Held while writing queued groups, rotating segments or taking them off the list.
         self._io_lock = threading.Lock()
+        self._unlink_pending: list[Path] = []  # segments truncate_before took off the list, not yet unlinked
         self._written_seq = last_seq  # recovered records are on disk
         self._active_fd: int | None = None
         self._fatal: BaseException | None = None
@@ -904,25 +905,35 @@ class Wal:
     def truncate_before(self, seq: int) -> None:
         """Delete whole segments whose records are all < seq (after a snapshot covers them).
 
-        Oldest first, so a crash midway leaves a contiguous log. The active segment stays.
+        The write lock is held only to take them off the list. Their unlink and the directory's
+        fsync run after it: a 30-minute soak truncating 2M records under the lock held every
+        commit for ~0.3 s (freeing the blocks is a journal commit, and a trim on a disk mounted
+        with `discard`), and 227 authorizations were answered by stand-in. Oldest first, so a crash
+        midway leaves a contiguous log. The active segment stays. A segment whose unlink fails is
+        tried again at the next call (a restart finds it too: recovery starts at the snapshot).
         """
         assert seq <= self._written_seq + 1, "only durable records may be covered"
         with self._io_lock:
-            deleted = 0
-            try:
-                # Bounded by the number of segments; never deletes the last one.
-                while len(self._segments) > 1 and self._segments[1].first_seq <= seq:
-                    segment = self._segments[0]
-                    segment.path.unlink()  # then dropped from the list: an error keeps both
-                    self._segments.pop(0)
-                    deleted += 1
-                    log.info("write-ahead log segment deleted: %s", segment.path)
-            finally:
-                if deleted:
-                    self.first_seq = self._segments[0].first_seq
+            doomed = self._unlink_pending
+            # Bounded by the number of segments; never takes the last one.
+            while len(self._segments) > 1 and self._segments[1].first_seq <= seq:
+                doomed.append(self._segments.pop(0).path)
+            self._unlink_pending = []
+            if self._segments:
+                self.first_seq = self._segments[0].first_seq
+        deleted = 0
+        try:
+            for path in doomed:  # oldest first
+                with contextlib.suppress(FileNotFoundError):  # a retry of an unlink that did happen
+                    path.unlink()
+                deleted += 1
+                log.info("write-ahead log segment deleted: %s", path)
+        finally:
+            if deleted < len(doomed):
+                with self._io_lock:
+                    self._unlink_pending = doomed[deleted:] + self._unlink_pending
             if deleted:
                 _fsync_directory(self._dir_fd)
-            assert not self._segments or self._segments[0].first_seq == self.first_seq
 
     def segment_paths(self) -> list[Path]:
         with self._io_lock:

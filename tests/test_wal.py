@@ -248,6 +248,69 @@ def test_segment_rotation_truncation_and_replay(tmp_path: Path) -> None:
     assert replayed(tmp_path, 46)[-1] == (51, b"next")
 
 
+def test_truncation_unlinks_outside_the_write_lock(tmp_path: Path, monkeypatch) -> None:
+    """Commits go on while truncate_before unlinks: freeing a segment's blocks can take a journal
+    commit and a trim, and a soak's commits all waited ~0.3 s behind it (stand-ins)."""
+    record_size = HEADER_SIZE + 40
+    write_log(tmp_path, 50, segment_size_max=5 * record_size)
+    log = Wal.open(tmp_path, segment_size_max=5 * record_size)
+    in_unlink, release = threading.Event(), threading.Event()
+    real_unlink = Path.unlink
+
+    def held_unlink(path: Path, *args, **kwargs) -> None:
+        if path.name.startswith("wal-"):
+            in_unlink.set()
+            assert release.wait(5)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", held_unlink)
+    truncating = threading.Thread(target=log.truncate_before, args=(23,))
+    truncating.start()
+    try:
+        assert in_unlink.wait(5)
+        assert log.first_seq == 21  # off the list at once
+        started = time.monotonic()
+        seq = log.append(payload_of(51))
+        log.flush_sync()  # takes the write lock: the unlink in progress does not hold it
+        assert log.durable_seq == seq == 51
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        truncating.join(5)
+    assert not truncating.is_alive()
+    assert [first for first, _ in list_segments(tmp_path)] == list(range(21, 56, 5))
+    log.close()
+    assert [seq for seq, _ in replayed(tmp_path, 21)] == list(range(21, 52))
+
+
+def test_a_segment_whose_unlink_failed_is_deleted_at_the_next_truncation(tmp_path: Path, monkeypatch) -> None:
+    record_size = HEADER_SIZE + 40
+    write_log(tmp_path, 50, segment_size_max=5 * record_size)
+    log = Wal.open(tmp_path, segment_size_max=5 * record_size)
+    real_unlink = Path.unlink
+    failing = {"wal-00000000000000000006.log"}
+
+    def flaky_unlink(path: Path, *args, **kwargs) -> None:
+        if path.name in failing:
+            failing.discard(path.name)
+            raise OSError(5, "Input/output error")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", flaky_unlink)
+    with pytest.raises(OSError, match="Input/output error"):
+        log.truncate_before(23)
+    # Oldest first: the log on disk stays contiguous, and the in-memory log starts at 21.
+    assert [first for first, _ in list_segments(tmp_path)] == [6, 11, 16, *range(21, 51, 5)]
+    assert log.first_seq == 21
+    assert [seq for seq, _ in log.replay(21)] == list(range(21, 51))
+    log.truncate_before(23)  # nothing new to take: the leftovers go
+    assert [first for first, _ in list_segments(tmp_path)] == list(range(21, 51, 5))
+    log.close()
+    reopened = Wal.open(tmp_path)
+    assert (reopened.first_seq, reopened.last_seq) == (21, 50)
+    reopened.close()
+
+
 async def test_group_larger_than_segment_goes_to_a_fresh_segment(tmp_path: Path) -> None:
     log = Wal.open(tmp_path, segment_size_max=1000)
     log.append(b"a" * 100)
