@@ -13,8 +13,8 @@ import trio
 
 from authsrv import cardsec
 from authsrv.clearing import ClearingDeps, apply_clearing
-from authsrv.clearing.records import ClearingFileError, parse_clearing_file
-from authsrv.store.db import DataDirLock
+from authsrv.clearing.records import ClearingFileError, legacy_identity, parse_clearing_file
+from authsrv.store.db import CLEARING_IDENTITY_KEY, DataDirLock, Store
 from ledger.state import HoldState
 from ledger.types import AccountKind
 from tests.conftest import SEED_AMOUNT, run_cli, start_in_process
@@ -136,6 +136,54 @@ def test_identity_is_the_canonical_record():
     first, second = parse_clearing_file(clearing_file(one)), parse_clearing_file(clearing_file(reordered))
     assert first.lines[0].identity == second.lines[0].identity
     assert first.sha256 != second.sha256  # different files, same record
+
+
+def test_identity_begins_with_the_rrn_and_ends_with_the_digest():
+    """The RRN in front keeps a chunk's rows together in the store's key; the digest alone decides."""
+    one = record({"rrn": "612345000001", "authCode": "A", "pan": "5355220000000001", "amount": 10}, record_id="X")
+    identity = parse_clearing_file(clearing_file(one)).lines[0].identity
+    rrn, digest = identity.split(":")
+    assert rrn == "612345000001" and len(digest) == 64 and legacy_identity(identity) == digest
+    other = parse_clearing_file(clearing_file({**one, "amount": 11, "billingAmount": 11})).lines[0].identity
+    assert other.startswith("612345000001:") and other != identity
+
+
+async def test_records_written_with_digest_identities_are_still_recognised(server, data_dir, solo):
+    """A store written before identities began with the RRN: its rows are found by their digest,
+    counted as duplicates (nothing posted twice), and take the new identity."""
+    card = solo[7]
+    first_auth, second_auth = await authorize(server, card, 1400), await authorize(server, card, 1500)
+    first_record = record(first_auth)
+    first = await clear(server, data_dir, first_record, name="before.jsonl")
+    assert first.exact == 1
+    identity = parse_clearing_file(clearing_file(first_record)).lines[0].identity
+    with server.store.transaction():  # as an older build wrote it
+        server.store.db.execute("UPDATE clearing_records SET identity = ? WHERE identity = ?",
+                                (legacy_identity(identity), identity))
+    assert not server.store.clearing_digest_identities  # a store created by this build: none of those
+    server.store.clearing_digest_identities = True  # what Store.open finds in an older store (see below)
+    mixed = await clear(server, data_dir, first_record, record(second_auth), name="after.jsonl")
+    assert mixed.duplicates == 1 and mixed.exact == 1
+    assert balance(server, card).posted == SEED_AMOUNT - 1400 - 1500
+    identities = {row[0] for row in server.store.db.execute("SELECT identity FROM clearing_records")}
+    assert identity in identities and legacy_identity(identity) not in identities
+    check_books(server.ledger.ledger)
+
+
+def test_an_older_store_with_clearing_rows_is_opened_with_digest_lookups(tmp_path):
+    path = tmp_path / "store.db"
+    Store.open(path, create=True).close()
+    with Store.open(path) as store:
+        assert not store.clearing_digest_identities  # no clearing rows when this build first opened it
+        with store.transaction():
+            store.db.execute("DELETE FROM meta WHERE key = ?", (CLEARING_IDENTITY_KEY,))  # as before the key
+            store.db.execute("INSERT INTO clearing_records (identity, file_sha256, record_id, line, outcome, state,"
+                             " transfers, plan_json, created_at) VALUES (?, 'f', 'r', 1, 'exact', 'applied', x'90',"
+                             " '{}', '')", ("0" * 64,))
+    with Store.open(path) as store:
+        assert store.clearing_digest_identities
+    with Store.open(path) as store:  # kept in meta: not looked for again
+        assert store.clearing_digest_identities
 
 
 def test_file_bounds():

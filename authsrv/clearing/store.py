@@ -14,6 +14,7 @@ import attrs
 import msgspec
 
 from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction, event_kind
+from authsrv.clearing.records import legacy_identity
 from authsrv.store.db import Store, utc_now_iso
 from ledger.types import TransferSpec
 
@@ -93,9 +94,29 @@ class ClearingStore:
             assert updated == 1, sha256
 
     def records(self, identities: list[str]) -> dict[str, RecordRow]:
+        """The rows of these identities that the store has, by identity.
+
+        In a store that also holds rows written before identities began with the RRN
+        (Store.clearing_digest_identities), an identity not found is looked up by its digest
+        alone, and a row found that way is given the new identity (in the caller's transaction
+        when there is one), so the rest of the run, a resumed one included, knows it by that."""
         assert len(identities) <= QUERY_IDENTITIES_MAX
         if not identities:
             return {}
+        found = self._select(identities)
+        missing = [identity for identity in identities if identity not in found]
+        if missing and self._store.clearing_digest_identities:
+            by_digest = {legacy_identity(identity): identity for identity in missing}
+            older = self._select(list(by_digest))
+            if older:
+                with self._store.transaction():
+                    self._store.db.conn.executemany("UPDATE clearing_records SET identity = ? WHERE identity = ?",
+                                               [(by_digest[digest], digest) for digest in older])
+                for digest, row in older.items():
+                    found[by_digest[digest]] = attrs.evolve(row, identity=by_digest[digest])
+        return found
+
+    def _select(self, identities: list[str]) -> dict[str, RecordRow]:
         marks = ",".join("?" * len(identities))
         with self._store.locked():
             rows = self._store.db.execute(

@@ -55,6 +55,10 @@ from authsrv.store.index import (
 from ledger.types import AMOUNT_MAX, ID_MAX, AccountFlags, AccountKind, AccountSpec
 
 SCHEMA_VERSION = 1
+# meta: the form of the clearing_records identities the store may hold (authsrv/clearing/records.py).
+CLEARING_IDENTITY_KEY = "clearing_identity"
+CLEARING_IDENTITY_DIGEST = "digest"  # some rows have the sha256 alone (written before the RRN prefix)
+CLEARING_IDENTITY_RRN_DIGEST = "rrn:digest"  # every row's identity is RRN:sha256
 STORE_FILE_NAME = "store.db"
 LOCK_FILE_NAME = ".lock"
 BUSY_TIMEOUT_MS = 5_000
@@ -605,6 +609,7 @@ class Store:
         self.replicated_wait_s = REPLICATED_WAIT_S
         self._checkpoints: sqlite3.Connection | None = None  # defer_checkpoints: checkpoint()'s own
         self._checkpoint_lock = threading.Lock()
+        self.clearing_digest_identities = False  # set by _add_missing_schema
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Store:
@@ -857,6 +862,13 @@ class Store:
                         self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             for statement in ADDED_INDEXES:
                 self._conn.execute(statement)
+            found = self._conn.execute("SELECT value FROM meta WHERE key = ?", (CLEARING_IDENTITY_KEY,)).fetchone()
+            if found is None:  # first opened by a build whose identities begin with the RRN
+                older_rows = self._conn.execute("SELECT 1 FROM clearing_records LIMIT 1").fetchone() is not None
+                found = (CLEARING_IDENTITY_DIGEST if older_rows else CLEARING_IDENTITY_RRN_DIGEST,)
+                self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (CLEARING_IDENTITY_KEY, found[0]))
+        # Rows written before clearing identities began with the RRN: ClearingStore.records looks for those too.
+        self.clearing_digest_identities = found[0] == CLEARING_IDENTITY_DIGEST
 
     # -- events (the outbox the partner-delivery worker reads) ---------------------------------------
 
