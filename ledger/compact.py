@@ -104,8 +104,9 @@ def rebuild(directory: Path, upto_seq: int, bounds: LedgerBounds, *,
 
 
 def write_image(directory: Path, seq: int, ledger: Ledger, app: bytes) -> Path:
-    """The snapshot at `seq` under its temporary name, fsync'd; the owner of the log publishes it."""
-    return write_snapshot_temporary(Path(directory), seq, encode_snapshot(ledger, app), sync=True)
+    """The snapshot at `seq` under its temporary name, fsync'd; the owner of the log publishes it.
+    Paced: the owner's log commits on the same disk meanwhile (ledger.snapshot)."""
+    return write_snapshot_temporary(Path(directory), seq, encode_snapshot(ledger, app), sync=True, paced=True)
 
 
 def become_compactor() -> None:

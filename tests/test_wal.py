@@ -21,7 +21,6 @@ from ledger.wal import (
     CorruptLogError,
     Wal,
     WalError,
-    WalFatalError,
     WalFullError,
     frame,
     list_segments,
