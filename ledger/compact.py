@@ -20,7 +20,6 @@ application whose batches carry `app` bytes runs its own command built on `rebui
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import resource
@@ -114,20 +113,12 @@ def become_compactor() -> None:
     """For a compactor's first line: lower priority, and die with the process that started it (a
     server killed mid-snapshot must not leave this one competing with its restart).
 
-    On Linux the compactor also takes SCHED_IDLE: at nice +10 it still took the second core from the
-    load's other threads (the log's writer, clearing's worker) for half a minute per compaction, and
-    the soak's minutes with a compaction in them had 2-5 times the slow requests of the others
-    (docs/benchmarks.md, section 6). A compactor starved for 600 s is stopped and tried again later.
-
     The owner names itself in PARENT_ENV (DurableLedger does), so a parent that died before this
     line is seen too; without it, the parent at this line is watched. A thread watches the pid
     rather than prctl(PR_SET_PDEATHSIG): that signal follows the *thread* that started the child,
     and trio starts processes from worker threads, which end when idle: the soak's second
     compactor was killed (exit -9) half way through that way."""
     os.nice(NICE_INCREMENT)
-    if hasattr(os, "SCHED_IDLE"):  # Linux: run only on a core nothing else wants
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     parent = int(os.environ.get(PARENT_ENV) or os.getppid())
 
     def watch_parent() -> None:
