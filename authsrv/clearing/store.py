@@ -111,7 +111,7 @@ class ClearingStore:
             if older:
                 with self._store.transaction():
                     self._store.db.conn.executemany("UPDATE clearing_records SET identity = ? WHERE identity = ?",
-                                               [(by_digest[digest], digest) for digest in older])
+                                                    [(by_digest[digest], digest) for digest in older])
                 for digest, row in older.items():
                     found[by_digest[digest]] = attrs.evolve(row, identity=by_digest[digest])
         return found
