@@ -15,7 +15,6 @@ authsrv.toml edited since.
 from __future__ import annotations
 
 import sys
-import time
 
 import msgspec
 
@@ -39,7 +38,7 @@ def command(config) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    from ledger.compact import become_compactor, parse_arguments, rebuild, summary, write_image
+    from ledger.compact import Phases, become_compactor, parse_arguments, rebuild, summary, write_image
 
     try:
         settings = msgspec.json.decode(argv[0], type=CompactorSettings) if argv else None
@@ -51,16 +50,19 @@ def main(argv: list[str]) -> int:
         return 2
     directory, seq, bounds = parsed
     become_compactor()
-    started = time.perf_counter()
+    phases = Phases()
 
     from authsrv.recovery import new_journal, rebuild_journal
 
     replayed: list[bytes] = []
-    ledger, app_snapshot, snapshot_seq = rebuild(directory, seq, bounds, on_app=lambda _, data: replayed.append(data))
+    ledger, app_snapshot, snapshot_seq = rebuild(directory, seq, bounds, on_app=lambda _, data: replayed.append(data),
+                                                 phases=phases)
     journal = new_journal(settings)
     rebuild_journal(journal, ledger, app_snapshot, replayed, bounds)
+    phases.replay_s += phases.lap()  # the journal's rebuild is replay too
     write_image(directory, seq, ledger, journal.to_snapshot())
-    print(summary(seq, snapshot_seq, started))
+    phases.write_s = phases.lap()
+    print(summary(seq, snapshot_seq, phases))
     return 0
 
 

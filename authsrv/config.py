@@ -206,6 +206,11 @@ class DeliveryConfig(_Section):
     in_flight_max: Annotated[int, Meta(ge=1, le=1024)] = 32
 
 
+class ClearingConfig(_Section):
+    # Records per second at most while a clearing file is applied on the running server (0: no cap).
+    records_per_second_max: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+
+
 class OtpConfig(_Section):
     # 3DS challenges (POST /secure/3ds/challenges): lifetime and wrong tries before it fails.
     ttl_s: Annotated[int, Meta(ge=1, le=3600)] = 300
@@ -275,6 +280,7 @@ class Config(_Section):
     bureau: BureauConfig = msgspec.field(default_factory=BureauConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     otp: OtpConfig = msgspec.field(default_factory=OtpConfig)
+    clearing: ClearingConfig = msgspec.field(default_factory=ClearingConfig)
     fees: FeesConfig = msgspec.field(default_factory=FeesConfig)
     fx: FxConfig = msgspec.field(default_factory=FxConfig)
     partners: dict[PartnerName, PartnerConfig] = msgspec.field(default_factory=dict)
@@ -463,6 +469,14 @@ backoff_max_s = 300
 timeout_s = 10.0
 # Calls in flight at once, over all partners.
 in_flight_max = 32
+
+[clearing]
+# Records per second at most while a clearing file is applied through the running server (POST
+# /admin/clearing, `authsrv clearing ingest` with the server up); 0 = no cap. Clearing shares the
+# server's core with authorizations: a cap spreads a file's work over a longer time, for a shorter
+# authorization tail while it applies. Keep it well above the approvals per second to clear, or
+# clearing falls behind (docs/operations.md). Offline runs are never capped.
+records_per_second_max = 0
 
 [otp]
 # Lifetime of a 3DS one-time password (the documents: 5 minutes).

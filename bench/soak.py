@@ -36,7 +36,7 @@ RSS_GROWTH_BYTES_FLOOR, whichever is larger. The judged part starts at the first
 warm-up taken once every bound is reached (the /metrics counters and gauges), or `--settle-seconds`
 into the recorded run when given; when neither happens it is the whole recorded run, and the output
 says which. The floor absorbs what is not a leak: pymalloc arenas and the allocator's free lists
-settling, the snapshot writer's buffers, the per-second `gc.freeze()`.
+settling, the snapshot writer's buffers, the periodic `gc.freeze()`.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ SAMPLES_MAX = 10_000  # per phase; duration / sample-seconds is far below this w
 MIB = 1024 * 1024
 WARMUP_WEIGHTS = MixWeights(wrong_pin=0)  # the realistic mix without PIN-counter traffic (see drive)
 CLEARING_S_MIN = 5.0
+CLEARING_RATE_MAX_MAX = 1_000_000  # as authsrv.config.ClearingConfig
 GENERATION_APPROVALS = 2_000  # approvals per clearing file
 HOLD_BACK_APPROVALS = 2 * REVERSAL_POOL_MAX  # margin: the pool holds reversible kinds, not only purchases
 HOLD_BACK_APPROVALS_MAX = 1_000_000  # ClearingLog's APPROVALS_MAX
@@ -193,6 +194,7 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     activities_max: int = 0  # 0: derived from the rate (default_bounds)
     settle_s: float | None = None  # judge flatness from this far into the recorded run
     snapshot_interval_records: int = 0  # 0: authsrv.toml's default; the log records between two snapshots
+    clearing_rate_max: int = 0  # [clearing] records_per_second_max (0: no cap)
     hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
     hot_share: float = HOT_SHARE_DEFAULT
 
@@ -214,6 +216,8 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"users must be in 1..{USERS_MAX}")
         if self.snapshot_interval_records < 0:
             raise ValueError("snapshot interval must be >= 0 records (0: the default)")
+        if not 0 <= self.clearing_rate_max <= CLEARING_RATE_MAX_MAX:
+            raise ValueError(f"clearing records per second must be in [0, {CLEARING_RATE_MAX_MAX}] (0: no cap)")
         if self.clearing_s != 0 and not CLEARING_S_MIN <= self.clearing_s <= DURATION_S_MAX:
             raise ValueError(f"clearing interval must be 0 (off) or in [{CLEARING_S_MIN:.0f}, {DURATION_S_MAX:.0f}] s")
         if not 0 <= self.clearing_hold_back <= HOLD_BACK_APPROVALS_MAX:
@@ -266,14 +270,16 @@ def default_bounds(config: SoakConfig) -> SoakConfig:
 
 def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_max: int | None = None,
                  history_per_account_max: int | None = None, closed_max: int | None = None,
-                 activities_max: int | None = None, snapshot_interval_records: int | None = None) -> None:  # fmt: skip
-    """Set the count bounds (and the snapshot interval) in the data directory's authsrv.toml (keys of
-    the default template); None leaves a key as it is."""
+                 activities_max: int | None = None, snapshot_interval_records: int | None = None,
+                 records_per_second_max: int | None = None) -> None:  # fmt: skip
+    """Set the count bounds (the snapshot interval, clearing's cap) in the data directory's
+    authsrv.toml (keys of the default template); None leaves a key as it is."""
     path = config_path(data)
     text = path.read_text()
     wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
               "history_per_account_max": history_per_account_max, "closed_max": closed_max,
-              "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records}  # fmt: skip
+              "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records,
+              "records_per_second_max": records_per_second_max}  # fmt: skip
     for key, value in wanted.items():
         if value is None:
             continue
@@ -288,7 +294,8 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                "holds_pending_max": config.ledger.holds_pending_max,
                "history_per_account_max": config.ledger.history_per_account_max,
                "closed_max": config.duplicates.closed_max, "activities_max": config.history.activities_max,
-               "snapshot_interval_records": config.ledger.snapshot_interval_records}  # fmt: skip
+               "snapshot_interval_records": config.ledger.snapshot_interval_records,
+               "records_per_second_max": config.clearing.records_per_second_max}  # fmt: skip
     assert all(value is None or written[key] == value for key, value in wanted.items()), written
     path.write_text(text)
 
@@ -906,12 +913,14 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
                      holds_pending_max=config.holds_pending_max,
                      history_per_account_max=config.history_per_account_max, closed_max=config.closed_max,
                      activities_max=config.activities_max,
-                     snapshot_interval_records=config.snapshot_interval_records or None)  # fmt: skip
+                     snapshot_interval_records=config.snapshot_interval_records or None,
+                     records_per_second_max=config.clearing_rate_max or None)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
             f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
             f" holds_pending_max = {config.holds_pending_max:,},"
             f" history_per_account_max = {config.history_per_account_max:,};"
-            f" [history] activities_max = {config.activities_max:,}")  # fmt: skip
+            f" [history] activities_max = {config.activities_max:,};"
+            f" [clearing] records_per_second_max = {config.clearing_rate_max:,} (0: no cap)")  # fmt: skip
         ports = Ports.free()
         with _memory_traced(trace_memory, trace_memory_s, tracemalloc_on):
             server = start_authsrv(data, ports, log_path)
@@ -1188,6 +1197,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="share of the purchase-type requests that go to the hot cards")
     parser.add_argument("--snapshot-interval-records", type=int, default=0, metavar="N",
                         help="log records between two snapshots (authsrv.toml [ledger]); 0: the default")
+    parser.add_argument("--clearing-rate-max", type=int, default=0, metavar="N",
+                        help="clearing records per second at most (authsrv.toml [clearing] records_per_second_max);"
+                             " 0: no cap")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
                         help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
@@ -1241,6 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
                             history_per_account_max=args.history_per_account_max, closed_max=args.closed_max,
                             activities_max=args.activities_max, settle_s=args.settle_seconds,
                             snapshot_interval_records=args.snapshot_interval_records,
+                            clearing_rate_max=args.clearing_rate_max,
                             hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import msgspec
 
 from ledger.durable import (
@@ -70,8 +71,24 @@ class LedgerBounds(msgspec.Struct, frozen=True):
                           history_per_account_max=self.history_per_account_max)
 
 
+@attrs.define
+class Phases:
+    """Where a compaction's time went, for its summary line: loading the newest snapshot, replaying
+    the log after it, and writing the image (an operator matching slow seconds to a phase)."""
+
+    started: float = attrs.Factory(time.perf_counter)
+    load_s: float = 0.0
+    replay_s: float = 0.0
+    write_s: float = 0.0
+
+    def lap(self) -> float:
+        """Seconds since the start, less the phases already counted."""
+        return time.perf_counter() - self.started - self.load_s - self.replay_s - self.write_s
+
+
 def rebuild(directory: Path, upto_seq: int, bounds: LedgerBounds, *,
-            on_app: Callable[[int, bytes], None] | None = None) -> tuple[Ledger, bytes, int]:
+            on_app: Callable[[int, bytes], None] | None = None,
+            phases: Phases | None = None) -> tuple[Ledger, bytes, int]:
     """The state at `upto_seq`, read-only: (ledger, the snapshot's app image, the snapshot's seq).
 
     `bounds` (the owner's) are put on the loaded snapshot before replay, so that replay evicts and
@@ -92,6 +109,8 @@ def rebuild(directory: Path, upto_seq: int, bounds: LedgerBounds, *,
         raise LedgerRecoveryError(f"the newest snapshot covers seq {snapshot_seq}, past seq {upto_seq}")
     check_coverage(log_first_seq, upto_seq, snapshot_seq)
     bounds.put_on(ledger)
+    if phases is not None:
+        phases.load_s = phases.lap()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -100,6 +119,8 @@ def rebuild(directory: Path, upto_seq: int, bounds: LedgerBounds, *,
         if gc_was_enabled:
             gc.enable()
     ledger.check_invariants()
+    if phases is not None:
+        phases.replay_s = phases.lap()
     return ledger, app, snapshot_seq
 
 
@@ -129,11 +150,12 @@ def become_compactor() -> None:
     threading.Thread(target=watch_parent, name="compactor-parent-watch", daemon=True).start()
 
 
-def summary(seq: int, snapshot_seq: int, started: float) -> str:
-    """One line for the owner's log: what was replayed, how long it took, the peak memory."""
+def summary(seq: int, snapshot_seq: int, phases: Phases) -> str:
+    """One line for the owner's log: what was replayed, how long each phase took, the peak memory."""
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return (f"seq {seq}: {seq - snapshot_seq} records replayed after the snapshot at seq {snapshot_seq} "
-            f"in {time.perf_counter() - started:.2f} s, peak RSS {peak_mib:.0f} MiB")
+            f"in {time.perf_counter() - phases.started:.2f} s (snapshot loaded {phases.load_s:.2f} s, replay "
+            f"{phases.replay_s:.2f} s, image written {phases.write_s:.2f} s), peak RSS {peak_mib:.0f} MiB")
 
 
 def parse_arguments(argv: list[str], usage: str) -> tuple[Path, int, LedgerBounds] | None:
@@ -155,16 +177,17 @@ def main(argv: list[str]) -> int:
         return 2
     directory, seq, bounds = parsed
     become_compactor()
-    started = time.perf_counter()
+    phases = Phases()
     with_app: list[int] = []
     ledger, app, snapshot_seq = rebuild(directory, seq, bounds,
-                                        on_app=lambda record_seq, _: with_app.append(record_seq))
+                                        on_app=lambda record_seq, _: with_app.append(record_seq), phases=phases)
     if app or with_app:  # that state would be lost: only the application can rebuild it
         print(f"the log in {directory} carries application state (e.g. seq "
               f"{with_app[0] if with_app else snapshot_seq}): use the application's compactor", file=sys.stderr)
         return 1
     write_image(directory, seq, ledger, b"")
-    print(summary(seq, snapshot_seq, started))
+    phases.write_s = phases.lap()
+    print(summary(seq, snapshot_seq, phases))
     return 0
 
 

@@ -293,7 +293,7 @@ class _Account:
 
 # Records and holds are the ledger's most numerous live objects (every transfer id of the last 24 h):
 # Structs the collector does not track (gc=False; they hold no cycles: a spec, ints, and the two
-# accounts, which never point back), so the server's collection each second skips the thousands
+# accounts, which never point back), so the server's periodic collection skips the thousands
 # created since the last one. eq=False: compared by identity, like the accounts they point to.
 class _Record(msgspec.Struct, gc=False, eq=False):
     """A remembered transfer id: the spec (the fingerprint is the whole spec: exact, no hash) and

@@ -1,4 +1,4 @@
-"""Containers that stay in the collector's frozen generation (the server freezes every second).
+"""Containers that stay in the collector's frozen generation (the server freezes four times a second).
 
 CPython stops tracking a plain dict whose keys and values are all atomic (ints, strs, tuples of
 those), and starts tracking it again, as a young object, as soon as a new tuple is stored in it.

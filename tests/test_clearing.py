@@ -13,6 +13,7 @@ import trio
 
 from authsrv import cardsec
 from authsrv.clearing import ClearingDeps, apply_clearing
+from authsrv.clearing.engine import pace_s
 from authsrv.clearing.records import ClearingFileError, legacy_identity, parse_clearing_file
 from authsrv.store.db import CLEARING_IDENTITY_KEY, DataDirLock, Store
 from ledger.state import HoldState
@@ -435,3 +436,35 @@ def test_cli_sends_to_the_running_server(server_process, solo, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "via-server.jsonl.summary.json").read_text())["forced"] == 1
     assert server_process.terminate() == 0
+
+
+def test_pace_waits_until_the_lines_taken_fit_the_rate():
+    assert pace_s(0, 1000, 0.0) == 0.0  # the first chunk goes at once
+    assert pace_s(400, 1000, 0.1) == pytest.approx(0.3)  # 400 lines at 1,000/s: not before 0.4 s
+    assert pace_s(400, 1000, 0.5) == 0.0  # behind the rate already: no wait
+
+
+async def test_a_capped_file_takes_at_least_its_lines_over_the_rate(server, data_dir, solo):
+    """[clearing] records_per_second_max: each chunk starts no sooner than the rate allows, so 1,000
+    lines at 1,000/s (chunks of 400: at 0, 0.4 and 0.8 s) take 0.8 s at least; authorizations are
+    answered meanwhile, and the books balance."""
+    records = [record({"rrn": f"8{i:011d}", "authCode": "", "pan": solo[8]["pan"], "amount": 1}) for i in range(1000)]
+    answered = []
+
+    async def traffic():
+        client = await IsoClient.connect(server.iso_port)
+        for _ in range(10):
+            answered.append((await client.call(auth(solo[18], amount=1, cvc2=solo[18]["cvc2"])))["39"])
+            await trio.sleep(0.05)
+        await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(traffic)
+        started = trio.current_time()
+        summary = await apply_clearing(deps(server, data_dir), clearing_file(*records), "capped.jsonl",
+                                       records_per_second_max=1000)
+        took_s = trio.current_time() - started
+    assert took_s >= 0.8
+    assert summary.forced == 1000 and summary.applied == 1000
+    assert answered == ["00"] * 10
+    check_books(server.ledger.ledger)

@@ -4,6 +4,7 @@ compactor that fails publishes nothing and truncates nothing."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -227,6 +228,9 @@ def test_an_empty_batch_log_compacts_to_the_same_empty_state(tmp_path: Path) -> 
     done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1", bounds], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "seq 1: 1 records replayed after the snapshot at seq 0" in done.stdout
+    # each phase timed, so an operator can match a slow second to loading, replay or writing
+    assert re.search(r"\(snapshot loaded \d+\.\d\d s, replay \d+\.\d\d s, image written \d+\.\d\d s\)",
+                     done.stdout), done.stdout
     assert (tmp_path / "snapshot-00000000000000000001.snap.tmp").exists()  # the owner publishes it
 
 

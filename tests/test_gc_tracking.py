@@ -1,5 +1,5 @@
-"""What the server's per-second `gc.collect()` + `gc.freeze()` walks (authsrv/app.py, `_tick`): only
-objects made since the last freeze. These tests pin the choices that keep that set small
+"""What the server's periodic `gc.collect()` + `gc.freeze()` walks (authsrv/app.py,
+`_collect_young`): only objects made since the last freeze. These tests pin the choices that keep that set small
 (docs/benchmarks.md, section 6, "Fewer objects for the collector"): the big long-lived indexes stay
 frozen however they change, and the ledger's per-transfer objects are never tracked at all."""
 
@@ -17,7 +17,7 @@ USER, FUNDING, SETTLEMENT = 1, 2, 3
 
 @contextlib.contextmanager
 def frozen():
-    """What `_tick` does each second, undone afterwards (frozen objects are never collected)."""
+    """What `_collect_young` does every GC_FREEZE_INTERVAL_S, undone afterwards (frozen objects are never collected)."""
     gc.collect()
     gc.freeze()
     try:
@@ -39,7 +39,7 @@ def approval(n: int) -> AuthRecord:
 
 def test_a_plain_dict_of_atomic_values_comes_back_young_at_the_next_insert():
     """The CPython behaviour TrackedDict exists for: without it each insert of a new tuple makes the
-    whole index young again, so every second's collection walked all of it."""
+    whole index young again, so every periodic collection walked all of it."""
     plain = {f"R{n}": (n,) for n in range(1_000)}
     pinned = TrackedDict(plain)
     with frozen():

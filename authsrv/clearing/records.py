@@ -88,7 +88,7 @@ def mask_pan(pan: str) -> str:
 
 class Line(msgspec.Struct, frozen=True, gc=False):
     """Untracked by the collector (as are its record and the plan structs): a clearing file is
-    thousands of them, alive for its whole run, that each second's collection would otherwise walk."""
+    thousands of them, alive for its whole run, that each periodic collection would otherwise walk."""
 
     number: int  # 1-based line number in the file
     record: ClearingRecord

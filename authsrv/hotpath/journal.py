@@ -148,7 +148,7 @@ class AuthJournal:
         self._open: dict[int, AuthRecord] = {}  # user hold id -> approval
         # RRN -> hold ids, as tuples of ints: the collector stops tracking those, unlike lists
         # (measured: lists made journal.add 2x slower once the index held 100k entries). The dicts
-        # themselves stay tracked (ledger/tracked.py), or each second's collection walks them whole.
+        # themselves stay tracked (ledger/tracked.py), or each periodic collection walks them whole.
         self._open_by_rrn: dict[str, tuple[int, ...]] = TrackedDict()
         self._closed: collections.OrderedDict[int, AuthRecord] = collections.OrderedDict()
         self._closed_by_rrn: dict[str, tuple[int, ...]] = TrackedDict()

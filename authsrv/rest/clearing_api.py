@@ -56,8 +56,9 @@ async def ingest_clearing(ctx: RestContext, body: bytes, name: str) -> ClearingS
     deps = ClearingDeps(ledger=ctx.ledger, journal=journal, index=ctx.index,
                         vault=cardsec.PanVault(ctx.keys), store=ctx.store)
     lock = _locks.setdefault(ctx.store, trio.Lock())
+    rate_max = ctx.config.clearing.records_per_second_max if ctx.config is not None else 0
     async with lock:
-        return await apply_clearing(deps, body, name[:FILE_NAME_LENGTH_MAX])
+        return await apply_clearing(deps, body, name[:FILE_NAME_LENGTH_MAX], records_per_second_max=rate_max)
 
 
 def clearing_routes(ctx: RestContext) -> list[Route]:
