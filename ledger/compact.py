@@ -20,8 +20,10 @@ application whose batches carry `app` bytes runs its own command built on `rebui
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import platform
 import resource
 import sys
 import threading
@@ -46,6 +48,13 @@ from ledger.wal import SEQ_FIRST, list_segments, read_log
 # Below the live process's priority: on a busy machine the compactor takes what CPU is left (a
 # snapshot late by seconds costs only a longer log), not the switch's.
 NICE_INCREMENT = 10
+# And below it on the disk: the idle I/O class (ioprio_set(2); honoured by the mq-deadline and BFQ
+# schedulers), so that its reads of the previous snapshot and the log, which a host that evicts cold
+# page cache sends to the disk, queue behind the owner's log writes (docs/benchmarks.md, section 6).
+IOPRIO_CLASS_IDLE = 3
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}  # (ioprio_set, ioprio_get)
 PARENT_CHECK_S = 0.5  # a compactor whose parent died exits within this
 PARENT_ENV = "LEDGER_COMPACTOR_PARENT"  # the owner's pid, set when it starts a compactor
 
@@ -130,9 +139,27 @@ def write_image(directory: Path, seq: int, ledger: Ledger, app: bytes) -> Path:
     return write_snapshot_temporary(Path(directory), seq, encode_snapshot(ledger, app), sync=True, paced=True)
 
 
+def io_priority_class() -> int | None:
+    """This process's I/O priority class (ioprio_get(2)); None where it cannot be read."""
+    numbers = IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None or not sys.platform.startswith("linux"):
+        return None
+    value = ctypes.CDLL(None, use_errno=True).syscall(numbers[1], IOPRIO_WHO_PROCESS, 0)
+    return None if value < 0 else value >> IOPRIO_CLASS_SHIFT
+
+
+def lower_io_priority() -> bool:
+    """Put this process in the idle I/O class; False where the system has no such call."""
+    numbers = IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(numbers[0], IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) == 0
+
+
 def become_compactor() -> None:
-    """For a compactor's first line: lower priority, and die with the process that started it (a
-    server killed mid-snapshot must not leave this one competing with its restart).
+    """For a compactor's first line: lower CPU and I/O priority, and die with the process that
+    started it (a server killed mid-snapshot must not leave this one competing with its restart).
 
     The owner names itself in PARENT_ENV (DurableLedger does), so a parent that died before this
     line is seen too; without it, the parent at this line is watched. A thread watches the pid
@@ -140,6 +167,7 @@ def become_compactor() -> None:
     and trio starts processes from worker threads, which end when idle: the soak's second
     compactor was killed (exit -9) half way through that way."""
     os.nice(NICE_INCREMENT)
+    lower_io_priority()  # best effort: without it the compactor only competes harder for the disk
     parent = int(os.environ.get(PARENT_ENV) or os.getppid())
 
     def watch_parent() -> None:

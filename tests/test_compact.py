@@ -277,3 +277,22 @@ def test_a_compactor_whose_parent_died_exits(tmp_path: Path) -> None:
         time.sleep(0.1)
     os.kill(pid, 9)
     pytest.fail("the orphaned compactor was still running 10 s after its parent exited")
+
+
+def test_a_compactor_runs_below_the_owner_on_the_cpu_and_the_disk() -> None:
+    """nice +10 and the idle I/O class: its reads of cold files then queue behind the owner's log
+    writes (a host that evicts cold page cache sends them to the disk)."""
+    import os
+    import subprocess
+
+    from ledger.compact import IOPRIO_CLASS_IDLE, NICE_INCREMENT, io_priority_class
+
+    if io_priority_class() is None:
+        pytest.skip("no ioprio_get(2) on this platform")
+    probe = ("import os; from ledger.compact import become_compactor, io_priority_class; "
+             "before = os.nice(0); become_compactor(); print(os.nice(0) - before, io_priority_class())")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, PARENT_ENV: str(os.getpid())})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(NICE_INCREMENT), str(IOPRIO_CLASS_IDLE)]
+    assert io_priority_class() != IOPRIO_CLASS_IDLE  # this process is untouched
