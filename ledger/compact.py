@@ -139,22 +139,23 @@ def write_image(directory: Path, seq: int, ledger: Ledger, app: bytes) -> Path:
     return write_snapshot_temporary(Path(directory), seq, encode_snapshot(ledger, app), sync=True, paced=True)
 
 
+def _ioprio_syscalls() -> tuple[int, int] | None:
+    """(ioprio_set, ioprio_get) on this system, None where it has no such calls."""
+    return IOPRIO_SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+
+
 def io_priority_class() -> int | None:
     """This process's I/O priority class (ioprio_get(2)); None where it cannot be read."""
-    numbers = IOPRIO_SYSCALLS.get(platform.machine())
-    if numbers is None or not sys.platform.startswith("linux"):
-        return None
-    value = ctypes.CDLL(None, use_errno=True).syscall(numbers[1], IOPRIO_WHO_PROCESS, 0)
+    numbers = _ioprio_syscalls()
+    value = -1 if numbers is None else ctypes.CDLL(None).syscall(numbers[1], IOPRIO_WHO_PROCESS, 0)
     return None if value < 0 else value >> IOPRIO_CLASS_SHIFT
 
 
 def lower_io_priority() -> bool:
     """Put this process in the idle I/O class; False where the system has no such call."""
-    numbers = IOPRIO_SYSCALLS.get(platform.machine())
-    if numbers is None or not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(numbers[0], IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) == 0
+    numbers = _ioprio_syscalls()
+    return numbers is not None and ctypes.CDLL(None).syscall(
+        numbers[0], IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) == 0
 
 
 def become_compactor() -> None:
