@@ -43,6 +43,9 @@ PARTNER_BALANCE_CHECK_INTERVAL_S = 5.0
 log = logging.getLogger("authsrv")
 
 TICK_INTERVAL_S = 1.0  # hold expiry runs on the logged clock: an empty batch per tick advances it
+# A following compactor starts once the log holds this share of a snapshot interval: it has that
+# much to replay at its start, while the pages are still in the cache.
+FOLLOW_START_SHARE = 0.1
 STORE_CHECKPOINT_S = 1.0  # the store's WAL into its database (_checkpoint_store): a few MB at most
 MCC_CACHE_MAX = 10_000  # there are fewer than 10,000 MCCs
 GC_GEN0_THRESHOLD = 100_000
@@ -430,23 +433,33 @@ async def _tick(ledger, journal, metrics) -> None:
 async def _snapshot_when_due(ledger, journal, metrics, config) -> None:
     """A snapshot every `[ledger] snapshot_interval_records`, written by another process (the
     compactor, ledger.compact) while this one goes on; a task of its own, so the tick keeps its pace
-    for the seconds one takes."""
+    for the seconds one takes. With `compactor_follows`, that process is started once the log holds
+    FOLLOW_START_SHARE of an interval (a server that never reaches a snapshot starts none) and kept
+    until this task ends; one that fails is started again."""
     snapshot_interval = config.ledger.snapshot_interval_records
+    follows = config.ledger.compactor_follows and getattr(ledger, "compactor", None) is not None
     last_snapshot_seq = ledger.last_seq
-    while True:  # until cancelled with the server
-        await trio.sleep(TICK_INTERVAL_S)
-        accepting = getattr(ledger.wal, "accepting", True)  # False: the log's disk refuses for now
-        if not accepting or not ledger.snapshot_due(ledger.last_seq - last_snapshot_seq, snapshot_interval):
-            continue
-        started = time.perf_counter()
-        try:
-            # journal.to_snapshot is used only where the state is captured in this process (a fork,
-            # or a cluster primary); a compactor rebuilds the journal from the log.
-            last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot)
-        except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
-            log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
-            last_snapshot_seq = ledger.last_seq
-        metrics.snapshot_seconds.observe(time.perf_counter() - started)
+    try:
+        while True:  # until cancelled with the server
+            await trio.sleep(TICK_INTERVAL_S)
+            accepting = getattr(ledger.wal, "accepting", True)  # False: the log's disk refuses for now
+            since = ledger.last_seq - last_snapshot_seq
+            if follows and not ledger.compactor_follows and since >= snapshot_interval * FOLLOW_START_SHARE:
+                await ledger.start_compactor()
+            if not accepting or not ledger.snapshot_due(since, snapshot_interval):
+                continue
+            started = time.perf_counter()
+            try:
+                # journal.to_snapshot is used only where the state is captured in this process (a fork,
+                # or a cluster primary); a compactor rebuilds the journal from the log.
+                last_snapshot_seq = await ledger.snapshot_async(journal.to_snapshot)
+            except (OSError, WalUnwritableError) as error:  # a full disk: the log keeps every record
+                log.error("snapshot failed, tried again after %d more records: %s", snapshot_interval, error)
+                last_snapshot_seq = ledger.last_seq
+            metrics.snapshot_seconds.observe(time.perf_counter() - started)
+    finally:
+        if follows:
+            await ledger.stop_compactor()
 
 
 async def _checkpoint_store(store) -> None:

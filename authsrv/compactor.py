@@ -20,7 +20,7 @@ import msgspec
 
 from authsrv.config import DuplicatesConfig, HistoryConfig
 
-USAGE = "python -m authsrv.compactor SETTINGS_JSON LEDGER_DIR SEQ BOUNDS_JSON"
+USAGE = "python -m authsrv.compactor SETTINGS_JSON LEDGER_DIR SEQ|follow BOUNDS_JSON"
 
 
 class CompactorSettings(msgspec.Struct, frozen=True):
@@ -38,7 +38,8 @@ def command(config) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> int:
-    from ledger.compact import Phases, become_compactor, parse_arguments, rebuild, summary, write_image
+    from ledger.compact import (Follower, Phases, become_compactor, follow_image, parse_arguments, rebuild, serve,
+                                summary, write_image)
 
     try:
         settings = msgspec.json.decode(argv[0], type=CompactorSettings) if argv else None
@@ -50,11 +51,20 @@ def main(argv: list[str]) -> int:
         return 2
     directory, seq, bounds = parsed
     become_compactor()
-    phases = Phases()
 
     from authsrv.recovery import new_journal, rebuild_journal
 
     replayed: list[bytes] = []
+    if seq is None:  # follow the log: the journal is rebuilt at each image from the last one's
+        follower = Follower(directory, bounds, on_app=lambda _, data: replayed.append(data))
+
+        def journal_image() -> bytes:
+            journal = new_journal(settings)
+            rebuild_journal(journal, follower.ledger, follower.app, replayed, bounds)  # empties `replayed`
+            return journal.to_snapshot()
+
+        return serve(follower, lambda upto: follow_image(follower, upto, journal_image))
+    phases = Phases()
     ledger, app_snapshot, snapshot_seq = rebuild(directory, seq, bounds, on_app=lambda _, data: replayed.append(data),
                                                  phases=phases)
     journal = new_journal(settings)

@@ -81,6 +81,9 @@ class IsoConfig(_Section):
 
 class LedgerConfig(_Section):
     snapshot_interval_records: Positive = 500_000
+    # The compactor stays and reads the log as it is written (ledger.compact, follow mode): a
+    # snapshot then reads nothing cold from the disk; it holds a copy of the state meanwhile.
+    compactor_follows: bool = True
     segment_size_max_bytes: Annotated[int, Meta(ge=4096)] = 67_108_864
     # Transfer ids remembered for idempotency (24 h); past it the oldest go early, counted.
     ids_max: Positive = IDS_MAX
@@ -394,6 +397,10 @@ shutdown_grace_s = 5
 [ledger]
 # Write a snapshot (and drop older log segments) after this many log records.
 snapshot_interval_records = 500000
+# Keep the process that builds snapshots running, reading the log as it is written, so that a
+# snapshot reads nothing back from the disk. It holds a copy of the ledger (about the server's
+# memory). false: start one per snapshot, which reads the previous snapshot and the log each time.
+compactor_follows = true
 # Start a new write-ahead log segment when the current one reaches this size.
 segment_size_max_bytes = 67108864
 # Transfer ids remembered so a retried transfer is not applied twice (24 h retention); about 0.25 KB

@@ -14,9 +14,11 @@ back on replay, so the application's state rides on the same commits.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,6 +47,8 @@ _Finish = Callable[[BatchResult], bytes]
 COMPACTOR_TIMEOUT_S = 600.0
 COMPACTOR_LINES_KEPT = 5
 COMPACTOR_SUMMARY_CHARS = 300
+COMPACTOR_LINE_BYTES_MAX = 4096  # a following compactor's answer: a seq and its summary
+COMPACTOR_STOP_S = 5.0  # a following compactor told to stop (its pipe closed) exits within this, or is killed
 
 
 class LedgerRecoveryError(WalError):
@@ -214,6 +218,8 @@ class DurableLedger:
         self._encoder = msgspec.msgpack.Encoder()
         self._failed: BaseException | None = None
         self._snapshot_running = False
+        self._follower: trio.Process | None = None  # the compactor that follows the log (start_compactor)
+        self._follower_said = b""  # what it wrote on stdout past the last whole line
 
     @classmethod
     def open(
@@ -406,10 +412,9 @@ class DurableLedger:
         if self.compactor is not None:
             self._snapshot_running = True
             try:
-                await self._compact(seq)
+                return await self._compact(seq)
             finally:
                 self._snapshot_running = False
-            return seq
         if self.FORK_SNAPSHOTS and hasattr(os, "fork"):
             pid = self._fork_snapshot_writer(seq, app_snapshot)
             self._snapshot_running = True
@@ -433,10 +438,20 @@ class DurableLedger:
             self._snapshot_running = False
         return seq
 
-    async def _compact(self, seq: int) -> None:
+    async def _compact(self, seq: int) -> int:
         if seq > 0:  # WalUnwritableError while the log cannot be written: try again later
             await self._wal.wait_durable(seq, unwritable_raises=True)
         started = time.perf_counter()
+        if self._follower is not None:
+            seq, said = await self._compact_following(seq)
+        else:
+            said = await self._compact_once(seq)
+        await trio.to_thread.run_sync(self._publish_snapshot, seq)
+        log.info("snapshot by replay, %.2f s: %s", time.perf_counter() - started, said[:COMPACTOR_SUMMARY_CHARS])
+        return seq
+
+    async def _compact_once(self, seq: int) -> str:
+        """A compactor for this one snapshot: the newest snapshot and the log after it, read from the disk."""
         from ledger.compact import PARENT_ENV, LedgerBounds  # ledger.compact imports this module
 
         bounds = msgspec.json.encode(LedgerBounds.of(self.ledger)).decode()
@@ -451,9 +466,91 @@ class DurableLedger:
             said = done.stderr.decode(errors="replace").strip().splitlines()[-COMPACTOR_LINES_KEPT:]
             raise SnapshotChildError(f"the compactor for seq {seq} failed (exit {done.returncode}): "
                                      + (" | ".join(said) or "no output"))
-        await trio.to_thread.run_sync(self._publish_snapshot, seq)
-        log.info("snapshot by replay, %.2f s: %s", time.perf_counter() - started,
-                 done.stdout.decode(errors="replace").strip()[:COMPACTOR_SUMMARY_CHARS])
+        return done.stdout.decode(errors="replace").strip()
+
+    @property
+    def compactor_follows(self) -> bool:
+        """A compactor is following the log (start_compactor), and will write the next snapshot."""
+        return self._follower is not None
+
+    async def start_compactor(self) -> None:
+        """Start the compactor that stays (ledger.compact, FOLLOW): it loads the newest snapshot
+        once, then reads the log as it is written, so a snapshot costs it only the image's write.
+        It holds a copy of the ledger for as long as it runs. Stop it with `stop_compactor` (the
+        task that starts it, in a `finally`); it also dies with this process."""
+        from ledger.compact import FOLLOW, PARENT_ENV, LedgerBounds  # ledger.compact imports this module
+
+        assert self.compactor is not None and self._follower is None
+        bounds = msgspec.json.encode(LedgerBounds.of(self.ledger)).decode()
+        self._follower_said = b""
+        self._follower = await trio.lowlevel.open_process(
+            [*self.compactor, str(self.directory), FOLLOW, bounds], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, PARENT_ENV: str(os.getpid())})
+
+    async def stop_compactor(self) -> str:
+        """Close the following compactor's pipe and wait for it to exit (kill it past COMPACTOR_STOP_S);
+        return the last lines of its error output. Safe to call when none runs, and from a cancelled scope."""
+        process, self._follower = self._follower, None
+        if process is None:
+            return ""
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await process.stdin.aclose()
+            with trio.move_on_after(COMPACTOR_STOP_S):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            said = b""
+            with trio.move_on_after(COMPACTOR_STOP_S), contextlib.suppress(trio.BrokenResourceError,
+                                                                        trio.ClosedResourceError):
+                while len(said) < COMPACTOR_LINE_BYTES_MAX * 4:  # bounded: it exited, so the pipe ends
+                    chunk = await process.stderr.receive_some(COMPACTOR_LINE_BYTES_MAX)
+                    if not chunk:
+                        break
+                    said += chunk
+            for stream in (process.stdout, process.stderr):
+                await stream.aclose()
+        return " | ".join(said.decode(errors="replace").strip().splitlines()[-COMPACTOR_LINES_KEPT:])
+
+    async def _compact_following(self, seq: int) -> tuple[int, str]:
+        """Ask the following compactor for the image at `seq` (durable) or just past it; once that
+        seq is durable too, the image may be published. On any failure it is stopped (the caller
+        may start another) and SnapshotChildError raised."""
+        process = self._follower
+        assert process is not None
+        line: bytes | None = None
+        with trio.move_on_after(COMPACTOR_TIMEOUT_S):
+            try:
+                await process.stdin.send_all(b"%d\n" % seq)
+                line = await self._follower_line(process)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                line = None
+        if line is None:
+            said = await self.stop_compactor()
+            raise SnapshotChildError(f"the compactor following the log gave no image for seq {seq}: "
+                                     + (said or "no output (ran past its time, or exited)"))
+        head, _, summary_text = line.decode(errors="replace").partition(" ")
+        if not head.isdigit() or not seq <= int(head) <= self._wal.last_seq:
+            await self.stop_compactor()
+            raise SnapshotChildError(f"the compactor following the log answered {line[:80]!r} for seq {seq}")
+        done = int(head)
+        if done > seq:  # it had read records written after `seq`: the image may not be older than the log
+            await self._wal.wait_durable(done, unwritable_raises=True)
+        return done, summary_text
+
+    async def _follower_line(self, process: trio.Process) -> bytes | None:
+        """The next line the following compactor writes; None when its output ends first."""
+        # Bounded: each pass reads bytes, or ends; the line is bounded by COMPACTOR_LINE_BYTES_MAX.
+        while b"\n" not in self._follower_said:
+            if len(self._follower_said) > COMPACTOR_LINE_BYTES_MAX:
+                return None
+            chunk = await process.stdout.receive_some(COMPACTOR_LINE_BYTES_MAX)
+            if not chunk:
+                return None
+            self._follower_said += chunk
+        line, self._follower_said = self._follower_said.split(b"\n", 1)
+        return line
 
     def _fork_snapshot_writer(self, seq: int, app_snapshot: bytes | Callable[[], bytes]) -> int:
         pid = os.fork()

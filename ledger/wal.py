@@ -80,6 +80,8 @@ BUFFER_BYTES_MAX = 16 * 1024 * 1024
 # How far past a damaged record recovery looks for a valid later record before calling the damage
 # a torn tail. A valid record after the damage means acknowledged data would be lost by truncating.
 TAIL_PROBE_RECORDS = 8
+# LogFollower.read_upto: how often it looks again for durable bytes not yet seen whole.
+FOLLOW_RETRY_S = 0.01
 # A writer waits this long for the write lock (another writer's write + fsync) before giving up.
 WRITE_LOCK_WAIT_S_MAX = 120.0
 # A waiter is woken once per commit group that could contain its record; more means a bug.
@@ -1007,6 +1009,100 @@ def read_log(directory: Path, from_seq: int, upto_seq: int) -> Iterator[tuple[in
             yield seq, payload
     if seq_next != upto_seq + 1:
         raise WalError(f"the log in {directory} ends at seq {seq_next - 1}, before seq {upto_seq}")
+
+
+class LogFollower:
+    """Reads a log that another process owns, record by record as they land: a long-lived
+    compactor (ledger.compact, follow mode) keeps its copy of the state current this way, so that
+    building a snapshot reads nothing cold from the disk.
+
+    Takes no lock and changes no file. It reads on from where it stopped; the only bytes read twice
+    are those of a record not yet whole. Past the last whole record it finds what the owner has not
+    written yet: a record still being copied, or the zeros of a preallocated segment. Those are
+    never an error here: `poll` stops there and tries again next time. A record whose checksum
+    never comes right is found by the caller, which knows what is durable (`read_upto`)."""
+
+    READ_BYTES = 256 * 1024  # per read(2); a longer record is read whole once its header is seen
+
+    def __init__(self, directory: Path, next_seq: int) -> None:
+        assert next_seq >= SEQ_FIRST
+        self.directory = Path(directory)
+        self.next_seq = next_seq  # the first record not yet returned
+        self._fd: int | None = None
+        self._segment_first = 0
+        self._offset = 0  # where the record `_seq` starts in the open segment
+        self._seq = 0  # the seq of the record at `_offset`
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def poll(self, upto_seq: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(seq, payload) of the whole records from `next_seq` on (to `upto_seq` at most), as far as
+        they are written now. Bounded: each pass returns a record, moves to the next segment, or
+        stops."""
+        while upto_seq is None or self.next_seq <= upto_seq:
+            if self._fd is None and not self._open():
+                return
+            assert self._fd is not None
+            data = os.pread(self._fd, self.READ_BYTES, self._offset)
+            if len(data) >= HEADER_SIZE:  # a record longer than one read: read it whole
+                length = HEADER.unpack_from(data, 0)[0]
+                if len(data) < HEADER_SIZE + length <= HEADER_SIZE + RECORD_SIZE_MAX:
+                    data = os.pread(self._fd, HEADER_SIZE + length, self._offset)
+            view = memoryview(data)
+            offset = 0
+            while upto_seq is None or self.next_seq <= upto_seq:
+                end, reason = _check_record(view, offset, self._seq)
+                if reason is not None:
+                    break
+                if self._seq >= self.next_seq:
+                    yield self._seq, bytes(view[offset + HEADER_SIZE:end])
+                    self.next_seq = self._seq + 1
+                offset = end
+                self._seq += 1
+            self._offset += offset
+            if offset == 0 and not self._next_segment():
+                return
+
+    def _open(self) -> bool:
+        """Open the segment that holds `next_seq`, and find that record in it (read from its start)."""
+        holding = [(first, path) for first, path in list_segments(self.directory) if first <= self.next_seq]
+        if not holding:
+            return False
+        self._segment_first, path = holding[-1]
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._offset, self._seq = 0, self._segment_first
+        return True
+
+    def _next_segment(self) -> bool:
+        """At the end of what is written in this segment: go on in the next one if the owner has
+        started it (then this one holds nothing more: it rotates only between records)."""
+        path = segment_path(self.directory, self._seq)
+        if self._seq == self._segment_first or not path.exists():
+            return False
+        self.close()
+        self._segment_first = self._seq
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._offset = 0
+        return True
+
+    def read_upto(self, upto_seq: int, timeout_s: float) -> Iterator[tuple[int, bytes]]:
+        """Every record from `next_seq` to `upto_seq`, which the caller knows to be durable: waits
+        (up to `timeout_s`) for bytes still on their way from the owner's page cache; WalError when
+        they never come whole (a damaged record, a log cut short)."""
+        deadline = time.monotonic() + timeout_s
+        # Bounded: each pass returns records, or sleeps until the deadline passes.
+        while self.next_seq <= upto_seq:
+            before = self.next_seq
+            yield from self.poll(upto_seq)
+            if self.next_seq > upto_seq:
+                return
+            if self.next_seq == before and time.monotonic() >= deadline:
+                raise WalError(f"the log in {self.directory} has no whole record at seq {self.next_seq} "
+                               f"(durable up to seq {upto_seq}, per its owner)")
+            time.sleep(FOLLOW_RETRY_S)
 
 
 def _recover(directory: Path, dir_fd: int) -> tuple[list[_Segment], int, int]:

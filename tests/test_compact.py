@@ -17,7 +17,7 @@ from ledger.compact import PARENT_ENV, LedgerBounds
 from ledger.durable import SnapshotChildError, decode_snapshot
 from ledger.snapshot import list_snapshots, read_snapshot
 from ledger.types import Batch
-from ledger.wal import WalError, list_segments, read_log
+from ledger.wal import SEQ_FIRST, LogFollower, WalError, frame, list_segments, read_log
 from tests.test_durable_ledger import hold_and_post, open_ledger, random_batches, setup_accounts
 
 LEDGER_COMPACTOR = (sys.executable, "-m", "ledger.compact")
@@ -153,10 +153,106 @@ def test_read_log_stops_at_the_seq_asked_for_and_never_reads_past_it(tmp_path: P
         list(read_log(tmp_path, 1, last))
 
 
+def test_a_log_follower_reads_records_as_they_land_and_waits_for_a_torn_one(tmp_path: Path) -> None:
+    durable = open_ledger(tmp_path, segment_size_max=1024)
+    setup_accounts(durable)
+    follower = LogFollower(tmp_path, SEQ_FIRST)
+    seen: list[tuple[int, bytes]] = []
+    for hold_id in range(5_000, 5_300, 2):
+        durable.submit_now(transfers=hold_and_post(hold_id, amount=1))
+        durable.flush_sync()  # one group each: the segments rotate
+        if hold_id % 14 == 0:
+            seen += follower.poll()  # while the owner writes, segment after segment
+    seen += follower.poll()
+    last = durable.last_seq
+    assert len(list_segments(tmp_path)) >= 5
+    assert seen == list(read_log(tmp_path, SEQ_FIRST, last)) and follower.next_seq == last + 1
+    durable.close()
+    assert list(follower.poll()) == []  # nothing new: nothing returned, nothing read twice
+    record = frame(last + 1, b"x" * 300)
+    active = list_segments(tmp_path)[-1][1]
+    with active.open("ab") as file:  # a record the owner is half way through writing
+        file.write(record[:100])
+        file.flush()
+        assert list(follower.poll()) == []  # not an error: it is not whole yet
+        with pytest.raises(WalError, match=f"no whole record at seq {last + 1}"):
+            list(follower.read_upto(last + 1, timeout_s=0.05))
+        file.write(record[100:])
+    assert list(follower.poll()) == [(last + 1, b"x" * 300)]
+    small = LogFollower(tmp_path, 10)  # from the middle; records longer than a read are read whole
+    small.READ_BYTES = 40
+    assert list(small.read_upto(last + 1, timeout_s=1)) == seen[9:] + [(last + 1, b"x" * 300)]
+    follower.close()
+    small.close()
+
+
+async def test_a_following_compactor_writes_each_snapshot_from_what_it_read_as_the_owner_wrote(
+        tmp_path: Path, caplog) -> None:
+    """It loads the newest snapshot once, then follows the log: each image is the owner's state
+    at the seq it says, and it leaves when the owner closes its pipe."""
+    caplog.set_level("INFO", logger="ledger.durable")
+    durable = open_ledger(tmp_path, segment_size_max=4096)
+    setup_accounts(durable, fund=100_000)
+    batches = list(without_app(random_batches(13, 600)))
+    for batch in batches[:100]:
+        durable.submit(batch)
+    durable.snapshot()  # it starts from this one
+    durable.compactor = LEDGER_COMPACTOR
+    states: dict[int, bytes] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        await durable.start_compactor()
+        process = durable._follower
+        assert durable.compactor_follows
+        for part in (batches[100:300], batches[300:450], batches[450:]):
+            for batch in part:
+                _, seq = durable.submit(batch)
+                states[seq] = durable.ledger.to_snapshot()
+                await trio.sleep(0.002)  # it reads while the owner writes
+            with trio.fail_after(60):
+                seq = await durable.snapshot_async()
+            assert durable.snapshot_seq == seq and seq in states
+            _, payload = read_snapshot(dict(list_snapshots(tmp_path))[seq])
+            ledger, app = decode_snapshot(payload)
+            assert app == b"" and ledger.to_snapshot() == states[seq]  # byte for byte
+        assert await durable.stop_compactor() == ""
+        nursery.cancel_scope.cancel()
+    assert process.returncode == 0 and not durable.compactor_follows
+    assert caplog.text.count("followed the log") == 3
+    digest = durable.ledger.digest()
+    durable.close()
+    reopened = open_ledger(tmp_path)
+    assert reopened.snapshot_seq == seq and reopened.ledger.digest() == digest
+    reopened.close()
+
+
+async def test_a_following_compactor_that_died_publishes_nothing_and_a_one_shot_takes_over(tmp_path: Path) -> None:
+    durable = open_ledger(tmp_path, segment_size_max=4096)
+    setup_accounts(durable, fund=100_000)
+    for batch in without_app(random_batches(5, 150)):
+        durable.submit(batch)
+    durable.flush_sync()
+    durable.compactor = LEDGER_COMPACTOR
+    segments = list_segments(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(durable.run)
+        await durable.start_compactor()
+        durable._follower.kill()
+        with trio.fail_after(30), pytest.raises(SnapshotChildError, match="gave no image for seq"):
+            await durable.snapshot_async()
+        assert not durable.compactor_follows
+        assert list_snapshots(tmp_path) == [] and list_segments(tmp_path) == segments
+        with trio.fail_after(60):
+            seq = await durable.snapshot_async()  # a compactor for this snapshot alone
+        nursery.cancel_scope.cancel()
+    assert seq == durable.last_seq and [found for found, _ in list_snapshots(tmp_path)] == [seq]
+    durable.close()
+
+
 def test_the_ledger_compactor_refuses_bad_arguments(tmp_path: Path) -> None:
     import subprocess
 
-    usage = "usage: python -m ledger.compact DIRECTORY SEQ BOUNDS_JSON"
+    usage = "usage: python -m ledger.compact DIRECTORY SEQ|follow BOUNDS_JSON"
     done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and usage in done.stderr
     done = subprocess.run([*LEDGER_COMPACTOR, str(tmp_path), "1", '{"ids_max": "many"}'],
@@ -177,12 +273,14 @@ async def test_the_switch_snapshots_by_replay_and_recovers_from_them(data_dir, c
     async with trio.open_nursery() as nursery:
         server = await start_in_process(nursery, data_dir, ledger__snapshot_interval_records=30)
         assert server.ledger.compactor[1:3] == ("-m", "authsrv.compactor")
+        assert not server.ledger.compactor_follows  # started once the log holds a tenth of an interval
         client = await IsoClient.connect(server.iso_port)
         answers = [await client.call(request) for request in requests[:50]]
         with trio.fail_after(30):
             while server.ledger.snapshot_seq == 0:
                 await trio.sleep(0.05)
         seq = server.ledger.snapshot_seq
+        assert server.ledger.compactor_follows  # the image came from the compactor following the log
         answers += [await client.call(request) for request in requests[50:]]  # served on
         await client.aclose()
         server.stop.set()
