@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from authsrv.clearing.expiry import ObservedLedger, watch_expiry, watch_expiry_fees
+from authsrv.clearing.remote import ClearingPlanner
 from authsrv.compactor import command as compactor_command
 from authsrv.hotpath.cardstate import CardStateWriter
 from authsrv.hotpath.fees import FeeBook
@@ -331,6 +332,9 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
         rest_context.metrics = metrics
         rest_context.fees = fees
+        if not store.replicating:  # a cluster primary's store writes are its stream's: a worker thread plans
+            rest_context.clearing_planner = ClearingPlanner(data_dir)
+            nursery.start_soon(_own_clearing_planner, rest_context.clearing_planner)
         await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
         rest_port = await nursery.start(partial(serve_rest, build_app(rest_context), host=config.server.host,
                                                 port=ports["rest"], pki_dir=data_dir / "pki", shutdown=rest_stop,
@@ -348,7 +352,8 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         log.info("ready: ISO 8583 on %s:%d, REST (HTTPS) on %s:%d, metrics on %s:%d", config.server.host,
                  iso_port, config.server.host, rest_port, config.server.host, http.port)
         task_status.started({"iso_port": iso_port, "metrics_port": http.port, "rest_port": rest_port,
-                             "switch": switch, "ledger": ledger, "journal": journal, "store": store, "index": index})
+                             "switch": switch, "ledger": ledger, "journal": journal, "store": store, "index": index,
+                             "clearing_planner": rest_context.clearing_planner})
         await stop.wait()
         http.ready = False
         metrics.ready.set(0)
@@ -381,6 +386,15 @@ def _write_run_file(data_dir: Path, iso_port: int, metrics_port: int, rest_port:
     tmp.write_text(json.dumps({"pid": os.getpid(), "iso_port": iso_port, "metrics_port": metrics_port,
                                "rest_port": rest_port}))
     tmp.replace(data_dir / "run.json")
+
+
+async def _own_clearing_planner(planner) -> None:
+    """Clearing's planner process (started at the first file) lives as long as this task."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await planner.aclose()
 
 
 async def _run_delivery(store, data_dir, config, journal, index, ledger, metrics, *,

@@ -13,6 +13,11 @@ image is the state the live process had at `upto_seq`. The live process then pub
 truncates the log behind it (DurableLedger.snapshot_async); it truncates nothing while a compactor
 runs, so the segments read here stay in place.
 
+With FOLLOW in place of SEQ the compactor stays (`Follower`, `serve`): it loads the newest
+snapshot once, then reads the log as the owner writes it (wal.LogFollower) and applies each record,
+so a snapshot costs it only the records since its last poll and the image's write. The owner sends
+it a durable seq per snapshot on stdin; it answers one line on stdout (DurableLedger.start_compactor).
+
 `python -m ledger.compact DIRECTORY SEQ BOUNDS_JSON` does this for a ledger without application state; an
 application whose batches carry `app` bytes runs its own command built on `rebuild` and
 `write_image` (authsrv.compactor), because only it can rebuild that state.
@@ -250,23 +255,28 @@ def lower_io_priority() -> bool:
 
 def become_compactor() -> None:
     """For a compactor's first line: lower CPU and I/O priority, and die with the process that
-    started it (a server killed mid-snapshot must not leave this one competing with its restart).
+    started it (a server killed mid-snapshot must not leave this one competing with its restart)."""
+    os.nice(NICE_INCREMENT)
+    lower_io_priority()  # best effort: without it the compactor only competes harder for the disk
+    watch_parent()
+
+
+def watch_parent() -> None:
+    """Exit within PARENT_CHECK_S of the process that started this one.
 
     The owner names itself in PARENT_ENV (DurableLedger does), so a parent that died before this
     line is seen too; without it, the parent at this line is watched. A thread watches the pid
     rather than prctl(PR_SET_PDEATHSIG): that signal follows the *thread* that started the child,
     and trio starts processes from worker threads, which end when idle: the soak's second
     compactor was killed (exit -9) half way through that way."""
-    os.nice(NICE_INCREMENT)
-    lower_io_priority()  # best effort: without it the compactor only competes harder for the disk
     parent = int(os.environ.get(PARENT_ENV) or os.getppid())
 
-    def watch_parent() -> None:
+    def watch() -> None:
         while os.getppid() == parent:  # until the process ends (a daemon thread)
             time.sleep(PARENT_CHECK_S)
         os._exit(1)
 
-    threading.Thread(target=watch_parent, name="compactor-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def summary(seq: int, snapshot_seq: int, phases: Phases) -> str:

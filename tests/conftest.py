@@ -61,6 +61,7 @@ class InProcessServer:
     store: object
     index: object
     stop: trio.Event
+    clearing_planner: object = None  # authsrv.clearing.remote.ClearingPlanner (None: a cluster primary)
 
 
 async def start_in_process(nursery, data_dir: Path, **overrides) -> InProcessServer:
@@ -75,7 +76,7 @@ async def start_in_process(nursery, data_dir: Path, **overrides) -> InProcessSer
     stop = trio.Event()
     info = await nursery.start(run_server, data_dir, config, {"iso": 0, "rest": 0, "metrics": 0}, stop)
     return InProcessServer(info["iso_port"], info["metrics_port"], info["rest_port"], info["switch"], info["ledger"],
-                           info["journal"], info["store"], info["index"], stop)
+                           info["journal"], info["store"], info["index"], stop, info.get("clearing_planner"))
 
 
 @pytest.fixture

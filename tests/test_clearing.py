@@ -69,14 +69,17 @@ def clearing_file(*records: dict) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
 
-def deps(server, data_dir) -> ClearingDeps:
+def deps(server, data_dir, *, thread: bool = False) -> ClearingDeps:
+    """What the server's REST ingest uses: planning in the server's planner process (remote.py), or
+    with `thread`, in a worker thread (a cluster primary's way)."""
     keys = cardsec.CardKeys.load(data_dir / "keys")
     return ClearingDeps(ledger=server.ledger, journal=server.journal, index=server.index,
-                        vault=cardsec.PanVault(keys), store=server.store)
+                        vault=cardsec.PanVault(keys), store=server.store,
+                        planner=None if thread else server.clearing_planner)
 
 
-async def clear(server, data_dir, *records: dict, name: str = "file.jsonl"):
-    return await apply_clearing(deps(server, data_dir), clearing_file(*records), name)
+async def clear(server, data_dir, *records: dict, name: str = "file.jsonl", thread: bool = False):
+    return await apply_clearing(deps(server, data_dir, thread=thread), clearing_file(*records), name)
 
 
 def account(server, card: dict) -> int:
@@ -163,7 +166,8 @@ async def test_records_written_with_digest_identities_are_still_recognised(serve
                                 (legacy_identity(identity), identity))
     assert not server.store.clearing_digest_identities  # a store created by this build: none of those
     server.store.clearing_digest_identities = True  # what Store.open finds in an older store (see below)
-    mixed = await clear(server, data_dir, first_record, record(second_auth), name="after.jsonl")
+    # In this process's store only: the planner process opened its own, marked as this build's.
+    mixed = await clear(server, data_dir, first_record, record(second_auth), name="after.jsonl", thread=True)
     assert mixed.duplicates == 1 and mixed.exact == 1
     assert balance(server, card).posted == SEED_AMOUNT - 1400 - 1500
     identities = {row[0] for row in server.store.db.execute("SELECT identity FROM clearing_records")}
@@ -468,3 +472,91 @@ async def test_a_capped_file_takes_at_least_its_lines_over_the_rate(server, data
     assert summary.forced == 1000 and summary.applied == 1000
     assert answered == ["00"] * 10
     check_books(server.ledger.ledger)
+
+
+# -- the planner process (remote.py) ------------------------------------------------------------------
+
+def _counted(summary) -> dict:
+    """A summary's counts and exceptions, without what names the file or the log."""
+    fields = msgspec.structs.asdict(summary)
+    for name in ("file_sha256", "name", "ledger_seq"):
+        fields.pop(name)
+    fields["exceptions"] = [(entry.line, entry.reason, entry.posted) for entry in summary.exceptions]
+    return fields
+
+
+async def test_the_planner_process_and_a_worker_thread_count_a_file_alike(server, data_dir, solo):
+    """The same kinds of records, planned in the server's planner process and in a worker thread:
+    the same summary, the same postings, the same books."""
+    summaries = []
+    for thread, picked in ((False, solo[12:15]), (True, solo[15:18])):
+        exact = await authorize(server, picked[0], 5000)
+        under = await authorize(server, picked[1], 4000)
+        over = await authorize(server, picked[2], 3000)
+        unknown = {"rrn": "000000000001", "authCode": "", "pan": "5355229999999999", "amount": 100}
+        records = (record(exact), record(under, 2500), record(over, 3600), record(unknown),
+                   record(exact, 10, type="refund"), record(under, 1, currency="USD"))
+        summaries.append(await apply_clearing(deps(server, data_dir, thread=thread), clearing_file(*records),
+                                              f"thread-{thread}.jsonl"))
+        for card, charged in ((picked[0], 5000 - 10), (picked[1], 2500), (picked[2], 3600)):
+            assert balance(server, card).posted == SEED_AMOUNT - charged
+    by_process, by_thread = summaries
+    assert (by_process.applied, by_process.matched, by_process.refunds) == (4, 3, 1)
+    assert by_process.exceptions_count == 2  # the unknown card, the currency
+    assert _counted(by_process) == _counted(by_thread)
+    check_books(server.ledger.ledger)
+
+
+async def test_a_planner_that_died_fails_the_file_and_the_next_one_resumes_it(server, data_dir, solo):
+    """Killed between two files, it is started again; killed in the middle of one, the file fails
+    with a clear error, and applying it again finishes it, each record posted once."""
+    from authsrv.clearing.remote import PlannerError
+
+    planner = server.clearing_planner
+    first = await authorize(server, solo[18], 1200)
+    assert (await clear(server, data_dir, record(first))).exact == 1
+    planner._process.kill()
+    second = await authorize(server, solo[19], 1300)
+    assert (await apply_clearing(deps(server, data_dir), clearing_file(record(second)), "b.jsonl")).exact == 1
+    third = [await authorize(server, solo[i], 100 + i) for i in range(3)]
+    data = clearing_file(*[record(made) for made in third])
+    original = planner.durable_then_plan
+    calls = 0
+
+    async def dies_at_the_second_step(run, gathered):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            planner._process.kill()
+        return await original(run, gathered)
+
+    planner.durable_then_plan = dies_at_the_second_step
+    try:
+        with pytest.raises(PlannerError, match="gave no answer"):
+            await apply_clearing(deps(server, data_dir), data, "c.jsonl")
+    finally:
+        del planner.durable_then_plan
+    again = await apply_clearing(deps(server, data_dir), data, "c.jsonl")
+    assert (again.applied, again.exact, again.exceptions_count) == (3, 3, 0)
+    for index, made in enumerate(third):
+        assert balance(server, solo[index]).posted == SEED_AMOUNT - made["amount"]
+    check_books(server.ledger.ledger)
+
+
+def test_the_planners_index_finds_a_card_issued_after_it_loaded(data_dir, cards):
+    from authsrv.clearing.remote import _RefreshingIndex
+    from authsrv.store.db import Store
+    from authsrv.store.index import CardIndex
+
+    vault = cardsec.PanVault(cardsec.CardKeys.load(data_dir / "keys"))
+    with Store.open(data_dir) as store:
+        index = _RefreshingIndex(store)
+        pan_index = vault.index(cards[0]["pan"])
+        issued = index.card_by_pan_index(pan_index)
+        assert issued is not None and issued.card_id == cards[0]["cardId"]
+        index._index = CardIndex()  # loaded before the card was issued
+        store.attach_index(index._index)
+        index.refresh()
+        assert index.partner(issued.partner) is not None
+        assert index.card_by_pan_index(pan_index) == issued  # looked up in the store
+        assert index.card_by_pan_index(vault.index("5355229999999999")) is None

@@ -15,8 +15,9 @@ Crash safety: the order inside a chunk is what makes "each record applies once" 
        the `transaction.cleared` event of each record that resolved an authorization (cleared.py).
 
 Planning off the event loop. On the running server, steps 1 and 2 (parsing the file, the store's
-reads and its commit, matching, amounts, events: the bulk of the cost) run in a worker thread; the
-event loop keeps only cheap steps. Before 1, the loop copies what planning may read of the chunk:
+reads and its commit, matching, amounts, events: the bulk of the cost) run in the clearing planner,
+a process of its own on a single node (remote.py, running these very ClearingRun steps on its own
+copy of the run), or a worker thread on a cluster primary; the event loop keeps only cheap steps. Before 1, the loop copies what planning may read of the chunk:
 for each RRN its approvals (open, then recently closed) and the holds they name (`RrnReads`), with
 the timestamp the batch is planned for; each RRN in one synchronous step, the RRNs in pieces with
 checkpoints between. The worker plans against that copy, a view that nothing changes under it and
@@ -67,7 +68,13 @@ from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction
 from authsrv.clearing.plan import MATCHED, Card, ClearingOutcome, Overlay, Plan, Planner, Refusal
 from authsrv.clearing.records import ClearingFile, Line, mask_pan, parse_clearing_file
 from authsrv.clearing.store import ClearingStore, PlanRow, RecordRow, RecordState
-from authsrv.clearing.summary import ClearingException, ClearingSummary, CurrencyTotals, summary_decoder
+from authsrv.clearing.summary import (
+    EXCEPTIONS_LISTED_MAX,
+    ClearingException,
+    ClearingSummary,
+    CurrencyTotals,
+    summary_decoder,
+)
 from authsrv.hotpath.journal import AuthRecord
 from ledger.durable import encode_batch
 from ledger.state import HoldState, HoldView
@@ -106,6 +113,9 @@ WAL_FULL_BACKOFF_S = 0.01
 _OK = (TransferStatus.created, TransferStatus.exists)
 _COUNTERS = {outcome: ("refunds" if outcome is ClearingOutcome.refund else outcome.value)
              for outcome in ClearingOutcome}  # the summary field each outcome counts in
+# The summary's counters, which the planner process's counts add to (ClearingRun.add_counts).
+_COUNTED = ("applied", "matched", "exact", "partial", "split", "over", "forced", "late", "refunds",
+            "refunds_referenced", "duplicates", "cleared_events", "forced_events")
 _REASONS = {
     ClearingOutcome.forced: "no matching authorization: force-posted",
     ClearingOutcome.late: "the authorization's hold had closed (expired, voided or posted): force-posted",
@@ -178,6 +188,9 @@ class ClearingDeps:
     index: object  # authsrv.store.index.CardIndex
     vault: object  # authsrv.cardsec.PanVault
     store: object  # authsrv.store.db.Store
+    # authsrv.clearing.remote.ClearingPlanner: planning in a process of its own (a single node's
+    # server); None: in a worker thread (a cluster primary, the CLI, tests of the thread path).
+    planner: object = None
 
 
 @attrs.define
@@ -189,11 +202,10 @@ class _Pending:
     events: dict[str, ClearedTransaction | ForcedTransaction]  # of those, the ones that tell a partner
 
 
-@attrs.frozen
-class RrnReads:
+class RrnReads(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What planning may read of one RRN (plan.Planner): the approvals with it, open then recently
     closed, and every hold they name. Taken on the event loop; equal again at submit, or the RRN's
-    records are planned anew."""
+    records are planned anew. A msgspec Struct: it crosses the pipe to the planner process."""
 
     open: tuple[AuthRecord, ...]
     closed: tuple[AuthRecord, ...]
@@ -270,7 +282,9 @@ class ClearingRun:
         self._file = parsed
         self._clock_ns = clock_ns
         self._rows = ClearingStore(deps.store)
-        self._planner = Planner(deps.ledger.ledger, deps.journal, deps.index.settlement_account)
+        # The live planner (step, replan): none in the planner process, which has no ledger (remote.py).
+        self._planner = None if deps.ledger is None else Planner(deps.ledger.ledger, deps.journal,
+                                                                  deps.index.settlement_account)
         self._encoder = msgspec.msgpack.Encoder()
         self.summary = ClearingSummary(file_sha256=parsed.sha256, name=name,
                                        lines=len(parsed.lines) + len(parsed.errors))
@@ -415,9 +429,51 @@ class ClearingRun:
         if fresh:
             count = sum(len(plan.transfers) for _, plan in fresh)
             rows = self._rows.allocate_and_insert(count, lambda ids: self._new_rows(fresh, ids, self._pause))
-        reads = {row_line.record.rrn: (gathered.reads[row_line.record.rrn], gathered.ts_ns) for row_line, _ in fresh}
-        last_row = {row_line.record.rrn: index for index, (row_line, _) in enumerate(fresh)}
-        return Planned(gathered.start, chunk, {line.identity: line for line in chunk}, rows, reads, positions, last_row)
+        return self.planned_from_rows(gathered, rows)
+
+    def planned_from_rows(self, gathered: Gathered, rows: list[RecordRow]) -> Planned:
+        """The chunk's rows (written `planned`, in file order) as `apply` takes them."""
+        by_identity = {line.identity: line for line in gathered.lines}
+        positions = {line.identity: gathered.start + offset for offset, line in enumerate(gathered.lines)}
+        rrns = [by_identity[row.identity].record.rrn for row in rows]
+        reads = {rrn: (gathered.reads[rrn], gathered.ts_ns) for rrn in rrns}
+        last_row = {rrn: index for index, rrn in enumerate(rrns)}
+        return Planned(gathered.start, gathered.lines, by_identity, rows, reads,
+                       {row.identity: positions[row.identity] for row in rows}, last_row)
+
+    # -- the planner process's copy of a run (remote.py) and the server's exchanges with it --------
+
+    def lines_at(self, start: int, count: int) -> tuple[Line, ...]:
+        return self._file.lines[start:start + count]
+
+    def move_to(self, start: int) -> None:
+        """The planner's copy: the server applies the chunks, so this one only learns where they start."""
+        self._next = start
+
+    def hand_over_pending(self) -> _Pending | None:
+        """The server: the durable chunk goes to the planner, which marks its rows applied."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def take_over_pending(self, seq: int, applied: list[str],
+                          events: dict[str, ClearedTransaction | ForcedTransaction]) -> None:
+        """The planner: the chunk the server submitted, now durable (`durable` marks it applied)."""
+        assert self._pending is None
+        self._pending = _Pending(seq, applied, events)
+
+    def add_counts(self, delta: ClearingSummary) -> None:
+        """The server: what the planner counted (planning's refusals and duplicates, events written)."""
+        summary = self.summary
+        for name in _COUNTED:
+            setattr(summary, name, getattr(summary, name) + getattr(delta, name))
+        room = max(0, EXCEPTIONS_LISTED_MAX - len(summary.exceptions))
+        summary.exceptions.extend(delta.exceptions[:room])
+        summary.exceptions_count += delta.exceptions_count
+        for currency, totals in delta.totals.items():
+            mine = summary.totals.setdefault(currency, CurrencyTotals())
+            for name in CurrencyTotals.__struct_fields__:
+                setattr(mine, name, getattr(mine, name) + getattr(totals, name))
+        summary.ledger_seq = delta.ledger_seq or summary.ledger_seq
 
     def apply(self, planned: Planned, slice_records_max: int | None = None) -> int:
         """On the thread that owns the ledger, synchronously: the next slice of the chunk's rows (all
@@ -664,11 +720,21 @@ class _Timing:
     durable_s: float = 0.0  # waiting for the log's group commit
     loop_s: float = 0.0  # holding the event loop: gather, apply (slices), step
     loop_max_s: float = 0.0
+    away: str = "worker threads"  # where the planning ran: worker threads, or the planner process
 
     async def worker(self, fn, *args):
         started = time.perf_counter()
         try:
             return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.worker_s += time.perf_counter() - started
+            self.hops += 1
+
+    async def remote(self, call):
+        """An exchange with the planner process (remote.py), counted with the worker's time."""
+        started = time.perf_counter()
+        try:
+            return await call
         finally:
             self.worker_s += time.perf_counter() - started
             self.hops += 1
@@ -683,9 +749,9 @@ class _Timing:
             self.loop_max_s = max(self.loop_max_s, held)
 
     def report(self, summary: ClearingSummary, gate_waited_s: float) -> None:
-        log.info("clearing %s: %d lines in %.2f s: worker threads %.2f s (%d hops, %.2f s of it waiting for an"
+        log.info("clearing %s: %d lines in %.2f s: %s %.2f s (%d hops, %.2f s of it waiting for an"
                  " idle loop), waiting for the log %.2f s, event loop %.3f s (longest %.1f ms)", summary.name,
-                 summary.lines, time.perf_counter() - self.started, self.worker_s, self.hops, gate_waited_s,
+                 summary.lines, time.perf_counter() - self.started, self.away, self.worker_s, self.hops, gate_waited_s,
                  self.durable_s, self.loop_s, self.loop_max_s * 1000)
 
 
@@ -723,6 +789,10 @@ async def _apply_online(deps: ClearingDeps, data: bytes, name: str, gate: thread
     done = await timing.worker(run.start)
     if done is not None:
         return done
+    planner = deps.planner
+    if planner is not None:
+        timing.away = "the planner process"
+        await timing.remote(planner.open(data, name, ONLINE_CHUNK_RECORDS_MAX))
     retries = 0
     seq = 0
     paced_from = trio.current_time()
@@ -738,8 +808,12 @@ async def _apply_online(deps: ClearingDeps, data: bytes, name: str, gate: thread
             started = time.perf_counter()
             await deps.ledger.wait_durable(seq)
             timing.durable_s += time.perf_counter() - started
-        # Marking rows applied and planning touch the store (commits with an fsync): off the loop.
-        planned = await timing.worker(run.durable_then_plan, gathered)
+        # Marking rows applied and planning touch the store (commits with an fsync): off the loop,
+        # in the planner process (its own GIL) or else a worker thread.
+        if planner is not None:
+            planned = await timing.remote(planner.durable_then_plan(run, gathered))
+        else:
+            planned = await timing.worker(run.durable_then_plan, gathered)
         if gathered is None:
             break
         seq = 0

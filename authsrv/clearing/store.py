@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import attrs
 import msgspec
 
 from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction, event_kind
@@ -50,8 +49,9 @@ class PlanRow(msgspec.Struct, frozen=True, rename="camel", gc=False):
         return self.cleared_event or self.forced_event
 
 
-@attrs.frozen
-class RecordRow:
+class RecordRow(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A clearing record's row (a msgspec Struct: it crosses the pipe from the planner process)."""
+
     identity: str
     file_sha256: str
     record_id: str
@@ -113,7 +113,7 @@ class ClearingStore:
                     self._store.db.conn.executemany("UPDATE clearing_records SET identity = ? WHERE identity = ?",
                                                     [(by_digest[digest], digest) for digest in older])
                 for digest, row in older.items():
-                    found[by_digest[digest]] = attrs.evolve(row, identity=by_digest[digest])
+                    found[by_digest[digest]] = msgspec.structs.replace(row, identity=by_digest[digest])
         return found
 
     def _select(self, identities: list[str]) -> dict[str, RecordRow]:

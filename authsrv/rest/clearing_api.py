@@ -54,7 +54,7 @@ async def ingest_clearing(ctx: RestContext, body: bytes, name: str) -> ClearingS
         raise ClearingUnavailable("clearing needs the running ledger")
     money.check_writable(ctx.ledger)  # LEDGER_UNAVAILABLE while the log cannot be written
     deps = ClearingDeps(ledger=ctx.ledger, journal=journal, index=ctx.index,
-                        vault=cardsec.PanVault(ctx.keys), store=ctx.store)
+                        vault=cardsec.PanVault(ctx.keys), store=ctx.store, planner=ctx.clearing_planner)
     lock = _locks.setdefault(ctx.store, trio.Lock())
     rate_max = ctx.config.clearing.records_per_second_max if ctx.config is not None else 0
     async with lock:

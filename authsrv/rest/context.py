@@ -80,6 +80,7 @@ class RestContext:
     ledger: Any = None  # ledger.durable.DurableLedger of the running server (None: no money endpoints)
     config: Any = None  # authsrv.config.Config
     keys: Any = None  # authsrv.cardsec.CardKeys
+    clearing_planner: Any = None  # authsrv.clearing.remote.ClearingPlanner (a single node's server)
     jwe: Any = None  # authsrv.rest.jwe.JweCodec
     metrics: Any = None  # authsrv.metrics.Metrics of the running server (the panel's dashboard reads it)
     fees: Any = None  # authsrv.hotpath.fees.FeeBook of the running switch (a fee edit forgets its cache)

@@ -741,6 +741,11 @@ class Store:
         self._log.ensure_room(len(payload))
         return self._log.append(payload, KIND_STORE)
 
+    @property
+    def replicating(self) -> bool:
+        """A cluster primary's store: every transaction is also a record of the shard's stream."""
+        return self._log is not None
+
     def replicate_to(self, log) -> None:
         """From now on every transaction is also a record of `log` (a cluster primary), or, with
         None, no longer (a standby, a single node)."""
