@@ -332,7 +332,8 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
         rest_context = make_context(store, data_dir=data_dir, index=index, ledger=ledger, config=config, keys=keys)
         rest_context.metrics = metrics
         rest_context.fees = fees
-        if not store.replicating:  # a cluster primary's store writes are its stream's: a worker thread plans
+        # A cluster primary's store writes are its stream's: there a worker thread plans clearing.
+        if config.clearing.planner == "process" and not store.replicating:
             rest_context.clearing_planner = ClearingPlanner(data_dir)
             nursery.start_soon(_own_clearing_planner, rest_context.clearing_planner)
         await nursery.start(CardsApi.of(rest_context).run)  # async card issuing, bureau orders and links
@@ -459,7 +460,12 @@ async def _snapshot_when_due(ledger, journal, metrics, config) -> None:
             accepting = getattr(ledger.wal, "accepting", True)  # False: the log's disk refuses for now
             since = ledger.last_seq - last_snapshot_seq
             if follows and not ledger.compactor_follows and since >= snapshot_interval * FOLLOW_START_SHARE:
-                await ledger.start_compactor()
+                try:
+                    await ledger.start_compactor()
+                except OSError as error:  # cannot start a process: one compactor per snapshot instead
+                    log.error("the compactor that follows the log could not start, one per snapshot instead: %s",
+                              error)
+                    follows = False
             if not accepting or not ledger.snapshot_due(since, snapshot_interval):
                 continue
             started = time.perf_counter()

@@ -212,6 +212,9 @@ class DeliveryConfig(_Section):
 class ClearingConfig(_Section):
     # Records per second at most while a clearing file is applied on the running server (0: no cap).
     records_per_second_max: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    # Where a single node plans clearing: "thread" (a worker thread, gated on the idle loop) or
+    # "process" (authsrv/clearing/remote.py: off the server's GIL). A cluster primary always uses a thread.
+    planner: Literal["thread", "process"] = "thread"
 
 
 class OtpConfig(_Section):
@@ -484,6 +487,12 @@ in_flight_max = 32
 # authorization tail while it applies. Keep it well above the approvals per second to clear, or
 # clearing falls behind (docs/operations.md). Offline runs are never capped.
 records_per_second_max = 0
+# Where clearing is planned on a single node: "thread", a worker thread of the server that works
+# while its event loop waits for I/O, or "process", a process of its own (nice +10) that takes none
+# of the server's GIL but competes for the machine's cores. On a 2-core VM, "process" did not shorten
+# the authorization tail in clearing rounds (docs/benchmarks.md, section 6); try it where cores are
+# spare. A cluster primary plans in a thread either way.
+planner = "thread"
 
 [otp]
 # Lifetime of a 3DS one-time password (the documents: 5 minutes).

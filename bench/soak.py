@@ -195,6 +195,7 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     settle_s: float | None = None  # judge flatness from this far into the recorded run
     snapshot_interval_records: int = 0  # 0: authsrv.toml's default; the log records between two snapshots
     clearing_rate_max: int = 0  # [clearing] records_per_second_max (0: no cap)
+    compactor_one_shot: bool = False  # [ledger] compactor_follows = false: a compactor per snapshot
     hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
     hot_share: float = HOT_SHARE_DEFAULT
 
@@ -271,11 +272,16 @@ def default_bounds(config: SoakConfig) -> SoakConfig:
 def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_max: int | None = None,
                  history_per_account_max: int | None = None, closed_max: int | None = None,
                  activities_max: int | None = None, snapshot_interval_records: int | None = None,
-                 records_per_second_max: int | None = None) -> None:  # fmt: skip
-    """Set the count bounds (the snapshot interval, clearing's cap) in the data directory's
-    authsrv.toml (keys of the default template); None leaves a key as it is."""
+                 records_per_second_max: int | None = None, compactor_follows: bool | None = None) -> None:  # fmt: skip
+    """Set the count bounds (the snapshot interval, clearing's cap, the compactor's mode) in the
+    data directory's authsrv.toml (keys of the default template); None leaves a key as it is."""
     path = config_path(data)
     text = path.read_text()
+    if compactor_follows is not None:
+        text, found = re.subn(r"^compactor_follows = (true|false)$",
+                              f"compactor_follows = {str(compactor_follows).lower()}", text, flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"{path}: expected one `compactor_follows = true|false` line, found {found}")
     wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
               "history_per_account_max": history_per_account_max, "closed_max": closed_max,
               "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records,
@@ -297,6 +303,7 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                "snapshot_interval_records": config.ledger.snapshot_interval_records,
                "records_per_second_max": config.clearing.records_per_second_max}  # fmt: skip
     assert all(value is None or written[key] == value for key, value in wanted.items()), written
+    assert compactor_follows is None or config.ledger.compactor_follows == compactor_follows
     path.write_text(text)
 
 
@@ -914,13 +921,15 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
                      history_per_account_max=config.history_per_account_max, closed_max=config.closed_max,
                      activities_max=config.activities_max,
                      snapshot_interval_records=config.snapshot_interval_records or None,
-                     records_per_second_max=config.clearing_rate_max or None)  # fmt: skip
+                     records_per_second_max=config.clearing_rate_max or None,
+                     compactor_follows=False if config.compactor_one_shot else None)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
             f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
             f" holds_pending_max = {config.holds_pending_max:,},"
             f" history_per_account_max = {config.history_per_account_max:,};"
             f" [history] activities_max = {config.activities_max:,};"
-            f" [clearing] records_per_second_max = {config.clearing_rate_max:,} (0: no cap)")  # fmt: skip
+            f" [clearing] records_per_second_max = {config.clearing_rate_max:,} (0: no cap);"
+            f" compactor {'one per snapshot' if config.compactor_one_shot else 'following the log'}")  # fmt: skip
         ports = Ports.free()
         with _memory_traced(trace_memory, trace_memory_s, tracemalloc_on):
             server = start_authsrv(data, ports, log_path)
@@ -1200,6 +1209,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clearing-rate-max", type=int, default=0, metavar="N",
                         help="clearing records per second at most (authsrv.toml [clearing] records_per_second_max);"
                              " 0: no cap")
+    parser.add_argument("--compactor-one-shot", action="store_true",
+                        help="a compactor per snapshot (authsrv.toml [ledger] compactor_follows = false), as before")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
                         help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
@@ -1253,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
                             history_per_account_max=args.history_per_account_max, closed_max=args.closed_max,
                             activities_max=args.activities_max, settle_s=args.settle_seconds,
                             snapshot_interval_records=args.snapshot_interval_records,
-                            clearing_rate_max=args.clearing_rate_max,
+                            clearing_rate_max=args.clearing_rate_max, compactor_one_shot=args.compactor_one_shot,
                             hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -193,6 +193,9 @@ def test_bounds_are_written_into_the_data_directory_config(tmp_path: Path) -> No
     with pytest.raises(ValueError):  # refused by the config's own validation; the file is left as it was
         write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX)
     assert load_config(tmp_path).ledger.ids_max == HOLDS_PENDING_MAX + 5
+    assert load_config(tmp_path).ledger.compactor_follows  # the default
+    write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, compactor_follows=False)
+    assert not load_config(tmp_path).ledger.compactor_follows  # --compactor-one-shot
 
 
 def _clearable(number: int) -> Clearable:

@@ -70,8 +70,8 @@ def clearing_file(*records: dict) -> bytes:
 
 
 def deps(server, data_dir, *, thread: bool = False) -> ClearingDeps:
-    """What the server's REST ingest uses: planning in the server's planner process (remote.py), or
-    with `thread`, in a worker thread (a cluster primary's way)."""
+    """What the server's REST ingest uses: planning in the server's planner process when it runs one
+    (`[clearing] planner = "process"`, remote.py), else (or with `thread`) in a worker thread."""
     keys = cardsec.CardKeys.load(data_dir / "keys")
     return ClearingDeps(ledger=server.ledger, journal=server.journal, index=server.index,
                         vault=cardsec.PanVault(keys), store=server.store,
@@ -166,7 +166,7 @@ async def test_records_written_with_digest_identities_are_still_recognised(serve
                                 (legacy_identity(identity), identity))
     assert not server.store.clearing_digest_identities  # a store created by this build: none of those
     server.store.clearing_digest_identities = True  # what Store.open finds in an older store (see below)
-    # In this process's store only: the planner process opened its own, marked as this build's.
+    # In this process's store only (a planner process would have opened its own, marked as this build's).
     mixed = await clear(server, data_dir, first_record, record(second_auth), name="after.jsonl", thread=True)
     assert mixed.duplicates == 1 and mixed.exact == 1
     assert balance(server, card).posted == SEED_AMOUNT - 1400 - 1500
@@ -485,9 +485,24 @@ def _counted(summary) -> dict:
     return fields
 
 
-async def test_the_planner_process_and_a_worker_thread_count_a_file_alike(server, data_dir, solo):
+@pytest.fixture
+async def planning_server(data_dir):
+    """A server that plans clearing in its planner process (`[clearing] planner = "process"`)."""
+    async with trio.open_nursery() as nursery:
+        handle = await start_in_process(nursery, data_dir, clearing__planner="process")
+        assert handle.clearing_planner is not None
+        yield handle
+        handle.stop.set()
+
+
+async def test_the_default_planner_is_a_worker_thread(server):
+    assert server.clearing_planner is None
+
+
+async def test_the_planner_process_and_a_worker_thread_count_a_file_alike(planning_server, data_dir, solo):
     """The same kinds of records, planned in the server's planner process and in a worker thread:
     the same summary, the same postings, the same books."""
+    server = planning_server
     summaries = []
     for thread, picked in ((False, solo[12:15]), (True, solo[15:18])):
         exact = await authorize(server, picked[0], 5000)
@@ -507,11 +522,12 @@ async def test_the_planner_process_and_a_worker_thread_count_a_file_alike(server
     check_books(server.ledger.ledger)
 
 
-async def test_a_planner_that_died_fails_the_file_and_the_next_one_resumes_it(server, data_dir, solo):
+async def test_a_planner_that_died_fails_the_file_and_the_next_one_resumes_it(planning_server, data_dir, solo):
     """Killed between two files, it is started again; killed in the middle of one, the file fails
     with a clear error, and applying it again finishes it, each record posted once."""
     from authsrv.clearing.remote import PlannerError
 
+    server = planning_server
     planner = server.clearing_planner
     first = await authorize(server, solo[18], 1200)
     assert (await clear(server, data_dir, record(first))).exact == 1

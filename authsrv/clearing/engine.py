@@ -15,15 +15,17 @@ Crash safety: the order inside a chunk is what makes "each record applies once" 
        the `transaction.cleared` event of each record that resolved an authorization (cleared.py).
 
 Planning off the event loop. On the running server, steps 1 and 2 (parsing the file, the store's
-reads and its commit, matching, amounts, events: the bulk of the cost) run in the clearing planner,
-a process of its own on a single node (remote.py, running these very ClearingRun steps on its own
-copy of the run), or a worker thread on a cluster primary; the event loop keeps only cheap steps. Before 1, the loop copies what planning may read of the chunk:
-for each RRN its approvals (open, then recently closed) and the holds they name (`RrnReads`), with
-the timestamp the batch is planned for; each RRN in one synchronous step, the RRNs in pieces with
-checkpoints between. The worker plans against that copy, a view that nothing changes under it and
-that is consistent for each RRN, which is all a record's plan reads. At 3, back on the loop, each RRN is read again: when anything differs (a
-hold reversed, voided, expired, posted or reduced meanwhile, an approval closed or evicted), or a
-hold's deadline falls on the other side of the batch's actual timestamp, the records of that RRN
+reads and its commit, matching, amounts, events: the bulk of the cost) run in a worker thread, or
+with `[clearing] planner = "process"` on a single node in the clearing planner, a process of its own
+(remote.py, running these very ClearingRun steps on its own copy of the run); the event loop keeps
+only cheap steps.
+Before 1, the loop copies what planning may read of the chunk: for each RRN its approvals (open,
+then recently closed) and the holds they name (`RrnReads`), with the timestamp the batch is planned
+for; each RRN in one synchronous step, the RRNs in pieces with checkpoints between. The planner
+plans against that copy, a view that nothing changes under it and that is consistent for each RRN,
+which is all a record's plan reads. At 3, back on the loop, each RRN is read again: when anything
+differs (a hold reversed, voided, expired, posted or reduced meanwhile, an approval closed or
+evicted), or a hold's deadline falls on the other side of the batch's actual timestamp, the records of that RRN
 are planned again on the loop against the live state and their rows replaced (`ClearingStore.replan`,
 one store commit on the loop, only when such a race happened) before the batch is submitted. The
 server submits a chunk in slices (APPLY_SLICE_RECORDS_MAX records, one batch each, a checkpoint
@@ -122,6 +124,11 @@ _REASONS = {
 }
 
 
+class PlannerError(Exception):
+    """The planner process (remote.py) failed or went away: the file's run stops (rows planned stay
+    `planned`, so a re-run resubmits them, as after a crash)."""
+
+
 class LoopIdleGate(trio.abc.Instrument):
     """Open while the event loop waits for I/O with nothing to run; shut while it works.
 
@@ -188,8 +195,8 @@ class ClearingDeps:
     index: object  # authsrv.store.index.CardIndex
     vault: object  # authsrv.cardsec.PanVault
     store: object  # authsrv.store.db.Store
-    # authsrv.clearing.remote.ClearingPlanner: planning in a process of its own (a single node's
-    # server); None: in a worker thread (a cluster primary, the CLI, tests of the thread path).
+    # authsrv.clearing.remote.ClearingPlanner: planning in a process of its own (a single node with
+    # `[clearing] planner = "process"`); None: in a worker thread (the default, a cluster primary).
     planner: object = None
 
 
@@ -791,8 +798,13 @@ async def _apply_online(deps: ClearingDeps, data: bytes, name: str, gate: thread
         return done
     planner = deps.planner
     if planner is not None:
-        timing.away = "the planner process"
-        await timing.remote(planner.open(data, name, ONLINE_CHUNK_RECORDS_MAX))
+        try:
+            await timing.remote(planner.open(data, name, ONLINE_CHUNK_RECORDS_MAX))
+            timing.away = "the planner process"
+        except (OSError, PlannerError) as error:  # nothing planned yet: this file in a worker thread
+            log.error("clearing %s: the planner process is not available, planning in a worker thread: %s",
+                      name, error)
+            planner = None
     retries = 0
     seq = 0
     paced_from = trio.current_time()

@@ -1,9 +1,7 @@
-"""Clearing's planning in a process of its own, beside the server (a single node).
+"""Clearing's planning in a process of its own, beside the server (`[clearing] planner = "process"`).
 
-In a worker thread, planning a chunk and writing its rows held the GIL for ~0.1 ms per record, and
-the event loop waited for it: in the soak on machine C the server's process sat at one full core
-for the whole of every clearing round, and 3-6% of the round's requests took over 25 ms
-(docs/benchmarks.md, section 6). This process does that work with its own interpreter: it parses
+In a worker thread, planning a chunk and writing its rows holds the GIL for ~0.1 ms per record
+while the event loop waits for it. This process does that work with its own interpreter: it parses
 the file, reads and writes clearing's rows in the store (SQLite, its own connection), looks the
 cards up (its own card index and PAN vault) and plans each chunk against the reads the loop took,
 exactly as the thread did (engine.ClearingRun.durable_then_plan). The server keeps everything that
@@ -24,7 +22,10 @@ A cluster primary keeps the thread: its store's transactions are records of the 
 (store.replica), which only the server's own connection writes.
 
 The planner runs at nice +10, started at the first file applied online and kept until the server
-stops; it exits when the server does (ledger.compact.become_compactor's watch) or closes the pipe.
+stops; it exits when the server does (ledger.compact.watch_parent) or closes the pipe. It is not the
+default: on a 2-core VM it moved 0.06-0.15 of a core out of the server in clearing rounds and did not
+shorten the authorization tail, which there comes from the log's writer thread waiting for a CPU
+and the GIL (docs/benchmarks.md, section 6).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import msgspec
 import trio
 
 from authsrv.clearing.cleared import ClearedTransaction, ForcedTransaction
-from authsrv.clearing.engine import ClearingRun, Planned, RrnReads
+from authsrv.clearing.engine import ClearingRun, Planned, PlannerError, RrnReads
 from authsrv.clearing.engine import Gathered as RunGathered
 from authsrv.clearing.store import RecordRow
 from authsrv.clearing.summary import ClearingSummary
@@ -53,11 +54,6 @@ FRAME = struct.Struct("<I")
 FRAME_BYTES_MAX = 256 * 1024 * 1024  # a clearing file (the REST body bound is far below) and its summary
 CALL_TIMEOUT_S = 120.0  # one exchange; past it the planner is stopped and the file fails (re-run resumes)
 STOP_S = 5.0  # a planner told to stop (its pipe closed) exits within this, or is killed
-
-
-class PlannerError(Exception):
-    """The planner process failed or went away: the file's run stops (rows planned stay `planned`,
-    so a re-run resubmits them, as after a crash)."""
 
 
 # -- the messages ---------------------------------------------------------------------------------
@@ -134,9 +130,10 @@ class ClearingPlanner:
         pending = run.hand_over_pending()
         wire = None
         if pending is not None:
+            events = pending.events.items()
             wire = Pending(pending.seq, pending.applied,
-                           {key: event for key, event in pending.events.items() if isinstance(event, ClearedTransaction)},
-                           {key: event for key, event in pending.events.items() if isinstance(event, ForcedTransaction)})
+                           {key: event for key, event in events if isinstance(event, ClearedTransaction)},
+                           {key: event for key, event in events if isinstance(event, ForcedTransaction)})
         chunk = None if gathered is None else Gathered(gathered.start, len(gathered.lines), gathered.reads,
                                                        gathered.ts_ns)
         reply = await self._call(Step(wire, chunk))
