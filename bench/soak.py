@@ -196,6 +196,7 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_interval_records: int = 0  # 0: authsrv.toml's default; the log records between two snapshots
     clearing_rate_max: int = 0  # [clearing] records_per_second_max (0: no cap)
     compactor_one_shot: bool = False  # [ledger] compactor_follows = false: a compactor per snapshot
+    clearing_planner: str = ""  # [clearing] planner: "thread" or "process" ("": authsrv.toml's default)
     hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
     hot_share: float = HOT_SHARE_DEFAULT
 
@@ -215,6 +216,8 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"sample interval must be in [{SAMPLE_S_MIN}, {SAMPLE_S_MAX:.0f}] s")
         if not 0 < self.users <= USERS_MAX:
             raise ValueError(f"users must be in 1..{USERS_MAX}")
+        if self.clearing_planner not in ("", "thread", "process"):
+            raise ValueError('clearing planner must be "thread" or "process" (or empty: as configured)')
         if self.snapshot_interval_records < 0:
             raise ValueError("snapshot interval must be >= 0 records (0: the default)")
         if not 0 <= self.clearing_rate_max <= CLEARING_RATE_MAX_MAX:
@@ -272,7 +275,8 @@ def default_bounds(config: SoakConfig) -> SoakConfig:
 def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_max: int | None = None,
                  history_per_account_max: int | None = None, closed_max: int | None = None,
                  activities_max: int | None = None, snapshot_interval_records: int | None = None,
-                 records_per_second_max: int | None = None, compactor_follows: bool | None = None) -> None:  # fmt: skip
+                 records_per_second_max: int | None = None, compactor_follows: bool | None = None,
+                 clearing_planner: str | None = None) -> None:  # fmt: skip
     """Set the count bounds (the snapshot interval, clearing's cap, the compactor's mode) in the
     data directory's authsrv.toml (keys of the default template); None leaves a key as it is."""
     path = config_path(data)
@@ -282,6 +286,11 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                               f"compactor_follows = {str(compactor_follows).lower()}", text, flags=re.MULTILINE)
         if found != 1:
             raise ValueError(f"{path}: expected one `compactor_follows = true|false` line, found {found}")
+    if clearing_planner is not None:
+        text, found = re.subn(r'^planner = "(thread|process)"$', f'planner = "{clearing_planner}"', text,
+                              flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"{path}: expected one `planner = \"thread|process\"` line, found {found}")
     wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
               "history_per_account_max": history_per_account_max, "closed_max": closed_max,
               "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records,
@@ -304,6 +313,7 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                "records_per_second_max": config.clearing.records_per_second_max}  # fmt: skip
     assert all(value is None or written[key] == value for key, value in wanted.items()), written
     assert compactor_follows is None or config.ledger.compactor_follows == compactor_follows
+    assert clearing_planner is None or config.clearing.planner == clearing_planner
     path.write_text(text)
 
 
@@ -922,14 +932,16 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
                      activities_max=config.activities_max,
                      snapshot_interval_records=config.snapshot_interval_records or None,
                      records_per_second_max=config.clearing_rate_max or None,
-                     compactor_follows=False if config.compactor_one_shot else None)  # fmt: skip
+                     compactor_follows=False if config.compactor_one_shot else None,
+                     clearing_planner=config.clearing_planner or None)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
             f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
             f" holds_pending_max = {config.holds_pending_max:,},"
             f" history_per_account_max = {config.history_per_account_max:,};"
             f" [history] activities_max = {config.activities_max:,};"
             f" [clearing] records_per_second_max = {config.clearing_rate_max:,} (0: no cap);"
-            f" compactor {'one per snapshot' if config.compactor_one_shot else 'following the log'}")  # fmt: skip
+            f" compactor {'one per snapshot' if config.compactor_one_shot else 'following the log'};"
+            f" clearing planner {config.clearing_planner or 'as configured'}")  # fmt: skip
         ports = Ports.free()
         with _memory_traced(trace_memory, trace_memory_s, tracemalloc_on):
             server = start_authsrv(data, ports, log_path)
@@ -1211,6 +1223,9 @@ def _parser() -> argparse.ArgumentParser:
                              " 0: no cap")
     parser.add_argument("--compactor-one-shot", action="store_true",
                         help="a compactor per snapshot (authsrv.toml [ledger] compactor_follows = false), as before")
+    parser.add_argument("--clearing-planner", choices=("thread", "process"), default="",
+                        help="where the server plans clearing (authsrv.toml [clearing] planner);"
+                             " default: as configured")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
                         help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
@@ -1265,6 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
                             activities_max=args.activities_max, settle_s=args.settle_seconds,
                             snapshot_interval_records=args.snapshot_interval_records,
                             clearing_rate_max=args.clearing_rate_max, compactor_one_shot=args.compactor_one_shot,
+                            clearing_planner=args.clearing_planner,
                             hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

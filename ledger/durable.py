@@ -535,7 +535,7 @@ class DurableLedger:
             await self.stop_compactor()
             raise SnapshotChildError(f"the compactor following the log answered {line[:80]!r} for seq {seq}")
         done = int(head)
-        if done > seq:  # it had read records written after `seq`: the image may not be older than the log
+        if done > seq:  # it had read records past `seq`: durable before the image holding them is published
             await self._wal.wait_durable(done, unwritable_raises=True)
         return done, summary_text
 

@@ -196,6 +196,9 @@ def test_bounds_are_written_into_the_data_directory_config(tmp_path: Path) -> No
     assert load_config(tmp_path).ledger.compactor_follows  # the default
     write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, compactor_follows=False)
     assert not load_config(tmp_path).ledger.compactor_follows  # --compactor-one-shot
+    assert load_config(tmp_path).clearing.planner == "thread"
+    write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, clearing_planner="process")
+    assert load_config(tmp_path).clearing.planner == "process"  # --clearing-planner process
 
 
 def _clearable(number: int) -> Clearable:
