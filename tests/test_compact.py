@@ -28,6 +28,15 @@ def without_app(batches):
         yield msgspec.structs.replace(batch, app=b"")
 
 
+def assert_reopens_the_same(durable, directory: Path, snapshot_seq: int) -> None:
+    """Closed and opened again (recovery from the newest snapshot and the log): the same state."""
+    digest = durable.ledger.digest()
+    durable.close()
+    reopened = open_ledger(directory)
+    assert reopened.snapshot_seq == snapshot_seq and reopened.ledger.digest() == digest
+    reopened.close()
+
+
 async def test_a_compacted_snapshot_is_the_state_at_its_seq_while_the_owner_appends(tmp_path: Path) -> None:
     durable = open_ledger(tmp_path, segment_size_max=4096)
     setup_accounts(durable, fund=100_000)
@@ -66,11 +75,7 @@ async def test_a_compacted_snapshot_is_the_state_at_its_seq_while_the_owner_appe
     older = list_snapshots(tmp_path)[0][0]
     assert [snapshot for snapshot, _ in list_snapshots(tmp_path)] == [older, seq] and older < seq
     assert list_segments(tmp_path)[0][0] <= older + 1 < list_segments(tmp_path)[1][0]  # kept from there
-    final = durable.ledger.digest()
-    durable.close()
-    durable = open_ledger(tmp_path)
-    assert durable.snapshot_seq == seq and durable.ledger.digest() == final
-    durable.close()
+    assert_reopens_the_same(durable, tmp_path, seq)
 
 
 async def test_replay_evicts_and_trims_by_the_owners_bounds_snapshot_after_snapshot(tmp_path: Path) -> None:
@@ -95,11 +100,7 @@ async def test_replay_evicts_and_trims_by_the_owners_bounds_snapshot_after_snaps
     for seq, image in images[1:]:  # the newest two are kept
         _, payload = read_snapshot(dict(list_snapshots(tmp_path))[seq])
         assert decode_snapshot(payload)[0].to_snapshot() == image
-    digest = durable.ledger.digest()
-    durable.close()
-    reopened = open_ledger(tmp_path)
-    assert reopened.snapshot_seq == images[-1][0] and reopened.ledger.digest() == digest
-    reopened.close()
+    assert_reopens_the_same(durable, tmp_path, images[-1][0])
 
 
 async def test_a_failing_compactor_publishes_and_truncates_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -219,11 +220,7 @@ async def test_a_following_compactor_writes_each_snapshot_from_what_it_read_as_t
         nursery.cancel_scope.cancel()
     assert process.returncode == 0 and not durable.compactor_follows
     assert caplog.text.count("followed the log") == 3
-    digest = durable.ledger.digest()
-    durable.close()
-    reopened = open_ledger(tmp_path)
-    assert reopened.snapshot_seq == seq and reopened.ledger.digest() == digest
-    reopened.close()
+    assert_reopens_the_same(durable, tmp_path, seq)
 
 
 async def test_a_following_compactor_that_died_publishes_nothing_and_a_one_shot_takes_over(tmp_path: Path) -> None:
