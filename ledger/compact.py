@@ -162,8 +162,8 @@ class Follower:
     def __init__(self, directory: Path, bounds: LedgerBounds,
                  on_app: Callable[[int, bytes], None] | None = None) -> None:
         self.directory = Path(directory)
+        # `app`: the application's image at the last snapshot loaded or written (follow_image)
         self.ledger, self.app, self.seq = load_newest(self.directory, bounds)
-        self.snapshot_seq = self.seq  # the seq of the image `app` belongs to (the last one loaded or written)
         self._on_app = on_app
         self._log = LogFollower(self.directory, self.seq + 1)
 
@@ -182,9 +182,6 @@ class Follower:
         assert self.seq >= upto_seq
         self.ledger.check_invariants()
         return self.seq
-
-    def close(self) -> None:
-        self._log.close()
 
 
 def serve(follower: Follower, image: Callable[[int], tuple[int, Phases]], *, stdin_fd: int = 0, out=None) -> int:
@@ -343,7 +340,7 @@ def follow_image(follower: Follower, upto_seq: int, app: Callable[[], bytes] | N
     app_image = app() if app is not None else b""
     phases.replay_s = phases.lap()
     write_image(follower.directory, seq, follower.ledger, app_image)
-    follower.app, follower.snapshot_seq = app_image, seq
+    follower.app = app_image
     phases.write_s = phases.lap()
     return seq, phases
 
