@@ -83,6 +83,11 @@ def setup_logging() -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
+def apply_gil_switch_interval(config) -> None:
+    """`[server] gil_switch_interval_ms` for this process (the server's own, not a library's caller)."""
+    sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
+
+
 def serve_main(data_dir: Path, *, iso_port: int | None = None, rest_port: int | None = None,
                metrics_port: int | None = None) -> int:
     from authsrv.allocator import tune_allocator
@@ -96,6 +101,7 @@ def serve_main(data_dir: Path, *, iso_port: int | None = None, rest_port: int | 
               file=sys.stderr)
         return 2
     config = load_config(data_dir)
+    apply_gil_switch_interval(config)
     ports = {
         "iso": iso_port if iso_port is not None else config.server.iso_port,
         "rest": rest_port if rest_port is not None else config.server.rest_port,

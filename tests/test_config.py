@@ -201,3 +201,20 @@ def test_append_partner_keeps_the_text_and_refuses_duplicates(tmp_path: Path) ->
         append_partner_config(tmp_path, "Not Valid")
     assert (tmp_path / "authsrv.toml").read_text() == text
     assert not (tmp_path / "authsrv.toml.tmp").exists()
+
+
+def test_the_server_takes_the_gil_switch_interval_from_its_config():
+    import sys
+
+    from authsrv.app import apply_gil_switch_interval
+    from authsrv.config import decode_config, render_default_config
+
+    config = decode_config(render_default_config().encode(), source="authsrv.toml")
+    assert config.server.gil_switch_interval_ms == 1.0  # not Python's 5 ms (docs/benchmarks.md, section 6)
+    before = sys.getswitchinterval()
+    try:
+        apply_gil_switch_interval(msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, gil_switch_interval_ms=2.5)))
+        assert sys.getswitchinterval() == 0.0025
+    finally:
+        sys.setswitchinterval(before)
