@@ -190,6 +190,19 @@ def decode_snapshot(payload: bytes) -> tuple[Ledger, bytes]:
     return Ledger.from_snapshot(image.ledger), image.app
 
 
+async def stop_child(process: trio.Process, wait_s: float) -> None:
+    """A child that serves requests on its stdin (a following compactor, clearing's planner): close
+    its stdin, the sign to exit, and wait for it; kill it past `wait_s`. Shield it from a cancelled
+    caller."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await process.stdin.aclose()
+    with trio.move_on_after(wait_s):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
 class DurableLedger:
     """What the server and the CLI use. Build with `DurableLedger.open`."""
 
@@ -494,13 +507,7 @@ class DurableLedger:
         if process is None:
             return ""
         with trio.CancelScope(shield=True):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await process.stdin.aclose()
-            with trio.move_on_after(COMPACTOR_STOP_S):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await stop_child(process, COMPACTOR_STOP_S)
             said = b""
             with trio.move_on_after(COMPACTOR_STOP_S), contextlib.suppress(trio.BrokenResourceError,
                                                                         trio.ClosedResourceError):

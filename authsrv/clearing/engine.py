@@ -730,15 +730,10 @@ class _Timing:
     away: str = "worker threads"  # where the planning ran: worker threads, or the planner process
 
     async def worker(self, fn, *args):
-        started = time.perf_counter()
-        try:
-            return await trio.to_thread.run_sync(fn, *args)
-        finally:
-            self.worker_s += time.perf_counter() - started
-            self.hops += 1
+        return await self.remote(trio.to_thread.run_sync(fn, *args))
 
     async def remote(self, call):
-        """An exchange with the planner process (remote.py), counted with the worker's time."""
+        """A hop away from the loop (a worker thread, or an exchange with the planner process)."""
         started = time.perf_counter()
         try:
             return await call

@@ -47,6 +47,7 @@ from authsrv.clearing.store import RecordRow
 from authsrv.clearing.summary import ClearingSummary
 from ledger.compact import NICE_INCREMENT
 from ledger.compact import PARENT_ENV as PARENT_PID_ENV
+from ledger.durable import stop_child
 
 log = logging.getLogger("authsrv.clearing")
 
@@ -195,15 +196,7 @@ class ClearingPlanner:
         if process is None:
             return
         with trio.CancelScope(shield=True):
-            try:
-                await process.stdin.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            with trio.move_on_after(STOP_S):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await stop_child(process, STOP_S)
             await process.stdout.aclose()
 
     async def aclose(self) -> None:
