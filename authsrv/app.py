@@ -32,6 +32,7 @@ from authsrv.hotpath.fx import RatesFile
 from authsrv.hotpath.journal import AuthJournal
 from authsrv.hotpath.pipeline import Switch
 from authsrv.iso.server import IsoServer
+from authsrv.loopwatch import watch_loop
 from authsrv.metrics import Metrics, MetricsServer
 from authsrv.panel.dashboard import sampler_for
 from authsrv.recovery import new_journal, rebuild_journal, set_ledger_bounds
@@ -348,6 +349,7 @@ async def run_services(data_dir, config, ports, metrics, http, stop, ledger, jou
                                                 stopped=rest_stopped))
         nursery.start_soon(_tick, ledger, journal, metrics)
         nursery.start_soon(_collect_young, metrics)
+        nursery.start_soon(watch_loop, config.server.slow_step_ms, metrics.loop_slow_step_seconds)
         nursery.start_soon(_snapshot_when_due, ledger, journal, metrics, config)
         nursery.start_soon(_checkpoint_store, store)
         nursery.start_soon(_watch_partner_balances, rest_context)

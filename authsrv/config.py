@@ -69,6 +69,8 @@ class ServerConfig(_Section):
     metrics_port: Port = 9108
     # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval).
     gil_switch_interval_ms: Annotated[float, Meta(ge=0.1, le=100)] = 1.0
+    # Log and count event-loop steps and collections held this long or longer (authsrv/loopwatch.py); 0: off.
+    slow_step_ms: Annotated[float, Meta(ge=0, le=60_000)] = 0.0
 
 
 class IsoConfig(_Section):
@@ -389,6 +391,10 @@ metrics_port = 9108
 # approval in its group waits meanwhile: at 1 ms, the group commits over 10 ms in clearing rounds
 # fell from 2.2 to 0.5 a second on a 2-core VM (docs/benchmarks.md, section 6).
 gil_switch_interval_ms = 1.0
+# Log (at most a line a second) and count (authsrv_loop_slow_step_seconds) every step of the event
+# loop, and every garbage collection, that holds it this many milliseconds or more: what makes the
+# latency's tail. 0 is off; on, each step costs about 2 microseconds more.
+slow_step_ms = 0
 
 [iso]
 # Deadline per request from receipt; a step that would pass it is cut short and stand-in decides.

@@ -185,6 +185,10 @@ class Metrics:
         self.gc_pause_seconds = Histogram("authsrv_gc_pause_seconds",
                                           "Event loop held by the periodic gc.collect() + gc.freeze()",
                                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.loop_slow_step_seconds = Histogram(
+            "authsrv_loop_slow_step_seconds",
+            "Event-loop steps and garbage collections held at least [server] slow_step_ms, by kind (0: not watched)",
+            ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
         self.ready = Gauge("authsrv_ready", "1 when recovery is finished and the ISO listener is open", registry=r)
         # Partner deliveries (authsrv/notify): tries by result (delivered, retry, dead), rows by state.
         self.outbox_deliveries = Counter("authsrv_outbox_deliveries", "Tries of calls to partners, by result",

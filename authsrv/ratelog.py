@@ -21,6 +21,12 @@ class RateLimitedLog:
         self._left_out = 0
 
     def error(self, message: str, *args: object) -> None:
+        self._emit(logging.ERROR, message, *args)
+
+    def warning(self, message: str, *args: object) -> None:
+        self._emit(logging.WARNING, message, *args)
+
+    def _emit(self, level: int, message: str, *args: object) -> None:
         now_s = self._clock()
         if now_s < self._next_s:
             self._left_out += 1
@@ -28,6 +34,6 @@ class RateLimitedLog:
         if self._left_out:
             message += " (%d more like it since the last line)"
             args += (self._left_out,)
-        self._logger.error(message, *args)
+        self._logger.log(level, message, *args)
         self._left_out = 0
         self._next_s = now_s + self._interval_s

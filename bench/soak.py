@@ -113,6 +113,7 @@ MIB = 1024 * 1024
 WARMUP_WEIGHTS = MixWeights(wrong_pin=0)  # the realistic mix without PIN-counter traffic (see drive)
 CLEARING_S_MIN = 5.0
 CLEARING_RATE_MAX_MAX = 1_000_000  # as authsrv.config.ClearingConfig
+SLOW_STEP_MS_MAX = 60_000  # as authsrv.config.ServerConfig
 GENERATION_APPROVALS = 2_000  # approvals per clearing file
 HOLD_BACK_APPROVALS = 2 * REVERSAL_POOL_MAX  # margin: the pool holds reversible kinds, not only purchases
 HOLD_BACK_APPROVALS_MAX = 1_000_000  # ClearingLog's APPROVALS_MAX
@@ -173,6 +174,8 @@ GAUGES = {
     "authsrv_gc_pause_seconds_sum": "gc_pause_s",
     "authsrv_gc_pause_seconds_count": "gc_pauses",
 }
+# With --slow-step-ms: what held the loop that long, by kind (authsrv/loopwatch.py), totals since start.
+SLOW_STEP_FAMILY = "authsrv_loop_slow_step_seconds"
 
 
 class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +200,7 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
     clearing_rate_max: int = 0  # [clearing] records_per_second_max (0: no cap)
     compactor_one_shot: bool = False  # [ledger] compactor_follows = false: a compactor per snapshot
     clearing_planner: str = ""  # [clearing] planner: "thread" or "process" ("": authsrv.toml's default)
+    slow_step_ms: float = 0.0  # [server] slow_step_ms: count what holds the loop this long (0: off)
     hot_cards: float = HOT_CARDS_FRACTION_DEFAULT  # the bench's mix: a few hot cards (0: uniform picks)
     hot_share: float = HOT_SHARE_DEFAULT
 
@@ -218,6 +222,8 @@ class SoakConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"users must be in 1..{USERS_MAX}")
         if self.clearing_planner not in ("", "thread", "process"):
             raise ValueError('clearing planner must be "thread" or "process" (or empty: as configured)')
+        if not 0 <= self.slow_step_ms <= SLOW_STEP_MS_MAX:
+            raise ValueError(f"slow step threshold must be in [0, {SLOW_STEP_MS_MAX:.0f}] ms (0: off)")
         if self.snapshot_interval_records < 0:
             raise ValueError("snapshot interval must be >= 0 records (0: the default)")
         if not 0 <= self.clearing_rate_max <= CLEARING_RATE_MAX_MAX:
@@ -276,7 +282,7 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                  history_per_account_max: int | None = None, closed_max: int | None = None,
                  activities_max: int | None = None, snapshot_interval_records: int | None = None,
                  records_per_second_max: int | None = None, compactor_follows: bool | None = None,
-                 clearing_planner: str | None = None) -> None:  # fmt: skip
+                 clearing_planner: str | None = None, slow_step_ms: float | None = None) -> None:  # fmt: skip
     """Set the count bounds (the snapshot interval, clearing's cap, the compactor's mode) in the
     data directory's authsrv.toml (keys of the default template); None leaves a key as it is."""
     path = config_path(data)
@@ -291,6 +297,10 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
                               flags=re.MULTILINE)
         if found != 1:
             raise ValueError(f"{path}: expected one `planner = \"thread|process\"` line, found {found}")
+    if slow_step_ms is not None:
+        text, found = re.subn(r"^slow_step_ms = [0-9.]+$", f"slow_step_ms = {slow_step_ms:g}", text, flags=re.MULTILINE)
+        if found != 1:
+            raise ValueError(f"{path}: expected one `slow_step_ms = N` line, found {found}")
     wanted = {"records_max": records_max, "ids_max": ids_max, "holds_pending_max": holds_pending_max,
               "history_per_account_max": history_per_account_max, "closed_max": closed_max,
               "activities_max": activities_max, "snapshot_interval_records": snapshot_interval_records,
@@ -314,6 +324,7 @@ def write_bounds(data: Path, *, records_max: int, ids_max: int, holds_pending_ma
     assert all(value is None or written[key] == value for key, value in wanted.items()), written
     assert compactor_follows is None or config.ledger.compactor_follows == compactor_follows
     assert clearing_planner is None or config.clearing.planner == clearing_planner
+    assert slow_step_ms is None or config.server.slow_step_ms == slow_step_ms
     path.write_text(text)
 
 
@@ -448,6 +459,9 @@ def parse_gauges(metrics_text: str) -> dict[str, float]:
         for sample in family.samples:
             if sample.name in GAUGES and not sample.labels:
                 found[GAUGES[sample.name]] = sample.value
+            elif sample.name in (SLOW_STEP_FAMILY + "_count", SLOW_STEP_FAMILY + "_sum") and "kind" in sample.labels:
+                what = "slow_steps" if sample.name.endswith("_count") else "slow_step_s"
+                found[f"{what}:{sample.labels['kind']}"] = sample.value
     return found
 
 
@@ -933,7 +947,8 @@ def run_soak(config: SoakConfig, *, log: Callable[[str], None] = print, trace_me
                      snapshot_interval_records=config.snapshot_interval_records or None,
                      records_per_second_max=config.clearing_rate_max or None,
                      compactor_follows=False if config.compactor_one_shot else None,
-                     clearing_planner=config.clearing_planner or None)  # fmt: skip
+                     clearing_planner=config.clearing_planner or None,
+                     slow_step_ms=config.slow_step_ms or None)  # fmt: skip
         log(f"soak: bounds [duplicates] records_max = {config.journal_records_max:,},"
             f" closed_max = {config.closed_max:,}; [ledger] ids_max = {config.ledger_ids_max:,},"
             f" holds_pending_max = {config.holds_pending_max:,},"
@@ -1030,6 +1045,7 @@ def summary(results: SoakResults) -> str:
         gauges = " / ".join(f"{sample.gauges[name]:.0f}" if name in sample.gauges else "-" for name in GAUGES.values())
         lines.append(f"  {sample.elapsed_s:8.1f}  {sample.phase:<6}  {sample.rss_bytes / MIB:8.1f}  {gauges}")
     lines += _ingestion_lines(results.ingestions, results.clearing) + _gc_lines(results.rss_samples)
+    lines += _slow_step_lines(results.rss_samples, results.settings.slow_step_ms)
     lines += _bounds_lines(results)
     lines.append(f"judged: {rss.judged_from}")
     if rss.flat is None:
@@ -1058,6 +1074,22 @@ def _gc_lines(samples: list[RssSample]) -> list[str]:
     count = seen[-1].gauges["gc_pauses"] - seen[0].gauges["gc_pauses"]
     total_s = seen[-1].gauges["gc_pause_s"] - seen[0].gauges["gc_pause_s"]
     return [f"GC pauses (collect + freeze, event loop held): {count:.0f}, mean {total_s / count * 1000:.1f} ms"]
+
+
+def _slow_step_lines(samples: list[RssSample], slow_step_ms: float) -> list[str]:
+    """With --slow-step-ms: what held the event loop that long over the recorded run, by kind."""
+    seen = _recorded(samples)
+    if slow_step_ms <= 0 or len(seen) < 2:
+        return []
+    first, last = seen[0].gauges, seen[-1].gauges
+    kinds = sorted({key.split(":", 1)[1] for key in last if key.startswith("slow_steps:")})
+    parts = []
+    for kind in kinds:
+        count = last[f"slow_steps:{kind}"] - first.get(f"slow_steps:{kind}", 0.0)
+        total_s = last.get(f"slow_step_s:{kind}", 0.0) - first.get(f"slow_step_s:{kind}", 0.0)
+        if count > 0:
+            parts.append(f"{kind} {count:,.0f} ({total_s:.1f} s)")
+    return [f"event loop held {slow_step_ms:g} ms or more: " + (", ".join(parts) if parts else "never")]
 
 
 INGESTION_LINES_SHOWN = 10  # the first and last files; the rest are summed (all are in the JSON)
@@ -1226,6 +1258,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clearing-planner", choices=("thread", "process"), default="",
                         help="where the server plans clearing (authsrv.toml [clearing] planner);"
                              " default: as configured")
+    parser.add_argument("--slow-step-ms", type=float, default=0.0, metavar="MS",
+                        help="diagnosis: the server counts event-loop steps and collections held MS or more, by"
+                             " kind (authsrv.toml [server] slow_step_ms), and the report sums them; 0: off")
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     parser.add_argument("--trace-memory", type=Path, default=None, metavar="DIR",
                         help="diagnosis: the server writes its allocators' figures (pymalloc, glibc) against"
@@ -1280,7 +1315,7 @@ def main(argv: list[str] | None = None) -> int:
                             activities_max=args.activities_max, settle_s=args.settle_seconds,
                             snapshot_interval_records=args.snapshot_interval_records,
                             clearing_rate_max=args.clearing_rate_max, compactor_one_shot=args.compactor_one_shot,
-                            clearing_planner=args.clearing_planner,
+                            clearing_planner=args.clearing_planner, slow_step_ms=args.slow_step_ms,
                             hot_cards=args.hot_cards, hot_share=args.hot_share)  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

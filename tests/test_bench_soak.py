@@ -199,6 +199,9 @@ def test_bounds_are_written_into_the_data_directory_config(tmp_path: Path) -> No
     assert load_config(tmp_path).clearing.planner == "thread"
     write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, clearing_planner="process")
     assert load_config(tmp_path).clearing.planner == "process"  # --clearing-planner process
+    assert load_config(tmp_path).server.slow_step_ms == 0  # off by default
+    write_bounds(tmp_path, records_max=4_321, ids_max=HOLDS_PENDING_MAX + 5, slow_step_ms=12.5)
+    assert load_config(tmp_path).server.slow_step_ms == 12.5  # --slow-step-ms
 
 
 def _clearable(number: int) -> Clearable:
@@ -413,6 +416,26 @@ def test_gc_pauses_over_the_recorded_run() -> None:
                sample("end", 100, 310, gc_pauses=100, gc_pause_s=6.8)]
     assert _gc_lines(samples) == ["GC pauses (collect + freeze, event loop held): 60, mean 20.0 ms"]
     assert _gc_lines(samples[:2]) == []  # one recorded sample: nothing to difference
+
+
+def test_what_held_the_loop_is_read_by_kind_and_differenced_over_the_recorded_run() -> None:
+    from bench.soak import _slow_step_lines, parse_gauges
+
+    text = ("# TYPE authsrv_loop_slow_step_seconds histogram\n"
+            'authsrv_loop_slow_step_seconds_count{kind="iso"} 7.0\n'
+            'authsrv_loop_slow_step_seconds_sum{kind="iso"} 0.2\n'
+            'authsrv_loop_slow_step_seconds_count{kind="gc"} 3.0\n'
+            'authsrv_loop_slow_step_seconds_sum{kind="gc"} 0.09\n')  # fmt: skip
+    gauges = parse_gauges(text)
+    assert gauges == {"slow_steps:iso": 7.0, "slow_step_s:iso": 0.2, "slow_steps:gc": 3.0, "slow_step_s:gc": 0.09}
+    samples = [sample("warmup", 10, 200, **{"slow_steps:iso": 5.0, "slow_step_s:iso": 0.1}),
+               sample("soak", 40, 300, **{"slow_steps:iso": 5.0, "slow_step_s:iso": 0.1}),
+               sample("end", 100, 310, **gauges)]  # fmt: skip
+    assert _slow_step_lines(samples, 10) == ["event loop held 10 ms or more: gc 3 (0.1 s), iso 2 (0.1 s)"]
+    assert _slow_step_lines(samples, 0) == []  # not asked for
+    quiet = [samples[1], sample("end", 100, 310, **{"slow_steps:iso": 5.0, "slow_step_s:iso": 0.1})]
+    assert _slow_step_lines(quiet, 10) == ["event loop held 10 ms or more: never"]
+    assert _slow_step_lines(samples[:2], 10) == []  # one recorded sample: nothing to difference
 
 
 def test_server_latency_reads_percentiles_from_the_histogram_between_two_scrapes():
