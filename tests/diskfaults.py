@@ -1,8 +1,10 @@
 """Fault injection for the write-ahead log's disk calls (tests only).
 
-`DiskFaults(monkeypatch, directory)` wraps os.write, os.fdatasync, os.fsync and os.ftruncate and
-the log's `_fallocate` hook; a call on a descriptor of a file under `directory` fails with the
-armed errno while armed, every other call goes to the real function. Nothing else is mocked.
+`DiskFaults(monkeypatch, directory)` wraps os.write, os.pwritev, os.fdatasync, os.fsync and
+os.ftruncate and the log's `_fallocate` hook; a call on a descriptor of a file under `directory`
+fails with the armed errno while armed, every other call goes to the real function. Nothing else
+is mocked. A `pwritev(..., RWF_DSYNC)` (the log's durable write) is what it does: a write, then a
+sync of it, each recorded and failed as `write` and `fdatasync`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ class DiskFaults:
         self.calls: list[tuple[str, int]] = []  # (call, size or offset) on the log's files, in order
         self._real = {"write": os.write, "fdatasync": os.fdatasync, "fsync": os.fsync,
                       "ftruncate": os.ftruncate, "fallocate": wal_module._fallocate}
+        self._real_pwritev = getattr(os, "pwritev", None)
         monkeypatch.setattr(wal_module.os, "write", self._write)
+        if self._real_pwritev is not None:
+            monkeypatch.setattr(wal_module.os, "pwritev", self._pwritev)
         monkeypatch.setattr(wal_module.os, "fdatasync", self._wrap("fdatasync"))
         monkeypatch.setattr(wal_module.os, "fsync", self._wrap("fsync"))
         monkeypatch.setattr(wal_module.os, "ftruncate", self._ftruncate)
@@ -64,6 +69,26 @@ class DiskFaults:
         self._fail("write", fd)
         return self._real["write"](fd, data)
 
+    def _pwritev(self, fd: int, buffers, offset: int, flags: int = 0) -> int:
+        data = b"".join(bytes(buffer) for buffer in buffers)
+        ours = self._ours(fd)
+        if ours:
+            self.calls.append(("write", len(data)))
+        if ours and "write" in self.armed and self.partial_write and len(data) > 1:
+            self._real_pwritev(fd, [data[: len(data) // 2]], offset)
+            self.failures["write"] += 1
+            code = self.armed["write"]
+            raise OSError(code, f"{os.strerror(code)} (injected after a partial write)")
+        self._fail("write", fd)
+        dsync = getattr(os, "RWF_DSYNC", 0)
+        written = self._real_pwritev(fd, [data], offset, flags & ~dsync)
+        if flags & dsync:  # written, then synced: a failing sync leaves the bytes in the page cache
+            if ours:
+                self.calls.append(("fdatasync", 0))
+            self._fail("fdatasync", fd)
+            self._real["fdatasync"](fd)
+        return written
+
     def _wrap(self, call: str):
         def wrapped(fd: int) -> None:
             if self._ours(fd):
@@ -83,3 +108,22 @@ class DiskFaults:
         self.calls.append(("fallocate", offset + length))
         self._fail("fallocate", fd)
         self._real["fallocate"](fd, offset, length)
+
+
+def before_each_sync(monkeypatch, hook) -> None:
+    """Call hook(fd) before every data sync the log makes, whichever call makes it: fdatasync, or
+    the durable write pwritev(..., RWF_DSYNC) (fault injection: a slow or a held disk)."""
+    real_fdatasync, real_pwritev = os.fdatasync, getattr(os, "pwritev", None)
+
+    def fdatasync(fd: int) -> None:
+        hook(fd)
+        real_fdatasync(fd)
+
+    def pwritev(fd: int, buffers, offset: int, flags: int = 0) -> int:
+        if flags & getattr(os, "RWF_DSYNC", 0):
+            hook(fd)
+        return real_pwritev(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", fdatasync)
+    if real_pwritev is not None:
+        monkeypatch.setattr(wal_module.os, "pwritev", pwritev)

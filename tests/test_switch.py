@@ -312,6 +312,32 @@ async def test_duplicates_survive_a_restart(data_dir, cards):
         server.stop.set()
 
 
+async def test_a_pass_that_yields_between_connections_answers_every_frame_once(data_dir, cards, monkeypatch):
+    """A reader's pass over a backlog yields between two connections (PASS_SLICE_S; 0 here: after
+    every one). Connections that end, or frames that arrive, meanwhile change nothing: each frame
+    is decided and answered once."""
+    from authsrv.iso import server as iso_server
+
+    monkeypatch.setattr(iso_server, "PASS_SLICE_S", 0.0)
+    async with trio.open_nursery() as nursery:
+        server = await start_in_process(nursery, data_dir)
+        clients = [await IsoClient.connect(server.iso_port) for _ in range(6)]
+        quitter = await IsoClient.connect(server.iso_port)
+        requests = {index: [auth(cards[index * 2 + j % 2], amount=10) for j in range(40)] for index in range(6)}
+        for index, client in enumerate(clients):  # a backlog on every connection: one pass takes them all
+            for request in requests[index]:
+                await client.send(request)
+        await quitter.send(auth(cards[15], amount=10))
+        await quitter.aclose()  # gone while the pass may be yielding
+        for index, client in enumerate(clients):
+            responses = [await client.receive() for _ in requests[index]]
+            assert sorted((r["11"], r["37"]) for r in responses) == sorted((r["11"], r["37"]) for r in requests[index])
+            assert all(r["39"] == "00" for r in responses)
+        again = await IsoClient.connect(server.iso_port)  # and the reader reads on
+        assert (await again.call(auth(cards[14], amount=10)))["39"] == "00"
+        server.stop.set()
+
+
 async def test_pipelining_on_one_connection(server, cards):
     client = await IsoClient.connect(server.iso_port)
     requests = [auth(cards[i % 4 + 16], amount=10) for i in range(300)]
@@ -522,16 +548,12 @@ async def test_a_commit_past_the_budget_releases_the_hold_and_answers_91(data_di
     card = cards[18]
     async with trio.open_nursery() as nursery:
         server = await start_in_process(nursery, data_dir, iso__budget_ms=100)
-        import os as stdos
         import time as stdtime
 
-        real_fdatasync = stdos.fdatasync
+        from tests.diskfaults import before_each_sync
 
-        def slow_disk(fd: int) -> None:  # fault injection: the fsync takes longer than the budget
-            stdtime.sleep(0.3)
-            real_fdatasync(fd)
-
-        monkeypatch.setattr(stdos, "fdatasync", slow_disk)
+        # Fault injection: the sync takes longer than the budget.
+        before_each_sync(monkeypatch, lambda fd: stdtime.sleep(0.3))
         client = await IsoClient.connect(server.iso_port)
         response = await client.call(auth(card, amount=500))
         assert response["39"] == "91" and "38" not in response

@@ -25,6 +25,7 @@ from ledger.wal import (
     frame,
     list_segments,
 )
+from tests.diskfaults import before_each_sync
 
 
 def payload_of(seq: int, size: int = 40) -> bytes:
@@ -475,14 +476,12 @@ async def test_flush_sync_writes_what_the_writer_thread_has_not_written_yet(tmp_
     commits: list[int] = []
     log = Wal.open(tmp_path, on_commit=lambda records, size, seconds: commits.append(records), inline_commit_s_max=0)
     in_fsync, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
 
-    def held_fdatasync(fd: int) -> None:
+    def held(fd: int) -> None:
         in_fsync.set()
         release.wait(5)
-        real_fdatasync(fd)
 
-    monkeypatch.setattr(wal_module.os, "fdatasync", held_fdatasync)
+    before_each_sync(monkeypatch, held)
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run_committer)
         seq = log.append(b"handed off")
@@ -504,14 +503,12 @@ async def test_flush_sync_writes_what_the_writer_thread_has_not_written_yet(tmp_
 async def test_flush_sync_waits_for_a_write_in_flight(tmp_path: Path, monkeypatch) -> None:
     log = Wal.open(tmp_path, inline_commit_s_max=0)  # the write in flight is in a worker thread
     in_fsync = threading.Event()
-    real_fdatasync = os.fdatasync
 
-    def slow_fdatasync(fd: int) -> None:
+    def slow(fd: int) -> None:
         in_fsync.set()
         time.sleep(0.2)
-        real_fdatasync(fd)
 
-    monkeypatch.setattr(wal_module.os, "fdatasync", slow_fdatasync)
+    before_each_sync(monkeypatch, slow)
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run_committer)
         log.append(b"one")
@@ -570,15 +567,13 @@ async def test_fast_disk_commits_in_the_trio_thread_and_slow_disk_in_a_worker(tm
     slow (the loop must not block on a slow disk), and re-measures with an inline probe now and then."""
     log = Wal.open(tmp_path, inline_commit_s_max=0.05)
     threads: set[int] = set()
-    real_fdatasync = os.fdatasync
     delay_s = [0.0]
 
-    def timed_fdatasync(fd: int) -> None:
+    def timed(fd: int) -> None:
         threads.add(threading.get_ident())
         time.sleep(delay_s[0])
-        real_fdatasync(fd)
 
-    monkeypatch.setattr(wal_module.os, "fdatasync", timed_fdatasync)
+    before_each_sync(monkeypatch, timed)
 
     async def commit_groups(count: int) -> None:
         for index in range(count):
@@ -611,13 +606,7 @@ async def test_a_busy_loop_never_waits_for_the_disk_even_when_it_is_fast(tmp_pat
     misses those later in its current batch (about half the time with one busy task)."""
     log = Wal.open(tmp_path, inline_commit_s_max=0.05)
     threads: set[int] = set()
-    real_fdatasync = os.fdatasync
-
-    def recording_fdatasync(fd: int) -> None:
-        threads.add(threading.get_ident())
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(wal_module.os, "fdatasync", recording_fdatasync)
+    before_each_sync(monkeypatch, lambda fd: threads.add(threading.get_ident()))
     probe = wal_module.INLINE_PROBE_GROUPS
     stop = trio.Event()
 

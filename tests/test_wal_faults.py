@@ -280,3 +280,45 @@ def test_a_snapshot_that_does_not_fit_leaves_no_temporary_file(tmp_path: Path, m
     faults.disarm()
     write_snapshot(tmp_path, 1, b"s" * 10_000)
     assert [seq for seq, _ in list_snapshots(tmp_path)] == [1]
+
+
+@pytest.mark.skipif(not wal_module.HAVE_DSYNC_WRITE, reason="no pwritev(RWF_DSYNC) on this platform")
+def test_a_group_is_one_dsync_write_and_a_short_one_is_finished(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    real = os.pwritev
+    calls: list[tuple[int, int]] = []
+
+    def short_pwritev(fd: int, buffers, offset: int, flags: int = 0) -> int:  # the kernel may write less
+        data = bytes(buffers[0])[:7]
+        calls.append((len(data), flags))
+        return real(fd, [data], offset, flags)
+
+    monkeypatch.setattr(wal_module.os, "pwritev", short_pwritev)
+    log = Wal.open(tmp_path)
+    log.append(b"first")
+    log.append(b"second")
+    log.flush_sync()
+    log.close()
+    assert calls and all(flags == os.RWF_DSYNC for _, flags in calls)
+    assert sum(size for size, _ in calls) == len(frame(1, b"first") + frame(2, b"second"))  # no write() besides
+    assert on_disk(tmp_path) == frame(1, b"first") + frame(2, b"second")
+
+
+@pytest.mark.skipif(not wal_module.HAVE_DSYNC_WRITE, reason="no pwritev(RWF_DSYNC) on this platform")
+def test_a_file_system_without_dsync_writes_gets_write_and_fdatasync(tmp_path: Path, monkeypatch, caplog) -> None:
+    def refuses(fd: int, buffers, offset: int, flags: int = 0) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    caplog.set_level(logging.INFO, logger="ledger.wal")
+    faults = DiskFaults(monkeypatch, tmp_path)
+    monkeypatch.setattr(wal_module.os, "pwritev", refuses)  # over the fault layer's: the kernel says no
+    log = Wal.open(tmp_path)
+    log.append(b"kept")
+    log.flush_sync()
+    log.append(b"too")
+    log.flush_sync()
+    log.close()
+    assert [call for call, _ in faults.calls if call in ("write", "fdatasync")] == ["write", "fdatasync"] * 2
+    assert sum("refuses RWF_DSYNC" in record.getMessage() for record in caplog.records) == 1  # once, then not tried
+    assert replayed(tmp_path) == [(1, b"kept"), (2, b"too")]
