@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import stat
+import warnings
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -19,7 +20,10 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():  # Starlette 1.10 deprecates its test client over httpx (for httpx2,
+    warnings.simplefilter("ignore", DeprecationWarning)  # which nothing else here uses); it still works
+    from starlette.testclient import TestClient
 
 from authsrv.cardsec import KeyFileError
 from authsrv.rest import jwe
