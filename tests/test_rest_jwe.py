@@ -19,10 +19,13 @@ from jwcrypto import jwk as jwcrypto_jwk
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette import exceptions as starlette_exceptions
 from starlette.routing import Route
 
-with warnings.catch_warnings():  # Starlette 1.10 deprecates its test client over httpx (for httpx2,
-    warnings.simplefilter("ignore", DeprecationWarning)  # which nothing else here uses); it still works
+# Starlette 1.10 deprecates its test client over httpx (for httpx2, which nothing else here uses);
+# it still works.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", getattr(starlette_exceptions, "StarletteDeprecationWarning", DeprecationWarning))
     from starlette.testclient import TestClient
 
 from authsrv.cardsec import KeyFileError
