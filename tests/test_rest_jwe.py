@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jwcrypto import jwe as jwcrypto_jwe
 from jwcrypto import jwk as jwcrypto_jwk
+from starlette import exceptions as starlette_exceptions
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette import exceptions as starlette_exceptions
 from starlette.routing import Route
 
 # Starlette 1.10 deprecates its test client over httpx (for httpx2, which nothing else here uses);
