@@ -50,8 +50,7 @@ class LoopWatch(trio.abc.Instrument):
     def __init__(self, threshold_s: float, histogram) -> None:
         assert threshold_s > 0
         self.threshold_s = threshold_s
-        self._histogram = histogram  # Histogram with one label, kind (KINDS)
-        self._children = {kind: histogram.labels(kind=kind) for kind in KINDS}
+        self._children = {kind: histogram.labels(kind=kind) for kind in KINDS}  # the one label: kind
         self._lines = RateLimitedLog(log, LOG_INTERVAL_S)
         self._step_wall = self._step_cpu = 0.0
         # One collection at a time in the process (the GIL), whichever thread runs it.
