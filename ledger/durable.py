@@ -192,8 +192,8 @@ def decode_snapshot(payload: bytes) -> tuple[Ledger, bytes]:
 
 async def stop_child(process: trio.Process, wait_s: float) -> None:
     """A child that serves requests on its stdin (a following compactor, clearing's planner): close
-    its stdin, the sign to exit, and wait for it; kill it past `wait_s`. Shield it from a cancelled
-    caller."""
+    its stdin, the sign to exit, and wait for it; kill it past `wait_s`. Callers shield it, so that a
+    cancelled one still reaps the child."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await process.stdin.aclose()
     with trio.move_on_after(wait_s):

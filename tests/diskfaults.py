@@ -27,9 +27,8 @@ class DiskFaults:
         self.calls: list[tuple[str, int]] = []  # (call, size or offset) on the log's files, in order
         self._real = {"write": os.write, "fdatasync": os.fdatasync, "fsync": os.fsync,
                       "ftruncate": os.ftruncate, "fallocate": wal_module._fallocate}
-        self._real_pwritev = getattr(os, "pwritev", None)
         monkeypatch.setattr(wal_module.os, "write", self._write)
-        if self._real_pwritev is not None:
+        if hasattr(os, "pwritev"):
             monkeypatch.setattr(wal_module.os, "pwritev", self._pwritev)
         monkeypatch.setattr(wal_module.os, "fdatasync", self._wrap("fdatasync"))
         monkeypatch.setattr(wal_module.os, "fsync", self._wrap("fsync"))
@@ -70,23 +69,11 @@ class DiskFaults:
         return self._real["write"](fd, data)
 
     def _pwritev(self, fd: int, buffers, offset: int, flags: int = 0) -> int:
-        data = b"".join(bytes(buffer) for buffer in buffers)
-        ours = self._ours(fd)
-        if ours:
-            self.calls.append(("write", len(data)))
-        if ours and "write" in self.armed and self.partial_write and len(data) > 1:
-            self._real_pwritev(fd, [data[: len(data) // 2]], offset)
-            self.failures["write"] += 1
-            code = self.armed["write"]
-            raise OSError(code, f"{os.strerror(code)} (injected after a partial write)")
-        self._fail("write", fd)
-        dsync = getattr(os, "RWF_DSYNC", 0)
-        written = self._real_pwritev(fd, [data], offset, flags & ~dsync)
-        if flags & dsync:  # written, then synced: a failing sync leaves the bytes in the page cache
-            if ours:
-                self.calls.append(("fdatasync", 0))
-            self._fail("fdatasync", fd)
-            self._real["fdatasync"](fd)
+        # The log's segments are opened O_APPEND, where Linux appends whatever `offset` says: the
+        # write part is this layer's write (recorded, failed and torn as a write is).
+        written = self._write(fd, b"".join(bytes(buffer) for buffer in buffers))
+        if flags & getattr(os, "RWF_DSYNC", 0):  # then the sync: a failing one leaves the bytes cached
+            self._wrap("fdatasync")(fd)
         return written
 
     def _wrap(self, call: str):
